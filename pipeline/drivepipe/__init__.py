@@ -1,0 +1,68 @@
+"""drivepipe: a streaming, sparse-aware pipeline for moving disk images.
+
+The engine lives here (extents, the stage contracts, the runner, the registry,
+errors, stats); the stages live in ``drivepipe_plugins`` and are found through
+entry points.
+"""
+
+from ._errors import (
+    AuthError,
+    Cancelled,
+    ConfigError,
+    CorruptImage,
+    DrivepipeError,
+    HTTPError,
+    ImageError,
+    NetworkError,
+    OutputError,
+    SizeMismatch,
+    TransferError,
+    UnsupportedFormat,
+    UsageError,
+    VerifyError,
+)
+from ._extent import ZERO, Extent, is_zero, split_zeros, zero_chunks
+from ._registry import detect, formats, open_image, stages
+from ._runner import Pipeline, run_pipeline
+from ._stage import ImageFormat, ImageInput, OpenOptions, RandomAccess, Sink, Source, Stage
+from ._stats import RunStats, StageStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ZERO",
+    "AuthError",
+    "Cancelled",
+    "ConfigError",
+    "CorruptImage",
+    "DrivepipeError",
+    "Extent",
+    "HTTPError",
+    "ImageError",
+    "ImageFormat",
+    "ImageInput",
+    "NetworkError",
+    "OpenOptions",
+    "OutputError",
+    "Pipeline",
+    "RandomAccess",
+    "RunStats",
+    "Sink",
+    "SizeMismatch",
+    "Source",
+    "Stage",
+    "StageStats",
+    "TransferError",
+    "UnsupportedFormat",
+    "UsageError",
+    "VerifyError",
+    "__version__",
+    "detect",
+    "formats",
+    "is_zero",
+    "open_image",
+    "run_pipeline",
+    "split_zeros",
+    "stages",
+    "zero_chunks",
+]

@@ -1,0 +1,230 @@
+"""The runner: wires source -> stages -> sink, meters each part, cleans up.
+
+With ``overlap`` the source and stages run in a producer thread that feeds a
+bounded queue, so reading/decoding/hashing work while the sink (a socket, a
+disk) works too; the queue's depth bounds memory.  Whatever fails - a part
+raising, a size that does not match, Ctrl-C - every part is closed, the sink
+is aborted, and the error surfaces in the calling thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
+
+from ._errors import Cancelled, SizeMismatch
+from ._extent import Extent
+from ._stage import Sink, Source, Stage
+from ._stats import RunStats, StageStats
+
+T = TypeVar("T")
+
+_END = object()
+
+
+def _close(it: Iterator[Extent]) -> None:
+    """Close a generator chain now, so its ``finally`` blocks run in this thread."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+def metered(upstream: Iterator[Extent], stats: StageStats) -> Iterator[Extent]:
+    """Count bytes and inclusive seconds of ``upstream`` into ``stats``."""
+    clock = time.perf_counter
+    while True:
+        t0 = clock()
+        try:
+            ext = next(upstream)
+        except StopIteration:
+            stats.inclusive += clock() - t0
+            return
+        stats.inclusive += clock() - t0
+        stats.bytes += ext.length
+        if ext.data is None:
+            stats.hole_bytes += ext.length
+        else:
+            stats.data_bytes += ext.length
+        yield ext
+
+
+def exact_size(upstream: Iterator[Extent], size: int, what: str = "image") -> Iterator[Extent]:
+    """Pass extents through, failing as soon as they stop tiling ``[0, size)``."""
+    pos = 0
+    for ext in upstream:
+        if ext.offset != pos:
+            raise SizeMismatch(f"{what}: stream jumped from offset {pos} to {ext.offset}")
+        pos += ext.length
+        if pos > size:
+            raise SizeMismatch(f"{what}: produced more than the announced {size} bytes")
+        if ext.data is not None and len(ext.data) != ext.length:
+            raise SizeMismatch(f"{what}: extent at {ext.offset} carries the wrong byte count")
+        yield ext
+    if pos != size:
+        raise SizeMismatch(f"{what}: produced {pos} bytes, announced {size}")
+
+
+class Pipeline(Generic[T]):
+    """One run of ``source -> stages -> sink`` with stats in ``stats``.
+
+    With ``overlap``, the source and the first ``split`` stages (all of them by
+    default) run in a producer thread; the remaining stages and the sink run in
+    the calling thread, fed through a queue of ``queue_depth`` extents.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        stages: Sequence[Stage],
+        sink: Sink[T],
+        *,
+        size: int,
+        stats: RunStats | None = None,
+        overlap: bool = True,
+        queue_depth: int = 16,
+        split: int | None = None,
+    ) -> None:
+        self.source = source
+        self.stages = list(stages)
+        self.sink = sink
+        self.size = size
+        self.stats = stats or RunStats(title=sink.name, total=size)
+        self.stats.total = size
+        self.overlap = overlap
+        self.queue_depth = max(1, queue_depth)
+        self.split = len(self.stages) if split is None else max(0, min(split, len(self.stages)))
+        self._stop = threading.Event()
+
+    def _meter(
+        self, stages: Sequence[Stage], feed: Iterator[Extent], upstream: StageStats
+    ) -> tuple[Iterator[Extent], StageStats]:
+        for stage in stages:
+            stats = self.stats.add(stage.name, "stage")
+            stats.upstream = upstream
+            feed = metered(stage.process(feed), stats)
+            upstream = stats
+        return feed, upstream
+
+    def run(self) -> T:
+        source_stats = self.stats.add(self.source.name, "source")
+        chain, last = self._meter(
+            self.stages[: self.split], metered(self.source.extents(), source_stats), source_stats
+        )
+        producer: threading.Thread | None = None
+        feed = chain
+        if self.overlap:
+            q: queue.Queue[object] = queue.Queue(self.queue_depth)
+            producer = threading.Thread(
+                target=self._produce, args=(chain, q), name="drivepipe-producer", daemon=True
+            )
+            # The queue wait is the consumer side's "upstream" time: not work.
+            last = StageStats("queue", "queue")
+            feed = self._drain(q, last)
+        feed, last = self._meter(self.stages[self.split :], feed, last)
+        sink_stats = self.stats.add(self.sink.name, "sink")
+        sink_stats.upstream = last
+        try:
+            if producer is not None:
+                producer.start()
+            sink_stats.started = time.perf_counter()
+            result = self.sink.consume(
+                self._count(exact_size(feed, self.size), sink_stats), self.size
+            )
+            sink_stats.finished = time.perf_counter()
+            return result
+        except KeyboardInterrupt as exc:
+            self._fail()
+            raise Cancelled() from exc
+        except BaseException:
+            self._fail()
+            raise
+        finally:
+            if sink_stats.started is not None and sink_stats.finished is None:
+                sink_stats.finished = time.perf_counter()
+            self._stop.set()
+            if producer is not None and producer.is_alive():
+                producer.join()
+            _close(feed)
+            if producer is None:
+                _close(chain)
+            self._close_all()
+            self.stats.finished = time.perf_counter()
+            self.stats.queue_fill = None
+
+    def _fail(self) -> None:
+        self._stop.set()
+        self.sink.abort()
+
+    def _close_all(self) -> None:
+        for stage in self.stages:
+            stage.close()
+        self.source.close()
+        self.sink.close()
+
+    def _produce(self, chain: Iterator[Extent], q: queue.Queue[object]) -> None:
+        item: object = _END
+        try:
+            for ext in chain:
+                if not self._put(q, ext):
+                    return
+        except BaseException as exc:  # handed to the consumer thread, raised there
+            item = exc
+        finally:
+            _close(chain)
+        self._put(q, item)
+
+    def _put(self, q: queue.Queue[object], item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+            self.stats.queue_fill = (q.qsize(), self.queue_depth)
+            return True
+        return False
+
+    def _drain(self, q: queue.Queue[object], wait: StageStats) -> Iterator[Extent]:
+        clock = time.perf_counter
+        while True:
+            t0 = clock()
+            item = q.get()
+            wait.inclusive += clock() - t0
+            self.stats.queue_fill = (q.qsize(), self.queue_depth)
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, Extent)
+            yield item
+
+    @staticmethod
+    def _count(feed: Iterator[Extent], stats: StageStats) -> Iterator[Extent]:
+        for ext in feed:
+            stats.bytes += ext.length
+            if ext.data is None:
+                stats.hole_bytes += ext.length
+            else:
+                stats.data_bytes += ext.length
+            yield ext
+
+
+def run_pipeline(
+    source: Source,
+    stages: Sequence[Stage],
+    sink: Sink[T],
+    *,
+    size: int,
+    stats: RunStats | None = None,
+    overlap: bool = True,
+    queue_depth: int = 16,
+    split: int | None = None,
+) -> T:
+    """Run ``source -> stages -> sink`` and return the sink's result."""
+    pipe = Pipeline(
+        source, stages, sink, size=size, stats=stats, overlap=overlap,
+        queue_depth=queue_depth, split=split,
+    )
+    return pipe.run()

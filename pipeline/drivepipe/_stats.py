@@ -1,0 +1,117 @@
+"""Per-stage counters that a live display and the final summary read.
+
+Each part of a pipeline gets a :class:`StageStats`.  The runner's meters add
+bytes and the seconds spent *inside* each part's iterator, including the
+parts upstream in the same thread (``inclusive``); ``busy`` subtracts the
+upstream's share, so the busiest stage is the bottleneck.  Writers are one
+thread per counter; readers (the display) only read, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class StageStats:
+    name: str
+    kind: str = "stage"  # source | stage | sink
+    bytes: int = 0
+    data_bytes: int = 0
+    hole_bytes: int = 0
+    #: seconds spent in this part's iterator, including upstream parts in the same thread
+    inclusive: float = 0.0
+    #: the part whose time ``inclusive`` contains; None if it pulls from a queue
+    upstream: StageStats | None = None
+    #: seconds this part spent waiting on a queue for input
+    waiting: float = 0.0
+    #: set by sinks (and the runner) for parts whose time is wall time minus waits
+    started: float | None = None
+    finished: float | None = None
+    #: free-form counters a part wants shown (chunks in flight, retries, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def busy(self) -> float:
+        """Seconds of work done by this part alone."""
+        if self.started is not None:
+            end = self.finished if self.finished is not None else time.perf_counter()
+            own = (end - self.started) - self.waiting
+            if self.upstream is not None:
+                own -= self.upstream.inclusive
+            return max(own, 0.0)
+        own = self.inclusive
+        if self.upstream is not None:
+            own -= self.upstream.inclusive
+        return max(own - self.waiting, 0.0)
+
+    @property
+    def data_rate(self) -> float:
+        """Bytes per busy second (all bytes, holes included)."""
+        busy = self.busy
+        return self.bytes / busy if busy > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "bytes": self.bytes,
+            "data_bytes": self.data_bytes,
+            "hole_bytes": self.hole_bytes,
+            "busy_s": round(self.busy, 6),
+            "rate_bps": round(self.data_rate, 1),
+            **self.extra,
+        }
+
+
+@dataclass(eq=False)
+class RunStats:
+    """The counters of one command: a phase name, a total, and its stages."""
+
+    title: str
+    total: int = 0
+    phase: str = "transfer"
+    stages: list[StageStats] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    #: filled by the runner when stages overlap: (current depth, max depth)
+    queue_fill: tuple[int, int] | None = None
+    #: done/total of a phase that runs before streaming (counting pass)
+    phase_done: int = 0
+    phase_total: int = 0
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, kind: str = "stage") -> StageStats:
+        stage = StageStats(name, kind)
+        self.stages.append(stage)
+        return stage
+
+    @property
+    def elapsed(self) -> float:
+        end = self.finished if self.finished is not None else time.perf_counter()
+        return end - self.started
+
+    @property
+    def done(self) -> int:
+        """Bytes that reached the last part."""
+        return self.stages[-1].bytes if self.stages else 0
+
+    def bottleneck(self) -> StageStats | None:
+        """The part with the most busy time, once any time has been spent."""
+        timed = [s for s in self.stages if s.busy > 0]
+        return max(timed, key=lambda s: s.busy) if timed else None
+
+    def as_dict(self) -> dict[str, Any]:
+        neck = self.bottleneck()
+        return {
+            "title": self.title,
+            "phase": self.phase,
+            "total": self.total,
+            "done": self.done,
+            "elapsed_s": round(self.elapsed, 6),
+            "bottleneck": neck.name if neck else None,
+            "stages": [s.as_dict() for s in self.stages],
+            **({"result": self.result} if self.result else {}),
+        }

@@ -1,0 +1,1 @@
+"""drivepipe's own stages, one module each, registered through entry points."""

@@ -1,0 +1,166 @@
+"""Sparse-aware file reader: a path in, the file's extents out.
+
+Data and holes come from ``SEEK_DATA``/``SEEK_HOLE``; holes are never read.
+Data is read with large reads aligned to ``read_size`` so the kernel's
+read-ahead and the page cache work in whole chunks.  When the filesystem cannot
+tell data from holes (no SEEK_DATA, or everything reported as data on a
+filesystem that has no holes), everything is read and all-zero blocks are
+turned into holes so the stream downstream stays sparse.  Works on regular files
+and block devices (size from seeking to the end).  Refuses nothing but
+unreadable paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+from drivepipe._errors import ImageError
+from drivepipe._extent import Extent, split_zeros
+from drivepipe._stage import Source
+
+_DEFAULT_DROP_DIVISOR = 4
+
+
+def _default_drop_threshold() -> int:
+    """Files larger than a quarter of RAM do not get to evict the page cache."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+    return max(ram // _DEFAULT_DROP_DIVISOR, 1 << 30)
+
+
+def _probe_holes(fd: int, size: int) -> bool:
+    """True if SEEK_DATA/SEEK_HOLE work on ``fd``."""
+    if size == 0:
+        return False
+    try:
+        os.lseek(fd, 0, os.SEEK_HOLE)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENXIO):
+            return False
+        raise
+    return True
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, end)`` of each data range the filesystem reports."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data past pos
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
+
+
+class SparseFileReader(Source):
+    """Reads a file or block device as extents, holes explicit."""
+
+    name = "read"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        read_size: int = 4 << 20,
+        drop_cache_above: int | None = None,
+        detect_zeros: bool | None = None,
+    ) -> None:
+        self.path = path
+        self.read_size = max(4096, read_size)
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
+        try:
+            st = os.fstat(self.fd)
+            self.is_block = stat.S_ISBLK(st.st_mode)
+            self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
+            self.seekable_holes = not self.is_block and _probe_holes(self.fd, self.size)
+        except OSError as exc:
+            os.close(self.fd)
+            raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
+        threshold = _default_drop_threshold() if drop_cache_above is None else drop_cache_above
+        self.drop_cache = self.size > threshold
+        # With no hole information, zero blocks are found by looking at the data.
+        self.detect_zeros = (not self.seekable_holes) if detect_zeros is None else detect_zeros
+        self._advise(0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def _advise(self, offset: int, length: int, advice: int) -> None:
+        # Advice only: some devices and filesystems refuse it.
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, offset, length, advice)
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        """Data ranges of the file; the whole file when holes are unknown."""
+        if self.seekable_holes:
+            yield from data_ranges(self.fd, self.size)
+        elif self.size:
+            yield 0, self.size
+
+    def data_size(self) -> int:
+        """Bytes the filesystem reports as data (cheap: a few lseeks)."""
+        return sum(end - start for start, end in self.ranges())
+
+    def extents(self) -> Iterator[Extent]:
+        return self.read_range(0, self.size)
+
+    def read_range(self, offset: int, length: int) -> Iterator[Extent]:
+        """Extents of ``[offset, offset+length)``: holes unread, data in aligned reads."""
+        end = min(offset + length, self.size)
+        pos = offset
+        for start, stop in self._ranges_within(offset, end):
+            if start > pos:
+                yield Extent.hole(pos, start - pos)
+            yield from self._read_data(start, stop)
+            pos = stop
+        if pos < end:
+            yield Extent.hole(pos, end - pos)
+
+    def _ranges_within(self, offset: int, end: int) -> Iterator[tuple[int, int]]:
+        if not self.seekable_holes:
+            if offset < end:
+                yield offset, end
+            return
+        for start, stop in data_ranges(self.fd, end):
+            if stop <= offset:
+                continue
+            yield max(start, offset), stop
+
+    def _read_data(self, start: int, stop: int) -> Iterator[Extent]:
+        step = self.read_size
+        pos = start
+        dropped = start - start % step
+        while pos < stop:
+            n = min(step - pos % step, stop - pos)
+            try:
+                data = os.pread(self.fd, n, pos)
+            except OSError as exc:
+                raise ImageError(f"{self.path}: read error at {pos}: {exc.strerror}") from exc
+            if len(data) != n:
+                raise ImageError(f"{self.path}: file shrank while reading (at offset {pos})")
+            ext = Extent(pos, n, data)
+            if self.detect_zeros:
+                yield from split_zeros(ext)
+            else:
+                yield ext
+            pos += n
+            if self.drop_cache and pos - dropped >= 64 * step:
+                self._advise(dropped, pos - dropped, os.POSIX_FADV_DONTNEED)
+                dropped = pos
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,154 @@
+"""Sparse file writer: extents in, a sparse file under the target name out.
+
+Writes into a temporary file beside the target, ``ftruncate``s it to the image
+size, skips holes and all-zero 4 KiB blocks (so the output is sparse even when
+the input's zeros were written data), fsyncs, and only then puts it under the
+target name.  Refuses to replace an existing target unless ``force``; on any
+failure the temporary file is removed and the target is untouched.
+
+:class:`SparseOutput` is the random-access half (``write_at``) that the
+downloader uses for ranges arriving out of order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+
+from drivepipe._errors import OutputError
+from drivepipe._extent import ZERO_BLOCK, Buffer, Extent, split_zeros
+from drivepipe._stage import Sink
+
+
+def describe_os_error(path: str, exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"{path}: no space left on device"
+    if exc.errno == errno.EDQUOT:
+        return f"{path}: disk quota exceeded"
+    return f"{path}: {exc.strerror or exc}"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SparseOutput:
+    """A file being written sparsely at ``path``; zero blocks are never written."""
+
+    def __init__(self, path: str, size: int, *, block: int = ZERO_BLOCK, create: bool = True):
+        self.path = path
+        self.size = size
+        self.block = block
+        self.written = 0
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            self.fd = os.open(path, flags, 0o644)
+            if os.fstat(self.fd).st_size != size:
+                os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise OutputError(describe_os_error(path, exc)) from exc
+
+    def write_at(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` at ``offset``, skipping its all-zero blocks."""
+        for piece in split_zeros(Extent(offset, len(data), data), self.block):
+            if piece.data is not None:
+                self._pwrite(piece.offset, piece.data)
+
+    def write_extent(self, ext: Extent) -> None:
+        if ext.data is not None:
+            self.write_at(ext.offset, ext.data)
+
+    def _pwrite(self, offset: int, data: Buffer) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+                self.written += n
+        except OSError as exc:
+            raise OutputError(describe_os_error(self.path, exc)) from exc
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError(describe_os_error(self.path, exc)) from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def publish(tmp: str, target: str, *, force: bool) -> None:
+    """Put the finished ``tmp`` under ``target``; without ``force``, never replace."""
+    try:
+        if force:
+            os.replace(tmp, target)
+        else:
+            # link() fails if the target appeared meanwhile, where rename() would clobber it.
+            os.link(tmp, target)
+            os.unlink(tmp)
+        fsync_dir(target)
+    except FileExistsError as exc:
+        raise OutputError(f"{target}: already exists (use --force to replace it)") from exc
+    except OSError as exc:
+        raise OutputError(describe_os_error(target, exc)) from exc
+
+
+def check_target(target: str, *, force: bool) -> None:
+    if os.path.isdir(target):
+        raise OutputError(f"{target}: is a directory")
+    if not force and os.path.lexists(target):
+        raise OutputError(f"{target}: already exists (use --force to replace it)")
+
+
+class SparseFileWriter(Sink[str]):
+    """Writes the stream to ``target`` as a sparse file; returns the path."""
+
+    name = "write"
+
+    def __init__(self, target: str, *, force: bool = False, sync: bool = True) -> None:
+        self.target = target
+        self.force = force
+        self.sync = sync
+        self._tmp: str | None = None
+        self._out: SparseOutput | None = None
+        check_target(target, force=force)
+
+    def consume(self, extents: Iterator[Extent], size: int) -> str:
+        directory = os.path.dirname(os.path.abspath(self.target))
+        base = os.path.basename(self.target)
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
+        except OSError as exc:
+            raise OutputError(describe_os_error(self.target, exc)) from exc
+        os.close(fd)
+        self._out = SparseOutput(self._tmp, size, create=False)
+        for ext in extents:
+            self._out.write_extent(ext)
+        if self.sync:
+            self._out.sync()
+        self._out.close()
+        publish(self._tmp, self.target, force=self.force)
+        self._tmp = None
+        return self.target
+
+    def abort(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            self._tmp = None
+
+    def close(self) -> None:
+        self.abort()
