@@ -72,6 +72,8 @@ class TransferError(DrivepipeError):
 
 class NetworkError(TransferError):
     transient = True
+    #: libcurl's error code, when the error came from curl
+    curl_code: int | None = None
 
 
 class HTTPError(TransferError):
