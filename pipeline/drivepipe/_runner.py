@@ -127,6 +127,7 @@ class Pipeline(Generic[T]):
         sink_stats = self.stats.add(self.sink.name, "sink")
         sink_stats.upstream = last
         try:
+            self.stats.transfer_started = time.perf_counter()
             if producer is not None:
                 producer.start()
             sink_stats.started = time.perf_counter()
@@ -192,7 +193,7 @@ class Pipeline(Generic[T]):
             t0 = clock()
             item = q.get()
             wait.inclusive += clock() - t0
-            self.stats.queue_fill = (q.qsize(), self.queue_depth)
+            self.stats.note_queue(q.qsize(), self.queue_depth)
             if item is _END:
                 return
             if isinstance(item, BaseException):

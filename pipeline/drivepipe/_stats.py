@@ -82,6 +82,35 @@ class RunStats:
     phase_done: int = 0
     phase_total: int = 0
     result: dict[str, Any] = field(default_factory=dict)
+    #: raw bytes that are data (not holes), when the input knows it cheaply
+    data_total: int | None = None
+    #: when the first byte could flow (after any counting pass); set by the runner
+    transfer_started: float | None = None
+    #: sum and count of the queue depths the consumer saw, for the average fill
+    queue_fill_sum: int = 0
+    queue_fill_samples: int = 0
+    queue_depth: int = 0
+
+    def note_queue(self, fill: int, depth: int) -> None:
+        """Record the queue's depth as the consumer sees it (one writer thread)."""
+        self.queue_fill = (fill, depth)
+        self.queue_depth = depth
+        self.queue_fill_sum += fill
+        self.queue_fill_samples += 1
+
+    @property
+    def queue_fill_avg(self) -> float | None:
+        """Average share of the queue that was full (0..1), or None without a queue."""
+        if not self.queue_fill_samples or not self.queue_depth:
+            return None
+        return self.queue_fill_sum / self.queue_fill_samples / self.queue_depth
+
+    @property
+    def transfer_elapsed(self) -> float:
+        """Seconds since the stream started (the elapsed time without counting passes)."""
+        start = self.transfer_started if self.transfer_started is not None else self.started
+        end = self.finished if self.finished is not None else time.perf_counter()
+        return max(end - start, 0.0)
 
     def add(self, name: str, kind: str = "stage") -> StageStats:
         stage = StageStats(name, kind)
@@ -112,6 +141,12 @@ class RunStats:
             "done": self.done,
             "elapsed_s": round(self.elapsed, 6),
             "bottleneck": neck.name if neck else None,
+            "data_total": self.data_total,
+            "queue_fill_avg": _rounded(self.queue_fill_avg),
             "stages": [s.as_dict() for s in self.stages],
             **({"result": self.result} if self.result else {}),
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
