@@ -56,4 +56,5 @@ def open_input(path: str, fmt: str, read_size: str, stats: RunStats | None = Non
     if stats is not None:
         stats.phase = "transfer"
         stats.total = image.size
+        stats.data_total = image.data_size
     return image
