@@ -1,0 +1,107 @@
+"""gzip: a gzip file (one or more members) in, the raw image out.
+
+Detect: magic ``1f 8b``.  Size: the gzip trailer's ISIZE is the size modulo
+2**32 of the last member only, so it is never trusted; a BGZF file (bgzip:
+every member carries its compressed size and at most 64 KiB of data) is sized
+exactly by summing its members' ISIZEs, anything else by a counting pass
+(reported as the "counting" phase).  Decoding uses ISA-L's igzip
+(~700 MB/s here vs ~290 MB/s for stdlib zlib on the same data), checks every
+member's CRC32 and ISIZE, and fails if the output differs from the counted
+size.  Refused: truncated or corrupt members, trailing bytes that are not zero
+padding.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from typing import cast
+
+from isal import igzip_lib
+
+from drivepipe._errors import ImageError
+from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
+
+from ._codec import (
+    StreamDecompressor,
+    count_output,
+    decode_streams,
+    open_compressed,
+)
+
+GZIP_MAGIC = b"\x1f\x8b"
+_FEXTRA = 0x04
+_BGZF_HEADER = 18  # fixed header + XLEN + the BC subfield
+_BGZF_MAX_BLOCK = 1 << 16
+
+
+def _new_member() -> StreamDecompressor:
+    return igzip_lib.IgzipDecompressor(flag=igzip_lib.DECOMP_GZIP)
+
+
+# isal's stub declares IsalError as an instance (``IsalError: Exception``); it is a class.
+_ISAL_ERROR = cast(type[Exception], igzip_lib.IsalError)
+
+
+def decode_gzip(chunks: Iterator[memoryview], out: int) -> Iterator[bytes]:
+    """Decode every gzip member in turn; zero padding after the last is allowed."""
+    return decode_streams(chunks, out, _new_member, (_ISAL_ERROR, EOFError, ValueError))
+
+
+def _bgzf_block_size(header: bytes) -> int | None:
+    """Total size of the BGZF member starting with ``header``, or None if not BGZF."""
+    if len(header) < _BGZF_HEADER or header[:2] != GZIP_MAGIC or header[2] != 8:
+        return None
+    if not header[3] & _FEXTRA:
+        return None
+    (xlen,) = struct.unpack_from("<H", header, 10)
+    extra = header[12 : 12 + xlen]
+    pos = 0
+    while pos + 4 <= len(extra):
+        si1, si2, slen = extra[pos], extra[pos + 1], struct.unpack_from("<H", extra, pos + 2)[0]
+        if si1 == 66 and si2 == 67 and slen == 2 and pos + 6 <= len(extra):  # "BC"
+            return int(struct.unpack_from("<H", extra, pos + 4)[0]) + 1
+        pos += 4 + slen
+    return None
+
+
+def bgzf_size(path: str) -> int | None:
+    """Exact raw size of a BGZF file from its members' ISIZEs; None if not BGZF."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        end = os.fstat(fd).st_size
+        pos = total = 0
+        while pos < end:
+            block = _bgzf_block_size(os.pread(fd, 64, pos))
+            if block is None or pos + block > end:
+                return None
+            (isize,) = struct.unpack("<I", os.pread(fd, 4, pos + block - 4))
+            if isize > _BGZF_MAX_BLOCK:
+                return None
+            total += isize
+            pos += block
+        return total if end else None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+class GzipFormat(ImageFormat):
+    name = "gzip"
+    detect_order = 20
+
+    def detect(self, head: bytes) -> bool:
+        return head[:2] == GZIP_MAGIC
+
+    def open(self, path: str, options: OpenOptions) -> ImageInput:
+        size = bgzf_size(path)
+        method = "bgzf member sizes"
+        if size is None:
+            size = count_output(path, self.name, decode_gzip, options)
+            method = "counting pass"
+        return open_compressed(
+            path, self.name, "gunzip", decode_gzip, size, options,
+            {"compression": "gzip", "size_from": method, "library": "isal.igzip_lib"},
+        )

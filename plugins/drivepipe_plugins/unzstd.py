@@ -1,0 +1,194 @@
+"""zstd: a zstd file (one or more frames, skippable frames anywhere) in, raw out.
+
+Detect: a zstd frame magic ``28 b5 2f fd`` or a skippable frame magic
+``5? 2a 4d 18`` at offset 0.  Size: the frames are walked header to header
+(block headers give each block's compressed size), summing each frame's
+Frame_Content_Size; if any frame lacks one (zstd writing from a pipe) a
+counting pass decodes the file.  The walk also proves the file is complete:
+zstd's decoder says nothing when a frame is cut short, so a truncated file is
+refused there.  Decoding uses ``zstandard``'s stream reader across frames with
+bounded reads.  Refused: unknown frame magic, reserved header bits or block
+types, frames running past the end of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, cast
+
+import zstandard
+
+from drivepipe._errors import CorruptImage, ImageError
+from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
+
+from ._codec import BadStream, count_output, open_compressed
+
+ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE_MIN = 0x184D2A50
+_SKIPPABLE_MAX = 0x184D2A5F
+_BLOCK_HEADER = 3
+_RESERVED_BLOCK = 3
+_RLE_BLOCK = 1
+_DICT_ID_BYTES = (0, 1, 2, 4)
+
+
+def _is_skippable(magic: int) -> bool:
+    return _SKIPPABLE_MIN <= magic <= _SKIPPABLE_MAX
+
+
+class _ChunkReader:
+    """A file-like ``read(n)`` over compressed chunks, for zstandard's stream reader."""
+
+    def __init__(self, chunks: Iterator[memoryview]) -> None:
+        self._chunks = chunks
+        self._view = memoryview(b"")
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._view:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return b""
+            self._view = nxt
+        n = len(self._view) if size < 0 else min(size, len(self._view))
+        piece = bytes(self._view[:n])
+        self._view = self._view[n:]
+        return piece
+
+
+def decode_zstd(chunks: Iterator[memoryview], out: int) -> Iterator[bytes]:
+    """Decode every frame in turn (skippable frames produce nothing)."""
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        # zstandard only calls read(); a full IO[bytes] would be dead weight
+        cast(IO[bytes], _ChunkReader(chunks)),
+        read_size=1 << 20, read_across_frames=True, closefd=False,
+    )
+    try:
+        while True:
+            piece = reader.read(out)
+            if not piece:
+                return
+            yield piece
+    except zstandard.ZstdError as exc:
+        raise BadStream(str(exc)) from exc
+
+
+@dataclass
+class FrameWalk:
+    """What walking the frame headers found."""
+
+    frames: int = 0
+    skippable: int = 0
+    #: sum of Frame_Content_Size, None when a frame does not record it
+    content_size: int | None = 0
+
+
+class _Walker:
+    def __init__(self, fd: int, path: str, end: int) -> None:
+        self.fd, self.path, self.end = fd, path, end
+
+    def read(self, offset: int, length: int, what: str) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise CorruptImage(
+                f"{self.path}: truncated zstd stream at compressed offset {self.end} "
+                f"(a {what} at {offset} runs past the end)"
+            )
+        return data
+
+    def walk(self) -> FrameWalk:
+        found = FrameWalk()
+        pos = 0
+        while pos < self.end:
+            (magic,) = struct.unpack("<I", self.read(pos, 4, "frame magic"))
+            if _is_skippable(magic):
+                (length,) = struct.unpack("<I", self.read(pos + 4, 4, "skippable frame"))
+                pos += 8 + length
+                self._check_end(pos, "skippable frame")
+                found.skippable += 1
+                continue
+            if magic != ZSTD_MAGIC:
+                raise CorruptImage(f"{self.path}: not a zstd frame at compressed offset {pos}")
+            pos, fcs = self.frame(pos)
+            found.frames += 1
+            if found.content_size is not None:
+                found.content_size = None if fcs is None else found.content_size + fcs
+        if found.frames == 0:
+            raise CorruptImage(f"{self.path}: no zstd frame in the file")
+        return found
+
+    def _check_end(self, pos: int, what: str) -> None:
+        if pos > self.end:
+            raise CorruptImage(
+                f"{self.path}: truncated zstd stream at compressed offset {self.end} "
+                f"(a {what} runs past the end)"
+            )
+
+    def frame(self, start: int) -> tuple[int, int | None]:
+        """Walk one frame; return where it ends and its content size (None: absent)."""
+        fhd = self.read(start + 4, 1, "frame header")[0]
+        if fhd & 0x08:
+            raise CorruptImage(f"{self.path}: reserved bit set in zstd frame at {start}")
+        fcs_flag, single, checksum, did_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+        fcs_bytes = (1 if single else 0, 2, 4, 8)[fcs_flag]
+        pos = start + 5 + (0 if single else 1) + _DICT_ID_BYTES[did_flag]
+        fcs: int | None = None
+        if fcs_bytes:
+            fcs = int.from_bytes(self.read(pos, fcs_bytes, "frame header"), "little")
+            fcs += 256 if fcs_bytes == 2 else 0
+        pos = self.blocks(pos + fcs_bytes) + (4 if checksum else 0)
+        self._check_end(pos, "frame checksum")
+        return pos, fcs
+
+    def blocks(self, pos: int) -> int:
+        while True:
+            header = int.from_bytes(self.read(pos, _BLOCK_HEADER, "block header"), "little")
+            last, btype, bsize = header & 1, (header >> 1) & 3, header >> 3
+            if btype == _RESERVED_BLOCK:
+                raise CorruptImage(f"{self.path}: reserved zstd block type at offset {pos}")
+            pos += _BLOCK_HEADER + (1 if btype == _RLE_BLOCK else bsize)
+            self._check_end(pos, "block")
+            if last:
+                return pos
+
+
+def walk_frames(path: str) -> FrameWalk:
+    """Walk every frame of ``path`` (a few bytes read per block)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        return _Walker(fd, path, os.fstat(fd).st_size).walk()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+class ZstdFormat(ImageFormat):
+    name = "zstd"
+    detect_order = 20
+
+    def detect(self, head: bytes) -> bool:
+        if len(head) < 4:
+            return False
+        magic = int.from_bytes(head[:4], "little")
+        return magic == ZSTD_MAGIC or _is_skippable(magic)
+
+    def open(self, path: str, options: OpenOptions) -> ImageInput:
+        walk = walk_frames(path)
+        size = walk.content_size
+        method = "frame content sizes"
+        if size is None:
+            size = count_output(path, self.name, decode_zstd, options)
+            method = "counting pass"
+        return open_compressed(
+            path, self.name, "unzstd", decode_zstd, size, options,
+            {
+                "compression": "zstd", "frames": walk.frames,
+                "skippable_frames": walk.skippable, "size_from": method,
+            },
+        )
