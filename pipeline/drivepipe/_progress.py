@@ -1,8 +1,29 @@
 """Progress reporting for the CLI: rich live view, plain lines, JSON lines, none.
 
-The library never prints; the runner only fills :class:`RunStats`.  A reporter
-samples those counters from its own thread and renders them on stderr, so the
-byte-moving loops pay nothing for the display.
+In: a :class:`RunStats` that the runner fills while bytes move.  Out: on
+stderr only, a live view (rich), a line every few seconds (plain) or one JSON
+object per line (json: ``{"event": "progress", ...}`` while running, then one
+``{"event": "summary", ...}``), and after every command a final summary.
+Refused: unknown ``--progress`` modes (a UsageError).
+
+The library never prints; the runner only fills counters.  A reporter samples
+them from its own thread, so the byte-moving loops pay nothing for the display.
+What the view shows, and why:
+
+- one row per part (source, stages, sink) with its throughput over the time it
+  was busy, its share of the wall time, and how full the queue in front of it
+  is - a stage whose input queue is always empty waits for the one before it,
+  a stage whose input queue is always full is the one holding the others up;
+- the bottleneck (the part busy the longest) marked;
+- bytes done of the total, split into data and zeros (holes);
+- an ETA on the bytes that cost time: data bytes still to go at the rate data
+  has moved so far (holes are skipped by readers and writers, so counting them
+  at the data rate would make a sparse image's ETA far too long);
+- a phase line while a counting pass runs before streaming;
+- counters a part adds to ``StageStats.extra`` (chunks done, in flight, retried).
+
+Stats never hold credentials (only sizes, times and counters), so nothing
+printed here can leak one.
 """
 
 from __future__ import annotations
@@ -13,19 +34,23 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, Group, JustifyMethod, RenderableType
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from ._errors import UsageError
 from ._sizes import format_rate, format_size
-from ._stats import RunStats
+from ._stats import RunStats, StageStats
 
 Mode = Literal["auto", "rich", "plain", "json", "none"]
 MODES: tuple[str, ...] = ("auto", "rich", "plain", "json", "none")
+
+BOTTLENECK_MARK = "◀ bottleneck"
+LOG_WIDTH = 160
 
 
 def resolve_mode(mode: str, stream: IO[str] | None = None) -> str:
@@ -38,58 +63,168 @@ def resolve_mode(mode: str, stream: IO[str] | None = None) -> str:
 
 
 def eta_seconds(stats: RunStats) -> float | None:
-    """Seconds left, estimated on the bytes that cost time (data, not holes)."""
+    """Seconds left, estimated on the bytes that cost time (data, not holes).
+
+    The time spent so far per data byte (holes along the way included) times the
+    data bytes still to come.  Those are known when the input said how many of
+    its bytes are data; otherwise they are guessed from the data share so far.
+    None until some data has moved, and once everything has.
+    """
     last = stats.stages[-1] if stats.stages else None
     if last is None or stats.total <= 0:
         return None
     done = last.bytes
-    if done <= 0 or done >= stats.total:
+    data_done = last.data_bytes
+    if done <= 0 or done >= stats.total or data_done <= 0:
         return None
-    elapsed = stats.elapsed
-    return elapsed * (stats.total - done) / done
+    data_left: float
+    if stats.data_total is not None:
+        data_left = max(stats.data_total - data_done, 0)
+    else:
+        data_left = (stats.total - done) * data_done / done
+    return stats.transfer_elapsed * data_left / data_done
+
+
+def _marked(stats: RunStats) -> StageStats | None:
+    """The bottleneck worth marking: only when there is more than one part."""
+    return stats.bottleneck() if len(stats.stages) > 1 else None
+
+
+def queue_text(stats: RunStats, stage: StageStats) -> str:
+    """How full the queue in front of ``stage`` is (now, and on average), or ''."""
+    if stage.upstream is None or stage.upstream.kind != "queue":
+        return ""
+    avg = stats.queue_fill_avg
+    avg_text = f"avg {100 * avg:.0f}%" if avg is not None else ""
+    if stats.queue_fill is None:
+        return avg_text
+    fill, depth = stats.queue_fill
+    now_text = f"{fill}/{depth}"
+    return f"{now_text} {avg_text}".strip()
+
+
+def extra_text(stage: StageStats) -> str:
+    """A part's own counters (``chunks_done=12 in_flight=4``) for the notes column."""
+    return " ".join(f"{key}={_short(value)}" for key, value in stage.extra.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("stage", "left"), ("bytes", "right"), ("data", "right"), ("holes", "right"),
+    ("rate", "right"), ("time", "right"), ("queue in", "right"), ("", "left"),
+)
 
 
 def stage_table(stats: RunStats) -> Table:
-    """One row per part: bytes, throughput, share of wall time, bottleneck mark."""
+    """One row per part: bytes, data/holes, throughput, share of wall time, queue."""
     table = Table(box=None, pad_edge=False, show_edge=False)
-    table.add_column("stage")
-    table.add_column("bytes", justify="right")
-    table.add_column("data", justify="right")
-    table.add_column("holes", justify="right")
-    table.add_column("rate", justify="right")
-    table.add_column("busy", justify="right")
-    neck = stats.bottleneck()
+    for name, justify in _COLUMNS:
+        table.add_column(name, justify=justify, no_wrap=True)
+    neck = _marked(stats)
     wall = max(stats.elapsed, 1e-9)
     for st in stats.stages:
-        mark = " ◀ bottleneck" if st is neck and len(stats.stages) > 1 else ""
+        notes = " ".join(t for t in (BOTTLENECK_MARK if st is neck else "", extra_text(st)) if t)
         table.add_row(
-            st.name + mark,
+            st.name,
             format_size(st.bytes),
             format_size(st.data_bytes),
             format_size(st.hole_bytes),
             format_rate(st.data_rate),
             f"{100 * st.busy / wall:.0f}%",
+            queue_text(stats, st),
+            notes,
+            style="bold" if st is neck else None,
         )
     return table
 
 
-def headline(stats: RunStats) -> str:
-    total = stats.total
-    if stats.phase != "transfer" and stats.phase_total:
+def phase_line(stats: RunStats) -> str | None:
+    """``gzip: counting 1.2 GiB of 3.0 GiB (40%)`` while a pre-pass runs, else None."""
+    if stats.phase == "transfer":
+        return None
+    if stats.phase_total:
         pct = 100 * stats.phase_done / stats.phase_total
-        return f"{stats.title}: {stats.phase} {pct:.0f}%"
+        return (f"{stats.title}: {stats.phase} {format_size(stats.phase_done)} of "
+                f"{format_size(stats.phase_total)} ({pct:.0f}%)")
+    return f"{stats.title}: {stats.phase} {format_size(stats.phase_done)}"
+
+
+def headline(stats: RunStats) -> str:
+    """One line: the phase, or bytes done of total, data/zeros, rate, ETA, queue."""
+    phase = phase_line(stats)
+    if phase is not None:
+        return phase
+    total = stats.total
     done = stats.done
+    last = stats.stages[-1] if stats.stages else None
     pct = 100 * done / total if total else 100.0
-    rate = done / stats.elapsed if stats.elapsed > 0 else 0.0
+    elapsed = stats.transfer_elapsed
+    rate = done / elapsed if elapsed > 0 else 0.0
+    split = ""
+    if last is not None:
+        split = (f" [data {format_size(last.data_bytes)}, "
+                 f"zeros {format_size(last.hole_bytes)}]")
     eta = eta_seconds(stats)
-    eta_text = f", ETA {eta:.0f}s" if eta is not None else ""
+    eta_text = f", ETA {format_duration(eta)}" if eta is not None else ""
     queue = ""
     if stats.queue_fill is not None:
         queue = f", queue {stats.queue_fill[0]}/{stats.queue_fill[1]}"
     return (
-        f"{stats.title}: {format_size(done)} of {format_size(total)} ({pct:.0f}%), "
+        f"{stats.title}: {format_size(done)} of {format_size(total)} ({pct:.0f}%){split}, "
         f"{format_rate(rate)}{eta_text}{queue}"
     )
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``3725`` -> ``1h02m``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def summary_line(stats: RunStats, *, ok: bool) -> str:
+    """``checksum x.img done: 8.0 GiB in 2.10s (4,090 MB/s), bottleneck xxh3 (61%)``."""
+    state = "done" if ok else "failed"
+    wall = stats.elapsed
+    rate = stats.done / wall if wall > 0 else 0.0
+    line = (f"{stats.title} {state}: {format_size(stats.done)} in {wall:.2f}s "
+            f"({format_rate(rate)})")
+    neck = _marked(stats)
+    if neck is not None and wall > 0:
+        line += f", bottleneck {neck.name} ({100 * neck.busy / wall:.0f}% of the time)"
+    return line
+
+
+def plain_stage_line(stats: RunStats, st: StageStats) -> str:
+    wall = max(stats.elapsed, 1e-9)
+    parts = [f"  {st.name}: {format_size(st.bytes)} at {format_rate(st.data_rate)}",
+             f"busy {st.busy:.2f}s ({100 * st.busy / wall:.0f}%)"]
+    queue = queue_text(stats, st)
+    if queue:
+        parts.append(f"queue in {queue}")
+    extra = extra_text(st)
+    if extra:
+        parts.append(extra)
+    if st is _marked(stats):
+        parts.append("bottleneck")
+    return ", ".join(parts)
+
+
+def render(stats: RunStats) -> RenderableType:
+    """The live view: headline, a bar of bytes (or of the phase), the stage table."""
+    if stats.phase != "transfer":
+        bar = ProgressBar(total=max(stats.phase_total, 1), completed=stats.phase_done, width=50)
+    else:
+        bar = ProgressBar(total=max(stats.total, 1), completed=stats.done, width=50)
+    return Group(Text(headline(stats)), bar, stage_table(stats))
 
 
 class Reporter:
@@ -111,12 +246,14 @@ class Reporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._live: Live | None = None
-        self.console = Console(file=self.stream, stderr=self.stream is sys.stderr)
+        # Not a terminal (a log file, a pipe): wide enough that rows never wrap.
+        width = None if self.stream.isatty() else LOG_WIDTH
+        self.console = Console(file=self.stream, stderr=self.stream is sys.stderr, width=width)
 
     def __enter__(self) -> Reporter:
         if self.mode == "rich":
             self._live = Live(
-                self._render(), console=self.console, refresh_per_second=4, transient=True
+                render(self.stats), console=self.console, refresh_per_second=4, transient=True
             )
             self._live.__enter__()
         if self.mode != "none":
@@ -135,6 +272,8 @@ class Reporter:
             self._thread.join()
         if self._live is not None:
             self._live.__exit__(exc_type, exc, tb)
+        if self.stats.finished is None:
+            self.stats.finished = time.perf_counter()
         self.summary(ok=exc is None)
 
     def _loop(self) -> None:
@@ -146,38 +285,35 @@ class Reporter:
         while not self._stop.wait(self.interval):
             emit()
 
-    def _render(self) -> RenderableType:
-        return Group(Text(headline(self.stats)), stage_table(self.stats))
-
     def _tick_rich(self) -> None:
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.update(render(self.stats))
 
     def _tick_plain(self) -> None:
         print(headline(self.stats), file=self.stream, flush=True)
 
     def _tick_json(self) -> None:
-        print(json.dumps({"event": "progress", **self.stats.as_dict()}), file=self.stream,
-              flush=True)
+        self._emit_json({"event": "progress", **self._json_state()})
+
+    def _json_state(self) -> dict[str, Any]:
+        eta = eta_seconds(self.stats)
+        return {**self.stats.as_dict(), "eta_s": None if eta is None else round(eta, 1)}
+
+    def _emit_json(self, event: dict[str, Any]) -> None:
+        print(json.dumps(event), file=self.stream, flush=True)
 
     def summary(self, *, ok: bool) -> None:
         """The final table (rich/plain) or final object (json)."""
         if self.mode == "none":
             return
         if self.mode == "json":
-            event = {"event": "summary", "ok": ok, **self.stats.as_dict()}
-            print(json.dumps(event), file=self.stream, flush=True)
+            self._emit_json({"event": "summary", "ok": ok, **self._json_state()})
             return
-        state = "done" if ok else "failed"
-        wall = self.stats.elapsed
-        rate = self.stats.done / wall if wall > 0 else 0.0
-        line = (f"{self.stats.title} {state}: {format_size(self.stats.done)} in {wall:.2f}s "
-                f"({format_rate(rate)})")
+        line = summary_line(self.stats, ok=ok)
         if self.mode == "plain":
             print(line, file=self.stream, flush=True)
             for st in self.stats.stages:
-                print(f"  {st.name}: {format_size(st.bytes)} at {format_rate(st.data_rate)}, "
-                      f"busy {st.busy:.2f}s", file=self.stream, flush=True)
+                print(plain_stage_line(self.stats, st), file=self.stream, flush=True)
             return
         self.console.print(line)
         self.console.print(stage_table(self.stats))
