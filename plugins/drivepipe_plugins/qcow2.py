@@ -506,12 +506,13 @@ class Qcow2Image(Source):
         span = self._pread(lo, hi - lo, what="compressed clusters") if hi - lo <= 2 * total_c \
             else None
         out = bytearray()
-        for _, guest, _, host, csize in batch:
+        for _, guest, length, host, csize in batch:
             if span is not None:
                 data = memoryview(span)[host - lo : host - lo + csize]
             else:
                 data = memoryview(self._pread(host, csize, what="compressed cluster"))
-            out += self._cluster(data, guest)
+            within = guest % self.cluster_size  # the range may cut the cluster
+            out += memoryview(self._cluster(data, guest))[within : within + length]
         return list(split_zeros(Extent(batch[0][1], len(out), out)))
 
     def _cluster(self, data: memoryview, guest: int) -> bytes:
