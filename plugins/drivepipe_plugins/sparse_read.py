@@ -47,9 +47,13 @@ def _probe_holes(fd: int, size: int) -> bool:
     return True
 
 
-def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, end)`` of each data range the filesystem reports."""
-    pos = 0
+def data_ranges(fd: int, size: int, offset: int = 0) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, end)`` of each data range the filesystem reports from ``offset`` on.
+
+    A range that contains ``offset`` is reported from ``offset`` (SEEK_DATA on an
+    offset inside data returns that offset).
+    """
+    pos = offset
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -133,10 +137,8 @@ class SparseFileReader(Source):
             if offset < end:
                 yield offset, end
             return
-        for start, stop in data_ranges(self.fd, end):
-            if stop <= offset:
-                continue
-            yield max(start, offset), stop
+        # Start the walk at ``offset``: chunked readers call this once per chunk.
+        yield from data_ranges(self.fd, end, offset)
 
     def _read_data(self, start: int, stop: int) -> Iterator[Extent]:
         step = self.read_size
