@@ -130,7 +130,20 @@ class SparseFileReader(Source):
             yield from self._read_data(start, stop)
             pos = stop
         if pos < end:
+            self._check_not_shrunk(end)
             yield Extent.hole(pos, end - pos)
+
+    def _check_not_shrunk(self, end: int) -> None:
+        """Refuse a file cut short while read: SEEK_DATA past its new end finds no data,
+        which would otherwise pass for a trailing hole."""
+        if self.is_block:
+            return
+        try:
+            now = os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise ImageError(f"{self.path}: cannot read: {exc.strerror}") from exc
+        if now < end:
+            raise ImageError(f"{self.path}: file shrank while reading (now {now} bytes)")
 
     def _ranges_within(self, offset: int, end: int) -> Iterator[tuple[int, int]]:
         if not self.seekable_holes:
