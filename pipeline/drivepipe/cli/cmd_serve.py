@@ -1,0 +1,115 @@
+"""``drivepipe serve``: run the local CloudSigma-compatible drive store.
+
+Prints the base URL (``http://HOST:PORT/api/2.0/``) on stdout once it accepts
+connections, the root directory (and a generated password, when
+``CLOUDSIGMA_PASSWORD`` is unset) on stderr, then serves until Ctrl-C.
+The account is ``CLOUDSIGMA_USERNAME`` / ``CLOUDSIGMA_PASSWORD``; credentials
+are never taken from the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from .._errors import ConfigError, UsageError
+from .._sizes import parse_size
+from ..server import Fault, ServerConfig, StoreServer, make_context
+from ..server._config import DEFAULT_USERNAME, random_password
+from ..server._store import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+from ._app import app
+
+
+def default_root() -> str:
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data, "drivepipe", "store")
+
+
+def _faults(specs: list[str]) -> list[Fault]:
+    faults: list[Fault] = []
+    for spec in specs:
+        try:
+            obj = json.loads(spec)
+            items = obj if isinstance(obj, list) else [obj]
+            faults.extend(Fault.from_json(item) for item in items)
+        except ValueError as exc:
+            raise UsageError(f"--fault {spec!r}: {exc}") from exc
+    return faults
+
+
+def _config(
+    root: str, host: str, port: int, min_size: str, max_size: str,
+    tls_cert: str | None, tls_key: str | None, idle_timeout: float,
+) -> ServerConfig:
+    password = os.environ.get("CLOUDSIGMA_PASSWORD") or None
+    if tls_key and not tls_cert:
+        raise UsageError("--tls-key needs --tls-cert")
+    config = ServerConfig(
+        root=root, username=os.environ.get("CLOUDSIGMA_USERNAME") or DEFAULT_USERNAME,
+        password=password or random_password(), host=host, port=port,
+        min_size=parse_size(min_size), max_size=parse_size(max_size),
+        tls_cert=tls_cert, tls_key=tls_key, idle_timeout=idle_timeout,
+    )
+    if password is None:
+        print(
+            f"drivepipe serve: account {config.username} password {config.password} "
+            "(set CLOUDSIGMA_USERNAME / CLOUDSIGMA_PASSWORD to choose them)",
+            file=sys.stderr, flush=True,
+        )
+    return config
+
+
+@app.command()
+def serve(
+    root: Annotated[
+        str | None, typer.Option("--root", help="Directory of the drives (created if missing).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port; 0 picks a free one.")] = 8765,
+    min_size: Annotated[
+        str, typer.Option("--min-size", help="Smaller uploads are grown to this size.")
+    ] = f"{DEFAULT_MIN_SIZE >> 20}M",
+    max_size: Annotated[
+        str, typer.Option("--max-size", help="Largest drive accepted.")
+    ] = str(DEFAULT_MAX_SIZE),
+    tls_cert: Annotated[
+        str | None, typer.Option("--tls-cert", help="Serve HTTPS with this PEM certificate.")
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option("--tls-key", help="Private key of --tls-cert (PEM).")
+    ] = None,
+    idle_timeout: Annotated[
+        float, typer.Option("--idle-timeout", help="Close connections silent this long (s).")
+    ] = 60.0,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option("--fault", help='Inject a fault, as JSON: {"kind": "status", "count": 2}.'),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No request log on stderr.")] = False,
+) -> None:
+    """Run the local drive store (a CloudSigma-compatible upload/download API)."""
+    config = _config(
+        root or default_root(), host, port, min_size, max_size, tls_cert, tls_key, idle_timeout
+    )
+    faults = _faults(fault or [])
+    if not quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        server = StoreServer(make_context(config))
+    except OSError as exc:
+        raise ConfigError(f"cannot serve on {host}:{port} from {config.root}: {exc}") from exc
+    for item in faults:
+        server.context.faults.add(item)
+    print(f"drivepipe serve: drives in {server.context.store.root}", file=sys.stderr, flush=True)
+    print(server.base_url, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,176 @@
+"""The server object, and running it in a thread for tests and the demo.
+
+:class:`StoreServer` is a ``ThreadingHTTPServer`` (one thread per connection,
+HTTP/1.1 keep-alive) bound to ``(host, port)``, optionally TLS.
+:func:`serve_in_thread` returns a :class:`RunningServer` (a context manager)
+with ``base_url``, the credentials, the :class:`DriveStore` and the
+:class:`Faults`; :meth:`RunningServer.restart` stops it (cutting every open
+connection, like a crash) and starts a fresh one on the same root and port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import threading
+from http.server import ThreadingHTTPServer
+from socketserver import TCPServer
+from types import TracebackType
+from typing import Any
+
+from ._config import ServerConfig, StoreContext
+from ._faults import Faults
+from ._handler import StoreHandler
+from ._signing import Signer, load_secret
+from ._store import DriveStore
+
+
+def make_context(config: ServerConfig, faults: Faults | None = None) -> StoreContext:
+    store = DriveStore(config.root, min_size=config.min_size, max_size=config.max_size)
+    signer = Signer(load_secret(os.path.join(store.root, "secret")))
+    return StoreContext(config, store, signer, faults or Faults())
+
+
+def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class StoreServer(ThreadingHTTPServer):
+    """The drive store's HTTP server; ``context`` is shared by its handlers."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, context: StoreContext) -> None:
+        self.context = context
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        config = context.config
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), StoreHandler)
+        if config.tls_cert:
+            tls = tls_context(config.tls_cert, config.tls_key)
+            # The handshake runs in the connection's thread (StoreHandler.setup).
+            self.socket = tls.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host name (getfqdn): slow, and not needed.
+        TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    @property
+    def base_url(self) -> str:
+        host = self.server_name
+        shown = f"[{host}]" if ":" in host else host
+        return f"{self.context.config.scheme}://{shown}:{self.server_port}/api/2.0/"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def cut_connections(self) -> None:
+        """Shut every open connection down (their threads then end)."""
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class RunningServer:
+    """A store server serving from a background thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.faults = Faults()
+        self._server: StoreServer | None = None
+        self._thread: threading.Thread | None = None
+        self._start()
+
+    def _start(self) -> None:
+        server = StoreServer(make_context(self.config, self.faults))
+        self.config.port = server.server_port
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05},
+            name=f"drive-store:{server.server_port}", daemon=True,
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+
+    @property
+    def server(self) -> StoreServer:
+        assert self._server is not None, "the server is stopped"
+        return self._server
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def store(self) -> DriveStore:
+        return self.server.context.store
+
+    @property
+    def root(self) -> str:
+        return self.store.root
+
+    @property
+    def username(self) -> str:
+        return self.config.username
+
+    @property
+    def password(self) -> str:
+        return self.server.context.password
+
+    @property
+    def port(self) -> int:
+        return self.config.port
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.shutdown()
+        server.cut_connections()
+        server.server_close()
+        thread.join()
+        self._server = self._thread = None
+
+    def restart(self) -> None:
+        """Stop (cutting open connections) and serve again from the same root and port."""
+        self.stop()
+        self._start()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def serve_in_thread(root: str, **settings: Any) -> RunningServer:
+    """Start a store on ``root`` (127.0.0.1, a free port unless given) in a thread.
+
+    ``settings`` are :class:`ServerConfig` fields: ``username``, ``password``,
+    ``min_size``, ``max_size``, ``link_ttl``, ``chunk_link_ttl``,
+    ``idle_timeout``, ``tls_cert``, ``tls_key``, ``host``, ``port``.
+    """
+    return RunningServer(ServerConfig(root=root, **settings))

@@ -1,0 +1,61 @@
+"""Settings of one store server and the shared state its request handlers use."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from ._faults import Faults
+from ._signing import Signer
+from ._store import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, DriveStore
+
+DEFAULT_USERNAME = "drivepipe@localhost"
+
+
+def random_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """How a store server runs; ``password`` None makes a random one."""
+
+    root: str
+    username: str = DEFAULT_USERNAME
+    password: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    min_size: int = DEFAULT_MIN_SIZE
+    max_size: int = DEFAULT_MAX_SIZE
+    #: Lifetime of a signed download URL (the redirect target), seconds.
+    link_ttl: float = 3600.0
+    #: Lifetime of a one-time chunk upload link ("about 5 minutes").
+    chunk_link_ttl: float = 300.0
+    #: A connection silent this long is closed (slow or idle clients).
+    idle_timeout: float = 60.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    realm: str = "drivepipe"
+
+    def __post_init__(self) -> None:
+        if self.password is None:
+            self.password = random_password()
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+
+@dataclass(slots=True)
+class StoreContext:
+    """What every request handler of a server shares."""
+
+    config: ServerConfig
+    store: DriveStore
+    signer: Signer
+    faults: Faults = field(default_factory=Faults)
+
+    @property
+    def password(self) -> str:
+        assert self.config.password is not None  # set by ServerConfig.__post_init__
+        return self.config.password
