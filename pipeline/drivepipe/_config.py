@@ -51,13 +51,21 @@ class Credentials:
 def normalize_base(url: str, what: str = "endpoint") -> str:
     """``https://h/api/2.0`` or ``https://h`` -> ``https://h/api/2.0/``; checks the scheme."""
     url = url.strip()
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what} must be an http(s) URL such as https://zrh.cloudsigma.com"
-                          f"/api/2.0/, got {url!r}")
-    if parts.username or parts.password:
+    if "@" in url:
+        # Checked on the whole text before parsing: a password holding '#' or '/' would
+        # otherwise move into the fragment or path, and the messages below echo the URL.
         raise ConfigError(f"{what} must not contain credentials; use --user and "
                           "CLOUDSIGMA_PASSWORD or the config file")
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ConfigError(f"{what} must be an http(s) URL such as https://zrh.cloudsigma.com"
+                          f"/api/2.0/, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{what} must not have a query or fragment, got {url!r}")
     path = parts.path.rstrip("/")
     if not path.endswith("/api/2.0"):
         path = path + "/api/2.0"
@@ -114,16 +122,27 @@ def load_config(path: str) -> dict[str, str]:
         if not line or line.startswith(("#", ";", "[")) or "=" not in line:
             continue
         key, _, value = line.partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
+        values[_config_value(key)] = _config_value(value)
     if values.get("password") and mode & (stat.S_IRGRP | stat.S_IROTH):
         warnings.warn(
             f"{path} holds a password and is readable by other users; chmod 600 it",
             InsecureConfigWarning, stacklevel=2,
         )
     return values
+
+
+def _config_value(text: str) -> str:
+    """A ConfigObj scalar: ``"quoted # kept"`` or ``unquoted # comment dropped``.
+
+    Same reading as pycloudsigma's ConfigObj, so a file that works there gives
+    the same password here: in an unquoted value ``#`` starts a comment.
+    """
+    text = text.strip()
+    if text[:1] in ("'", '"'):
+        end = text.find(text[0], 1)
+        if end > 0:
+            return text[1:end]
+    return text.partition("#")[0].strip()
 
 
 def resolve_endpoint(
@@ -166,8 +185,12 @@ def _netrc_entry(host: str) -> tuple[str, str] | None:
         auth = netrc.netrc().authenticators(host)
     except FileNotFoundError:
         return None
-    except (netrc.NetrcParseError, OSError) as exc:
-        raise ConfigError(f"~/.netrc: {exc}") from exc
+    except netrc.NetrcParseError as exc:
+        # The parser quotes the offending token, which may be a password: drop it.
+        reason = exc.msg.split("'")[0].strip() or "cannot parse"
+        raise ConfigError(f"~/.netrc line {exc.lineno}: {reason}") from None
+    except OSError as exc:
+        raise ConfigError(f"~/.netrc: cannot read: {exc.strerror}") from exc
     if auth is None:
         return None
     login, _, password = auth
