@@ -139,6 +139,11 @@ class RunningServer:
         return self.server.context.password
 
     @property
+    def env(self) -> dict[str, str]:
+        """The account as the CLI reads it from the environment."""
+        return {"CLOUDSIGMA_USERNAME": self.username, "CLOUDSIGMA_PASSWORD": self.password}
+
+    @property
     def port(self) -> int:
         return self.config.port
 

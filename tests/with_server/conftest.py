@@ -1,0 +1,152 @@
+"""Fixtures for tests that talk to the local drive store over real HTTP on 127.0.0.1.
+
+``drive_store`` (function scope): a fresh :class:`drivepipe.server.RunningServer`
+on its own tmp root, min size 1 MiB (``STORE_MIN_SIZE``), serving in a thread:
+
+- ``base_url``                 ``"http://127.0.0.1:PORT/api/2.0/"``
+- ``username``, ``password``   the account (Basic auth)
+- ``env``                      ``{"CLOUDSIGMA_USERNAME": ..., "CLOUDSIGMA_PASSWORD": ...}``
+- ``root``                     the store's directory
+- ``store``                    the :class:`DriveStore`: ``raw_path(uuid)`` (the drive's
+  sparse file), ``get(uuid)`` (its record: ``size``, ``status``, ``meta``,
+  ``image_size``, ``received`` chunk numbers...), ``list()``
+- ``faults``                   fault injection, off until asked:
+  ``fail_next(k, status=503, match="")``, ``delay(seconds, count=1, match="")``,
+  ``drop_upload_after(nbytes)``, ``drop_download_after(nbytes)``,
+  ``cut_download_after(nbytes)``, ``add(kind=..., count=0 for "always", ...)``, ``clear()``
+  (``match`` is a substring of the request path+query, e.g. ``"/download/"``, ``"/chunk/"``)
+- ``restart()``                stop (cutting open connections) and serve the same root
+  on the same port again, as after a crash
+
+``make_drive_store(**settings)``: more servers with other settings (``min_size``,
+``max_size``, ``link_ttl``, ``chunk_link_ttl``, ``idle_timeout``, ``tls_cert``,
+``tls_key``, ``username``, ``password``); each is stopped after the test.
+
+``put_drive(server, data_or_path) -> uuid`` (a fixture returning the function): a finished drive made straight in the
+store (no HTTP), for download tests; sparse input stays sparse.
+
+``api(server)`` (a fixture returning the class): a tiny JSON client over ``http.client`` for API assertions:
+``api(srv).call("GET", "drives/", body=None, auth=True) -> Answer(status, headers, body, json)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from drivepipe.server import RunningServer, serve_in_thread
+
+STORE_MIN_SIZE = 1 << 20
+USERNAME = "tester@example.com"
+PASSWORD = "s3cret-pass"
+
+MakeStore = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def make_drive_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeStore]:
+    servers: list[RunningServer] = []
+
+    def make(**settings: Any) -> RunningServer:
+        settings.setdefault("username", USERNAME)
+        settings.setdefault("password", PASSWORD)
+        settings.setdefault("min_size", STORE_MIN_SIZE)
+        settings.setdefault("idle_timeout", 10.0)
+        root = settings.pop("root", None) or str(tmp_path_factory.mktemp("store"))
+        server = serve_in_thread(root, **settings)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def drive_store(make_drive_store: MakeStore) -> RunningServer:
+    return make_drive_store()
+
+
+def _put_drive(server: RunningServer, source: bytes | Path) -> str:
+    """Create a finished drive from bytes or a (sparse) file, without HTTP."""
+    if isinstance(source, bytes):
+        incoming = server.store.begin_direct(len(source))
+        incoming.write(source)
+        return incoming.finish().uuid
+    size = os.path.getsize(source)
+    incoming = server.store.begin_direct(size)
+    with open(source, "rb") as f:
+        while block := f.read(4 << 20):
+            incoming.write(block)
+    return incoming.finish().uuid
+
+
+@pytest.fixture
+def put_drive() -> Callable[[RunningServer, bytes | Path], str]:
+    return _put_drive
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Api:
+    """Minimal JSON client for assertions about the store's answers."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        parts = urlsplit(server.base_url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.prefix = parts.path
+
+    def auth_header(self, user: str | None = None, password: str | None = None) -> str:
+        pair = f"{user or self.server.username}:{password or self.server.password}"
+        return "Basic " + base64.b64encode(pair.encode()).decode()
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        auth: bool = True,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> Answer:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            hdrs = dict(headers or {})
+            if auth:
+                hdrs.setdefault("Authorization", self.auth_header())
+            data = raw
+            if body is not None:
+                data = json.dumps(body).encode()
+                hdrs.setdefault("Content-Type", "application/json")
+            target = path if path.startswith("/") else self.prefix + path
+            conn.request(method, target, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            return Answer(resp.status, resp.headers, resp.read())
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def api() -> Callable[[RunningServer], Api]:
+    return Api
