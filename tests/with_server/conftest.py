@@ -22,10 +22,12 @@ on its own tmp root, min size 1 MiB (``STORE_MIN_SIZE``), serving in a thread:
 ``max_size``, ``link_ttl``, ``chunk_link_ttl``, ``idle_timeout``, ``tls_cert``,
 ``tls_key``, ``username``, ``password``); each is stopped after the test.
 
-``put_drive(server, data_or_path) -> uuid`` (a fixture returning the function): a finished drive made straight in the
-store (no HTTP), for download tests; sparse input stays sparse.
+``put_drive(server, data_or_path) -> uuid`` (a fixture returning the function): a
+finished drive made straight in the store (no HTTP), for download tests; sparse
+input stays sparse.
 
-``api(server)`` (a fixture returning the class): a tiny JSON client over ``http.client`` for API assertions:
+``api(server)`` (a fixture returning the class): a tiny JSON client over
+``http.client`` for API assertions:
 ``api(srv).call("GET", "drives/", body=None, auth=True) -> Answer(status, headers, body, json)``.
 """
 

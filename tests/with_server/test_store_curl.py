@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -122,8 +123,6 @@ def test_upload_with_wrong_or_missing_credentials_is_refused(
 
 
 def _auth(server: RunningServer) -> bytes:
-    import base64
-
     return base64.b64encode(f"{server.username}:{server.password}".encode())
 
 
