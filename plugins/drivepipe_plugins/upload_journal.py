@@ -1,0 +1,194 @@
+"""The resume journal of a chunked upload: what was sent where, from which image.
+
+In: the drive UUID, the endpoint's API URL, the identity of the image file
+(path, size, mtime_ns, inode, and the xxh3-128 of its first MiB), the chunk
+size, and the chunk numbers the server has confirmed.
+
+Out: one small JSON file, by default
+``$XDG_CACHE_HOME/drivepipe/uploads/<key>.json`` (``~/.cache`` without
+``XDG_CACHE_HOME``), the key a digest of the image's real path and the API URL,
+so rerunning the same command finds it.  Every save is atomic: a temporary
+file beside it, ``fsync``, ``rename``, ``fsync`` of the directory; a crash
+leaves the old or the new journal, never a torn one.  Confirmed chunks are
+stored as ``[first, end)`` ranges so a journal of 100 000 chunks stays small.
+
+Refused (:class:`JournalError`, one line naming the file): a journal that is
+not valid JSON of this version.  Deciding whether a journal may be resumed
+(same image, same drive) is the uploader's job; :meth:`ImageIdentity.differences`
+says what changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from drivepipe._errors import ImageError, OutputError, UsageError
+
+VERSION = 1
+#: the part of the image whose digest is part of its identity
+HEAD_BYTES = 1 << 20
+
+
+class JournalError(UsageError):
+    """A journal file that cannot be read back."""
+
+
+@dataclass(frozen=True)
+class ImageIdentity:
+    """Enough about a file to notice that it is not the one an upload started from."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    head_xxh3: str
+
+    @classmethod
+    def of(cls, path: str) -> ImageIdentity:
+        real = os.path.realpath(path)
+        try:
+            with open(real, "rb") as f:
+                st = os.fstat(f.fileno())
+                head = f.read(HEAD_BYTES)
+                size = st.st_size or f.seek(0, os.SEEK_END)  # block devices report st_size 0
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        return cls(real, size, st.st_mtime_ns, st.st_ino, xxhash.xxh3_128_hexdigest(head))
+
+    def differences(self, other: ImageIdentity) -> list[str]:
+        """Human words for each field that differs between ``self`` and ``other``."""
+        words = {
+            "path": "path", "size": "size", "mtime_ns": "modification time",
+            "inode": "inode", "head_xxh3": "content of the first MiB",
+        }
+        return [word for key, word in words.items() if getattr(self, key) != getattr(other, key)]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns,
+                "inode": self.inode, "head_xxh3": self.head_xxh3}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ImageIdentity:
+        return cls(str(data["path"]), int(data["size"]), int(data["mtime_ns"]),
+                   int(data["inode"]), str(data["head_xxh3"]))
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "drivepipe", "uploads")
+
+
+def default_journal_path(image_path: str, api_url: str) -> str:
+    """Where the journal of uploading ``image_path`` to ``api_url`` lives by default."""
+    key = xxhash.xxh3_64_hexdigest(f"{os.path.realpath(image_path)}\0{api_url}".encode())
+    return os.path.join(cache_dir(), f"{key}.json")
+
+
+def to_ranges(numbers: Iterable[int]) -> list[list[int]]:
+    """``{0, 1, 2, 5}`` -> ``[[0, 3], [5, 6]]``."""
+    out: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if out and out[-1][1] == n:
+            out[-1][1] = n + 1
+        else:
+            out.append([n, n + 1])
+    return out
+
+
+def from_ranges(ranges: Iterable[Any]) -> set[int]:
+    numbers: set[int] = set()
+    for first, end in ranges:
+        numbers.update(range(int(first), int(end)))
+    return numbers
+
+
+@dataclass
+class UploadJournal:
+    """The state of one chunked upload, saved at ``path``."""
+
+    path: str
+    uuid: str
+    api: str
+    image: ImageIdentity
+    raw_size: int
+    chunk_size: int
+    confirmed: set[int] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION, "uuid": self.uuid, "api": self.api,
+            "image": self.image.as_dict(), "raw_size": self.raw_size,
+            "chunk_size": self.chunk_size, "confirmed": to_ranges(self.confirmed),
+        }
+
+    @classmethod
+    def load(cls, path: str) -> UploadJournal | None:
+        """The journal at ``path``, or None when there is none."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise JournalError(f"upload journal {path} is unreadable ({exc}); delete it to "
+                               "start over") from exc
+        try:
+            if data.get("version") != VERSION:
+                raise ValueError(f"version {data.get('version')!r}")
+            return cls(path, str(data["uuid"]), str(data["api"]),
+                       ImageIdentity.from_dict(data["image"]), int(data["raw_size"]),
+                       int(data["chunk_size"]), from_ranges(data["confirmed"]))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise JournalError(f"upload journal {path} is not a drivepipe journal ({exc}); "
+                               "delete it to start over") from exc
+
+    def save(self) -> None:
+        """Replace the file atomically with the current state."""
+        try:
+            self._write()
+        except OSError as exc:
+            raise OutputError(f"cannot write upload journal {self.path}: "
+                              f"{exc.strerror or exc}") from exc
+
+    def _write(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".journal-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_json(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+
+    def confirm(self, number: int) -> None:
+        self.confirmed.add(number)
+        self.save()
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _fsync_dir(directory: str) -> None:
+    # The rename is durable only once the directory entry is; some filesystems
+    # refuse fsync on a directory, which then only costs durability, not safety.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
