@@ -1,0 +1,360 @@
+"""``drivepipe download UUID|URL``: a drive (or any http(s) file) in, a verified file out.
+
+A UUID is resolved through the configured endpoint (same options and
+credentials as ``upload``) to ``{direct}drives/{uuid}/download/``; a URL is
+fetched as it is, with credentials only if it lies on the configured
+endpoint's origin (an anonymous URL needs no configuration at all).  Redirects
+are followed, credentials never go to another host.
+
+The bytes land in ``NAME.part`` (sparse) with a resume journal
+``NAME.part.journal``; rerunning the same command continues a download that was
+killed or interrupted, after re-checking the blocks it keeps.  A source that
+changed (size or ETag) starts over.  Then the file is verified against
+``--expect xxh128:HEX`` or the drive's meta (``drivepipe_xxh128`` over the
+first ``drivepipe_size`` bytes, zeros after), else its digest is printed on
+stderr; then fsynced and renamed to NAME (never over an existing file without
+``--force``) and the journal is deleted.  Stdout carries the output path and
+nothing else.  A mismatch keeps ``NAME.part``, names the bad ranges and exits 7.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+
+from drivepipe_plugins.curl_download import (
+    Auth,
+    ProbeResult,
+    ReceiveOptions,
+    Receiver,
+    SourceChanged,
+    default_filename,
+    probe,
+)
+from drivepipe_plugins.download_journal import (
+    JOURNAL_SUFFIX,
+    DownloadJournal,
+    load_journal,
+    remove_journal,
+    source_key,
+)
+from drivepipe_plugins.download_verify import (
+    Expectation,
+    FileDigest,
+    check_kept_blocks,
+    describe_blocks,
+    digest_file,
+    expectation_from_meta,
+    parse_expect,
+)
+from drivepipe_plugins.sparse_write import SparseOutput, check_target, publish
+
+from .._config import Endpoint, resolve_credentials, resolve_endpoint
+from .._errors import ConfigError, UsageError, VerifyError
+from .._http import UUID_RE, TlsOptions
+from .._progress import Reporter
+from .._sizes import format_size, parse_size
+from .._stats import RunStats
+from ._app import app
+from ._common import ForceOpt, ProgressOpt
+from ._net import (
+    CacertOpt,
+    DirectOpt,
+    EndpointOpt,
+    InsecureHttpOpt,
+    LocationOpt,
+    UserOpt,
+    connect,
+)
+
+PART_SUFFIX = ".part"
+#: restarts after the source changed under a running download
+MAX_RESTARTS = 2
+
+OutputOpt = Annotated[
+    str | None, typer.Option("--output", "-o", help="Output file (default: the name the "
+                             "server gives, sanitized, in the current directory).",
+                             show_default=False)
+]
+ConnectionsOpt = Annotated[
+    int, typer.Option("--connections", help="Parallel connections (ranged requests).")
+]
+RangeSizeOpt = Annotated[
+    str, typer.Option("--range-size", help="Bytes asked for per ranged request (e.g. 32M).")
+]
+BlockSizeOpt = Annotated[
+    str, typer.Option("--block-size", help="Resume granularity: each block of this size is "
+                      "journaled with its own digest.")
+]
+ExpectOpt = Annotated[
+    str | None, typer.Option("--expect", help="Expected digest, xxh128:<32 hex>; default: the "
+                             "drive's meta, if our upload stored one.", show_default=False)
+]
+RetriesOpt = Annotated[
+    int, typer.Option("--retries", help="Attempts without progress before a range gives up.")
+]
+CheckpointOpt = Annotated[
+    float, typer.Option("--checkpoint-interval", help="Seconds between journal saves.",
+                        hidden=True)
+]
+BackoffOpt = Annotated[
+    float, typer.Option("--retry-delay", help="First retry delay in seconds (doubles, with "
+                        "jitter).", hidden=True)
+]
+
+
+@dataclass
+class Target:
+    """Where the bytes come from, as whom, and what the source says they should be."""
+
+    url: str
+    auth: Auth
+    tls: TlsOptions
+    uuid: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Paths:
+    final: str
+    part: str
+    journal: str
+
+    @classmethod
+    def for_target(cls, final: str) -> Paths:
+        part = final + PART_SUFFIX
+        return cls(final, part, part + JOURNAL_SUFFIX)
+
+
+# --- where from ------------------------------------------------------------------------
+
+def resolve_target(
+    source: str, endpoint: str | None, direct_endpoint: str | None, location: str | None,
+    user: str | None, tls: TlsOptions,
+) -> Target:
+    """A UUID through the endpoint (with its meta), or a URL with credentials if owned."""
+    if UUID_RE.match(source):
+        conn = connect(endpoint, direct_endpoint, location, user, tls.cacert, tls.insecure_http)
+        try:
+            uuid = source.lower()
+            drive = conn.api.drive(uuid)
+            url = conn.api.url(f"drives/{uuid}/download/", direct=True)
+        finally:
+            conn.close()
+        meta = drive.get("meta") if isinstance(drive.get("meta"), dict) else {}
+        return Target(url, Auth(conn.endpoint, conn.creds), tls, uuid, dict(meta or {}))
+    parts = urlsplit(source)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"not a drive UUID or an http(s) URL: {source!r}")
+    ep = _optional_endpoint(endpoint, direct_endpoint, location)
+    if ep is None or not ep.owns(source):
+        return Target(source, Auth(), tls)
+    return Target(source, Auth(ep, resolve_credentials(ep, user)), tls)
+
+
+def _optional_endpoint(
+    endpoint: str | None, direct_endpoint: str | None, location: str | None
+) -> Endpoint | None:
+    """The configured endpoint, or None when nothing is configured (anonymous URLs)."""
+    try:
+        return resolve_endpoint(endpoint, direct_endpoint, location)
+    except ConfigError:
+        if endpoint or direct_endpoint or location:
+            raise
+        return None
+
+
+def choose_expectation(expect: str | None, target: Target, size: int) -> Expectation | None:
+    if expect:
+        return parse_expect(expect)
+    if target.uuid is None or "drivepipe_xxh128" not in target.meta:
+        return None
+    found = expectation_from_meta(target.meta, size)
+    if found is None:
+        raise VerifyError(f"drive {target.uuid}: its meta holds a checksum that does not fit "
+                          f"the drive (drivepipe_size {target.meta.get('drivepipe_size')!r}, "
+                          f"size {size}); pass --expect to verify against your own digest")
+    return found
+
+
+# --- the .part file and its journal ----------------------------------------------------
+
+def note(text: str) -> None:
+    typer.echo(f"drivepipe: {text}", err=True)
+
+
+def discard_part(paths: Paths) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(paths.part)
+    remove_journal(paths.journal)
+
+
+def open_part(
+    paths: Paths, probed: ProbeResult, source: str, block_size: int, stats: RunStats
+) -> tuple[SparseOutput, DownloadJournal]:
+    """Continue a matching journal (its blocks re-checked) or start a fresh .part."""
+    identity = probed.identity(source_key(source))
+    journal = load_journal(paths.journal)
+    if journal is not None and journal.matches(identity, block_size) \
+            and os.path.isfile(paths.part):
+        _recheck(paths, journal, stats)
+    else:
+        if journal is not None or os.path.lexists(paths.part):
+            note(f"{paths.part}: not from this source (or changed since), starting over")
+        discard_part(paths)
+        journal = DownloadJournal(identity, block_size)
+    out = SparseOutput(paths.part, identity.size)
+    journal.save(paths.journal)
+    return out, journal
+
+
+def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats) -> None:
+    stats.phase = "check"
+    bad = check_kept_blocks(paths.part, journal, _phase_progress(stats))
+    for index in bad:
+        del journal.blocks[index]
+    stats.phase = "transfer"
+    kept = journal.done_bytes()
+    extra = f", {len(bad)} damaged blocks will be fetched again" if bad else ""
+    note(f"resuming {paths.part}: {format_size(kept)} of "
+         f"{format_size(journal.identity.size)} kept{extra}")
+    stats.stages[-1].bytes += kept
+    stats.stages[-1].extra["kept"] = kept
+
+
+def _phase_progress(stats: RunStats) -> Any:
+    def update(done: int, total: int) -> None:
+        stats.phase_done, stats.phase_total = done, total
+
+    return update
+
+
+# --- fetch, verify, publish ------------------------------------------------------------
+
+def fetch(
+    target: Target, probed: ProbeResult, paths: Paths, block_size: int, options: ReceiveOptions,
+    stats: RunStats,
+) -> DownloadJournal:
+    """Fill ``paths.part``; start over (a bounded number of times) if the source changes."""
+    for restart in range(MAX_RESTARTS + 1):
+        out, journal = open_part(paths, probed, target.url, block_size, stats)
+        try:
+            Receiver(out, journal, paths.journal, probed, tls=target.tls, auth=target.auth,
+                     options=options, receive=stats.stages[0], write=stats.stages[1],
+                     relink=lambda: probe(target.url, tls=target.tls, auth=target.auth)).run()
+            out.sync()
+            return journal
+        except SourceChanged as exc:
+            if restart == MAX_RESTARTS:
+                raise
+            note(f"{exc.one_line()}; starting over")
+            discard_part(paths)
+            probed = probe(target.url, tls=target.tls, auth=target.auth)
+            stats.total = probed.size
+        finally:
+            out.close()
+    raise AssertionError("unreachable")
+
+
+def verify(
+    paths: Paths, journal: DownloadJournal, expected: Expectation | None, stats: RunStats
+) -> FileDigest:
+    """Hash the .part; on a mismatch keep it and say which blocks are bad."""
+    stats.phase = "verify"
+    got = digest_file(paths.part, expected.length if expected else None,
+                      _phase_progress(stats))
+    stats.result["xxh128"] = got.whole
+    if expected is None:
+        return got
+    if got.prefix != expected.digest:
+        raise VerifyError(f"{paths.part}: xxh128 {got.prefix} of the first "
+                          f"{got.prefix_length} bytes does not match {expected.digest} from "
+                          f"{expected.origin}; {_bad_blocks(paths, journal)}; the .part file is "
+                          "kept (delete it to download again from scratch)")
+    if got.nonzero_tail_at is not None:
+        raise VerifyError(f"{paths.part}: byte {got.nonzero_tail_at} is not zero, but the drive "
+                          f"holds only {expected.length} bytes of data ({expected.origin}); "
+                          "the .part file is kept")
+    return got
+
+
+def _bad_blocks(paths: Paths, journal: DownloadJournal) -> str:
+    bad = check_kept_blocks(paths.part, journal)
+    if not bad:
+        return "every block on disk matches what the server sent, so the source itself differs"
+    return f"blocks changed on disk since they arrived: {describe_blocks(journal, bad)}"
+
+
+def finish(paths: Paths, force: bool) -> None:
+    """Publish the verified .part under the final name and forget the journal."""
+    publish(paths.part, paths.final, force=force)
+    remove_journal(paths.journal)
+
+
+def receive_options(
+    connections: int, range_size: str, block: int, retries: int, checkpoint: float,
+    retry_delay: float,
+) -> ReceiveOptions:
+    if connections < 1:
+        raise UsageError("--connections must be at least 1")
+    if retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    ranged = max(block, parse_size(range_size) // block * block)
+    return ReceiveOptions(connections=connections, range_size=ranged, retries=retries,
+                          checkpoint_interval=checkpoint, backoff_base=retry_delay)
+
+
+def block_size_option(text: str) -> int:
+    size = parse_size(text)
+    if size < 4096 or size % 4096:
+        raise UsageError(f"--block-size must be a multiple of 4K, got {text!r}")
+    return size
+
+
+@app.command()
+def download(
+    source: Annotated[str, typer.Argument(help="Drive UUID, or an http(s) URL.")],
+    output: OutputOpt = None,
+    force: ForceOpt = False,
+    expect: ExpectOpt = None,
+    connections: ConnectionsOpt = 4,
+    range_size: RangeSizeOpt = "32M",
+    block_size: BlockSizeOpt = "4M",
+    retries: RetriesOpt = 8,
+    progress: ProgressOpt = "auto",
+    checkpoint_interval: CheckpointOpt = 1.0,
+    retry_delay: BackoffOpt = 0.5,
+    endpoint: EndpointOpt = None,
+    direct_endpoint: DirectOpt = None,
+    location: LocationOpt = None,
+    user: UserOpt = None,
+    cacert: CacertOpt = None,
+    insecure_http: InsecureHttpOpt = False,
+) -> None:
+    """Download a drive or URL into a verified sparse file; prints the file's path."""
+    block = block_size_option(block_size)
+    options = receive_options(connections, range_size, block, retries, checkpoint_interval,
+                              retry_delay)
+    if expect:
+        parse_expect(expect)  # a bad digest is refused before anything is fetched
+    tls = TlsOptions(cacert=cacert, insecure_http=insecure_http)
+    target = resolve_target(source, endpoint, direct_endpoint, location, user, tls)
+    probed = probe(target.url, tls=tls, auth=target.auth)
+    paths = Paths.for_target(output or default_filename(probed, target.uuid))
+    check_target(paths.final, force=force)
+    expected = choose_expectation(expect, target, probed.size)
+    stats = RunStats(title=f"download {paths.final}", total=probed.size)
+    stats.add("receive", "source")
+    stats.add("write", "sink")
+    with Reporter(stats, progress):
+        journal = fetch(target, probed, paths, block, options, stats)
+        got = verify(paths, journal, expected, stats)
+        finish(paths, force)
+    if expected is None:
+        note(f"no checksum to verify against; xxh128:{got.whole}  {paths.final}")
+    typer.echo(paths.final)

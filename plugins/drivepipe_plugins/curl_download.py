@@ -1,0 +1,582 @@
+"""The download receiver: an HTTP(S) URL in, the bytes written in place into a sparse file.
+
+What goes in: a URL (a drive's ``/download/`` link or any http(s) URL), the
+transport policy, and optionally an endpoint with credentials.  :func:`probe`
+asks for ``Range: bytes=0-0`` following redirects and learns the final (often
+signed) URL, the size, the ETag and whether ranges work.  :class:`Receiver`
+then fetches the blocks the journal lacks from that final URL over N
+connections (one pycurl multi, ranges of ``range_size`` bytes, each with
+``If-Range`` when the ETag is strong) and writes every finished block in place
+with :meth:`SparseOutput.write_at` (all-zero 4 KiB blocks are never written),
+recording its xxh3-64 in the journal.
+
+What comes out: ``NAME.part`` with every block present and a journal listing
+them.  Transient failures (reset, timeout, cut-short body, 5xx, 429) are
+retried with exponential backoff and jitter, resuming at the first unfinished
+block; a range that keeps failing without progress gives up after
+``retries`` attempts.  An expired signed link (401/403/404/410 after a
+redirect) is renewed by probing the original URL again.
+
+What is refused: a server that gives no size; a source whose size or ETag
+changes under us (:class:`SourceChanged`, the caller restarts cleanly); error
+answers (one line with the server's words).  Credentials are attached only by
+:func:`drivepipe._http.configure` (endpoint origin only, never after a
+cross-host redirect) and never to the ranges fetched from a redirect target.
+A server that ignores ``Range`` gets one whole-file stream instead.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import unicodedata
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from urllib.parse import unquote, urlsplit
+
+import pycurl
+
+from drivepipe._config import Credentials, Endpoint
+from drivepipe._errors import DrivepipeError, NetworkError, TransferError
+from drivepipe._http import (
+    HeaderCollector,
+    Response,
+    TlsOptions,
+    configure,
+    curl_failure,
+    http_failure,
+)
+from drivepipe._stats import StageStats
+from drivepipe_plugins.download_journal import DownloadJournal, SourceIdentity, block_digest
+from drivepipe_plugins.sparse_write import SparseOutput
+
+#: libcurl hands us the body in pieces up to this size (fewer Python callbacks)
+RECV_BUFFER = 1 << 20
+#: keep at most this much of an error answer's body for the message
+_ERROR_BODY_MAX = 64 << 10
+#: answers on a signed link that mean "ask for a new link"
+_LINK_EXPIRED = frozenset({401, 403, 404, 410})
+_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_UNSIZED_RANGE_RE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+_NAME_MAX = 200
+
+
+class SourceChanged(TransferError):
+    """The source's size or ETag is not what the download started with."""
+
+
+class _RangeIgnored(Exception):
+    """A ranged request was answered with the whole file (200): switch to one stream."""
+
+
+@dataclass
+class Auth:
+    """Who we are towards ``endpoint``; credentials go only to its origin."""
+
+    endpoint: Endpoint | None = None
+    creds: Credentials | None = None
+
+
+@dataclass
+class ProbeResult:
+    """What the first request taught us about the source."""
+
+    url: str
+    final_url: str
+    redirected: bool
+    size: int
+    ranges: bool
+    etag: str | None
+    last_modified: str | None
+    disposition: str | None
+
+    def identity(self, source: str) -> SourceIdentity:
+        return SourceIdentity(source, self.size, self.etag, self.last_modified)
+
+    @property
+    def strong_etag(self) -> str | None:
+        """The ETag if ``If-Range`` may use it (weak validators may not)."""
+        return self.etag if self.etag and not self.etag.startswith("W/") else None
+
+
+def _collect(limit: int, sink: BytesIO) -> Callable[[bytes], int | None]:
+    def write(chunk: bytes) -> int | None:
+        if sink.tell() + len(chunk) > limit:
+            return 0  # enough of the body: abort (the caller expects E_WRITE_ERROR)
+        sink.write(chunk)
+        return None
+
+    return write
+
+
+def probe(url: str, *, tls: TlsOptions, auth: Auth) -> ProbeResult:
+    """``GET url`` with ``Range: bytes=0-0``, following redirects; the body is not kept."""
+    c = pycurl.Curl()
+    hdr = HeaderCollector()
+    body = BytesIO()
+    try:
+        configure(c, url, tls=tls, endpoint=auth.endpoint, creds=auth.creds, follow=True)
+        c.setopt(pycurl.RANGE, "0-0")
+        c.setopt(pycurl.HEADERFUNCTION, hdr)
+        c.setopt(pycurl.WRITEFUNCTION, _collect(_ERROR_BODY_MAX, body))
+        try:
+            c.perform()
+        except pycurl.error as exc:
+            if exc.args[0] != pycurl.E_WRITE_ERROR:  # our own abort after the headers
+                raise curl_failure(exc, url, "download") from exc
+        final = c.getinfo(pycurl.EFFECTIVE_URL) or url
+        redirects = int(c.getinfo(pycurl.REDIRECT_COUNT))
+    finally:
+        c.close()
+    return _probe_result(url, final, redirects > 0, hdr, body.getvalue())
+
+
+def _probe_result(
+    url: str, final: str, redirected: bool, hdr: HeaderCollector, body: bytes
+) -> ProbeResult:
+    status, headers = hdr.status, hdr.headers
+    if status == 416:
+        unsized = _UNSIZED_RANGE_RE.match(headers.get("content-range", ""))
+        if unsized and int(unsized.group(1)) == 0:
+            return _result(url, final, redirected, 0, True, headers)
+    if status == 206:
+        m = _CONTENT_RANGE_RE.match(headers.get("content-range", ""))
+        if not m or m.group(3) == "*":
+            raise TransferError(f"download from {urlsplit(final).netloc}: the answer does not "
+                                "say the file's size (Content-Range)")
+        return _result(url, final, redirected, int(m.group(3)), True, headers)
+    if status == 200:
+        length = headers.get("content-length", "")
+        if not length.isdigit() or headers.get("content-encoding", "identity") != "identity":
+            raise TransferError(f"download from {urlsplit(final).netloc}: the server does not "
+                                "say the file's size (no Content-Length)")
+        return _result(url, final, redirected, int(length), False, headers)
+    raise http_failure(Response(status, headers, body, final), "download")
+
+
+def _result(
+    url: str, final: str, redirected: bool, size: int, ranges: bool, headers: dict[str, str]
+) -> ProbeResult:
+    return ProbeResult(url, final, redirected, size, ranges, headers.get("etag"),
+                       headers.get("last-modified"), headers.get("content-disposition"))
+
+
+# --- the output name -------------------------------------------------------------------
+
+def disposition_filename(header: str | None) -> str | None:
+    """The file name a ``Content-Disposition`` header proposes (RFC 6266), unsanitized."""
+    if not header:
+        return None
+    extended = re.search(r"filename\*\s*=\s*([^;]+)", header, re.IGNORECASE)
+    if extended:
+        value = extended.group(1).strip().strip('"')
+        charset, _, rest = value.partition("'")
+        _, _, encoded = rest.partition("'")
+        if encoded:
+            return unquote(encoded, encoding=charset or "utf-8", errors="replace")
+    plain = re.search(r'filename\s*=\s*("((?:[^"\\]|\\.)*)"|[^;]+)', header, re.IGNORECASE)
+    if not plain:
+        return None
+    if plain.group(2) is not None:
+        return re.sub(r"\\(.)", r"\1", plain.group(2))
+    return plain.group(1).strip()
+
+
+def sanitize_filename(name: str | None) -> str | None:
+    """A safe base name from a server-proposed one, or None if nothing safe is left.
+
+    Only the last path component survives (``/`` and ``\\`` both separate), control
+    characters and NUL are dropped, leading dots and spaces are stripped (no hidden
+    files, no ``..``), and the result is at most 200 characters.
+    """
+    if not name:
+        return None
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    name = name.strip().lstrip(". ").rstrip(" ")
+    name = name[:_NAME_MAX]
+    if not name or name in (".", ".."):
+        return None
+    return name
+
+
+def default_filename(probed: ProbeResult, fallback: str | None) -> str:
+    """Content-Disposition's name, else ``fallback`` (a UUID), else the URL's last segment."""
+    for candidate in (disposition_filename(probed.disposition), fallback,
+                      urlsplit(probed.url).path.rstrip("/").rsplit("/", 1)[-1]):
+        safe = sanitize_filename(candidate)
+        if safe:
+            return safe
+    return "download"
+
+
+# --- the receiver ----------------------------------------------------------------------
+
+@dataclass
+class ReceiveOptions:
+    connections: int = 4
+    #: bytes asked for in one ranged request (a multiple of the block size)
+    range_size: int = 32 << 20
+    #: consecutive attempts without progress before a range gives up
+    retries: int = 8
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    #: seconds between journal checkpoints
+    checkpoint_interval: float = 1.0
+    #: renewals of an expired signed link before giving up
+    relinks: int = 5
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: ``[0.5, 1) * min(cap, base * 2**attempt)``."""
+    return min(cap, base * 2.0**attempt) * (0.5 + rng.random() / 2)
+
+
+@dataclass
+class Span:
+    """Blocks ``[first, last)`` still to fetch, and its retry state."""
+
+    first: int
+    last: int
+    attempt: int = 0
+    not_before: float = 0.0
+
+
+def missing_spans(journal: DownloadJournal, blocks_per_range: int) -> list[Span]:
+    """Runs of blocks the journal lacks, cut to at most ``blocks_per_range`` blocks."""
+    spans: list[Span] = []
+    index, count = 0, journal.block_count
+    while index < count:
+        if index in journal.blocks:
+            index += 1
+            continue
+        start = index
+        while index < count and index not in journal.blocks and index - start < blocks_per_range:
+            index += 1
+        spans.append(Span(start, index))
+    return spans
+
+
+@dataclass(eq=False)
+class _Transfer:
+    """One ranged (or whole-file) GET in flight, assembling whole blocks."""
+
+    span: Span
+    start: int
+    end: int
+    whole: bool
+    block_size: int
+    on_block: Callable[[int, memoryview], None]
+    on_bytes: Callable[[int], None]
+    expect: SourceIdentity
+    handle: pycurl.Curl = field(default_factory=pycurl.Curl)
+    headers: HeaderCollector = field(default_factory=HeaderCollector)
+    error_body: BytesIO = field(default_factory=BytesIO)
+    failure: BaseException | None = None
+    checked: bool = False
+    accepted: bool = False
+    handle_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.pos = self.start
+        self.buf = bytearray(self.block_size)
+        self.fill = 0
+
+    @property
+    def resume_block(self) -> int:
+        """The first block this transfer has not finished."""
+        return (self.pos - self.fill) // self.block_size
+
+    def on_body(self, chunk: bytes) -> int | None:
+        try:
+            if not self.checked:
+                self.checked = True
+                self.accepted = self._check_answer()
+            if not self.accepted:
+                return _collect(_ERROR_BODY_MAX, self.error_body)(chunk)
+            self._take(memoryview(chunk))
+        except BaseException as exc:
+            self.failure = exc
+            return 0
+        return None
+
+    def _take(self, view: memoryview) -> None:
+        if self.pos + len(view) > self.end:
+            raise TransferError(f"download from {urlsplit(self._url()).netloc}: the server "
+                                "sent more bytes than asked for")
+        self.on_bytes(len(view))
+        while view:
+            block_end = min((self.pos - self.fill) + self.block_size, self.end)
+            n = min(block_end - self.pos, len(view))
+            self.buf[self.fill : self.fill + n] = view[:n]
+            self.fill += n
+            self.pos += n
+            view = view[n:]
+            if self.pos == block_end:
+                self.on_block((self.pos - self.fill) // self.block_size,
+                              memoryview(self.buf)[: self.fill])
+                self.fill = 0
+
+    def _url(self) -> str:
+        return str(self.handle.getinfo(pycurl.EFFECTIVE_URL))
+
+    def _check_answer(self) -> bool:
+        """True if the body is our bytes; False for an error answer; raises on a change."""
+        status, headers = self.headers.status, self.headers.headers
+        etag = headers.get("etag")
+        if etag and self.expect.etag and etag != self.expect.etag:
+            raise SourceChanged(f"the source changed (ETag {self.expect.etag} -> {etag})")
+        if status == 206 and not self.whole:
+            self._check_content_range(headers.get("content-range", ""))
+            return True
+        if status == 200:
+            if not self.whole:
+                raise _RangeIgnored()
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) != self.expect.size:
+                raise SourceChanged(f"the source changed (size {self.expect.size} -> {length})")
+            return True
+        if status == 416:
+            raise SourceChanged("the source changed (the range asked for is past its end)")
+        return False
+
+    def _check_content_range(self, value: str) -> None:
+        m = _CONTENT_RANGE_RE.match(value)
+        if not m:
+            raise TransferError(f"download: bad Content-Range {value!r}")
+        first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+        if total != "*" and int(total) != self.expect.size:
+            raise SourceChanged(f"the source changed (size {self.expect.size} -> {total})")
+        if first != self.start or last != self.end - 1:
+            raise TransferError(f"download: asked for bytes {self.start}-{self.end - 1}, "
+                                f"got {first}-{last}")
+
+
+def _cut_short(t: _Transfer) -> NetworkError:
+    return NetworkError(f"download from {urlsplit(t.handle_url).netloc} failed: the answer "
+                        f"ended at byte {t.pos} of {t.start}-{t.end - 1}")
+
+
+class Receiver:
+    """Fetches the journal's missing blocks into ``out`` over N connections."""
+
+    def __init__(
+        self,
+        out: SparseOutput,
+        journal: DownloadJournal,
+        journal_path: str,
+        probed: ProbeResult,
+        *,
+        tls: TlsOptions,
+        auth: Auth,
+        options: ReceiveOptions,
+        receive: StageStats,
+        write: StageStats,
+        relink: Callable[[], ProbeResult] | None = None,
+    ) -> None:
+        self.out = out
+        self.journal = journal
+        self.journal_path = journal_path
+        self.probed = probed
+        self.tls = tls
+        self.auth = auth
+        self.opts = options
+        self.receive = receive
+        self.write = write
+        self.relink = relink
+        self.relinks = 0
+        self.ranges = probed.ranges
+        self.multi = pycurl.CurlMulti()
+        self.active: dict[pycurl.Curl, _Transfer] = {}
+        self.pending: deque[Span] = deque()
+        self.rng = random.Random()
+        self.dirty = False
+        self.last_checkpoint = time.monotonic()
+        receive.extra.update(retries=0, connections=0)
+
+    # -- the loop --
+
+    def run(self) -> None:
+        """Fetch every missing block; the journal is checkpointed whatever happens."""
+        self._plan()
+        try:
+            while self.pending or self.active:
+                self._start_transfers()
+                self._pump()
+                self._maybe_checkpoint()
+        finally:
+            self._abort_all()
+            self.multi.close()
+            self.checkpoint()
+
+    def _plan(self) -> None:
+        if not self.ranges:
+            if self.journal.block_count and len(self.journal.blocks) < self.journal.block_count:
+                self.pending.append(Span(0, self.journal.block_count))
+            return
+        per_range = max(1, self.opts.range_size // self.journal.block_size)
+        self.pending.extend(missing_spans(self.journal, per_range))
+
+    def _start_transfers(self) -> None:
+        now = time.monotonic()
+        for _ in range(len(self.pending)):
+            if len(self.active) >= max(1, self.opts.connections):
+                break
+            span = self.pending.popleft()
+            if span.not_before > now:
+                self.pending.append(span)
+                continue
+            self._start(span)
+        self.receive.extra["connections"] = len(self.active)
+
+    def _start(self, span: Span) -> None:
+        start, _ = self.journal.block_span(span.first)
+        last_start, last_len = self.journal.block_span(span.last - 1)
+        t = _Transfer(span, start, last_start + last_len, not self.ranges,
+                      self.journal.block_size, self._store_block, self._count_bytes,
+                      self.journal.identity)
+        url = self.probed.final_url
+        # A redirect target is a signed link: it gets no credentials at all.
+        auth = Auth() if self.probed.redirected else self.auth
+        configure(t.handle, url, tls=self.tls, endpoint=auth.endpoint, creds=auth.creds,
+                  headers=self._range_headers())
+        if not t.whole:
+            t.handle.setopt(pycurl.RANGE, f"{t.start}-{t.end - 1}")
+        t.handle.setopt(pycurl.BUFFERSIZE, RECV_BUFFER)
+        t.handle.setopt(pycurl.HEADERFUNCTION, t.headers)
+        t.handle.setopt(pycurl.WRITEFUNCTION, t.on_body)
+        self.multi.add_handle(t.handle)
+        self.active[t.handle] = t
+
+    def _range_headers(self) -> dict[str, str]:
+        etag = self.probed.strong_etag
+        return {"If-Range": etag} if etag and self.ranges else {}
+
+    def _pump(self) -> None:
+        while True:
+            ret, _ = self.multi.perform()
+            if ret != pycurl.E_CALL_MULTI_PERFORM:
+                break
+        while True:
+            queued, ok, failed = self.multi.info_read()
+            for handle in ok:
+                self._finish(self.active[handle], 0, "")
+            for handle, code, message in failed:
+                self._finish(self.active[handle], code, message)
+            if not queued:
+                break
+        if self.active:
+            self.multi.select(0.2)
+        elif self.pending:
+            wait = min(s.not_before for s in self.pending) - time.monotonic()
+            time.sleep(min(max(wait, 0.0), 0.2))
+
+    # -- bytes in --
+
+    def _count_bytes(self, n: int) -> None:
+        self.receive.bytes += n
+        self.receive.data_bytes += n
+
+    def _store_block(self, index: int, data: memoryview) -> None:
+        t0 = time.perf_counter()
+        offset = index * self.journal.block_size
+        before = self.out.written
+        self.out.write_at(offset, data)
+        self.journal.blocks[index] = block_digest(data)
+        written = self.out.written - before
+        self.write.bytes += len(data)
+        self.write.data_bytes += written
+        self.write.hole_bytes += len(data) - written
+        self.write.inclusive += time.perf_counter() - t0
+        self.dirty = True
+
+    # -- a transfer ends --
+
+    def _finish(self, t: _Transfer, code: int, message: str) -> None:
+        self._drop(t)
+        if isinstance(t.failure, _RangeIgnored):
+            self._switch_to_one_stream()
+            return
+        if t.failure is not None:
+            raise t.failure
+        status = t.headers.status
+        if code == 0 and t.accepted and t.pos == t.end:
+            return
+        if (t.checked and not t.accepted) or (code == 0 and status not in (200, 206)):
+            self._http_error(t)
+            return
+        if code == 0:
+            self._retry(t, _cut_short(t))
+            return
+        failure = curl_failure(pycurl.error(code, message), t.handle_url, "download")
+        if not failure.transient:
+            raise failure
+        self._retry(t, failure)
+
+    def _drop(self, t: _Transfer) -> None:
+        t.handle_url = str(t.handle.getinfo(pycurl.EFFECTIVE_URL))
+        self.multi.remove_handle(t.handle)
+        t.handle.close()
+        del self.active[t.handle]
+
+    def _http_error(self, t: _Transfer) -> None:
+        resp = Response(t.headers.status, t.headers.headers, t.error_body.getvalue(),
+                        t.handle_url)
+        err = http_failure(resp, "download")
+        if resp.status in _LINK_EXPIRED and self.probed.redirected and self._renew_link():
+            self.pending.appendleft(Span(t.resume_block, t.span.last, t.span.attempt))
+            return
+        if not err.transient:
+            raise err
+        self._retry(t, err)
+
+    def _renew_link(self) -> bool:
+        if self.relink is None or self.relinks >= self.opts.relinks:
+            return False
+        self.relinks += 1
+        fresh = self.relink()
+        if fresh.size != self.probed.size or (fresh.etag or None) != (self.probed.etag or None):
+            raise SourceChanged("the source changed while its link was renewed")
+        self.probed = fresh
+        return True
+
+    def _retry(self, t: _Transfer, err: DrivepipeError) -> None:
+        progressed = t.resume_block > t.span.first
+        attempt = 0 if progressed else t.span.attempt + 1
+        if attempt > self.opts.retries:
+            raise err
+        first = 0 if t.whole else t.resume_block
+        delay = backoff_delay(attempt, self.opts.backoff_base, self.opts.backoff_cap, self.rng)
+        self.pending.append(Span(first, t.span.last, attempt, time.monotonic() + delay))
+        self.receive.extra["retries"] += 1
+
+    def _switch_to_one_stream(self) -> None:
+        """The server ignores Range: drop the ranged plan, fetch the whole file once."""
+        if not self.ranges:
+            return
+        self.ranges = False
+        self._abort_all()
+        self.pending.clear()
+        self.pending.append(Span(0, self.journal.block_count))
+
+    def _abort_all(self) -> None:
+        for t in list(self.active.values()):
+            self.multi.remove_handle(t.handle)
+            t.handle.close()
+        self.active.clear()
+
+    # -- the journal --
+
+    def _maybe_checkpoint(self) -> None:
+        if time.monotonic() - self.last_checkpoint >= self.opts.checkpoint_interval:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Save the journal if blocks finished since the last save."""
+        self.last_checkpoint = time.monotonic()
+        if self.dirty:
+            self.journal.save(self.journal_path)
+            self.dirty = False

@@ -1,0 +1,163 @@
+"""The resume journal of a download: which blocks of ``NAME.part`` are done.
+
+What goes in: the identity of the source (the URL the user gave, with its query
+replaced by a SHA-256 so signed-link secrets never reach the disk, the size, the
+ETag and Last-Modified), the block size, and one xxh3-64 digest per completed
+block.  What comes out: a small JSON file beside the ``.part`` file, replaced
+atomically (write a temporary file, fsync it, rename it over the old one), so a
+crash at any moment leaves either the old or the new journal, never half of one.
+
+A journal is only trusted for the same source: :meth:`DownloadJournal.matches`
+compares the identity, and the downloader re-hashes every kept block against
+its digest before keeping it.  A journal that is unreadable, of another
+version, or inconsistent (a block index out of range, a digest that is not hex)
+is refused by :func:`load_journal` returning ``None``, which means "start over".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import xxhash
+
+from drivepipe._errors import OutputError
+from drivepipe_plugins.sparse_write import describe_os_error
+
+JOURNAL_VERSION = 1
+JOURNAL_SUFFIX = ".journal"
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def block_digest(data: bytes | bytearray | memoryview) -> str:
+    """The per-block digest the journal records (xxh3-64, 16 hex digits)."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def source_key(url: str) -> str:
+    """A stable, secret-free name for ``url``: origin and path, plus a hash of the rest."""
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.hostname or ''}"
+    if parts.port:
+        shown += f":{parts.port}"
+    shown += parts.path
+    if parts.query:
+        shown += "?sha256=" + hashlib.sha256(parts.query.encode()).hexdigest()[:32]
+    return shown
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """What must stay the same for a kept block to still belong to the source."""
+
+    source: str
+    size: int
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "size": self.size, "etag": self.etag,
+                "last_modified": self.last_modified}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SourceIdentity:
+        return cls(str(data["source"]), int(data["size"]), _opt_str(data.get("etag")),
+                   _opt_str(data.get("last_modified")))
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass
+class DownloadJournal:
+    """Done blocks of one download; ``blocks`` maps block index -> digest."""
+
+    identity: SourceIdentity
+    block_size: int
+    blocks: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def block_count(self) -> int:
+        return -(-self.identity.size // self.block_size)
+
+    def block_span(self, index: int) -> tuple[int, int]:
+        """``(offset, length)`` of block ``index``; the last one may be short."""
+        start = index * self.block_size
+        return start, min(self.block_size, self.identity.size - start)
+
+    def matches(self, identity: SourceIdentity, block_size: int) -> bool:
+        return self.identity == identity and self.block_size == block_size
+
+    def done_bytes(self) -> int:
+        return sum(self.block_span(i)[1] for i in self.blocks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": JOURNAL_VERSION,
+            "identity": self.identity.as_dict(),
+            "block_size": self.block_size,
+            "digest": "xxh3-64",
+            "blocks": {str(i): d for i, d in sorted(self.blocks.items())},
+        }
+
+    def save(self, path: str) -> None:
+        """Replace the journal at ``path`` atomically (tmp, fsync, rename)."""
+        tmp = f"{path}.tmp"
+        text = json.dumps(self.as_dict(), separators=(",", ":"))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(describe_os_error(path, exc)) from exc
+
+
+def parse_journal(data: Any) -> DownloadJournal | None:
+    """A journal from its JSON form, or None when anything about it is off."""
+    if not isinstance(data, dict) or data.get("version") != JOURNAL_VERSION:
+        return None
+    try:
+        identity = SourceIdentity.from_dict(data["identity"])
+        journal = DownloadJournal(identity, int(data["block_size"]))
+        raw_blocks = data["blocks"]
+        if journal.block_size <= 0 or identity.size < 0 or not isinstance(raw_blocks, dict):
+            return None
+        for key, digest in raw_blocks.items():
+            index = int(key)
+            if not 0 <= index < journal.block_count or not _is_hex64(digest):
+                return None
+            journal.blocks[index] = digest
+    except (KeyError, TypeError, ValueError):
+        return None
+    return journal
+
+
+def _is_hex64(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 16 and set(value) <= _HEX64
+
+
+def load_journal(path: str) -> DownloadJournal | None:
+    """The journal at ``path``; None if there is none or it cannot be trusted."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_journal(json.load(f))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+
+
+def remove_journal(path: str) -> None:
+    for name in (path, f"{path}.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)

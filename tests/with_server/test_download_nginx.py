@@ -1,0 +1,421 @@
+"""``drivepipe download`` against a real nginx (Range, ETag, If-Range) on 127.0.0.1.
+
+nginx runs from a generated config in a tmp dir and serves a tmp directory:
+``/files/`` plainly, ``/slow/`` at a limited rate per connection (so a download
+can be killed half-way), ``/noranges/`` with ranges disabled, ``/hostile*/``
+with hostile ``Content-Disposition`` headers, and ``/api/2.0/redir`` redirecting
+to a recording server on 127.0.0.2 (another host) to check on the wire that
+credentials do not follow a cross-host redirect.  Its access log records
+every request's bytes sent, so a resumed download can be shown to fetch only
+what was missing.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import xxhash
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="needs nginx")
+
+MiB = 1 << 20
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def write_sparse(path: Path, size: int, extents: list[tuple[int, bytes]]) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in extents:
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {host}:{port}")
+
+
+NGINX_CONF = """
+worker_processes 1;
+user root;
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    default_type application/octet-stream;
+    log_format bytes '$request_uri $status $body_bytes_sent "$http_range" user=$remote_user';
+    access_log {prefix}/access.log bytes;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        location /files/ {{ alias {www}/; }}
+        location /slow/ {{ alias {www}/; limit_rate {rate}; }}
+        location /noranges/ {{ alias {www}/; max_ranges 0; }}
+        location /hostile1/ {{
+            alias {www}/;
+            add_header Content-Disposition 'attachment; filename="../x"';
+        }}
+        location /hostile2/ {{
+            alias {www}/;
+            add_header Content-Disposition 'attachment; filename="/etc/x"';
+        }}
+        location /hostile3/ {{
+            alias {www}/;
+            add_header Content-Disposition "attachment; filename*=UTF-8''..%2F..%2F.hidden%00y";
+        }}
+        location = /api/2.0/redir {{ return 302 http://127.0.0.2:{other_port}/image.raw; }}
+        location = /api/2.0/same {{ return 302 /files/image.raw; }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Nginx:
+    base: str
+    www: Path
+    log: Path
+    other_port: int
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def bytes_sent(self, since: int = 0, path_part: str = "") -> int:
+        total = 0
+        for line in self.log_lines()[since:]:
+            uri, _status, sent = line.split()[:3]
+            if path_part in uri:
+                total += int(sent)
+        return total
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    prefix = tmp_path_factory.mktemp("nginx")
+    www = prefix / "www"
+    www.mkdir()
+    (prefix / "tmp").mkdir()
+    port, other_port = free_port(), free_port("127.0.0.2")
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, www=www, port=port, rate="4m",
+                                      other_port=other_port))
+    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_listening("127.0.0.1", port, proc)
+        yield Nginx(f"http://127.0.0.1:{port}", www, prefix / "access.log", other_port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# --- running the command ---------------------------------------------------------------
+
+def drivepipe_argv(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from drivepipe.cli import console_main; console_main()",
+            *args]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CLOUDSIGMA_", "DRIVEPIPE_"))}
+    env["CLOUDSIGMA_CONFIG"] = "/nonexistent/drivepipe-test.conf"
+    env["HOME"] = "/nonexistent"
+    env.update(extra)
+    return env
+
+
+def run(cwd: Path, *args: str, env: dict[str, str] | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(drivepipe_argv("download", "--progress", "none", *args), cwd=cwd,
+                          env=env or clean_env(), capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_image(nginx: Nginx, name: str, size: int, seed: int, pieces: int = 12) -> Path:
+    rng = random.Random(seed)
+    extents = [(rng.randrange(0, max(1, size - MiB)) // 4096 * 4096,
+                rng.randbytes(rng.randint(1, MiB))) for _ in range(pieces)]
+    return write_sparse(nginx.www / name, size, extents)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+# --- tests -----------------------------------------------------------------------------
+
+def test_round_trip_is_identical_sparse_and_verified(nginx: Nginx, workdir: Path) -> None:
+    src = make_image(nginx, "rt.raw", 48 * MiB, seed=1)
+    want = digest(src)
+    proc = run(workdir, nginx.url("/files/rt.raw"), "--expect", f"xxh128:{want}",
+               "--range-size", "8M", "--block-size", "1M")
+    assert proc.returncode == 0, proc.stderr
+    out = workdir / "rt.raw"
+    assert proc.stdout.strip() == "rt.raw"
+    assert out.read_bytes() == src.read_bytes()
+    assert allocated(out) <= allocated(src) + MiB
+    assert allocated(out) < 20 * MiB
+    assert not (workdir / "rt.raw.part").exists()
+    assert not (workdir / "rt.raw.part.journal").exists()
+
+
+def test_without_expectation_prints_the_digest(nginx: Nginx, workdir: Path) -> None:
+    src = make_image(nginx, "nodigest.raw", 3 * MiB + 123, seed=2, pieces=3)
+    proc = run(workdir, nginx.url("/files/nodigest.raw"), "-o", "copy.img")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "copy.img\n"
+    assert f"xxh128:{digest(src)}" in proc.stderr
+    assert (workdir / "copy.img").read_bytes() == src.read_bytes()
+
+
+def test_server_ignoring_ranges_gets_one_stream(nginx: Nginx, workdir: Path) -> None:
+    src = make_image(nginx, "whole.raw", 20 * MiB, seed=3)
+    mark = len(nginx.log_lines())
+    proc = run(workdir, nginx.url("/noranges/whole.raw"), "--expect", f"xxh128:{digest(src)}",
+               "--range-size", "4M", "--block-size", "1M")
+    assert proc.returncode == 0, proc.stderr
+    assert (workdir / "whole.raw").read_bytes() == src.read_bytes()
+    # the probe is aborted early; then exactly one whole-file answer
+    lines = [ln for ln in nginx.log_lines()[mark:] if ln.split()[1] == "200"]
+    assert sum(1 for ln in lines if int(ln.split()[2]) == 20 * MiB) == 1
+
+
+def test_existing_file_is_not_overwritten_without_force(nginx: Nginx, workdir: Path) -> None:
+    make_image(nginx, "exists.raw", 2 * MiB, seed=4, pieces=2)
+    (workdir / "exists.raw").write_bytes(b"mine")
+    proc = run(workdir, nginx.url("/files/exists.raw"))
+    assert proc.returncode == 5
+    assert "already exists" in proc.stderr
+    assert (workdir / "exists.raw").read_bytes() == b"mine"
+    proc = run(workdir, nginx.url("/files/exists.raw"), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (workdir / "exists.raw").read_bytes() == (nginx.www / "exists.raw").read_bytes()
+
+
+@pytest.mark.parametrize(("location", "expected"), [
+    ("hostile1", "x"), ("hostile2", "x"), ("hostile3", ".hiddeny"),
+])
+def test_hostile_content_disposition_stays_in_the_directory(
+    nginx: Nginx, tmp_path: Path, location: str, expected: str
+) -> None:
+    make_image(nginx, "h.raw", 1 * MiB, seed=5, pieces=1)
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    proc = run(inner, nginx.url(f"/{location}/h.raw"))
+    assert proc.returncode == 0, proc.stderr
+    name = proc.stdout.strip()
+    assert "/" not in name and not name.startswith(".")
+    assert name == expected.lstrip(".")
+    assert sorted(p.name for p in inner.iterdir()) == [name]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert not Path("/etc/x").exists()
+
+
+def test_wrong_expectation_keeps_part_and_fails(nginx: Nginx, workdir: Path) -> None:
+    src = make_image(nginx, "bad.raw", 6 * MiB, seed=6, pieces=4)
+    proc = run(workdir, nginx.url("/files/bad.raw"), "--expect", "xxh128:" + "0" * 32,
+               "--block-size", "1M")
+    assert proc.returncode == 7, proc.stderr
+    assert "does not match" in proc.stderr and "source itself differs" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "bad.raw").exists()
+    assert (workdir / "bad.raw.part").read_bytes() == src.read_bytes()
+
+
+def test_damaged_block_on_disk_is_refetched_on_resume(nginx: Nginx, workdir: Path) -> None:
+    src = make_image(nginx, "damaged.raw", 8 * MiB, seed=7, pieces=16)
+    bogus = run(workdir, nginx.url("/files/damaged.raw"), "--expect", "xxh128:" + "1" * 32,
+                "--block-size", "1M")
+    assert bogus.returncode == 7
+    part = workdir / "damaged.raw.part"
+    with open(part, "r+b") as f:  # flip one byte of block 5
+        f.seek(5 * MiB + 77)
+        old = f.read(1)
+        f.seek(5 * MiB + 77)
+        f.write(bytes([old[0] ^ 0xFF]))
+    mark = len(nginx.log_lines())
+    proc = run(workdir, nginx.url("/files/damaged.raw"), "--expect",
+               f"xxh128:{digest(src)}", "--block-size", "1M")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 damaged blocks" in proc.stderr
+    assert (workdir / "damaged.raw").read_bytes() == src.read_bytes()
+    # the probe's byte plus exactly the one damaged block
+    assert nginx.bytes_sent(mark, "damaged.raw") == 1 + MiB
+
+
+def wait_for_progress(journal: Path, proc: subprocess.Popen[str], blocks: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads(journal.read_text())["blocks"]) >= blocks:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no progress in {journal} (exit {proc.poll()})")
+
+
+def test_sigkill_then_rerun_fetches_only_what_was_missing(nginx: Nginx, workdir: Path) -> None:
+    size = 32 * MiB
+    src = make_image(nginx, "killed.raw", size, seed=8, pieces=40)
+    want = digest(src)
+    args = [nginx.url("/slow/killed.raw"), "--expect", f"xxh128:{want}", "--range-size", "4M",
+            "--block-size", "512K", "--checkpoint-interval", "0.2"]
+    proc = subprocess.Popen(drivepipe_argv("download", "--progress", "none", *args),
+                            cwd=workdir, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    journal = workdir / "killed.raw.part.journal"
+    wait_for_progress(journal, proc, random.Random().randint(2, 30))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    kept = json.loads(journal.read_text())["blocks"]
+    assert 0 < len(kept) < size // (512 << 10)
+    assert not (workdir / "killed.raw").exists()
+    mark = len(nginx.log_lines())
+    done = run(workdir, *args)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "killed.raw").read_bytes() == src.read_bytes()
+    missing = size - len(kept) * (512 << 10)
+    assert nginx.bytes_sent(mark, "killed.raw") == 1 + missing
+    assert not journal.exists()
+
+
+def test_changed_source_restarts_cleanly(nginx: Nginx, workdir: Path) -> None:
+    size = 24 * MiB
+    src = make_image(nginx, "changing.raw", size, seed=9, pieces=30)
+    args = [nginx.url("/slow/changing.raw"), "--range-size", "4M", "--block-size", "512K",
+            "--checkpoint-interval", "0.2"]
+    proc = subprocess.Popen(drivepipe_argv("download", "--progress", "none", *args),
+                            cwd=workdir, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_progress(workdir / "changing.raw.part.journal", proc, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    time.sleep(1.1)  # nginx's ETag is mtime-size: make sure the mtime moves
+    new = make_image(nginx, "changing.raw.new", size, seed=10, pieces=30)
+    new.replace(src)
+    done = run(workdir, *args[:1], "--expect", f"xxh128:{digest(src)}", *args[1:])
+    assert done.returncode == 0, done.stderr
+    assert "starting over" in done.stderr
+    assert (workdir / "changing.raw").read_bytes() == src.read_bytes()
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Serves one file whole (no Range support) and records every request's headers."""
+
+    seen: list[dict[str, str]]
+    body: bytes
+
+    def do_GET(self) -> None:
+        self.seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def other_host(nginx: Nginx) -> Iterator[tuple[list[dict[str, str]], bytes]]:
+    seen: list[dict[str, str]] = []
+    body = random.Random(11).randbytes(3 * MiB) + bytes(2 * MiB)
+    handler = type("Recorder", (_Recorder,), {"seen": seen, "body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", nginx.other_port), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield seen, body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_credentials_do_not_follow_a_cross_host_redirect(
+    nginx: Nginx, workdir: Path, other_host: tuple[list[dict[str, str]], bytes]
+) -> None:
+    seen, body = other_host
+    mark = len(nginx.log_lines())
+    env = clean_env(CLOUDSIGMA_USERNAME="someone@example.com", CLOUDSIGMA_PASSWORD="s3cret-pw")
+    proc = run(workdir, nginx.url("/api/2.0/redir"), "--endpoint", nginx.url("/api/2.0/"),
+               "-o", "moved.raw", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (workdir / "moved.raw").read_bytes() == body
+    # the configured host got the credentials, the other host never did
+    first = nginx.log_lines()[mark]
+    assert "/api/2.0/redir" in first and "user=someone@example.com" in first
+    assert seen, "the redirect target was never asked"
+    assert all("authorization" not in headers for headers in seen)
+    assert "s3cret-pw" not in proc.stderr + proc.stdout
+
+
+def test_same_host_redirect_is_followed(nginx: Nginx, workdir: Path) -> None:
+    src = make_image(nginx, "image.raw", 4 * MiB, seed=12, pieces=3)
+    proc = run(workdir, nginx.url("/api/2.0/same"), "--expect", f"xxh128:{digest(src)}")
+    assert proc.returncode == 0, proc.stderr
+    # named like curl -O: after the URL the user gave, not the redirect target
+    assert proc.stdout == "same\n"
+    assert (workdir / "same").read_bytes() == src.read_bytes()
+
+
+def test_http_error_is_one_line(nginx: Nginx, workdir: Path) -> None:
+    proc = run(workdir, nginx.url("/files/does-not-exist.raw"))
+    assert proc.returncode == 6
+    assert proc.stderr.count("\n") == 1 and "HTTP 404" in proc.stderr
+    assert list(workdir.iterdir()) == []
