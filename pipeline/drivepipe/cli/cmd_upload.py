@@ -1,0 +1,170 @@
+"""``drivepipe upload IMAGE``: one image in, a new drive's UUID on stdout.
+
+The image (any supported format, decoded on the fly) is sent in one POST to
+the direct host by the ``send`` sink, or with ``--chunked``/``--resume`` by
+the resumable chunked sender.  Afterwards, unless ``--no-meta``, the drive's
+meta gets ``drivepipe_xxh128`` and ``drivepipe_size`` (``--name`` sets the name
+in the same update), keeping its other fields.  Stdout carries the UUID and
+nothing else; progress and errors go to stderr.  If the upload succeeded but
+the meta update failed, the UUID is still printed (the drive exists) and the
+command fails with one line naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from drivepipe_plugins.curl_upload import (
+    MAX_BUFFER_SIZE,
+    MIN_BUFFER_SIZE,
+    DirectOptions,
+    UploadResult,
+    direct_upload,
+)
+
+from .._errors import DrivepipeError, TransferError, UsageError
+from .._progress import Reporter
+from .._sizes import format_size, parse_size
+from .._stage import ImageInput
+from .._stats import RunStats
+from ._app import app
+from ._common import FormatOpt, ProgressOpt, QueueOpt, ReadSizeOpt, open_input
+from ._net import (
+    CacertOpt,
+    Connection,
+    DirectOpt,
+    EndpointOpt,
+    InsecureHttpOpt,
+    LocationOpt,
+    UserOpt,
+    connect,
+)
+
+META_DIGEST = "drivepipe_xxh128"
+META_SIZE = "drivepipe_size"
+
+NameOpt = Annotated[
+    str | None, typer.Option("--name", help="Name of the new drive.", show_default=False)
+]
+NoMetaOpt = Annotated[
+    bool, typer.Option("--no-meta", help=f"Do not store {META_DIGEST}/{META_SIZE} in the "
+                       "drive's meta.")
+]
+BufferOpt = Annotated[
+    str, typer.Option("--buffer-size", help="libcurl upload buffer (16K to 2M).")
+]
+ChunkedOpt = Annotated[
+    bool, typer.Option("--chunked", help="Resumable upload in chunks over several connections.")
+]
+ConnectionsOpt = Annotated[
+    int, typer.Option("--connections", help="Parallel connections of a chunked upload.")
+]
+ChunkSizeOpt = Annotated[
+    str, typer.Option("--chunk-size", help="Chunk size of a chunked upload (e.g. 8M, 64M, 1G).")
+]
+ResumeOpt = Annotated[
+    str | None, typer.Option("--resume", help="Resume the chunked upload into this drive UUID.",
+                             show_default=False)
+]
+JournalOpt = Annotated[
+    str | None, typer.Option("--journal", help="Journal file of a chunked upload (default: "
+                             "beside the image).", show_default=False)
+]
+
+
+def buffer_size(text: str) -> int:
+    size = parse_size(text)
+    if not MIN_BUFFER_SIZE <= size <= MAX_BUFFER_SIZE:
+        raise UsageError(f"--buffer-size must be between {format_size(MIN_BUFFER_SIZE)} and "
+                         f"{format_size(MAX_BUFFER_SIZE)}, got {text!r}")
+    return size
+
+
+def send_chunked(
+    image: ImageInput,
+    conn: Connection,
+    stats: RunStats,
+    *,
+    chunk_size: str,
+    connections: int,
+    resume: str | None,
+    journal: str | None,
+    name: str | None,
+) -> UploadResult:
+    """Delegate to the resumable chunked sender (imported only when asked for)."""
+    try:
+        # Imported here: the chunked sender is only loaded with --chunked/--resume.
+        from drivepipe_plugins.chunked_upload import (  # noqa: PLC0415
+            ChunkedOptions,
+            chunked_upload,
+        )
+    except ImportError as exc:
+        image.close()
+        raise UsageError("chunked uploads are not available in this installation") from exc
+    options = ChunkedOptions(chunk_size=parse_size(chunk_size), connections=connections,
+                             resume_uuid=resume, journal_path=journal, name=name)
+    try:
+        result = chunked_upload(image, conn, options, stats)
+    finally:
+        image.close()  # the chunked sender reads the image but leaves closing to its owner
+    return UploadResult(result.uuid, result.xxh128, result.size)
+
+
+def store_meta(conn: Connection, result: UploadResult, name: str | None, meta: bool) -> None:
+    """Write the checksum (and name) into the drive, keeping its other fields."""
+    if not meta and name is None:
+        return
+    values = {META_DIGEST: result.xxh128, META_SIZE: str(result.size)} if meta else {}
+    try:
+        conn.api.update_drive(result.uuid, name=name, meta=values)
+    except DrivepipeError as exc:
+        raise TransferError(f"drive {result.uuid} was uploaded, but updating its meta "
+                            f"failed: {exc.one_line()}") from exc
+
+
+@app.command()
+def upload(
+    image: Annotated[str, typer.Argument(help="Image to upload (raw, or any format drivepipe "
+                                         "decodes).")],
+    fmt: FormatOpt = "auto",
+    name: NameOpt = None,
+    no_meta: NoMetaOpt = False,
+    progress: ProgressOpt = "auto",
+    read_size: ReadSizeOpt = "4M",
+    queue_depth: QueueOpt = 16,
+    buffer: BufferOpt = "1M",
+    chunked: ChunkedOpt = False,
+    connections: ConnectionsOpt = 4,
+    chunk_size: ChunkSizeOpt = "64M",
+    resume: ResumeOpt = None,
+    journal: JournalOpt = None,
+    endpoint: EndpointOpt = None,
+    direct_endpoint: DirectOpt = None,
+    location: LocationOpt = None,
+    user: UserOpt = None,
+    cacert: CacertOpt = None,
+    insecure_http: InsecureHttpOpt = False,
+) -> None:
+    """Upload an image as a new drive; prints the drive's UUID and nothing else."""
+    direct = DirectOptions(buffer_size=buffer_size(buffer), queue_depth=queue_depth)
+    if connections < 1:
+        raise UsageError("--connections must be at least 1")
+    parse_size(chunk_size)  # a bad size is refused before anything is opened
+    conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http)
+    try:
+        stats = RunStats(title=f"upload {image}")
+        with Reporter(stats, progress):
+            img = open_input(image, fmt, read_size, stats)
+            if chunked or resume:
+                result = send_chunked(img, conn, stats, chunk_size=chunk_size,
+                                      connections=connections, resume=resume, journal=journal,
+                                      name=name)
+            else:
+                result = direct_upload(img, conn.endpoint, conn.creds, conn.tls, direct, stats)
+            stats.result = {"uuid": result.uuid, "xxh128": result.xxh128, "size": result.size}
+        typer.echo(result.uuid)
+        store_meta(conn, result, name, not no_meta)
+    finally:
+        conn.close()
