@@ -17,7 +17,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from drivepipe._errors import CorruptImage, ImageError
 from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
@@ -31,6 +31,7 @@ _FOOTER = 12
 _PAD_SCAN = 64 << 10
 #: an index this large would describe petabytes; refuse rather than allocate it
 _MAX_INDEX = 256 << 20
+_CHECKS = {0: "none", 1: "crc32", 4: "crc64", 10: "sha256"}
 
 
 def _new_stream() -> StreamDecompressor:
@@ -71,7 +72,8 @@ class XzLayout:
     streams: int = 0
     blocks: int = 0
     size: int = 0
-    check: int = 0
+    #: integrity check of each stream, in file order
+    checks: list[str] = field(default_factory=list)
 
 
 class _IndexWalker:
@@ -120,7 +122,7 @@ class _IndexWalker:
         layout.streams += 1
         layout.blocks += count
         layout.size += raw
-        layout.check = flags[1] & 0x0F
+        layout.checks.insert(0, _CHECKS.get(flags[1] & 0x0F, str(flags[1] & 0x0F)))
         return start
 
     def index(self, at: int, size: int) -> tuple[int, int, int]:
@@ -164,8 +166,6 @@ def xz_layout(path: str) -> XzLayout:
         os.close(fd)
 
 
-_CHECKS = {0: "none", 1: "crc32", 4: "crc64", 10: "sha256"}
-
 
 class XzFormat(ImageFormat):
     name = "xz"
@@ -180,6 +180,6 @@ class XzFormat(ImageFormat):
             path, self.name, "unxz", decode_xz, layout.size, options,
             {
                 "compression": "xz", "streams": layout.streams, "blocks": layout.blocks,
-                "check": _CHECKS.get(layout.check, str(layout.check)), "size_from": "xz index",
+                "checks": ", ".join(layout.checks), "size_from": "xz index",
             },
         )
