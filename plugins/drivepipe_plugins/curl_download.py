@@ -112,7 +112,23 @@ def _collect(limit: int, sink: BytesIO) -> Callable[[bytes], int | None]:
     return write
 
 
-def probe(url: str, *, tls: TlsOptions, auth: Auth) -> ProbeResult:
+def probe(
+    url: str, *, tls: TlsOptions, auth: Auth, retries: int = 0, backoff_base: float = 0.5,
+    backoff_cap: float = 30.0,
+) -> ProbeResult:
+    """:func:`probe_once`, repeated with backoff while the failure is transient."""
+    rng = random.Random()
+    for attempt in range(retries + 1):
+        try:
+            return probe_once(url, tls=tls, auth=auth)
+        except TransferError as exc:
+            if not exc.transient or attempt == retries:
+                raise
+            time.sleep(backoff_delay(attempt, backoff_base, backoff_cap, rng))
+    raise AssertionError("unreachable")
+
+
+def probe_once(url: str, *, tls: TlsOptions, auth: Auth) -> ProbeResult:
     """``GET url`` with ``Range: bytes=0-0``, following redirects; the body is not kept."""
     c = pycurl.Curl()
     hdr = HeaderCollector()

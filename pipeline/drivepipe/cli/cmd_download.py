@@ -182,6 +182,11 @@ def choose_expectation(expect: str | None, target: Target, size: int) -> Expecta
     return found
 
 
+def probe_target(target: Target, options: ReceiveOptions) -> ProbeResult:
+    return probe(target.url, tls=target.tls, auth=target.auth, retries=options.retries,
+                 backoff_base=options.backoff_base, backoff_cap=options.backoff_cap)
+
+
 # --- the .part file and its journal ----------------------------------------------------
 
 def note(text: str) -> None:
@@ -246,7 +251,7 @@ def fetch(
         try:
             Receiver(out, journal, paths.journal, probed, tls=target.tls, auth=target.auth,
                      options=options, receive=stats.stages[0], write=stats.stages[1],
-                     relink=lambda: probe(target.url, tls=target.tls, auth=target.auth)).run()
+                     relink=lambda: probe_target(target, options)).run()
             out.sync()
             return journal
         except SourceChanged as exc:
@@ -254,7 +259,7 @@ def fetch(
                 raise
             note(f"{exc.one_line()}; starting over")
             discard_part(paths)
-            probed = probe(target.url, tls=target.tls, auth=target.auth)
+            probed = probe_target(target, options)
             stats.total = probed.size
         finally:
             out.close()
@@ -344,7 +349,7 @@ def download(
         parse_expect(expect)  # a bad digest is refused before anything is fetched
     tls = TlsOptions(cacert=cacert, insecure_http=insecure_http)
     target = resolve_target(source, endpoint, direct_endpoint, location, user, tls)
-    probed = probe(target.url, tls=tls, auth=target.auth)
+    probed = probe_target(target, options)
     paths = Paths.for_target(output or default_filename(probed, target.uuid))
     check_target(paths.final, force=force)
     expected = choose_expectation(expect, target, probed.size)
