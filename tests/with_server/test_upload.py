@@ -129,8 +129,8 @@ def cli(drive_store: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str],
     return CliRun(drive_store, home, capfd, monkeypatch)
 
 
-def upload_ok(cli: CliRun, image: Path, *args: str) -> str:
-    code, out, err = cli(str(image), *args)
+def upload_ok(cli: CliRun, image: Path, *args: str, endpoint: str | None = None) -> str:
+    code, out, err = cli(str(image), *args, endpoint=endpoint)
     assert code == 0, err
     uuid = out.strip()
     assert out == uuid + "\n"  # stdout is the UUID and nothing else
@@ -457,3 +457,28 @@ def test_chunked_option_uploads_and_stores_meta(cli: CliRun, drive_store: Any,
     assert rec.meta["drivepipe_xxh128"] == xxh128_of(image)
     assert rec.meta["drivepipe_size"] == str(image.stat().st_size)
     assert_drive_holds(drive_store.store.raw_path(uuid), image)
+
+
+# --- TLS: verified by default, --cacert for a private CA -----------------------------------
+
+
+def test_tls_private_ca_needs_cacert(cli: CliRun, make_drive_store: Any,
+                                     tmp_path: Path) -> None:
+    import trustme  # noqa: PLC0415 - only the TLS test needs a throwaway CA
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    store = make_drive_store(tls_cert=str(chain), tls_key=str(key))
+    assert store.base_url.startswith("https://")
+    cli.monkeypatch.setenv("CLOUDSIGMA_USERNAME", store.username)
+    cli.monkeypatch.setenv("CLOUDSIGMA_PASSWORD", store.password)
+    image = random_sparse(tmp_path / "t.img", 13)
+    code, out, err = cli(str(image), endpoint=store.base_url)
+    assert_one_line_failure(code, out, err, "--cacert")
+    assert store.store.list() == []
+    uuid = upload_ok(cli, image, "--cacert", str(ca_pem), endpoint=store.base_url)
+    assert_drive_holds(store.store.raw_path(uuid), image)
