@@ -87,6 +87,8 @@ FINISH_TIMEOUT: Final = 30.0
 #: link answers that a fresh link will not fix: the request itself is wrong
 _FATAL_LINK_STATUS: Final = frozenset({400, 411, 413, 415, 422})
 _TRANSIENT_STATUS: Final = frozenset({408, 429})
+_SEEK_OK: Final = int(pycurl.SEEKFUNC_OK)
+_SEEK_CANT: Final = int(pycurl.SEEKFUNC_CANTSEEK)
 
 
 class ResumeRefused(UsageError):
@@ -484,6 +486,16 @@ class ChunkBody:
             return piece
         return b""
 
+    def seek(self, offset: int, origin: int) -> int:
+        """SEEKFUNCTION: libcurl rewinds when it resends on a fresh connection."""
+        if origin != os.SEEK_SET:
+            return _SEEK_CANT
+        self._index, self._pos = 0, offset
+        while self._index < len(self._extents) and self._pos >= self._extents[self._index].length:
+            self._pos -= self._extents[self._index].length
+            self._index += 1
+        return _SEEK_OK
+
 
 @dataclass(eq=False)
 class Slot:
@@ -646,6 +658,7 @@ class ChunkSender:
         c.setopt(pycurl.POST, 1)
         c.setopt(pycurl.POSTFIELDSIZE_LARGE, job.length)
         c.setopt(pycurl.READFUNCTION, slot.body)
+        c.setopt(pycurl.SEEKFUNCTION, slot.body.seek)
         c.setopt(pycurl.UPLOAD_BUFFERSIZE, UPLOAD_BUFFER)
         slot.job, slot.phase = job, "send"
         self._start(slot, url)

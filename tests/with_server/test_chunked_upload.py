@@ -1,0 +1,356 @@
+"""Chunked uploads against the real local drive store, in-process (real pycurl, real HTTP).
+
+Round trips (raw: random access; gzip: stream only) with 1, 2 and 4 connections,
+faults survived (503 bursts, dropped connections, expired links, a store restart),
+resumes from the journal and from a UUID alone (the server's 416 answers), and
+refusals (changed image, wrong drive size, wrong password).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from drivepipe._config import Credentials, Endpoint
+from drivepipe._errors import AuthError, DrivepipeError, TransferError
+from drivepipe._http import ApiClient, TlsOptions
+from drivepipe._registry import formats, open_image
+from drivepipe._stats import RunStats
+from drivepipe.cli._net import Connection
+from drivepipe.server import RunningServer
+from drivepipe_plugins.chunked_upload import (
+    ChunkedOptions,
+    ChunkedResult,
+    ChunkPlan,
+    ResumeRefused,
+    chunked_upload,
+)
+from drivepipe_plugins.upload_journal import UploadJournal
+
+KiB = 1 << 10
+MiB = 1 << 20
+CHUNK = 256 * KiB
+
+
+@pytest.fixture(autouse=True)
+def _cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Journals go under the test's own directory, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def connect(srv: RunningServer, password: str | None = None) -> Connection:
+    ep = Endpoint(srv.base_url, srv.base_url)
+    creds = Credentials(srv.username, password or srv.password)
+    tls = TlsOptions()
+    return Connection(ep, creds, tls, ApiClient(ep, creds, tls))
+
+
+def make_image(path: Path, size: int, seed: int = 1) -> Path:
+    """A sparse raw image: random data runs, holes, and a run of written zeros."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for _ in range(6):
+            n = rng.randint(1, 300 * KiB)
+            f.seek(rng.randrange(0, size - n))
+            f.write(rng.randbytes(n))
+        f.seek(size - 1)
+        f.write(b"\x01")  # the remainder chunk carries data up to its last byte
+        f.seek(size // 3)
+        f.write(bytes(200 * KiB))
+    return path
+
+
+def xxh128_of(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assert_drive_holds(srv: RunningServer, uuid: str, image: Path) -> None:
+    """The drive's first bytes are the image; the rest (growth to min size) zeros."""
+    size = image.stat().st_size
+    rec = srv.store.get(uuid)
+    assert rec.status == "unmounted"
+    with open(srv.store.raw_path(uuid), "rb") as drive, open(image, "rb") as src:
+        for pos in range(0, size, MiB):
+            assert drive.read(min(MiB, size - pos)) == src.read(MiB), f"differs near {pos}"
+        assert drive.read().count(0) == rec.size - size
+
+
+def upload(
+    srv: RunningServer, path: Path, *, fmt: str | None = None, conn: Connection | None = None,
+    **opts: Any,
+) -> tuple[ChunkedResult, RunStats]:
+    opts.setdefault("chunk_size", CHUNK)
+    opts.setdefault("backoff_base", 0.01)
+    opts.setdefault("backoff_cap", 0.2)
+    image = open_image(str(path), fmt)
+    stats = RunStats("chunked")
+    connection = conn or connect(srv)
+    try:
+        return chunked_upload(image, connection, ChunkedOptions(**opts), stats), stats
+    finally:
+        image.close()
+        connection.close()
+
+
+class ChunkCounter:
+    """Counts chunk bodies the store begins to receive, by chunk number (server side)."""
+
+    def __init__(self, srv: RunningServer) -> None:
+        self.numbers: list[int] = []
+        store = srv.store
+        original = store.begin_chunk
+
+        def counting(uuid: str, number: int, chunk_size: int) -> Any:
+            self.numbers.append(number)
+            return original(uuid, number, chunk_size)
+
+        store.begin_chunk = counting  # type: ignore[method-assign]
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("connections", [1, 2, 4])
+def test_raw_round_trip(drive_store: RunningServer, tmp_path: Path, connections: int) -> None:
+    image = make_image(tmp_path / "disk.raw", 3 * MiB + 12345, seed=connections)
+    result, stats = upload(drive_store, image, connections=connections)
+    assert result.xxh128 == xxh128_of(image)
+    assert result.size == image.stat().st_size
+    assert result.sent_bytes == result.size and result.skipped_chunks == 0
+    assert result.chunks == ChunkPlan(result.size, CHUNK).count == 12
+    assert_drive_holds(drive_store, result.uuid, image)
+    rec = drive_store.store.get(result.uuid)
+    assert rec.name == "disk.raw" and rec.chunk_size == CHUNK
+    send = stats.stages[-1]
+    assert send.extra["chunks_done"] == 12 and send.extra["chunks_in_flight"] == 0
+    assert not Path(result.journal_path).exists(), "a finished upload leaves no journal"
+
+
+@pytest.mark.skipif("gzip" not in formats(), reason="gzip decoder not registered")
+@pytest.mark.parametrize("connections", [1, 2, 4])
+def test_gzip_round_trip(drive_store: RunningServer, tmp_path: Path, connections: int) -> None:
+    raw = make_image(tmp_path / "disk.raw", 2 * MiB + 777, seed=10 + connections)
+    packed = tmp_path / "disk.raw.gz"
+    with open(raw, "rb") as src, gzip.open(packed, "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst)
+    result, stats = upload(drive_store, packed, connections=connections)
+    assert open_image(str(packed)).random_access is None, "gzip must take the stream path"
+    assert result.xxh128 == xxh128_of(raw)
+    assert_drive_holds(drive_store, result.uuid, raw)
+    assert [s.name for s in stats.stages][-2:] == ["xxh3", "send"]
+
+
+def test_image_smaller_than_a_chunk_is_one_chunk(
+    drive_store: RunningServer, tmp_path: Path
+) -> None:
+    image = make_image(tmp_path / "small.raw", 1 * MiB + 3, seed=3)
+    result, _ = upload(drive_store, image, chunk_size=8 * MiB)
+    assert result.chunks == 1
+    assert_drive_holds(drive_store, result.uuid, image)
+
+
+def test_all_zero_image_is_sent_from_the_zero_buffer(
+    drive_store: RunningServer, tmp_path: Path
+) -> None:
+    image = tmp_path / "empty-disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(2 * MiB)
+    result, stats = upload(drive_store, image)
+    assert result.sent_bytes == 2 * MiB
+    assert stats.stages[-1].hole_bytes == 2 * MiB
+    assert result.xxh128 == xxh128_of(image)
+    assert_drive_holds(drive_store, result.uuid, image)
+
+
+# --- faults survived ---------------------------------------------------------------------
+
+
+def test_503_bursts_are_retried(drive_store: RunningServer, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw", 2 * MiB, seed=4)
+    drive_store.faults.fail_next(3, match="do=upload_chunk")
+    drive_store.faults.fail_next(3, match="/chunk/")
+    result, stats = upload(drive_store, image, connections=2)
+    assert stats.stages[-1].extra["chunks_retried"] >= 6
+    assert_drive_holds(drive_store, result.uuid, image)
+
+
+def test_dropped_connections_are_retried(drive_store: RunningServer, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw", 2 * MiB, seed=5)
+    drive_store.faults.drop_upload_after(100 * KiB, count=3, match="/chunk/")
+    result, _ = upload(drive_store, image, connections=2)
+    assert drive_store.faults.snapshot() == [], "every drop happened"
+    # libcurl resends some on a fresh connection itself (rewinding the body), the
+    # rest are the uploader's retries: either way the dropped bytes went out again.
+    assert result.wire_bytes >= result.size + 3 * 100 * KiB
+    assert result.sent_bytes == result.size
+    assert_drive_holds(drive_store, result.uuid, image)
+
+
+def test_expired_link_is_requested_again(
+    make_drive_store: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    srv = make_drive_store(chunk_link_ttl=0.3)
+    image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=6)
+    srv.faults.delay(0.8, count=1, match="/chunk/")
+    result, stats = upload(srv, image, connections=1)
+    assert stats.stages[-1].extra["links_renewed"] >= 1
+    assert_drive_holds(srv, result.uuid, image)
+
+
+def test_store_restarted_mid_upload(drive_store: RunningServer, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw", 2 * MiB, seed=7)
+    drive_store.faults.delay(0.1, count=0, match="/chunk/")  # slow enough to restart mid-way
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = upload(drive_store, image, connections=2, backoff_base=0.2,
+                                       backoff_cap=1.0)[0]
+        except BaseException as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert wait_for(lambda: any(len(r.received) >= 2 for r in drive_store.store.list()))
+    drive_store.restart()
+    worker.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert_drive_holds(drive_store, result.uuid, image)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+# --- resuming ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def interrupted(drive_store: RunningServer, tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """An upload that stopped after some chunks: chunk 5 always answers 503, no retries."""
+    image = make_image(tmp_path / "disk.raw", 3 * MiB, seed=8)
+    drive_store.faults.fail_next(0, match="/chunk/5/")
+    with pytest.raises(TransferError, match="rerun the same command to resume") as err:
+        upload(drive_store, image, connections=1, retries=0)
+    drive_store.faults.clear()
+    uuid = str(err.value).rsplit(" ", 1)[-1]
+    assert drive_store.store.get(uuid).status == "uploading"
+    yield image, uuid
+
+
+def test_rerun_resumes_from_the_journal(
+    drive_store: RunningServer, interrupted: tuple[Path, str]
+) -> None:
+    image, uuid = interrupted
+    before = set(drive_store.store.get(uuid).received)
+    assert before == {0, 1, 2, 3, 4}
+    counter = ChunkCounter(drive_store)
+    result, _ = upload(drive_store, image, connections=2)
+    assert result.uuid == uuid and result.resumed
+    assert sorted(counter.numbers) == sorted(set(range(12)) - before)
+    assert result.skipped_chunks == len(before)
+    assert result.xxh128 == xxh128_of(image)
+    assert_drive_holds(drive_store, uuid, image)
+
+
+def test_resume_uuid_without_journal_uses_416(
+    drive_store: RunningServer, interrupted: tuple[Path, str]
+) -> None:
+    image, uuid = interrupted
+    journal = Path(os.environ["XDG_CACHE_HOME"])
+    for path in journal.rglob("*.json"):
+        path.unlink()
+    counter = ChunkCounter(drive_store)
+    result, _ = upload(drive_store, image, connections=2, resume_uuid=uuid.upper())
+    assert sorted(counter.numbers) == list(range(5, 12))
+    assert result.skipped_chunks == 5
+    assert result.xxh128 == xxh128_of(image)
+    assert_drive_holds(drive_store, uuid, image)
+
+
+def test_changed_image_refuses_to_resume(
+    drive_store: RunningServer, interrupted: tuple[Path, str]
+) -> None:
+    image, uuid = interrupted
+    with open(image, "r+b") as f:
+        f.write(b"changed")
+    with pytest.raises(ResumeRefused) as err:
+        upload(drive_store, image)
+    message = err.value.one_line()
+    assert "changed since the interrupted upload" in message
+    assert f"--resume {uuid}" in message and ".json" in message
+    assert drive_store.store.get(uuid).status == "uploading", "nothing was sent"
+
+
+def test_touched_image_resumes_only_with_explicit_uuid(
+    drive_store: RunningServer, interrupted: tuple[Path, str]
+) -> None:
+    image, uuid = interrupted
+    os.utime(image, ns=(1, 1))
+    with pytest.raises(ResumeRefused, match="modification time"):
+        upload(drive_store, image)
+    result, _ = upload(drive_store, image, resume_uuid=uuid)
+    assert result.skipped_chunks == 5
+    assert_drive_holds(drive_store, uuid, image)
+
+
+def test_resume_into_a_drive_of_another_size_is_refused(
+    drive_store: RunningServer, interrupted: tuple[Path, str], tmp_path: Path
+) -> None:
+    _, uuid = interrupted
+    other = make_image(tmp_path / "other.raw", 2 * MiB, seed=9)
+    with pytest.raises(ResumeRefused, match="not this image's upload"):
+        upload(drive_store, other, resume_uuid=uuid)
+
+
+def test_journal_records_drive_and_chunks(
+    drive_store: RunningServer, interrupted: tuple[Path, str]
+) -> None:
+    image, uuid = interrupted
+    (path,) = Path(os.environ["XDG_CACHE_HOME"]).rglob("*.json")
+    journal = UploadJournal.load(str(path))
+    assert journal is not None
+    assert journal.uuid == uuid and journal.api == drive_store.base_url
+    assert journal.chunk_size == CHUNK and journal.raw_size == image.stat().st_size
+    assert journal.confirmed == {0, 1, 2, 3, 4}
+    assert journal.image.path == str(image.resolve())
+
+
+# --- refusals ----------------------------------------------------------------------------
+
+
+def test_wrong_password_stops_with_one_line(drive_store: RunningServer, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=11)
+    with pytest.raises(AuthError) as err:
+        upload(drive_store, image, conn=connect(drive_store, password="wrong"))
+    assert "401" in err.value.one_line() and "wrong" not in err.value.one_line().split(":")[0]
+    assert drive_store.store.list() == []
+
+
+def test_client_error_on_link_request_stops(drive_store: RunningServer, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=12)
+    drive_store.faults.fail_next(1, status=402, match="do=upload_chunk")
+    with pytest.raises(DrivepipeError, match="HTTP 402") as err:
+        upload(drive_store, image)
+    assert "\n" not in err.value.one_line()
