@@ -119,6 +119,7 @@ class ChunkCounter:
             self.numbers.append(number)
             return original(uuid, number, chunk_size)
 
+        # a counting wrapper around the store's real method, so the server side counts
         store.begin_chunk = counting  # type: ignore[method-assign]
 
 
