@@ -42,6 +42,7 @@ from drivepipe._extent import Buffer, Extent, split_zeros
 from drivepipe_plugins.sparse_write import fsync_dir
 
 from ._errors import ApiError, already_uploaded, backend, busy, notexist, validation
+from ._writeback import WriteBehind
 
 log = logging.getLogger("drivepipe.server")
 
@@ -446,10 +447,12 @@ class Incoming:
         except OSError as exc:
             self.abort()
             raise _disk_error(exc) from exc
+        self.write_behind = WriteBehind(self.fd, size)
 
     def write(self, data: Buffer) -> None:
         write_sparse(self.fd, self.pos, data)
         self.pos += len(data)
+        self.write_behind.advance(self.pos)
 
     def finish(self) -> DriveRecord:
         if self.pos != self.size:
