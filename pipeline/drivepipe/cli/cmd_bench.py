@@ -1,0 +1,221 @@
+"""``drivepipe bench IMAGE``: which stage limits a transfer, and what to change.
+
+In: an image (any format), optionally ``--endpoint`` (a real API: the test
+uploads create drives there, and are deleted right after; credentials come as
+for ``upload``).  Without it the sends go to a local drive store started on a
+temporary directory (``--discard``: to a discard sink).  Out on stdout: each
+stage's throughput alone (read, decode, hash, send), the whole pipeline's, the
+bottleneck and advice with its measured gain (``--json``: one object).  Only the
+first ``--limit`` raw bytes, or ``--seconds`` per measurement, are used.
+Refused: what ``upload`` refuses (bad image, bad credentials, unsafe endpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Annotated
+
+import typer
+
+from drivepipe_plugins.curl_upload import CurlUploadSink
+
+from .._bench import Budget, SendVariant, SinkFactory, Subject, report_lines, run_bench
+from .._config import Credentials, Endpoint
+from .._errors import TransferError, UsageError
+from .._extent import Extent
+from .._http import ApiClient, TlsOptions
+from .._registry import open_image
+from .._sizes import parse_size
+from .._stage import OpenOptions, Sink
+from ._app import app
+from ._common import FormatOpt, QueueOpt, ReadSizeOpt
+from ._net import CacertOpt, EndpointOpt, InsecureHttpOpt, UserOpt, connect
+
+#: upload buffers tried when the network limits (libcurl accepts 16 KiB to 2 MiB)
+BUFFER_CHOICES = (256 << 10, 1 << 20, 2 << 20)
+BENCH_USER = "bench@drivepipe.local"
+STORE_START_TIMEOUT = 60.0
+STORE_STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class Target:
+    """Where test uploads go, and the drives made there (deleted afterwards)."""
+
+    endpoint: Endpoint
+    creds: Credentials
+    tls: TlsOptions
+    label: str
+    made: list[str] = field(default_factory=list)
+
+    def sink(self, buffer_size: int) -> Sink[str]:
+        self.cleanup()  # untimed: the factory runs before the pipeline starts
+        return TrackedSink(CurlUploadSink(self.endpoint, self.creds, self.tls,
+                                          buffer_size=buffer_size), self.made)
+
+    def cleanup(self) -> None:
+        """Delete the drives the measurements created."""
+        if not self.made:
+            return
+        with ApiClient(self.endpoint, self.creds, self.tls) as api:
+            while self.made:
+                uuid = self.made.pop()
+                with contextlib.suppress(TransferError):
+                    api.request("DELETE", api.url(f"drives/{uuid}/"), what="delete test drive")
+
+
+class TrackedSink(Sink[str]):
+    """An upload sink that remembers the drive it created, for the cleanup."""
+
+    def __init__(self, inner: Sink[str], made: list[str]) -> None:
+        self.inner = inner
+        self.made = made
+        self.name = inner.name
+
+    def consume(self, extents: Iterator[Extent], size: int) -> str:
+        uuid = self.inner.consume(extents, size)
+        self.made.append(uuid)
+        return uuid
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _serve_child(root: str, password: str, pipe: Connection) -> None:
+    """Child process: run a store until the parent says stop (or goes away)."""
+    # Imported here: only the child (bench without --endpoint) needs the server.
+    from drivepipe.server import serve_in_thread  # noqa: PLC0415
+
+    with serve_in_thread(root, username=BENCH_USER, password=password, min_size=0) as srv:
+        pipe.send(srv.base_url)
+        with contextlib.suppress(EOFError):
+            pipe.recv()
+
+
+@contextlib.contextmanager
+def local_store() -> Iterator[Target]:
+    """A drive store on a temporary directory, in its own process, while the bench runs.
+
+    Its own process, as ``drivepipe serve`` would be: in this one, the server's
+    Python threads would compete with the pipeline's for the interpreter lock
+    and the network would look slower than it is.
+    """
+    root = tempfile.mkdtemp(prefix="drivepipe-bench-")
+    password = secrets.token_urlsafe(16)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_serve_child, args=(root, password, theirs), daemon=True,
+                        name="drivepipe-bench-store")
+    child.start()
+    try:
+        if not ours.poll(STORE_START_TIMEOUT):
+            raise TransferError("bench: the local drive store did not start")
+        base = ours.recv()
+        yield Target(Endpoint(api=base, direct=base), Credentials(BENCH_USER, password),
+                     TlsOptions(), "network: local store")
+    finally:
+        with contextlib.suppress(OSError):
+            ours.send("stop")
+        child.join(STORE_STOP_TIMEOUT)
+        if child.is_alive():
+            child.terminate()
+            child.join()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def remote_target(
+    endpoint: str, user: str | None, cacert: str | None, insecure_http: bool
+) -> Iterator[Target]:
+    conn = connect(endpoint, None, None, user, cacert, insecure_http)
+    conn.close()
+    yield Target(conn.endpoint, conn.creds, conn.tls, f"network: {conn.endpoint.direct}")
+
+
+def subject_for(
+    path: str, fmt: str, options: OpenOptions, queue_depth: int
+) -> Subject:
+    return Subject(path=path, open=lambda opts: open_image(path, fmt, opts), options=options,
+                   queue_depth=queue_depth)
+
+
+def with_target(subject: Subject, target: Target, buffer_size: int) -> None:
+    subject.make_sink = lambda _size: target.sink(buffer_size)
+    subject.sink_label = target.label
+    for other in BUFFER_CHOICES:
+        if other != buffer_size:
+            subject.send_variants.append(SendVariant(
+                f"upload --buffer-size {other >> 10}K", _buffered(target, other)))
+
+
+def _buffered(target: Target, buffer_size: int) -> SinkFactory:
+    return lambda _size: target.sink(buffer_size)
+
+
+def _say(message: str) -> None:
+    typer.echo(f"bench: {message} ...", err=True)
+
+
+@app.command()
+def bench(
+    image: Annotated[str, typer.Argument(help="Image to measure (any supported format).")],
+    endpoint: EndpointOpt = None,
+    user: UserOpt = None,
+    cacert: CacertOpt = None,
+    insecure_http: InsecureHttpOpt = False,
+    discard: Annotated[bool, typer.Option(
+        "--discard", help="Measure sending into a discard sink instead of a local drive store."
+    )] = False,
+    seconds: Annotated[float, typer.Option(
+        "--seconds", help="Time budget of each measurement.")] = 3.0,
+    limit: Annotated[str, typer.Option(
+        "--limit", help="Measure at most this many raw bytes of the image (e.g. 512M, 4G).")
+    ] = "1G",
+    fmt: FormatOpt = "auto",
+    read_size: ReadSizeOpt = "4M",
+    queue_depth: QueueOpt = 16,
+    buffer_size: Annotated[str, typer.Option(
+        "--buffer-size", help="libcurl upload buffer of the sends (16K to 2M).")] = "1M",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Measure each stage alone and the whole pipeline; name the bottleneck and advise.
+
+    With --endpoint the test uploads create drives on that account (deleted right
+    after); without it they go to a local drive store on a temporary directory.
+    """
+    if seconds <= 0:
+        raise UsageError("--seconds must be more than 0")
+    budget = Budget(seconds=seconds, limit=max(parse_size(limit), 1))
+    options = OpenOptions(read_size=parse_size(read_size))
+    subject = subject_for(image, fmt, options, queue_depth)
+    targets: contextlib.AbstractContextManager[Target | None]
+    if endpoint is not None:
+        targets = remote_target(endpoint, user, cacert, insecure_http)
+    elif discard:
+        targets = contextlib.nullcontext()
+    else:
+        targets = local_store()
+    with targets as target:
+        if target is not None:
+            with_target(subject, target, parse_size(buffer_size))
+        try:
+            report = run_bench(subject, budget, _say)
+        finally:
+            if target is not None:
+                target.cleanup()
+    if as_json:
+        typer.echo(json.dumps(report.as_dict()))
+        return
+    for line in report_lines(report):
+        typer.echo(line)
