@@ -6,11 +6,11 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import xxhash
-from conftest import MakeImage
 
 from drivepipe_plugins.curl_download import missing_spans
 from drivepipe_plugins.download_journal import (
@@ -31,6 +31,9 @@ from drivepipe_plugins.download_verify import (
 )
 
 MiB = 1 << 20
+#: the ``make_sparse`` fixture of tests/conftest.py (not imported: ``conftest`` is
+#: ambiguous when tests/with_server is collected in the same run)
+MakeImage = Callable[..., Path]
 IDENTITY = SourceIdentity("http://h/x", 10 * MiB + 5, '"abc"', None)
 
 

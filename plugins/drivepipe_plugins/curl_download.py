@@ -27,6 +27,7 @@ A server that ignores ``Range`` gets one whole-file stream instead.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -40,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 import pycurl
 
 from drivepipe._config import Credentials, Endpoint
-from drivepipe._errors import DrivepipeError, NetworkError, TransferError
+from drivepipe._errors import DrivepipeError, NetworkError, OutputError, TransferError
 from drivepipe._http import (
     HeaderCollector,
     Response,
@@ -51,7 +52,7 @@ from drivepipe._http import (
 )
 from drivepipe._stats import StageStats
 from drivepipe_plugins.download_journal import DownloadJournal, SourceIdentity, block_digest
-from drivepipe_plugins.sparse_write import SparseOutput
+from drivepipe_plugins.sparse_write import SparseOutput, describe_os_error
 
 #: libcurl hands us the body in pieces up to this size (fewer Python callbacks)
 RECV_BUFFER = 1 << 20
@@ -278,7 +279,13 @@ def missing_spans(journal: DownloadJournal, blocks_per_range: int) -> list[Span]
 
 @dataclass(eq=False)
 class _Transfer:
-    """One ranged (or whole-file) GET in flight, assembling whole blocks."""
+    """One ranged (or whole-file) GET in flight, assembling whole blocks.
+
+    The body is copied into a block-sized buffer; each full block goes to
+    ``on_block``.  ``on_body`` runs once per piece libcurl hands over (often
+    16 KiB), so the common case - the piece fits in the current block - is kept
+    to a few operations.
+    """
 
     span: Span
     start: int
@@ -286,7 +293,7 @@ class _Transfer:
     whole: bool
     block_size: int
     on_block: Callable[[int, memoryview], None]
-    on_bytes: Callable[[int], None]
+    counter: StageStats
     expect: SourceIdentity
     handle: pycurl.Curl = field(default_factory=pycurl.Curl)
     headers: HeaderCollector = field(default_factory=HeaderCollector)
@@ -297,16 +304,33 @@ class _Transfer:
     handle_url: str = ""
 
     def __post_init__(self) -> None:
-        self.pos = self.start
         self.buf = bytearray(self.block_size)
         self.fill = 0
+        self._enter_block(self.start)
+
+    def _enter_block(self, offset: int) -> None:
+        self.block_start = offset
+        self.block_len = min(self.block_size, self.end - offset)
+        self.fill = 0
+
+    @property
+    def pos(self) -> int:
+        """Offset of the next byte expected."""
+        return self.block_start + self.fill
 
     @property
     def resume_block(self) -> int:
         """The first block this transfer has not finished."""
-        return (self.pos - self.fill) // self.block_size
+        return self.block_start // self.block_size
 
     def on_body(self, chunk: bytes) -> int | None:
+        n = len(chunk)
+        fill = self.fill
+        if self.accepted and fill + n < self.block_len:
+            self.buf[fill : fill + n] = chunk
+            self.fill = fill + n
+            self.counter.bytes += n
+            return None
         try:
             if not self.checked:
                 self.checked = True
@@ -323,18 +347,16 @@ class _Transfer:
         if self.pos + len(view) > self.end:
             raise TransferError(f"download from {urlsplit(self._url()).netloc}: the server "
                                 "sent more bytes than asked for")
-        self.on_bytes(len(view))
+        self.counter.bytes += len(view)
         while view:
-            block_end = min((self.pos - self.fill) + self.block_size, self.end)
-            n = min(block_end - self.pos, len(view))
+            n = min(self.block_len - self.fill, len(view))
             self.buf[self.fill : self.fill + n] = view[:n]
             self.fill += n
-            self.pos += n
             view = view[n:]
-            if self.pos == block_end:
-                self.on_block((self.pos - self.fill) // self.block_size,
+            if self.fill == self.block_len:
+                self.on_block(self.block_start // self.block_size,
                               memoryview(self.buf)[: self.fill])
-                self.fill = 0
+                self._enter_block(self.block_start + self.block_len)
 
     def _url(self) -> str:
         return str(self.handle.getinfo(pycurl.EFFECTIVE_URL))
@@ -392,8 +414,12 @@ class Receiver:
         receive: StageStats,
         write: StageStats,
         relink: Callable[[], ProbeResult] | None = None,
+        stale: set[int] | None = None,
     ) -> None:
         self.out = out
+        #: blocks to fetch that hold old bytes on disk: written whole, zeros included,
+        #: since skipping a zero block would leave the old bytes under it
+        self.stale = stale or set()
         self.journal = journal
         self.journal_path = journal_path
         self.probed = probed
@@ -452,7 +478,7 @@ class Receiver:
         start, _ = self.journal.block_span(span.first)
         last_start, last_len = self.journal.block_span(span.last - 1)
         t = _Transfer(span, start, last_start + last_len, not self.ranges,
-                      self.journal.block_size, self._store_block, self._count_bytes,
+                      self.journal.block_size, self._store_block, self.receive,
                       self.journal.identity)
         url = self.probed.final_url
         # A redirect target is a signed link: it gets no credentials at all.
@@ -492,15 +518,14 @@ class Receiver:
 
     # -- bytes in --
 
-    def _count_bytes(self, n: int) -> None:
-        self.receive.bytes += n
-        self.receive.data_bytes += n
-
     def _store_block(self, index: int, data: memoryview) -> None:
         t0 = time.perf_counter()
         offset = index * self.journal.block_size
         before = self.out.written
-        self.out.write_at(offset, data)
+        if index in self.stale:
+            self._overwrite(offset, data)
+        else:
+            self.out.write_at(offset, data)
         self.journal.blocks[index] = block_digest(data)
         written = self.out.written - before
         self.write.bytes += len(data)
@@ -508,6 +533,15 @@ class Receiver:
         self.write.hole_bytes += len(data) - written
         self.write.inclusive += time.perf_counter() - t0
         self.dirty = True
+
+    def _overwrite(self, offset: int, data: memoryview) -> None:
+        try:
+            while data:
+                n = os.pwrite(self.out.fd, data, offset)
+                data, offset = data[n:], offset + n
+                self.out.written += n
+        except OSError as exc:
+            raise OutputError(describe_os_error(self.out.path, exc)) from exc
 
     # -- a transfer ends --
 

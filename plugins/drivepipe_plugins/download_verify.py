@@ -156,6 +156,21 @@ def check_kept_blocks(path: str, journal: DownloadJournal, progress: Progress | 
     return bad
 
 
+def blocks_with_data(path: str, journal: DownloadJournal, indexes: Iterable[int]) -> set[int]:
+    """Which of ``indexes`` overlap data on disk (cheap: SEEK_DATA/SEEK_HOLE only)."""
+    reader = SparseFileReader(path)
+    try:
+        ranges = list(reader.ranges())
+    finally:
+        reader.close()
+    found = set()
+    for index in indexes:
+        start, length = journal.block_span(index)
+        if any(lo < start + length and start < hi for lo, hi in ranges):
+            found.add(index)
+    return found
+
+
 def describe_blocks(journal: DownloadJournal, indexes: list[int], limit: int = 8) -> str:
     """``bytes A-B, C-D, ...`` for block indexes, adjacent blocks merged."""
     runs: list[list[int]] = []

@@ -297,6 +297,22 @@ def test_damaged_block_on_disk_is_refetched_on_resume(nginx: Nginx, workdir: Pat
     assert nginx.bytes_sent(mark, "damaged.raw") == 1 + MiB
 
 
+def test_garbage_in_a_zero_block_is_overwritten_on_resume(nginx: Nginx, workdir: Path) -> None:
+    size = 4 * MiB
+    src = write_sparse(nginx.www / "zeros.raw", size, [(0, b"head"), (3 * MiB, b"tail")])
+    bogus = run(workdir, nginx.url("/files/zeros.raw"), "--expect", "xxh128:" + "2" * 32,
+                "--block-size", "1M")
+    assert bogus.returncode == 7
+    part = workdir / "zeros.raw.part"
+    with open(part, "r+b") as f:  # data where the source has only zeros (block 1)
+        f.seek(MiB + 4096)
+        f.write(b"\xff" * 8192)
+    proc = run(workdir, nginx.url("/files/zeros.raw"), "--expect", f"xxh128:{digest(src)}",
+               "--block-size", "1M")
+    assert proc.returncode == 0, proc.stderr
+    assert (workdir / "zeros.raw").read_bytes() == src.read_bytes()
+
+
 def wait_for_progress(journal: Path, proc: subprocess.Popen[str], blocks: int) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:

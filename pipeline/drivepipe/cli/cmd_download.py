@@ -46,6 +46,7 @@ from drivepipe_plugins.download_journal import (
 from drivepipe_plugins.download_verify import (
     Expectation,
     FileDigest,
+    blocks_with_data,
     check_kept_blocks,
     describe_blocks,
     digest_file,
@@ -201,13 +202,19 @@ def discard_part(paths: Paths) -> None:
 
 def open_part(
     paths: Paths, probed: ProbeResult, source: str, block_size: int, stats: RunStats
-) -> tuple[SparseOutput, DownloadJournal]:
-    """Continue a matching journal (its blocks re-checked) or start a fresh .part."""
+) -> tuple[SparseOutput, DownloadJournal, set[int]]:
+    """Continue a matching journal (its blocks re-checked) or start a fresh .part.
+
+    Also returns the blocks still to fetch that hold old bytes on disk.
+    """
     identity = probed.identity(source_key(source))
     journal = load_journal(paths.journal)
+    stale: set[int] = set()
     if journal is not None and journal.matches(identity, block_size) \
             and os.path.isfile(paths.part):
         _recheck(paths, journal, stats)
+        missing = set(range(journal.block_count)) - set(journal.blocks)
+        stale = blocks_with_data(paths.part, journal, missing)
     else:
         if journal is not None or os.path.lexists(paths.part):
             note(f"{paths.part}: not from this source (or changed since), starting over")
@@ -215,7 +222,7 @@ def open_part(
         journal = DownloadJournal(identity, block_size)
     out = SparseOutput(paths.part, identity.size)
     journal.save(paths.journal)
-    return out, journal
+    return out, journal, stale
 
 
 def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats) -> None:
@@ -247,11 +254,11 @@ def fetch(
 ) -> DownloadJournal:
     """Fill ``paths.part``; start over (a bounded number of times) if the source changes."""
     for restart in range(MAX_RESTARTS + 1):
-        out, journal = open_part(paths, probed, target.url, block_size, stats)
+        out, journal, stale = open_part(paths, probed, target.url, block_size, stats)
         try:
             Receiver(out, journal, paths.journal, probed, tls=target.tls, auth=target.auth,
                      options=options, receive=stats.stages[0], write=stats.stages[1],
-                     relink=lambda: probe_target(target, options)).run()
+                     relink=lambda: probe_target(target, options), stale=stale).run()
             out.sync()
             return journal
         except SourceChanged as exc:
