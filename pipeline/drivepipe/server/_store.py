@@ -363,6 +363,11 @@ class DriveStore:
             self._release(uuid, number)
             raise
 
+    def chunks_in_flight(self, uuid: str) -> set[int]:
+        """Chunk numbers of ``uuid`` that requests are receiving right now."""
+        with self._lock:
+            return {k for (u, k) in self._receiving if u == uuid}
+
     def _release(self, uuid: str, number: int) -> None:
         with self._lock:
             self._receiving.pop((uuid, number), None)
