@@ -135,3 +135,46 @@ def test_rechunk_caps_data_extents_and_passes_holes(
     for e in out:
         assert e.offset == pos
         pos = e.end
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 12345])
+def test_split_zeros_finds_one_zero_block_in_dense_data(offset: int) -> None:
+    rng = random.Random(offset)
+    data = bytearray(rng.randbytes(64 * ZERO_BLOCK))
+    # a block whose first 8 bytes are zero but not the rest stays data
+    lead = (-offset) % ZERO_BLOCK
+    decoy = lead + 5 * ZERO_BLOCK
+    data[decoy : decoy + 8] = bytes(8)
+    data[decoy + 8] = data[decoy + 8] or 1
+    hole_at = lead + 20 * ZERO_BLOCK
+    data[hole_at : hole_at + ZERO_BLOCK] = bytes(ZERO_BLOCK)
+    pieces = list(split_zeros(Extent(offset, len(data), bytes(data))))
+    assert _content(pieces) == bytes(data)
+    holes = [p for p in pieces if p.is_hole]
+    assert holes == [Extent.hole(offset + hole_at, ZERO_BLOCK)]
+
+
+@pytest.mark.parametrize("where", ["head", "tail"])
+def test_split_zeros_finds_partial_zero_blocks_at_the_edges(where: str) -> None:
+    offset = 100  # the first block is partial: 3996 bytes
+    data = bytearray(b"\x05" * (3 * ZERO_BLOCK))
+    if where == "head":
+        data[: ZERO_BLOCK - offset] = bytes(ZERO_BLOCK - offset)
+        expected_hole = Extent.hole(offset, ZERO_BLOCK - offset)
+    else:
+        data[-offset:] = bytes(offset)
+        expected_hole = Extent.hole(offset + len(data) - offset, offset)
+    pieces = list(split_zeros(Extent(offset, len(data), bytes(data))))
+    assert _content(pieces) == bytes(data)
+    assert [p for p in pieces if p.is_hole] == [expected_hole]
+
+
+def test_split_zeros_scans_buffers_it_cannot_sample() -> None:
+    data = bytearray(b"\x01" * (4 * ZERO_BLOCK))
+    data[ZERO_BLOCK : 2 * ZERO_BLOCK] = bytes(ZERO_BLOCK)
+    words = memoryview(bytes(data)).cast("I")  # not a byte view
+    pieces = list(split_zeros(Extent(0, len(data), words.cast("B"))))
+    assert [p for p in pieces if p.is_hole] == [Extent.hole(ZERO_BLOCK, ZERO_BLOCK)]
+    pieces = list(split_zeros(Extent(0, len(data), bytes(data)), block=1000))
+    assert _content(pieces) == bytes(data)
+    assert all(p.is_hole or not is_zero(p.data or b"") for p in pieces)
