@@ -264,6 +264,15 @@ class ChunkJob:
 _DONE: Final = object()
 
 
+def _count(stats: StageStats, extents: list[Extent]) -> None:
+    for ext in extents:
+        stats.bytes += ext.length
+        if ext.data is None:
+            stats.hole_bytes += ext.length
+        else:
+            stats.data_bytes += ext.length
+
+
 def _check_tiling(extents: list[Extent], offset: int, length: int, path: str) -> None:
     pos = offset
     for ext in extents:
@@ -374,7 +383,7 @@ class ChunkFeeder:
         for ext in extents:
             self._hash_extent(ext)
         self.hash_stats.inclusive += time.perf_counter() - t0
-        self.hash_stats.bytes += sum(e.length for e in extents)
+        _count(self.hash_stats, extents)
         if number in self.skip:
             self._slots.release()
             return
@@ -407,14 +416,8 @@ class ChunkFeeder:
                 self._emit(number, extents)
 
     def _count_source(self, extents: list[Extent], seconds: float) -> None:
-        st = self.source_stats
-        st.inclusive += seconds
-        for ext in extents:
-            st.bytes += ext.length
-            if ext.data is None:
-                st.hole_bytes += ext.length
-            else:
-                st.data_bytes += ext.length
+        self.source_stats.inclusive += seconds
+        _count(self.source_stats, extents)
 
     # stream only: one pass through the decoders, chunk boundaries cut on the way
 
@@ -736,11 +739,8 @@ class ChunkSender:
         self.stats.bytes += job.length
         if sent:
             self.sent_bytes += job.length
-            for ext in job.extents:
-                if ext.data is None:
-                    self.stats.hole_bytes += ext.length
-                else:
-                    self.stats.data_bytes += ext.length
+            _count(self.stats, job.extents)
+            self.stats.bytes -= job.length  # counted above, for sent and skipped alike
         else:
             self.skipped += 1
         job.extents = []
@@ -835,6 +835,11 @@ def chunked_upload(
     except KeyboardInterrupt as exc:
         raise Cancelled(f"interrupted; rerun the same command to resume drive "
                         f"{session.uuid}") from exc
+    except (ImageError, SizeMismatch) as exc:
+        # The drive keeps its chunks (a resume may follow once the image is fixed);
+        # the user must learn that it exists, since it is not complete.
+        raise type(exc)(f"{exc.one_line()}; drive {session.uuid} stays incomplete "
+                        f"(status uploading); delete it if the image is bad") from exc
     finally:
         feeder.stop()
     _wait_uploaded(conn, session)

@@ -170,3 +170,28 @@ def test_killed_upload_of_a_changed_image_is_refused(
     lines = again.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "changed since the interrupted upload" in lines[0], lines
     assert "--resume" in lines[0] and "Traceback" not in again.stderr.decode()
+
+
+def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(
+    drive_store: RunningServer, tmp_path: Path
+) -> None:
+    raw = make_image(tmp_path / "disk.raw", 16 * CHUNK, 7)
+    cache = tmp_path / "cache"
+    env = environment(drive_store, cache)
+    drive_store.faults.delay(0.03, count=0, match="/chunk/")
+    with subprocess.Popen(command(drive_store, raw), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as first:
+        while not confirmed(cache):
+            time.sleep(0.005)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    drive_store.faults.clear()
+    assert first.returncode == 130 and out == b""
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "rerun the same command to resume drive" in lines[0], lines
+    uuid = lines[0].rsplit(" ", 1)[-1]
+    again = subprocess.run(command(drive_store, raw), env=env, capture_output=True,
+                           timeout=60, check=False)
+    assert again.returncode == 0 and again.stdout.decode() == f"{uuid}\n"
+    with open(drive_store.store.raw_path(uuid), "rb") as drive:
+        assert drive.read(raw.stat().st_size) == raw.read_bytes()

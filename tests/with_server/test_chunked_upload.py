@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import xxhash
+from fixtures.make_fixtures import disk_image, stream_image
 
 from drivepipe._config import Credentials, Endpoint
 from drivepipe._errors import AuthError, DrivepipeError, TransferError
@@ -37,6 +38,7 @@ from drivepipe_plugins.chunked_upload import (
 )
 from drivepipe_plugins.upload_journal import UploadJournal
 
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
 KiB = 1 << 10
 MiB = 1 << 20
 CHUNK = 256 * KiB
@@ -154,6 +156,25 @@ def test_gzip_round_trip(drive_store: RunningServer, tmp_path: Path, connections
     assert result.xxh128 == xxh128_of(raw)
     assert_drive_holds(drive_store, result.uuid, raw)
     assert [s.name for s in stats.stages][-2:] == ["xxh3", "send"]
+
+
+@pytest.mark.parametrize(("fixture", "fmt", "random_access"), [
+    ("zlib.qcow2", "qcow2", True), ("extl2.qcow2", "qcow2", True),
+    ("multi.zst", "zstd", False), ("multi.xz", "xz", False), ("multi.bz2", "bzip2", False),
+])
+def test_decoded_formats_round_trip(
+    drive_store: RunningServer, tmp_path: Path, fixture: str, fmt: str, random_access: bool
+) -> None:
+    if fmt not in formats():
+        pytest.skip(f"{fmt} decoder not registered")
+    raw = tmp_path / "expected.raw"
+    raw.write_bytes(disk_image() if random_access else stream_image())
+    image = tmp_path / fixture
+    shutil.copyfile(FIXTURES / fixture, image)
+    assert (open_image(str(image)).random_access is not None) == random_access
+    result, _ = upload(drive_store, image, connections=2, chunk_size=128 * KiB)
+    assert result.xxh128 == xxh128_of(raw)
+    assert_drive_holds(drive_store, result.uuid, raw)
 
 
 def test_image_smaller_than_a_chunk_is_one_chunk(
