@@ -65,6 +65,17 @@ class SparseOutput:
         if ext.data is not None:
             self.write_at(ext.offset, ext.data)
 
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Ask the kernel to start writing ``[offset, offset+length)`` to disk now.
+
+        Without it, a file smaller than the dirty-page limit is written to disk
+        only by the final fsync, after all the copying; started early, the disk
+        works while the copy goes on.  (FADV_DONTNEED starts writeback of dirty
+        pages and drops the range's clean ones.)  Advice only: errors are ignored.
+        """
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
     def _pwrite(self, offset: int, data: Buffer) -> None:
         view = memoryview(data)
         try:
@@ -115,6 +126,8 @@ class SparseFileWriter(Sink[str]):
     """Writes the stream to ``target`` as a sparse file; returns the path."""
 
     name = "write"
+    #: bytes of stream after which writeback of what was written is started (0: never)
+    writeback_window = 32 << 20
 
     def __init__(self, target: str, *, force: bool = False, sync: bool = True) -> None:
         self.target = target
@@ -133,8 +146,13 @@ class SparseFileWriter(Sink[str]):
             raise OutputError(describe_os_error(self.target, exc)) from exc
         os.close(fd)
         self._out = SparseOutput(self._tmp, size, create=False)
+        window = self.writeback_window if self.sync else 0
+        flushed = 0
         for ext in extents:
             self._out.write_extent(ext)
+            if window and ext.end - flushed >= window:
+                self._out.start_writeback(flushed, ext.end - flushed)
+                flushed = ext.end
         if self.sync:
             self._out.sync()
         self._out.close()
