@@ -324,3 +324,16 @@ def test_block_device_is_read_whole_with_zero_blocks_as_holes(
     assert content(extents) == expected
     assert_zero_blocks_are_holes(extents)
     assert any(e.is_hole for e in extents)
+
+
+def test_only_the_data_counts_towards_dropping_the_page_cache(tmp_path: Path) -> None:
+    # 64 GiB of holes and 1 MiB of data: nothing big enough to evict the cache for.
+    path = write_sparse(tmp_path / "huge.raw", 64 << 30, [(5 << 30, os.urandom(MiB))])
+    if not fs_supports_holes(path):
+        pytest.skip("the test filesystem keeps no holes")
+    for threshold, drops in ((4 * MiB, False), (MiB // 2, True)):
+        reader = SparseFileReader(str(path), drop_cache_above=threshold)
+        try:
+            assert reader.drop_cache is drops
+        finally:
+            reader.close()
