@@ -185,8 +185,6 @@ class Interrupts:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-            if self.requested:
-                raise KeyboardInterrupt  # Ctrl-C wins over the curl error it caused
 
 
 def check_buffer_size(size: int) -> int:
@@ -229,7 +227,10 @@ class CurlUploadSink(Sink[str]):
             try:
                 c.perform()
             except pycurl.error as exc:
+                if interrupts.requested:
+                    raise KeyboardInterrupt from None  # Ctrl-C, not the abort it caused
                 raise self._failure(exc, body, headers, answer) from exc
+        # A Ctrl-C after the last callback is ignored: the drive exists, its UUID matters.
         if body.error is not None:
             raise body.error
         resp = Response(c.getinfo(pycurl.RESPONSE_CODE), headers.headers, answer.body(), self.url)
