@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -64,6 +65,11 @@ def _config(
     return config
 
 
+def _stop(signum: int, frame: object) -> None:
+    # SIGTERM ends the server like Ctrl-C: open uploads are aborted, exit 0.
+    raise KeyboardInterrupt
+
+
 @app.command()
 def serve(
     root: Annotated[
@@ -107,6 +113,7 @@ def serve(
         server.context.faults.add(item)
     print(f"drivepipe serve: drives in {server.context.store.root}", file=sys.stderr, flush=True)
     print(server.base_url, flush=True)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

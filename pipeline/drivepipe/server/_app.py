@@ -11,9 +11,11 @@ connection, like a crash) and starts a fresh one on the same root and port.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 from http.server import ThreadingHTTPServer
 from socketserver import TCPServer
@@ -25,6 +27,8 @@ from ._faults import Faults
 from ._handler import StoreHandler
 from ._signing import Signer, load_secret
 from ._store import DriveStore
+
+log = logging.getLogger("drivepipe.server")
 
 
 def make_context(config: ServerConfig, faults: Faults | None = None) -> StoreContext:
@@ -73,6 +77,18 @@ class StoreServer(ThreadingHTTPServer):
         host = self.server_name
         shown = f"[{host}]" if ":" in host else host
         return f"{self.context.config.scheme}://{shown}:{self.server_port}/api/2.0/"
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._open_lock:
+            return len(self._open) < self.context.config.max_connections
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that breaks the connection or the TLS handshake is not a server bug."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("connection from %s failed: %s", client_address, exc)
+            return
+        super().handle_error(request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._open_lock:

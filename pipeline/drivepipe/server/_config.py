@@ -33,6 +33,8 @@ class ServerConfig:
     chunk_link_ttl: float = 300.0
     #: A connection silent this long is closed (slow or idle clients).
     idle_timeout: float = 60.0
+    #: Connections served at once; more are closed at once (a flood of idle sockets).
+    max_connections: int = 256
     tls_cert: str | None = None
     tls_key: str | None = None
     realm: str = "drivepipe"

@@ -20,8 +20,9 @@ over the maximum size (413), chunks already there (416).
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable
-from typing import Final
+from typing import BinaryIO, Final
 
 from drivepipe._extent import ZERO_VIEW, Buffer
 
@@ -32,6 +33,7 @@ from ._overlap import OverlappedSink
 from ._ranges import Unsatisfiable, parse_range, segments
 
 BODY_BUFFER: Final = 4 << 20
+TLS_BLOCK: Final = 1 << 20
 
 
 class TransferViews(HandlerBase):
@@ -204,13 +206,29 @@ class TransferViews(HandlerBase):
         with open(fd, "rb", closefd=False) as f:
             for offset, length, is_data in segments(fd, start, stop):
                 if is_data:
-                    self.connection.sendfile(f, offset, length)
+                    self._send_data(f, offset, length)
                 else:
                     self._send_zeros(length)
         if fault is not None and stop < end:
             if fault.kind == "drop_download":
                 self.abort_connection()
             self.close_connection = True
+
+    def _send_data(self, f: BinaryIO, offset: int, length: int) -> None:
+        if isinstance(self.connection, ssl.SSLSocket):
+            # No sendfile through TLS, and the stdlib's fallback sends 8 KiB at a time.
+            self._send_read(f.fileno(), offset, length)
+        else:
+            self.connection.sendfile(f, offset, length)
+
+    def _send_read(self, fd: int, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            data = os.pread(fd, min(end - offset, TLS_BLOCK), offset)
+            if not data:
+                raise ClientGone("the drive file shrank while it was being served")
+            self.connection.sendall(data)
+            offset += len(data)
 
     def _send_zeros(self, length: int) -> None:
         while length > 0:
