@@ -91,6 +91,13 @@ def test_data_size_comes_from_the_tables() -> None:
     )
 
 
+@pytest.mark.parametrize("name", DECODABLE)
+def test_data_size_lies_between_the_nonzero_bytes_and_the_size(name: str) -> None:
+    data = decode(FORMATS / name).image.data_size
+    assert data is not None
+    assert sum(1 for b in disk_image() if b) <= data <= DISK_SIZE // 4
+
+
 def test_extended_l2_fixture_has_partly_allocated_clusters() -> None:
     image = Qcow2Image(str(FORMATS / "extl2.qcow2"), OpenOptions())
     try:

@@ -329,17 +329,39 @@ class Qcow2Image(Source):
             for i in range(first, last):
                 yield from self._extended(table[2 * i], table[2 * i + 1], base + i * cs)
             return
-        for i in range(first, last):
-            yield self._standard(table[i], base + i * cs)
+        yield from self._standard_runs(table, base, first, last)
 
-    def _standard(self, entry: int, guest: int) -> Piece:
+    def _standard_runs(
+        self, table: tuple[int, ...], base: int, first: int, last: int
+    ) -> Iterator[Piece]:
+        """Pieces of standard entries, runs of holes and of host-contiguous data merged.
+
+        The hot loop of the walk: a table has up to 262144 entries, so runs are
+        scanned with plain integer tests rather than one tuple per cluster.
+        """
         cs = self.cluster_size
-        if entry & L2_COMPRESSED:
-            return self._compressed(entry, guest)
-        host = entry & L2_OFFSET_MASK
-        if entry & L2_ZERO or host == 0:
-            return (HOLE, guest, cs, 0, 0)
-        return (DATA, guest, cs, self._check_data(host, guest), 0)
+        i = first
+        while i < last:
+            entry = table[i]
+            if entry & L2_COMPRESSED:
+                yield self._compressed(entry, base + i * cs)
+                i += 1
+                continue
+            j = i + 1
+            host = entry & L2_OFFSET_MASK
+            if entry & L2_ZERO or host == 0:
+                while j < last and _is_hole_entry(table[j]):
+                    j += 1
+                yield (HOLE, base + i * cs, (j - i) * cs, 0, 0)
+            else:
+                expect = entry + cs
+                while j < last and table[j] & _DATA_ENTRY_BITS == expect & _DATA_ENTRY_BITS:
+                    expect += cs
+                    j += 1
+                self._check_data(host, base + i * cs)
+                self._check_data(host + (j - i - 1) * cs, base + (j - 1) * cs)
+                yield (DATA, base + i * cs, (j - i) * cs, host, 0)
+            i = j
 
     def _check_data(self, host: int, guest: int) -> int:
         if host % self.cluster_size:
@@ -394,15 +416,15 @@ class Qcow2Image(Source):
     # -- jobs: coalesced pieces ------------------------------------------------------
 
     def jobs(self, start: int, end: int) -> Iterator[Piece | list[Piece]]:
-        """Holes merged; host-contiguous data merged; compressed clusters batched."""
+        """Holes merged; host-contiguous data merged, then cut into reads of at most
+        ``read_size``; compressed clusters batched up to ``read_size`` of output."""
         pending: Piece | None = None
         batch: list[Piece] = []
         limit = self.read_size
         for piece in self.pieces(start, end):
-            kind, length = piece[0], piece[2]
-            if kind == COMPRESSED:
+            if piece[0] == COMPRESSED:
                 if pending is not None:
-                    yield pending
+                    yield from _cut(pending, limit)
                     pending = None
                 batch.append(piece)
                 if len(batch) * self.cluster_size >= limit:
@@ -412,16 +434,16 @@ class Qcow2Image(Source):
             if batch:
                 yield batch
                 batch = []
-            if pending is not None and pending[0] == kind and _joins(pending, piece, limit):
-                pending = (kind, pending[1], pending[2] + length, pending[3], 0)
+            if pending is not None and _joins(pending, piece):
+                pending = (piece[0], pending[1], pending[2] + piece[2], pending[3], 0)
                 continue
             if pending is not None:
-                yield pending
+                yield from _cut(pending, limit)
             pending = piece
         if batch:
             yield batch
         if pending is not None:
-            yield pending
+            yield from _cut(pending, limit)
 
     # -- execution -------------------------------------------------------------------
 
@@ -533,11 +555,50 @@ class Qcow2Image(Source):
     # -- facts -----------------------------------------------------------------------
 
     def data_size(self) -> int | None:
-        """Guest bytes mapped to data or compressed clusters, from the L2 tables."""
-        tables = sum(1 for e in self.l1 if e & L1_OFFSET_MASK)
-        if tables * self.cluster_size > _DATA_SIZE_SCAN_LIMIT:
+        """Guest bytes mapped to data or compressed clusters, from the L2 tables.
+
+        None when the tables are too big to read at open (over 64 MiB of them).
+        """
+        tables = [i for i, e in enumerate(self.l1) if e & L1_OFFSET_MASK]
+        if len(tables) * self.cluster_size > _DATA_SIZE_SCAN_LIMIT:
             return None
-        return sum(p[2] for p in self.pieces(0, self.size) if p[0] != HOLE)
+        total = 0
+        for index in tables:
+            table = self._l2_table(index)
+            assert table is not None
+            total += self._allocated_bytes(table)
+        return total - self._tail_overshoot()
+
+    def _tail_overshoot(self) -> int:
+        """Allocated bytes of the last cluster that lie past the virtual size."""
+        cs = self.cluster_size
+        tail = self.size - self.size % cs
+        if tail == self.size:
+            return 0
+        index = tail // cs
+        table = self._l2_table(index // self.header.l2_entries)
+        if table is None:
+            return 0
+        width = 2 if self.header.extended_l2 else 1
+        at = width * (index % self.header.l2_entries)
+        whole = self._allocated_bytes(table[at : at + width])
+        inside = sum(p[2] for p in self.pieces(tail, self.size) if p[0] != HOLE)
+        return max(0, whole - inside)
+
+    def _allocated_bytes(self, table: tuple[int, ...]) -> int:
+        cs = self.cluster_size
+        if not self.header.extended_l2:
+            return cs * sum(
+                1 for e in table if e & L2_COMPRESSED or (e & L2_OFFSET_MASK and not e & L2_ZERO)
+            )
+        sub = cs // SUBCLUSTERS
+        total = 0
+        for entry, bitmap in zip(table[0::2], table[1::2], strict=True):
+            if entry & L2_COMPRESSED:
+                total += cs
+            elif entry & L2_OFFSET_MASK:
+                total += sub * (bitmap & _ALL_SUBCLUSTERS).bit_count()
+        return total
 
     def details(self) -> dict[str, object]:
         h = self.header
@@ -562,11 +623,32 @@ class Qcow2Image(Source):
             self.fd = -1
 
 
-def _joins(prev: Piece, piece: Piece, limit: int) -> bool:
-    """True if ``piece`` extends ``prev`` (holes always; data when host-contiguous)."""
-    if prev[0] == HOLE:
-        return True
-    return prev[3] + prev[2] == piece[3] and prev[2] + piece[2] <= limit
+#: the bits that must continue a data run: the offset, the compressed and zero flags
+_DATA_ENTRY_BITS = L2_OFFSET_MASK | L2_COMPRESSED | L2_ZERO
+
+
+def _is_hole_entry(entry: int) -> bool:
+    """A standard L2 entry that reads as zeros (unallocated or the zero flag)."""
+    if entry & L2_COMPRESSED:
+        return False
+    return bool(entry & L2_ZERO) or not entry & L2_OFFSET_MASK
+
+
+def _joins(prev: Piece, piece: Piece) -> bool:
+    """True if ``piece`` extends ``prev``: holes after holes, host-contiguous data."""
+    if prev[0] != piece[0]:
+        return False
+    return prev[0] == HOLE or prev[3] + prev[2] == piece[3]
+
+
+def _cut(piece: Piece, limit: int) -> Iterator[Piece]:
+    """A data piece in reads of at most ``limit`` bytes; holes stay whole."""
+    kind, guest, length, host, _ = piece
+    if kind == HOLE or length <= limit:
+        yield piece
+        return
+    for pos in range(0, length, limit):
+        yield (kind, guest + pos, min(limit, length - pos), host + pos, 0)
 
 
 def _ready(item: Future[list[Extent]] | Extent) -> Iterator[Extent]:
