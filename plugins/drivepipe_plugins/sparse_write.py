@@ -31,6 +31,18 @@ def describe_os_error(path: str, exc: OSError) -> str:
     return f"{path}: {exc.strerror or exc}"
 
 
+def _umask() -> int:
+    """The process umask, from /proc (setting it to read it would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -142,9 +154,13 @@ class SparseFileWriter(Sink[str]):
         base = os.path.basename(self.target)
         try:
             fd, self._tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
+            # mkstemp makes the file 0600; the output is an ordinary file (0666 - umask).
+            os.fchmod(fd, 0o666 & ~_umask())
         except OSError as exc:
             raise OutputError(describe_os_error(self.target, exc)) from exc
-        os.close(fd)
+        finally:
+            if self._tmp is not None:
+                os.close(fd)
         self._out = SparseOutput(self._tmp, size, create=False)
         window = self.writeback_window if self.sync else 0
         flushed = 0
