@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -276,3 +277,17 @@ def test_early_writeback_keeps_the_output_exact(make_sparse: MakeImage, tmp_path
     assert dst.read_bytes() == data
     must = nonzero_blocks(data)
     assert must <= allocated(dst) <= must + META_SLACK
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_output_gets_ordinary_file_permissions(
+    make_sparse: MakeImage, tmp_path: Path, mask: int
+) -> None:
+    src = make_sparse(MiB, seed=31)
+    dst = tmp_path / "perm.raw"
+    old = os.umask(mask)
+    try:
+        convert(src, dst)
+    finally:
+        os.umask(old)
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~mask
