@@ -437,7 +437,7 @@ class Receiver:
         self.rng = random.Random()
         self.dirty = False
         self.last_checkpoint = time.monotonic()
-        receive.extra.update(retries=0, connections=0)
+        receive.extra.update(retries=0, relinks=0, connections=0)
 
     # -- the loop --
 
@@ -587,6 +587,7 @@ class Receiver:
         if self.relink is None or self.relinks >= self.opts.relinks:
             return False
         self.relinks += 1
+        self.receive.extra["relinks"] = self.relinks
         fresh = self.relink()
         if fresh.size != self.probed.size or (fresh.etag or None) != (self.probed.etag or None):
             raise SourceChanged("the source changed while its link was renewed")

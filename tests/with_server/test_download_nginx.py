@@ -350,6 +350,40 @@ def test_sigkill_then_rerun_fetches_only_what_was_missing(nginx: Nginx, workdir:
     assert not journal.exists()
 
 
+def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Path) -> None:
+    size = 16 * MiB
+    src = make_image(nginx, "interrupted.raw", size, seed=13, pieces=20)
+    args = [nginx.url("/slow/interrupted.raw"), "--expect", f"xxh128:{digest(src)}",
+            "--range-size", "2M", "--block-size", "512K", "--checkpoint-interval", "30"]
+    proc = subprocess.Popen(drivepipe_argv("download", "--progress", "none", *args),
+                            cwd=workdir, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    part = workdir / "interrupted.raw.part"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not part.exists() or allocated(part) < 2 * MiB):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and out == ""
+    # the journal was saved on the way out, long before its 30 s checkpoint
+    kept = json.loads((workdir / "interrupted.raw.part.journal").read_text())["blocks"]
+    assert kept
+    mark = len(nginx.log_lines())
+    done = run(workdir, *args)
+    assert done.returncode == 0, done.stderr
+    assert (workdir / "interrupted.raw").read_bytes() == src.read_bytes()
+    assert nginx.bytes_sent(mark, "interrupted.raw") == 1 + size - len(kept) * (512 << 10)
+
+
+def test_empty_file(nginx: Nginx, workdir: Path) -> None:
+    (nginx.www / "empty.raw").write_bytes(b"")
+    proc = run(workdir, nginx.url("/files/empty.raw"), "--expect",
+               f"xxh128:{xxhash.xxh3_128_hexdigest(b'')}")
+    assert proc.returncode == 0, proc.stderr
+    assert (workdir / "empty.raw").read_bytes() == b""
+
+
 def test_changed_source_restarts_cleanly(nginx: Nginx, workdir: Path) -> None:
     size = 24 * MiB
     src = make_image(nginx, "changing.raw", size, seed=9, pieces=30)

@@ -151,6 +151,27 @@ def test_transient_faults_are_retried(
     assert receive["name"] == "receive" and receive["retries"] >= 2
 
 
+def test_expired_signed_link_is_renewed(
+    make_drive_store: Callable[..., RunningServer], put_drive: PutDrive,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    store = make_drive_store(link_ttl=2)  # links live 1 to 2 s (whole-second expiry)
+    for key, value in store.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    data = random.Random(7).randbytes(4 * MiB)
+    uuid = put_drive(store, data)
+    set_meta(store, uuid, data)
+    # every signed-link request waits 0.45 s before its link is checked: a fresh link
+    # survives the probe and one range (0.9 s), and is dead by the fourth range (2.25 s)
+    store.faults.delay(0.45, count=0, match="/direct/")
+    assert download(store, uuid, "--connections", "1", "--range-size", "1M",
+                    "--block-size", "1M", "--progress", "json") == 0
+    assert (tmp_path / uuid).read_bytes() == data
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["stages"][0]["relinks"] >= 1
+
+
 def test_persistent_503_gives_up_with_one_line(
     drive_store: RunningServer, put_drive: PutDrive, cli_env: Path,
     capsys: pytest.CaptureFixture[str],
