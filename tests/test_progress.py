@@ -214,3 +214,22 @@ def test_modes() -> None:
     assert resolve_mode("auto", io.StringIO()) == "none"
     with pytest.raises(UsageError):
         resolve_mode("fancy")
+
+
+def test_headline_before_anything_is_known() -> None:
+    assert headline(RunStats(title="upload x")) == "upload x: opening"
+
+
+def test_time_share_leaves_out_a_counting_pass() -> None:
+    # 10 s of counting, then 2 s of streaming during which the sink was busy 1.8 s.
+    stats = RunStats(title="checksum x.bz2", total=1 << 20)
+    now = time.perf_counter()
+    stats.started, stats.transfer_started, stats.finished = now - 12.0, now - 2.0, now
+    src = stats.add("read", "source")
+    sink = stats.add("discard", "sink")
+    src.bytes = sink.bytes = 1 << 20
+    src.inclusive = 0.2
+    sink.started, sink.finished = now - 2.0, now
+    sink.upstream = src
+    row = next(r for r in text_of(stage_table(stats)).splitlines() if r.startswith("discard"))
+    assert " 90%" in row  # 1.8 of the 2 streaming seconds, not 1.8 of 12

@@ -126,7 +126,7 @@ def stage_table(stats: RunStats) -> Table:
     for name, justify in _COLUMNS:
         table.add_column(name, justify=justify, no_wrap=True)
     neck = _marked(stats)
-    wall = max(stats.elapsed, 1e-9)
+    wall = max(stats.transfer_elapsed, 1e-9)  # a counting pass is not any stage's time
     for st in stats.stages:
         notes = " ".join(t for t in (BOTTLENECK_MARK if st is neck else "", extra_text(st)) if t)
         table.add_row(
@@ -159,6 +159,8 @@ def headline(stats: RunStats) -> str:
     phase = phase_line(stats)
     if phase is not None:
         return phase
+    if not stats.stages and not stats.total:
+        return f"{stats.title}: opening"
     total = stats.total
     done = stats.done
     last = stats.stages[-1] if stats.stages else None
@@ -198,13 +200,14 @@ def summary_line(stats: RunStats, *, ok: bool) -> str:
     line = (f"{stats.title} {state}: {format_size(stats.done)} in {wall:.2f}s "
             f"({format_rate(rate)})")
     neck = _marked(stats)
-    if neck is not None and wall > 0:
-        line += f", bottleneck {neck.name} ({100 * neck.busy / wall:.0f}% of the time)"
+    streaming = stats.transfer_elapsed
+    if neck is not None and streaming > 0:
+        line += f", bottleneck {neck.name} ({100 * neck.busy / streaming:.0f}% of the time)"
     return line
 
 
 def plain_stage_line(stats: RunStats, st: StageStats) -> str:
-    wall = max(stats.elapsed, 1e-9)
+    wall = max(stats.transfer_elapsed, 1e-9)
     parts = [f"  {st.name}: {format_size(st.bytes)} at {format_rate(st.data_rate)}",
              f"busy {st.busy:.2f}s ({100 * st.busy / wall:.0f}%)"]
     queue = queue_text(stats, st)
