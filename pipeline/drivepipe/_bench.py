@@ -479,13 +479,19 @@ def advise_decode(
     return out
 
 
+def _send_rate(make_sink: SinkFactory, decoded: Decoded, send: Measure) -> Callable[[], float]:
+    return lambda: measure_send(make_sink, decoded.layout, send.raw_bytes, send.label).rate
+
+
 def advise_send(
     subject: Subject, decoded: Decoded, send: Measure, measured: list[Measure]
 ) -> list[Advice]:
     out: list[Advice] = []
+    current = subject.make_sink or (lambda _size: DiscardSink())
     for variant in subject.send_variants:
-        tried = best_send(variant.make_sink, decoded.layout, send.raw_bytes, send.label)
-        out.append(Advice(variant.advice, send.rate, tried.rate))
+        before, after = a_b(_send_rate(current, decoded, send),
+                            _send_rate(variant.make_sink, decoded, send))
+        out.append(Advice(variant.advice, before, after))
     out.sort(key=lambda a: -(a.gain or 0.0))
     holes = 1 - decoded.data_bytes / decoded.raw_bytes if decoded.raw_bytes else 0.0
     if holes > 0.5:
