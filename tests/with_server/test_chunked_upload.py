@@ -110,7 +110,7 @@ def upload(
 
 
 class ChunkCounter:
-    """Counts chunk bodies the store begins to receive, by chunk number (server side)."""
+    """Counts chunk bodies the store accepts to receive, by chunk number (server side)."""
 
     def __init__(self, srv: RunningServer) -> None:
         self.numbers: list[int] = []
@@ -118,8 +118,9 @@ class ChunkCounter:
         original = store.begin_chunk
 
         def counting(uuid: str, number: int, chunk_size: int) -> Any:
+            writer = original(uuid, number, chunk_size)  # raises when refused (busy, 416)
             self.numbers.append(number)
-            return original(uuid, number, chunk_size)
+            return writer
 
         # a counting wrapper around the store's real method, so the server side counts
         store.begin_chunk = counting  # type: ignore[method-assign]
@@ -226,9 +227,10 @@ def test_dropped_connections_are_retried(drive_store: RunningServer, tmp_path: P
 def test_expired_link_is_requested_again(
     make_drive_store: Callable[..., RunningServer], tmp_path: Path
 ) -> None:
-    srv = make_drive_store(chunk_link_ttl=0.3)
+    # Links carry whole expiry seconds: a 2 s link lives 1-2 s, the delay outlasts it.
+    srv = make_drive_store(chunk_link_ttl=2)
     image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=6)
-    srv.faults.delay(0.8, count=1, match="/chunk/")
+    srv.faults.delay(3.1, count=1, match="/chunk/")
     result, stats = upload(srv, image, connections=1)
     assert stats.stages[-1].extra["links_renewed"] >= 1
     assert_drive_holds(srv, result.uuid, image)
