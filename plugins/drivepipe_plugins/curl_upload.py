@@ -61,6 +61,9 @@ MAX_BUFFER_SIZE: Final = 2 << 20
 #: an upload answer is a UUID or a short JSON error list; more is not worth keeping
 MAX_ANSWER: Final = 64 << 10
 UPLOAD_PATH: Final = "drives/upload/"
+#: seconds of silence tolerated: after the last byte of a large image the direct host
+#: may finalise the drive for a while before it answers (not measured; generous on purpose)
+ANSWER_WAIT: Final = 900
 
 _EMPTY: Final = memoryview(b"")
 _READ_ABORT: Final[int] = pycurl.READFUNC_ABORT
@@ -257,6 +260,7 @@ class CurlUploadSink(Sink[str]):
         c.setopt(pycurl.POSTFIELDSIZE_LARGE, size)
         c.setopt(pycurl.READFUNCTION, body)
         c.setopt(pycurl.UPLOAD_BUFFERSIZE, self.buffer_size)
+        c.setopt(pycurl.LOW_SPEED_TIME, max(int(self.tls.stall_timeout), ANSWER_WAIT))
         c.setopt(pycurl.NOPROGRESS, 0)
         c.setopt(pycurl.XFERINFOFUNCTION, interrupts)
         c.setopt(pycurl.WRITEFUNCTION, answer)

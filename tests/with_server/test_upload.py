@@ -482,3 +482,36 @@ def test_tls_private_ca_needs_cacert(cli: CliRun, make_drive_store: Any,
     assert store.store.list() == []
     uuid = upload_ok(cli, image, "--cacert", str(ca_pem), endpoint=store.base_url)
     assert_drive_holds(store.store.raw_path(uuid), image)
+
+
+# --- the request head, as curl sent it -------------------------------------------------------
+
+
+def test_request_head_on_the_wire(drive_store: Any, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact Content-Length, no chunked encoding, no Expect, octet-stream, Basic auth."""
+    import pycurl  # noqa: PLC0415 - only this test looks at curl's debug output
+
+    sent: list[bytes] = []
+    setup = CurlUploadSink._setup
+
+    def watching_setup(self: CurlUploadSink, c: pycurl.Curl, *args: Any) -> None:
+        setup(self, c, *args)
+        c.setopt(pycurl.VERBOSE, 1)
+        c.setopt(pycurl.DEBUGFUNCTION,
+                 lambda kind, data: sent.append(data) if kind == pycurl.INFOTYPE_HEADER_OUT
+                 else None)
+
+    monkeypatch.setattr(CurlUploadSink, "_setup", watching_setup)
+    image = make_image(tmp_path / "h.img", 3 * MiB + 5, [(MiB, 10)])
+    uuid = upload_image(drive_store, image)
+    head = b"".join(sent).decode("latin-1")
+    lines = head.split("\r\n")
+    assert lines[0] == "POST /api/2.0/drives/upload/ HTTP/1.1"
+    fields = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    assert fields["content-length"] == str(3 * MiB + 5)
+    assert fields["content-type"] == "application/octet-stream"
+    assert fields["authorization"].startswith("Basic ")
+    assert "transfer-encoding" not in fields
+    assert "expect" not in fields
+    assert drive_store.store.get(uuid).image_size == 3 * MiB + 5
