@@ -27,21 +27,31 @@ A server that ignores ``Range`` gets one whole-file stream instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import signal
+import threading
 import time
 import unicodedata
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pycurl
 
 from drivepipe._config import Credentials, Endpoint
-from drivepipe._errors import DrivepipeError, NetworkError, OutputError, TransferError
+from drivepipe._errors import (
+    Cancelled,
+    DrivepipeError,
+    NetworkError,
+    OutputError,
+    TransferError,
+)
 from drivepipe._http import (
     HeaderCollector,
     Response,
@@ -398,6 +408,27 @@ def _cut_short(t: _Transfer) -> NetworkError:
                         f"ended at byte {t.pos} of {t.start}-{t.end - 1}")
 
 
+class _StopSignals:
+    """While active, SIGINT/SIGTERM only set a flag (main thread only; else a no-op)."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._saved: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signalled = True
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
 class Receiver:
     """Fetches the journal's missing blocks into ``out`` over N connections."""
 
@@ -442,17 +473,33 @@ class Receiver:
     # -- the loop --
 
     def run(self) -> None:
-        """Fetch every missing block; the journal is checkpointed whatever happens."""
+        """Fetch every missing block; the journal is checkpointed whatever happens.
+
+        Ctrl-C and SIGTERM are turned into :class:`Cancelled` between transfers'
+        pieces (never inside a libcurl callback), after the journal is saved.
+        """
         self._plan()
+        self.receive.started = time.perf_counter()
         try:
-            while self.pending or self.active:
-                self._start_transfers()
-                self._pump()
-                self._maybe_checkpoint()
-        finally:
-            self._abort_all()
-            self.multi.close()
-            self.checkpoint()
+            with _StopSignals() as stop:
+                while self.pending or self.active:
+                    if stop.signalled:
+                        raise Cancelled()
+                    self._start_transfers()
+                    self._pump()
+                    self._maybe_checkpoint()
+        except BaseException:
+            self._close()
+            with contextlib.suppress(DrivepipeError):  # keep the original error
+                self.checkpoint()
+            raise
+        self._close()
+        self.checkpoint()
+
+    def _close(self) -> None:
+        self._abort_all()
+        self.multi.close()
+        self.receive.finished = time.perf_counter()
 
     def _plan(self) -> None:
         if not self.ranges:
@@ -531,7 +578,9 @@ class Receiver:
         self.write.bytes += len(data)
         self.write.data_bytes += written
         self.write.hole_bytes += len(data) - written
-        self.write.inclusive += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.write.inclusive += spent
+        self.receive.waiting += spent  # not receiving while writing: same thread
         self.dirty = True
 
     def _overwrite(self, offset: int, data: memoryview) -> None:

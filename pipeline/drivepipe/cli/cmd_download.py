@@ -76,6 +76,7 @@ from ._net import (
 PART_SUFFIX = ".part"
 #: restarts after the source changed under a running download
 MAX_RESTARTS = 2
+MAX_CONNECTIONS = 64
 
 OutputOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Output file (default: the name the "
@@ -312,8 +313,8 @@ def receive_options(
     connections: int, range_size: str, block: int, retries: int, checkpoint: float,
     retry_delay: float,
 ) -> ReceiveOptions:
-    if connections < 1:
-        raise UsageError("--connections must be at least 1")
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise UsageError(f"--connections must be between 1 and {MAX_CONNECTIONS}")
     if retries < 0:
         raise UsageError("--retries must be 0 or more")
     ranged = max(block, parse_size(range_size) // block * block)
