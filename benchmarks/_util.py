@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,20 +49,33 @@ class Timing:
     seconds: list[float] = field(default_factory=list)
     #: highest resident set size of the timed process (bytes), over all runs
     peak_rss: int = 0
+    #: user+system CPU seconds of each run: steadier than wall time on a shared machine
+    cpu_seconds: list[float] = field(default_factory=list)
 
     @property
     def best(self) -> float:
         return min(self.seconds) if self.seconds else float("nan")
 
+    @property
+    def best_cpu(self) -> float:
+        return min(self.cpu_seconds) if self.cpu_seconds else float("nan")
+
 
 _TIME = "/usr/bin/time"
-_RSS_MARK = "drivepipe-bench-maxrss-kib="
+_MARK = "drivepipe-bench-usage="
 
 
-def run_measured(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL) -> tuple[
-    float, int
-]:
-    """Run ``argv`` once; return (wall seconds, peak RSS bytes); fail if it fails.
+@dataclass
+class Usage:
+    """One run: wall seconds, user+system CPU seconds, peak RSS bytes (0: unknown)."""
+
+    wall: float
+    cpu: float
+    peak_rss: int
+
+
+def run_measured(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL) -> Usage:
+    """Run ``argv`` once and measure it; raise if it fails.
 
     The peak RSS is measured by GNU ``/usr/bin/time`` around the command: Linux
     lets a forked child inherit its parent's RSS high-water mark, so ``wait4``
@@ -70,18 +84,26 @@ def run_measured(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL
     """
     wrapped = list(argv)
     if os.access(_TIME, os.X_OK):
-        wrapped = [_TIME, "-f", _RSS_MARK + "%M", *wrapped]
+        wrapped = [_TIME, "-f", _MARK + "%M %U %S", *wrapped]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(wrapped, stdout=stdout, stderr=subprocess.PIPE, check=False)
     elapsed = time.perf_counter() - t0
     err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {err.strip()}")
-    rss = 0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = Usage(
+        elapsed,
+        after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
+        0,
+    )
     for line in err.splitlines():
-        if line.startswith(_RSS_MARK):
-            rss = int(line[len(_RSS_MARK) :]) * 1024
-    return elapsed, rss
+        if line.startswith(_MARK):
+            rss_kib, user, system = line[len(_MARK) :].split()
+            usage.peak_rss = int(rss_kib) * 1024
+            usage.cpu = float(user) + float(system)
+    return usage
 
 
 def time_command(
@@ -96,9 +118,10 @@ def time_command(
     for _ in range(repeat):
         if before is not None:
             before()
-        seconds, rss = run_measured(argv)
-        timing.seconds.append(seconds)
-        timing.peak_rss = max(timing.peak_rss, rss)
+        usage = run_measured(argv)
+        timing.seconds.append(usage.wall)
+        timing.cpu_seconds.append(usage.cpu)
+        timing.peak_rss = max(timing.peak_rss, usage.peak_rss)
     return timing
 
 

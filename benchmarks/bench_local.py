@@ -9,8 +9,9 @@ times, best of N with a warm page cache:
   ``cp --sparse=always`` followed by ``sync FILE``, since convert fsyncs its
   output before renaming it into place and plain cp does not.
 
-It prints a markdown table: seconds, the ratio ours/theirs (below 1.00x means
-drivepipe is faster), and the peak RSS of each process.
+It prints a markdown table: best wall seconds, the ratio ours/theirs (below
+1.00x means drivepipe is faster), best CPU seconds (user+system; steadier than
+wall time on a busy machine), and the peak RSS of each process.
 
     python benchmarks/bench_local.py --sparse-size 8G --dense-size 2G --repeat 3
 
@@ -62,13 +63,16 @@ class Comparison:
             f"{self.ours.best:.2f}",
             f"{self.theirs.best:.2f}",
             fmt_ratio(self.ours.best, self.theirs.best),
+            f"{self.ours.best_cpu:.2f}",
+            f"{self.theirs.best_cpu:.2f}",
             fmt_size(self.ours.peak_rss),
             fmt_size(self.theirs.peak_rss),
         ]
 
 
 HEADERS = [
-    "image", "task", "drivepipe s", "reference s", "ratio", "drivepipe RSS", "reference RSS",
+    "image", "task", "drivepipe s", "reference s", "ratio", "drivepipe cpu s", "reference cpu s",
+    "drivepipe RSS", "reference RSS",
 ]
 
 
@@ -133,6 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     results: list[Comparison] = []
     try:
+        empty = workdir / "empty.raw"
+        empty.touch()
+        startup = time_command(
+            [drivepipe_command(), "checksum", "--progress", "none", str(empty)],
+            repeat=args.repeat,
+        )
         images: list[tuple[str, Path]] = []
         if args.only in (None, "sparse"):
             size = parse_size(args.sparse_size)
@@ -155,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"best of {args.repeat}, warm page cache; ratio = drivepipe / reference "
           "(below 1.00x: drivepipe faster)\n")
     print(markdown_table(HEADERS, [r.row() for r in results]))
+    print(f"\ndrivepipe start-up (checksum of an empty file, included in every drivepipe "
+          f"time above): {startup.best:.2f} s wall, {startup.best_cpu:.2f} s cpu")
 
 
 if __name__ == "__main__":
