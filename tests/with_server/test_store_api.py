@@ -177,3 +177,19 @@ def test_fault_endpoint_injects_503s(client: Api) -> None:
     assert client.call("GET", "_faults/").json["objects"][0]["count"] == 0
     assert client.call("DELETE", "_faults/").status == 204
     assert client.call("GET", "drives/").status == 200
+
+
+def test_restart_sweeps_what_a_crash_left_behind(
+    drive_store: RunningServer, put_drive: PutDrive
+) -> None:
+    uuid = put_drive(drive_store, b"kept")
+    drives = Path(drive_store.store.drives_dir)
+    orphan = drives / "11111111-2222-3333-4444-555555555555.raw"
+    orphan.write_bytes(b"data whose record was never written")
+    half_saved = drives / f"{uuid}.json.1234.tmp"
+    half_saved.write_text("{")
+    incoming = Path(drive_store.store.incoming_dir) / "partial.raw"
+    incoming.write_bytes(b"half an upload")
+    drive_store.restart()
+    assert not orphan.exists() and not half_saved.exists() and not incoming.exists()
+    assert [r.uuid for r in drive_store.store.list()] == [uuid]

@@ -183,3 +183,13 @@ def test_upload_accepts_any_name_after_upload_path(drive_store: RunningServer) -
     assert answer.startswith(b"HTTP/1.1 201")
     uuid = answer.split(b"\r\n\r\n", 1)[1].decode().strip()
     assert drive_store.store.get(uuid).image_size == 5
+    assert drive_store.store.get(uuid).name == "my disk.img"
+
+
+def test_curl_upload_names_the_drive_after_the_file(
+    drive_store: RunningServer, tmp_path: Path
+) -> None:
+    image = tmp_path / "debian-12.raw"
+    image.write_bytes(os.urandom(100))
+    uuid = curl_upload(drive_store, image).strip()
+    assert drive_store.store.get(uuid).name == "debian-12.raw"

@@ -15,6 +15,9 @@ record updates and deletions.  What comes out: copies of records, open file
 descriptors to serve downloads from.  Images smaller than ``min_size`` are
 grown to it when their upload completes.
 
+One server per root: opening a store removes what a crash left (unfinished
+direct uploads, data files without a record, half-written records).
+
 Refused (as :class:`ApiError`): unknown drives (404), sizes outside
 ``[1, max_size]``, chunk numbers outside the upload, a chunk size that changes
 once chunks have landed (400), chunks already received or uploads already
@@ -228,7 +231,8 @@ class DriveStore:
                 os.unlink(os.path.join(self.incoming_dir, name))
 
     def _load(self) -> None:
-        for name in sorted(os.listdir(self.drives_dir)):
+        names = sorted(os.listdir(self.drives_dir))
+        for name in names:
             if not name.endswith(".json"):
                 continue
             path = os.path.join(self.drives_dir, name)
@@ -243,6 +247,17 @@ class DriveStore:
                 continue
             self._records[rec.uuid] = rec
             self._drive_locks[rec.uuid] = threading.Lock()
+        self._sweep_orphans(names)
+
+    def _sweep_orphans(self, names: list[str]) -> None:
+        """Remove what a crash mid-creation or mid-save left: data without record, temp records."""
+        for name in names:
+            uuid, _, ext = name.partition(".")
+            orphan = ext == "raw" and uuid not in self._records
+            if orphan or name.endswith(".tmp"):
+                log.warning("removing leftover %s", name)
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.drives_dir, name))
 
     def _save(self, rec: DriveRecord) -> None:
         """Write ``rec`` atomically: a reader or a crash sees the old or the new record."""
@@ -300,9 +315,10 @@ class DriveStore:
 
     # direct upload
 
-    def begin_direct(self, size: int) -> Incoming:
+    def begin_direct(self, size: int, name: str = "") -> Incoming:
+        """A direct upload of ``size`` bytes; ``name`` (default: a timestamp) names the drive."""
         self.check_size(size)
-        return Incoming(self, size)
+        return Incoming(self, size, name or f"Upload {time.strftime('%Y-%m-%d %H:%M:%S')}")
 
     def _publish(self, rec: DriveRecord, tmp: str) -> None:
         os.replace(tmp, self.raw_path(rec.uuid))
@@ -440,9 +456,10 @@ class DriveStore:
 class Incoming:
     """A direct upload arriving: sequential writes; :meth:`finish` creates the drive."""
 
-    def __init__(self, store: DriveStore, size: int) -> None:
+    def __init__(self, store: DriveStore, size: int, name: str) -> None:
         self.store = store
         self.size = size
+        self.name = name
         self.pos = 0
         self.uuid = str(uuidlib.uuid4())
         self.tmp = os.path.join(store.incoming_dir, f"{self.uuid}.raw")
@@ -463,7 +480,7 @@ class Incoming:
         if self.pos != self.size:
             raise validation(f"the body had {self.pos} of {self.size} bytes")
         rec = DriveRecord(
-            uuid=self.uuid, name=f"Upload {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            uuid=self.uuid, name=self.name,
             size=self.size, created=time.time(), image_size=self.size,
         )
         _grow(self.fd, rec, self.store.min_size)

@@ -23,6 +23,7 @@ import os
 import ssl
 from collections.abc import Callable
 from typing import BinaryIO, Final
+from urllib.parse import unquote
 
 from drivepipe._extent import ZERO_VIEW, Buffer
 
@@ -59,7 +60,7 @@ class TransferViews(HandlerBase):
 
     def direct_upload(self) -> None:
         size = self.upload_length()
-        incoming = self.ctx.store.begin_direct(size)
+        incoming = self.ctx.store.begin_direct(size, self._upload_name())
         try:
             self.receive_body(incoming.write, size)
             rec = incoming.finish()
@@ -71,6 +72,12 @@ class TransferViews(HandlerBase):
             201, f"{rec.uuid}\n".encode(), "text/plain; charset=utf-8",
             (("Location", location),),
         )
+
+    def _upload_name(self) -> str:
+        """The file name after ``drives/upload/`` (curl --upload-file appends it), if any."""
+        tail = self.path_only.split("/drives/upload", 1)[-1].strip("/")
+        name = unquote(tail.rsplit("/", 1)[-1])
+        return name if name.isprintable() else ""
 
     def receive_body(self, sink: Callable[[Buffer], None], length: int) -> None:
         """Stream ``length`` body bytes into ``sink``: large reads, writes overlapped."""
