@@ -88,6 +88,8 @@ def test_checksum_of_special_sizes_and_many_files_matches_xxh128sum_line_for_lin
         "dense.raw": rng.randbytes(5 * MiB + 17),
         "written-zeros.raw": rng.randbytes(1000) + bytes(3 * MiB) + rng.randbytes(5),
         "all-zeros.raw": bytes(MiB + 3),
+        "name with spaces.raw": b"spaces",
+        "back\\slash.raw": b"backslash",
     }
     paths = []
     for name, data in files.items():
