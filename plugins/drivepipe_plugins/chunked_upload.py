@@ -15,8 +15,9 @@ raw stream (equal to ``xxh128sum`` of the raw image, also after a resume).
 Reading: random-access inputs (raw, qcow2) are read chunk by chunk by a few
 reader threads, out of order; stream-only inputs (gzip, xz, ...) run through
 their decoders once, in order.  Either way a feeder thread hashes the chunks
-in image order, and at most ``connections + 1`` chunks are in memory (holes
-take none: they are sent from the shared zero buffer).
+in image order, and at most ``connections + 1`` chunks are in memory, fewer
+when that would pass 1 GiB (``memory_budget``; never fewer than two); holes
+take no memory: they are sent from the shared zero buffer.
 
 Resuming: a journal (:mod:`.upload_journal`) records the drive, the image's
 identity and the confirmed chunks.  Rerunning the same command checks the
@@ -82,6 +83,8 @@ UPLOAD_BUFFER: Final = 1 << 20
 #: seconds before the first retry; doubles per attempt up to BACKOFF_CAP
 BACKOFF_BASE: Final = 0.25
 BACKOFF_CAP: Final = 15.0
+#: chunk bytes held in memory at most (unless two chunks alone are larger)
+MEMORY_BUDGET: Final = 1 << 30
 #: how long a drive may stay "uploading" after its last chunk landed
 FINISH_TIMEOUT: Final = 30.0
 #: link answers that a fresh link will not fix: the request itself is wrong
@@ -110,6 +113,12 @@ class ChunkedOptions:
     media: str = "disk"
     backoff_base: float = BACKOFF_BASE
     backoff_cap: float = BACKOFF_CAP
+    #: fewer chunks are in flight than ``connections`` when their data would exceed this
+    memory_budget: int = MEMORY_BUDGET
+
+    def chunks_in_memory(self, chunk_size: int) -> int:
+        """``connections + 1`` chunks (one sent per connection, one being read), within budget."""
+        return max(2, min(self.connections + 1, self.memory_budget // max(1, chunk_size)))
 
 
 @dataclass
@@ -565,19 +574,23 @@ class ChunkSender:
         return any(slot.job is not None for slot in self.slots)
 
     def _pump(self) -> None:
-        while True:
-            ret, _ = self.multi.perform()
-            if ret != pycurl.E_CALL_MULTI_PERFORM:
-                break
+        """Move bytes, settle finished transfers; wait on the sockets only if none finished."""
+        while self.multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+            pass
+        finished = 0
         while True:
             left, ok, failed = self.multi.info_read()
             for curl in ok:
                 self._completed(self._slot_of(curl), None)
             for curl, code, message in failed:
                 self._completed(self._slot_of(curl), pycurl.error(code, message))
+            finished += len(ok) + len(failed)
             if left == 0:
                 break
-        self.multi.select(0.05)
+        if not finished:
+            # An idle slot may get a chunk from the feeder any moment: look again soon.
+            idle = not all(slot.job for slot in self.slots) and not self._feeder_done
+            self.multi.select(0.01 if idle or self._retry else 0.1)
 
     def _idle_wait(self) -> None:
         """Nothing on the wire: wait for the feeder or the next retry's due time."""
@@ -586,7 +599,8 @@ class ChunkSender:
         if self._retry:
             timeout = max(0.0, min(timeout, self._retry[0].not_before - time.monotonic()))
         if self._feeder_done:
-            time.sleep(timeout)
+            if self._retry:
+                time.sleep(timeout)
         else:
             with contextlib.suppress(queue.Empty):
                 self._take(self.feeder.out.get(timeout=timeout))
@@ -825,7 +839,7 @@ def chunked_upload(
     plan = ChunkPlan(image.size, journal.chunk_size)
     stats.total = image.size
     skip = frozenset(journal.confirmed)
-    feeder = ChunkFeeder(image, plan, skip, options.connections + 1, stats,
+    feeder = ChunkFeeder(image, plan, skip, options.chunks_in_memory(plan.chunk_size), stats,
                          readers=min(options.connections, 4))
     sink_stats = stats.add("send", "sink")
     sender = ChunkSender(conn, session, plan, feeder, options, sink_stats)

@@ -14,6 +14,7 @@ import random
 import shutil
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,24 @@ def test_all_zero_image_is_sent_from_the_zero_buffer(
     assert stats.stages[-1].hole_bytes == 2 * MiB
     assert result.xxh128 == xxh128_of(image)
     assert_drive_holds(drive_store, result.uuid, image)
+
+
+def test_memory_holds_connections_plus_one_chunks(
+    drive_store: RunningServer, tmp_path: Path
+) -> None:
+    image = tmp_path / "dense.raw"
+    image.write_bytes(random.Random(13).randbytes(40 * MiB))
+    tracemalloc.start()
+    try:
+        result, _ = upload(drive_store, image, connections=2, chunk_size=2 * MiB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.xxh128 == xxh128_of(image)
+    # 3 chunks of 2 MiB, plus the store's own receive buffers in this process
+    assert peak < 16 * MiB, f"peak {peak / MiB:.1f} MiB for a 40 MiB image"
+    assert ChunkedOptions(connections=4, chunk_size=1 << 30).chunks_in_memory(1 << 30) == 2
+    assert ChunkedOptions(connections=4).chunks_in_memory(64 * MiB) == 5
 
 
 # --- faults survived ---------------------------------------------------------------------
