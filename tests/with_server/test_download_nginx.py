@@ -358,17 +358,17 @@ def test_sigkill_then_rerun_fetches_only_what_was_missing(nginx: Nginx, workdir:
 
 
 def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Path) -> None:
-    size = 16 * MiB
+    size = 32 * MiB
     src = make_image(nginx, "interrupted.raw", size, seed=13, pieces=20)
     args = [nginx.url("/slow/interrupted.raw"), "--expect", f"xxh128:{digest(src)}",
             "--range-size", "2M", "--block-size", "512K", "--checkpoint-interval", "30"]
     proc = subprocess.Popen(drivepipe_argv("download", "--progress", "none", *args),
                             cwd=workdir, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    part = workdir / "interrupted.raw.part"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (not part.exists() or allocated(part) < 2 * MiB):
-        time.sleep(0.05)
+    deadline = time.monotonic() + 30  # until the first 2 MiB range has been served
+    while time.monotonic() < deadline and proc.poll() is None and not any(
+            "interrupted.raw 206 2097152 " in line for line in nginx.log_lines()):
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
