@@ -29,9 +29,13 @@ from .sparse_read import SparseFileReader
 #: makes of the bytes after a stream's end (``unused_data``) stays cheap even
 #: when members are tiny (BGZF: 64 KiB each)
 FEED_SLICE = 128 << 10
-#: bounds on one decompressor call's output
+#: bounds on one decompressor call's output (= one extent).  Output that
+#: stays in the CPU cache decodes faster: measured on a 256 MiB gzip, 256 KiB
+#: pieces 1280 MB/s per CPU, 1 MiB 1030, 4 MiB 710, 16 MiB 560.
 MIN_OUT = 64 << 10
-MAX_OUT = 16 << 20
+MAX_OUT = 1 << 20
+#: the counting pass keeps nothing, so it uses the fastest piece size
+COUNT_OUT = 256 << 10
 #: a decompressor that makes no progress this many calls in a row is stuck
 STALL_LIMIT = 64
 
@@ -63,7 +67,7 @@ class StreamDecompressor(Protocol):
 
 
 def out_size(options: OpenOptions) -> int:
-    """Bytes per decompressor call: the read size, within sane bounds."""
+    """Bytes per decompressor call: the read size, within the bounds above."""
     return max(MIN_OUT, min(options.read_size, MAX_OUT))
 
 
@@ -258,7 +262,7 @@ def count_output(path: str, fmt: str, decoder: Decoder, options: OpenOptions) ->
     """The counting pass: decode the whole file and return the raw size."""
     feed = CompressedFeed(file_chunks(path, options.read_size, options.on_phase, "counting"))
     total = 0
-    for piece in _guarded(decoder(iter(feed), out_size(options)), feed, path, fmt):
+    for piece in _guarded(decoder(iter(feed), COUNT_OUT), feed, path, fmt):
         total += len(piece)
     return total
 
