@@ -138,12 +138,12 @@ def parse_header(data: bytes, path: str) -> Qcow2Header:
         incompat, compat, autoclear, refcount_order, header_length = _HEADER_V3.unpack_from(
             data, 72
         )
-        if header_length < 104 or header_length > len(data):
+        if not 104 <= header_length <= 1 << _MAX_CLUSTER_BITS:
             raise CorruptImage(f"{path}: qcow2 header length {header_length} is invalid")
         fields.update(
             incompatible=incompat, compatible=compat, autoclear=autoclear,
             refcount_order=refcount_order, header_length=header_length,
-            compression_type=data[104] if header_length > 104 else 0,
+            compression_type=data[104] if header_length > 104 and len(data) > 104 else 0,
         )
     return Qcow2Header(**fields)
 

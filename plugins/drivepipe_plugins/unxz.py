@@ -29,8 +29,8 @@ FOOTER_MAGIC = b"YZ"
 _HEADER = 12
 _FOOTER = 12
 _PAD_SCAN = 64 << 10
-#: an index this large would describe petabytes; refuse rather than allocate it
-_MAX_INDEX = 256 << 20
+#: an index this large (millions of blocks) is refused rather than read into memory
+_MAX_INDEX = 64 << 20
 _CHECKS = {0: "none", 1: "crc32", 4: "crc64", 10: "sha256"}
 
 
