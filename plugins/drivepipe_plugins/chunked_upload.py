@@ -76,6 +76,7 @@ from drivepipe._stage import ImageInput, RandomAccess
 from drivepipe._stats import RunStats, StageStats
 from drivepipe.cli._net import Connection
 
+from .curl_upload import Interrupts
 from .upload_journal import ImageIdentity, UploadJournal, default_journal_path
 
 #: libcurl's upload buffer (CURLOPT_UPLOAD_BUFFERSIZE accepts 16 KiB - 2 MiB)
@@ -167,7 +168,8 @@ class Session:
     resumed: bool
 
 
-def _drive_size(conn: Connection, uuid: str, what: str) -> int:
+def _drive_state(conn: Connection, uuid: str, what: str) -> tuple[int, str]:
+    """``(size, status)`` of a drive to resume; refused when it is gone."""
     try:
         drive = conn.api.drive(uuid)
     except HTTPError as exc:
@@ -175,16 +177,22 @@ def _drive_size(conn: Connection, uuid: str, what: str) -> int:
             raise ResumeRefused(f"drive {uuid} ({what}) no longer exists") from exc
         raise
     try:
-        return int(float(drive.get("size", -1)))
+        size = int(float(drive.get("size", -1)))
     except (TypeError, ValueError):
-        return -1
+        size = -1
+    return size, str(drive.get("status", ""))
 
 
-def _check_drive(conn: Connection, uuid: str, size: int, what: str) -> None:
-    found = _drive_size(conn, uuid, what)
-    if found != size:
-        raise ResumeRefused(f"drive {uuid} ({what}) holds {found} bytes but the image is "
-                            f"{size} bytes: it is not this image's upload")
+def _check_drive(
+    conn: Connection, uuid: str, size: int, what: str, *, ours: bool = False
+) -> None:
+    found, status = _drive_state(conn, uuid, what)
+    # A drive this upload finished (killed before its journal was removed) may have
+    # been grown to the minimum drive size: its chunks will all answer 416.
+    if found == size or (ours and status != "uploading" and found > size):
+        return
+    raise ResumeRefused(f"drive {uuid} ({what}) holds {found} bytes but the image is "
+                        f"{size} bytes: it is not this image's upload")
 
 
 def _create_drive(conn: Connection, image: ImageInput, options: ChunkedOptions) -> str:
@@ -226,7 +234,7 @@ def _resume_journal(
         raise ResumeRefused(f"{where} belongs to {journal.api}, not {conn.endpoint.api}; "
                             "delete it or pass another journal path")
     try:
-        _check_drive(conn, journal.uuid, image.size, where)
+        _check_drive(conn, journal.uuid, image.size, where, ours=True)
     except ResumeRefused as exc:
         raise ResumeRefused(f"{exc}; delete {journal.path} to start a new upload") from exc
     return Session(journal.uuid, journal, True)
@@ -549,6 +557,9 @@ class ChunkSender:
         self.wire_bytes = 0
         self.skipped = len(session.journal.confirmed & set(range(plan.count)))
         self._counts = {"retried": 0, "links_renewed": 0, "answered_416": 0}
+        #: Ctrl-C only sets a flag while the loop runs: raised inside a curl
+        #: callback, KeyboardInterrupt would be printed by pycurl and lost
+        self.interrupts = Interrupts()
         self._show()
 
     # the loop
@@ -556,15 +567,21 @@ class ChunkSender:
     def run(self) -> None:
         self.stats.started = time.perf_counter()
         try:
-            while not self._finished():
-                self._fill_idle_slots()
-                if self._active():
-                    self._pump()
-                else:
-                    self._idle_wait()
+            with self.interrupts.catching():
+                self._loop()
         finally:
             self.stats.finished = time.perf_counter()
             self._close()
+
+    def _loop(self) -> None:
+        while not self._finished():
+            if self.interrupts.requested:
+                raise KeyboardInterrupt
+            self._fill_idle_slots()
+            if self._active():
+                self._pump()
+            else:
+                self._idle_wait()
 
     def _finished(self) -> bool:
         return (self._feeder_done and not self._retry and not self._ready

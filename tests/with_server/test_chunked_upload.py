@@ -37,7 +37,7 @@ from drivepipe_plugins.chunked_upload import (
     ResumeRefused,
     chunked_upload,
 )
-from drivepipe_plugins.upload_journal import UploadJournal
+from drivepipe_plugins.upload_journal import ImageIdentity, UploadJournal, default_journal_path
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
 KiB = 1 << 10
@@ -356,6 +356,24 @@ def test_touched_image_resumes_only_with_explicit_uuid(
     result, _ = upload(drive_store, image, resume_uuid=uuid)
     assert result.skipped_chunks == 5
     assert_drive_holds(drive_store, uuid, image)
+
+
+def test_rerun_after_the_last_chunk_landed_sends_nothing(
+    drive_store: RunningServer, tmp_path: Path
+) -> None:
+    """Killed after the last chunk but before the journal went: the drive, grown to the
+    store's minimum size, is recognised as this upload's and every chunk answers 416."""
+    image = make_image(tmp_path / "small.raw", 700 * KiB, seed=14)
+    first, _ = upload(drive_store, image)
+    assert drive_store.store.get(first.uuid).size > image.stat().st_size
+    UploadJournal(default_journal_path(str(image), drive_store.base_url), first.uuid,
+                  drive_store.base_url, ImageIdentity.of(str(image)), image.stat().st_size,
+                  CHUNK, {0}).save()
+    counter = ChunkCounter(drive_store)
+    again, _ = upload(drive_store, image)
+    assert again.uuid == first.uuid and again.sent_bytes == 0 and counter.numbers == []
+    assert again.skipped_chunks == again.chunks == 2
+    assert again.xxh128 == first.xxh128 == xxh128_of(image)
 
 
 def test_resume_into_a_drive_of_another_size_is_refused(
