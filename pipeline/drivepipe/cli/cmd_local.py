@@ -41,8 +41,9 @@ def convert(
     check_target(dst, force=force)
     stats = RunStats(title=f"convert {src}")
     with Reporter(stats, progress):
-        image = open_input(src, fmt, read_size, stats)
+        # The sink first: if it refuses, no opened image is left unclosed.
         sink = SparseFileWriter(dst, force=force)
+        image = open_input(src, fmt, read_size, stats)
         run_pipeline(
             image.source, image.stages, sink, size=image.size, stats=stats,
             queue_depth=queue_depth,
