@@ -16,7 +16,9 @@ holds one curl handle for keep-alive, so use one client per thread.
 from __future__ import annotations
 
 import json
+import random
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -46,6 +48,12 @@ _CURL_WORDS = {
     pycurl.E_PARTIAL_FILE: "transfer cut short",
     pycurl.E_TOO_MANY_REDIRECTS: "too many redirects",
 }
+#: attempts of one JSON API call while the server says "retry later" (503, 429), or while
+#: the connection breaks under an idempotent method; the API documents 503 as "retry later"
+API_ATTEMPTS = 4
+API_BACKOFF = 0.25
+_RETRY_LATER = frozenset({429, 503})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 #: curl errors after which the same request may succeed
 TRANSIENT_CURL = frozenset({
     pycurl.E_COULDNT_CONNECT, pycurl.E_OPERATION_TIMEDOUT, pycurl.E_GOT_NOTHING,
@@ -214,6 +222,11 @@ def parse_uuid(body: bytes) -> str:
     return candidate.lower()
 
 
+def _backoff(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (1-based): doubling, with jitter."""
+    return float(API_BACKOFF * 2 ** (attempt - 1) * (0.5 + random.random() / 2))
+
+
 class ApiClient:
     """The JSON API of one endpoint with one account.  Not thread-safe."""
 
@@ -269,14 +282,24 @@ class ApiClient:
         c.setopt(pycurl.WRITEDATA, out)
         c.setopt(pycurl.HEADERFUNCTION, hdr)
         label = what or f"{method} {urlsplit(url).path}"
-        try:
-            c.perform()
-        except pycurl.error as exc:
-            raise curl_failure(exc, url, label) from exc
-        resp = Response(c.getinfo(pycurl.RESPONSE_CODE), hdr.headers, out.getvalue(), url)
-        if resp.status not in ok:
-            raise http_failure(resp, label)
-        return resp
+        for attempt in range(1, API_ATTEMPTS + 1):
+            out.seek(0)
+            out.truncate()
+            try:
+                c.perform()
+            except pycurl.error as exc:
+                failure: TransferError = curl_failure(exc, url, label)
+                if not (failure.transient and method in _IDEMPOTENT) or attempt == API_ATTEMPTS:
+                    raise failure from exc
+            else:
+                resp = Response(c.getinfo(pycurl.RESPONSE_CODE), hdr.headers, out.getvalue(),
+                                url)
+                if resp.status in ok:
+                    return resp
+                if resp.status not in _RETRY_LATER or attempt == API_ATTEMPTS:
+                    raise http_failure(resp, label)
+            time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")  # the last attempt returned or raised
 
     def get_json(self, path: str, query: Mapping[str, object] | None = None) -> Any:
         return self.request("GET", self.url(path, query)).json()
