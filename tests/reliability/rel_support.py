@@ -1,0 +1,88 @@
+"""Helpers the reliability suites share: test images, drive and error-line checks."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drivepipe.server import RunningServer
+
+MiB = 1 << 20
+
+
+@dataclass
+class Row:
+    scenario: str
+    operation: str
+    tried: int = 0
+    survived: int = 0
+    data_lost: int = 0
+    how: set[str] = field(default_factory=set)
+
+
+class FaultTable:
+    """Collects one row per (scenario, operation); prints them as a markdown table."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Row] = {}
+
+    def record(
+        self, scenario: str, operation: str, *, survived: bool, how: str, data_lost: int = 0
+    ) -> None:
+        row = self.rows.setdefault((scenario, operation), Row(scenario, operation))
+        row.tried += 1
+        row.survived += int(survived)
+        row.data_lost += data_lost
+        row.how.add(how)
+
+    def lines(self) -> list[str]:
+        out = [
+            "| fault | operation | tried | survived | data lost | outcome |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for row in self.rows.values():
+            how = ", ".join(sorted(row.how))
+            out.append(f"| {row.scenario} | {row.operation} | {row.tried} | {row.survived} "
+                       f"| {row.data_lost} | {how} |")
+        tried = sum(r.tried for r in self.rows.values())
+        survived = sum(r.survived for r in self.rows.values())
+        lost = sum(r.data_lost for r in self.rows.values())
+        out.append(f"| **total** | | {tried} | {survived} | {lost} | |")
+        return out
+
+
+def make_image(path: Path, size: int, seed: int, pieces: int = 6) -> Path:
+    """A sparse raw image: random data pieces, holes between, data in the last MiB."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for _ in range(pieces):
+            length = rng.randrange(1, MiB)
+            f.seek(rng.randrange(0, size - length))
+            f.write(rng.randbytes(length))
+        f.seek(size - rng.randrange(1, MiB))
+        f.write(rng.randbytes(1000))
+    os.truncate(path, size)
+    return path
+
+
+def drive_holds(store: RunningServer, uuid: str, image: Path) -> bool:
+    """The drive's bytes are the image's, then zeros up to the drive's size."""
+    want = image.read_bytes()
+    with open(store.store.raw_path(uuid), "rb") as f:
+        got = f.read(len(want))
+        if got != want:
+            return False
+        while block := f.read(4 * MiB):
+            if block.count(0) != len(block):
+                return False
+    return True
+
+
+def one_error_line(err: str) -> bool:
+    """stderr ends with exactly one ``drivepipe: error:`` line and holds no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("drivepipe: error:")]
+    return len(errors) == 1 and "Traceback" not in err
