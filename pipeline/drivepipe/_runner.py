@@ -109,6 +109,22 @@ class Pipeline(Generic[T]):
         return feed, upstream
 
     def run(self) -> T:
+        try:
+            chain, feed, producer, sink_stats = self._build()
+        except BaseException as exc:
+            # A part can fail while the chain is built (an eager extents()/process()):
+            # the others must still be aborted and closed.
+            self._fail()
+            self._close_all()
+            if isinstance(exc, KeyboardInterrupt):
+                raise Cancelled() from exc
+            raise
+        return self._run(chain, feed, producer, sink_stats)
+
+    def _build(
+        self,
+    ) -> tuple[Iterator[Extent], Iterator[Extent], threading.Thread | None, StageStats]:
+        """Wire and meter the parts; start nothing."""
         source_stats = self.stats.add(self.source.name, "source")
         chain, last = self._meter(
             self.stages[: self.split], metered(self.source.extents(), source_stats), source_stats
@@ -126,6 +142,15 @@ class Pipeline(Generic[T]):
         feed, last = self._meter(self.stages[self.split :], feed, last)
         sink_stats = self.stats.add(self.sink.name, "sink")
         sink_stats.upstream = last
+        return chain, feed, producer, sink_stats
+
+    def _run(
+        self,
+        chain: Iterator[Extent],
+        feed: Iterator[Extent],
+        producer: threading.Thread | None,
+        sink_stats: StageStats,
+    ) -> T:
         try:
             self.stats.transfer_started = time.perf_counter()
             if producer is not None:
