@@ -251,3 +251,34 @@ def test_split_runs_later_stages_in_the_calling_thread() -> None:
     )
     assert seen["early"] == {"drivepipe-producer"}
     assert seen["late"] == {threading.current_thread().name}
+
+
+class EagerSource(ListSource):
+    """A source whose ``extents()`` does its work (and fails) before returning."""
+
+    def extents(self) -> Iterator[Extent]:
+        raise self.error
+
+
+class EagerStage(CallStage):
+    """A stage whose ``process()`` reads a header eagerly and finds it corrupt."""
+
+    def process(self, upstream: Iterator[Extent]) -> Iterator[Extent]:
+        raise ValueError("bad header")
+
+
+@OVERLAP
+def test_parts_failing_while_the_pipeline_is_built_are_still_cleaned_up(overlap: bool) -> None:
+    source = EagerSource(tiled(b"abc"), error=OSError(5, "Input/output error"))
+    sink = CollectSink()
+    with pytest.raises(OSError):
+        run_pipeline(source, [], sink, size=3, overlap=overlap)
+    assert source.closed == 1 and sink.aborted == 1 and sink.closed == 1
+
+    source = ListSource(tiled(b"abc"))
+    stages = [CallStage("ok"), EagerStage("eager")]
+    sink = CollectSink()
+    with pytest.raises(ValueError, match="bad header"):
+        run_pipeline(source, stages, sink, size=3, overlap=overlap, split=1)
+    assert source.closed == 1 and [s.closed for s in stages] == [1, 1]
+    assert sink.aborted == 1 and sink.closed == 1
