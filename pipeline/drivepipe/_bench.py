@@ -59,6 +59,8 @@ SEND_REPEAT = 2
 OVERLAP_SHORTFALL = 0.75
 #: advice is given when the measured gain is at least this much
 WORTHWHILE = 0.10
+#: opening slower than this (a counting pass) is worth a line of advice
+SLOW_OPEN = 1.0
 #: read sizes tried when the reader limits
 BIGGER_READ_SIZES = (16 * MiB, 64 * MiB)
 
@@ -155,6 +157,8 @@ class BenchReport:
     pipeline: Measure | None
     bottleneck: Measure
     advice: list[Advice]
+    #: seconds opening the image took (a counting pass, for gzip/bzip2 without an index)
+    open_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -163,6 +167,7 @@ class BenchReport:
             "stages": [m.as_dict() for m in self.stages],
             "pipeline": self.pipeline.as_dict() if self.pipeline else None,
             "bottleneck": self.bottleneck.role,
+            "open_s": round(self.open_seconds, 3),
             "advice": [a.as_dict() for a in self.advice],
         }
 
@@ -451,7 +456,8 @@ def _zstd_decode_seconds(data: bytes) -> float:
 
 
 def advise_decode(
-    subject: Subject, budget: Budget, decoded: Decoded, decode: Measure, read: Measure
+    subject: Subject, budget: Budget, decoded: Decoded, decode: Measure, read: Measure,
+    reopen: bool = True,
 ) -> list[Advice]:
     out: list[Advice] = []
     more = max(subject.options.threads * 2, os.cpu_count() or 1)
@@ -460,7 +466,7 @@ def advise_decode(
         image = subject.open(replace(subject.options, threads=threads))
         return decode_measure(measure_decoded(image, budget), read, decode.label).rate
 
-    if more > subject.options.threads:
+    if reopen and more > subject.options.threads:
         before, after = a_b(lambda: decode_rate(subject.options.threads),
                             lambda: decode_rate(more))
         out.append(Advice(f"{more} decoder threads (OpenOptions.threads, formats that "
@@ -525,7 +531,47 @@ def run_bench(
 ) -> BenchReport:
     """Measure read, decode, hash, send alone, then the pipeline; name the slowest."""
     say = log or (lambda _msg: None)
-    image = subject.open(subject.options)  # opened once: a counting pass costs a full decode
+    say("opening the image")
+    t0 = time.perf_counter()
+    image = subject.open(subject.options)  # opened once here: a counting pass costs a decode
+    opened = time.perf_counter() - t0
+    run = _measure_alone(subject, budget, image, say)
+    say("whole pipeline")
+    pipeline = measure_pipeline(subject, run.make_sink, run.send.raw_bytes, subject.queue_depth)
+    neck = slowest(run.stages)
+    say(f"trying settings for {neck.role}")
+    # Settings that need the image reopened are not tried when opening is a counting pass.
+    reopen = opened < budget.seconds / 2
+    advice = _advice_for(subject, budget, run, neck, reopen)
+    if reopen:
+        advice += advise_queue(subject, run.make_sink, run.send.raw_bytes, pipeline, neck)
+    if opened >= SLOW_OPEN:
+        advice.insert(0, Advice(
+            f"opening took {opened:.1f}s before the first byte could flow: the {image.format} "
+            "file's raw size is found by decoding it all; a gzip made by bgzip (BGZF) or a zstd "
+            "file with content sizes in its frames is sized at once", neck.rate))
+    decoded = run.decoded
+    share = decoded.data_bytes / decoded.raw_bytes if decoded.raw_bytes else None
+    return BenchReport(subject.path, decoded.format, decoded.size, share, run.stages, pipeline,
+                       neck, advice, opened)
+
+
+@dataclass
+class _Alone:
+    """The stages measured alone, and what the advice needs of them."""
+
+    stages: list[Measure]
+    decoded: Decoded
+    read: Measure
+    decode: Measure | None
+    send: Measure
+    scale: float
+    make_sink: SinkFactory
+
+
+def _measure_alone(
+    subject: Subject, budget: Budget, image: ImageInput, say: Callable[[str], None]
+) -> _Alone:
     scale = expansion(image)
     say("read alone")
     try:
@@ -546,29 +592,27 @@ def run_bench(
     say(f"send alone ({subject.sink_label})")
     send = send_window(make_sink, decoded, budget, f"send ({subject.sink_label})")
     stages.append(send)
-    say("whole pipeline")
-    pipeline = measure_pipeline(subject, make_sink, send.raw_bytes, subject.queue_depth)
-    neck = slowest(stages)
-    say(f"trying settings for {neck.role}")
+    return _Alone(stages, decoded, read, decode, send, scale, make_sink)
+
+
+def _advice_for(
+    subject: Subject, budget: Budget, run: _Alone, neck: Measure, reopen: bool
+) -> list[Advice]:
     if neck.role == "read":
-        advice = advise_read(subject, budget, read, scale)
-    elif neck.role == "decode" and decode is not None:
-        advice = advise_decode(subject, budget, decoded, decode, read)
-    elif neck.role == "send":
-        advice = advise_send(subject, decoded, send, stages)
-    else:
-        advice = [Advice("hashing (xxh3-128) is the limit: it runs at memory speed, so the "
-                         "machine is busy elsewhere; nothing to tune in drivepipe", neck.rate)]
-    advice += advise_queue(subject, make_sink, send.raw_bytes, pipeline, neck)
-    share = decoded.data_bytes / decoded.raw_bytes if decoded.raw_bytes else None
-    return BenchReport(subject.path, decoded.format, decoded.size, share, stages, pipeline,
-                       neck, advice)
+        return advise_read(subject, budget, run.read, run.scale)
+    if neck.role == "decode" and run.decode is not None:
+        return advise_decode(subject, budget, run.decoded, run.decode, run.read, reopen)
+    if neck.role == "send":
+        return advise_send(subject, run.decoded, run.send, run.stages)
+    return [Advice("hashing (xxh3-128) is the limit: it runs at memory speed, so the machine "
+                   "is busy elsewhere; nothing to tune in drivepipe", neck.rate)]
 
 
 def report_lines(report: BenchReport) -> list[str]:
     """The report as text for stdout."""
     share = "" if report.data_share is None else f", {100 * report.data_share:.0f}% data"
-    lines = [f"{report.path}: {report.format}, {format_size(report.size)} raw{share}", ""]
+    lines = [f"{report.path}: {report.format}, {format_size(report.size)} raw{share}, "
+             f"opened in {report.open_seconds:.2f}s", ""]
     rows = [*report.stages, *([report.pipeline] if report.pipeline else [])]
     width = max(len(m.label) for m in rows)
     for m in rows:
