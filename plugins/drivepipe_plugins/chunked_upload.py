@@ -340,6 +340,8 @@ class ChunkFeeder:
         self._slots = threading.Semaphore(slots)
         self._stop = threading.Event()
         self._hash = xxhash.xxh3_128()
+        #: bytes of chunks not to send (confirmed earlier) that were hashed and dropped
+        self.passed_bytes = 0
         self.source_stats = stats.add(image.source.name, "source")
         self.stage_stats: list[StageStats] = []
         upstream = self.source_stats
@@ -402,10 +404,10 @@ class ChunkFeeder:
         self.hash_stats.inclusive += time.perf_counter() - t0
         _count(self.hash_stats, extents)
         if number in self.skip:
+            self.passed_bytes += self.plan.span(number)[1]
             self._slots.release()
             return
-        offset, length = self.plan.span(number)
-        self.out.put(ChunkJob(number, offset, length, extents))
+        self._queue(number, extents)
 
     # random access: reader threads fill chunks out of order, hashed in order here
 
@@ -452,15 +454,15 @@ class ChunkFeeder:
         try:
             for number, ext in _pieces(hashed, self.plan):
                 if number != current:
-                    if current is not None and current not in self.skip:
-                        self._queue(current, extents)
+                    self._queue(current, extents)
                     current, extents = number, []
                     if number not in self.skip:
                         self._acquire()
-                if number not in self.skip:
+                if number in self.skip:
+                    self.passed_bytes += ext.length  # fast-forward: hashed, not kept
+                else:
                     extents.append(ext)
-            if current is not None and current not in self.skip:
-                self._queue(current, extents)
+            self._queue(current, extents)
         finally:
             close: Callable[[], None] | None = getattr(hashed, "close", None)
             if close is not None:
@@ -471,7 +473,9 @@ class ChunkFeeder:
             self._hash_extent(ext)
             yield ext
 
-    def _queue(self, number: int, extents: list[Extent]) -> None:
+    def _queue(self, number: int | None, extents: list[Extent]) -> None:
+        if number is None or number in self.skip:
+            return
         offset, length = self.plan.span(number)
         self.out.put(ChunkJob(number, offset, length, extents))
 
@@ -554,6 +558,7 @@ class ChunkSender:
         self._ready: collections.deque[ChunkJob] = collections.deque()
         self._feeder_done = False
         self.sent_bytes = 0
+        self.done_bytes = 0
         self.wire_bytes = 0
         self.skipped = len(session.journal.confirmed & set(range(plan.count)))
         self._counts = {"retried": 0, "links_renewed": 0, "answered_416": 0}
@@ -767,11 +772,14 @@ class ChunkSender:
 
     def _confirm(self, job: ChunkJob, *, sent: bool) -> None:
         self.session.journal.confirm(job.number)
-        self.stats.bytes += job.length
+        self.done_bytes += job.length
         if sent:
             self.sent_bytes += job.length
-            _count(self.stats, job.extents)
-            self.stats.bytes -= job.length  # counted above, for sent and skipped alike
+            for ext in job.extents:
+                if ext.data is None:
+                    self.stats.hole_bytes += ext.length
+                else:
+                    self.stats.data_bytes += ext.length
         else:
             self.skipped += 1
         job.extents = []
@@ -785,6 +793,8 @@ class ChunkSender:
     def _show(self) -> None:
         in_flight = sum(1 for slot in self.slots if slot.job is not None)
         done = len(self.session.journal.confirmed)
+        # Done: confirmed by the server in this run, or earlier and passed by the feeder.
+        self.stats.bytes = self.done_bytes + self.feeder.passed_bytes
         self.stats.extra.update({
             "chunks_total": self.plan.count, "chunks_done": done,
             "chunks_in_flight": in_flight, "chunks_skipped": self.skipped,

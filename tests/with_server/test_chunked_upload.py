@@ -309,8 +309,10 @@ def test_rerun_resumes_from_the_journal(
     before = set(drive_store.store.get(uuid).received)
     assert before == {0, 1, 2, 3, 4}
     counter = ChunkCounter(drive_store)
-    result, _ = upload(drive_store, image, connections=2)
+    result, stats = upload(drive_store, image, connections=2)
     assert result.uuid == uuid and result.resumed
+    assert stats.done == result.size, "chunks confirmed earlier count as done"
+    assert stats.stages[-1].data_bytes + stats.stages[-1].hole_bytes == result.sent_bytes
     assert sorted(counter.numbers) == sorted(set(range(12)) - before)
     assert result.skipped_chunks == len(before)
     assert result.xxh128 == xxh128_of(image)
