@@ -68,6 +68,13 @@ class HandlerBase(BaseHTTPRequestHandler):
         if isinstance(self.connection, ssl.SSLSocket):
             # Done here, in the connection's own thread, under its timeout.
             self.connection.do_handshake()
+        else:
+            # Bodies are read in blocking mode (see _body): the kernel keeps the timeout.
+            whole = int(self.ctx.config.idle_timeout)
+            fraction = int((self.ctx.config.idle_timeout - whole) * 1_000_000)
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, fraction)
+            )
 
     def _fresh_request(self) -> None:
         self.request_id = uuidlib.uuid4().hex

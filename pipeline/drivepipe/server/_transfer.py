@@ -27,6 +27,7 @@ from urllib.parse import unquote
 
 from drivepipe._extent import ZERO_VIEW, Buffer
 
+from ._body import BodyReader
 from ._errors import ApiError, permission, validation
 from ._faults import Fault
 from ._http import ClientGone, HandlerBase
@@ -40,8 +41,6 @@ TLS_BLOCK: Final = 1 << 20
 class TransferViews(HandlerBase):
     """Views that move drive bytes; the router calls them by name."""
 
-    #: Body bytes still allowed before a ``drop_upload`` fault resets (-1: no fault).
-    _budget: int = -1
 
     # --- receiving --------------------------------------------------------
 
@@ -82,40 +81,35 @@ class TransferViews(HandlerBase):
     def receive_body(self, sink: Callable[[Buffer], None], length: int) -> None:
         """Stream ``length`` body bytes into ``sink``: large reads, writes overlapped."""
         fault = self.ctx.faults.take("drop_upload", self.command, self.path)
-        self._budget = fault.after if fault else -1
+        body = BodyReader(self.rfile, self.connection, length, fault.after if fault else -1)
+        try:
+            with body:
+                self._pump(body, sink, length)
+        except ClientGone:
+            if body.budget == 0:
+                self.abort_connection()
+            raise
+        finally:
+            self.body_left = body.left
+
+    def _pump(self, body: BodyReader, sink: Callable[[Buffer], None], length: int) -> None:
         if length <= BODY_BUFFER:
             buf = memoryview(bytearray(length))
             filled = 0
-            while self.body_left:
-                filled += self._read_piece(buf[filled:])
+            while body.left:
+                filled += body.readinto(buf[filled:])
             sink(buf)
             return
         with OverlappedSink(sink, BODY_BUFFER) as out:
-            while self.body_left:
+            while body.left:
                 piece = out.buffer()
                 try:
-                    n = self._read_piece(memoryview(piece))
+                    n = body.readinto(memoryview(piece))
                 except BaseException:
                     out.give_back(piece)
                     raise
                 out.submit(piece, n)
             out.finish()
-
-    def _read_piece(self, view: memoryview) -> int:
-        """Read at most ``len(view)`` body bytes into ``view``; a dropped body raises."""
-        want = min(self.body_left, len(view))
-        if self._budget == 0:
-            self.abort_connection()
-            raise ClientGone("fault injection: upload dropped")
-        if self._budget > 0:
-            want = min(want, self._budget)
-        n = self.rfile.readinto(view[:want])
-        if not n:
-            raise ClientGone("the request body ended early")
-        if self._budget > 0:
-            self._budget -= n
-        self.body_left -= n
-        return n
 
     def chunk_params(self, uuid: str, number: str) -> tuple[int, int]:
         """The chunk number and nominal size a signed chunk link names."""
