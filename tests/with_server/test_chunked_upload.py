@@ -30,6 +30,7 @@ from drivepipe._registry import formats, open_image
 from drivepipe._stats import RunStats
 from drivepipe.cli._net import Connection
 from drivepipe.server import RunningServer
+from drivepipe.server._handler import StoreHandler
 from drivepipe_plugins.chunked_upload import (
     ChunkedOptions,
     ChunkedResult,
@@ -217,6 +218,23 @@ def test_memory_holds_connections_plus_one_chunks(
     assert peak < 16 * MiB, f"peak {peak / MiB:.1f} MiB for a 40 MiB image"
     assert ChunkedOptions(connections=4, chunk_size=1 << 30).chunks_in_memory(1 << 30) == 2
     assert ChunkedOptions(connections=4).chunks_in_memory(64 * MiB) == 5
+
+
+def test_chunk_bodies_go_without_credentials(
+    drive_store: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link is a capability: the password goes only with the API requests."""
+    seen: list[str | None] = []
+    original = StoreHandler.chunk_body
+
+    def recording(handler: StoreHandler, uuid: str, number: str) -> None:
+        seen.append(handler.headers.get("Authorization"))
+        original(handler, uuid, number)
+
+    monkeypatch.setattr(StoreHandler, "chunk_body", recording)
+    image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=15)
+    result, _ = upload(drive_store, image, connections=2)
+    assert seen == [None] * result.chunks
 
 
 # --- faults survived ---------------------------------------------------------------------
