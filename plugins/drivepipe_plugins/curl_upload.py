@@ -102,6 +102,7 @@ class BodyReader:
             raise KeyboardInterrupt
         while not self._view and not self._hole_left:
             self._advance()
+        want = min(want, self.size - self.sent)  # never more than Content-Length
         if self._hole_left:
             n = min(want, self._hole_left, ZERO_SIZE)
             self._hole_left -= n
@@ -132,9 +133,9 @@ class BodyReader:
 
     def expect_end(self) -> None:
         """Raise SizeMismatch unless the stream is exhausted (empty extents allowed)."""
-        for ext in self._extents:
-            if ext.length:
-                raise SizeMismatch(f"image produced more than the announced {self.size} bytes")
+        more = self._view or self._hole_left or any(ext.length for ext in self._extents)
+        if more:
+            raise SizeMismatch(f"image produced more than the announced {self.size} bytes")
 
 
 class _Answer:

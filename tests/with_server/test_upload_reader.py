@@ -113,3 +113,13 @@ def test_interrupt_flag_aborts_the_next_read() -> None:
     assert interrupts(0, 0, 0, 0) == 1  # XFERINFOFUNCTION asks curl to stop
     assert reader(10) == ABORT
     assert isinstance(reader.error, KeyboardInterrupt)
+
+
+@pytest.mark.parametrize("extent", [Extent(0, 1024, b"z" * 1024), Extent.hole(0, 1024)])
+def test_extent_running_past_the_size_aborts(extent: Extent) -> None:
+    """Without the runner's check too: never more than Content-Length, never a full body."""
+    reader = BodyReader(iter([extent]), 1000)
+    assert bytes(reader(600)) == bytes(extent.data or bytes(600))[:600]
+    assert reader(2048) == ABORT
+    assert reader.sent == 1000  # counted, but the last call's bytes never reached curl
+    assert isinstance(reader.error, SizeMismatch)
