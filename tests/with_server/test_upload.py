@@ -515,3 +515,18 @@ def test_request_head_on_the_wire(drive_store: Any, tmp_path: Path,
     assert "transfer-encoding" not in fields
     assert "expect" not in fields
     assert drive_store.store.get(uuid).image_size == 3 * MiB + 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--progress", "fancy"], ["--connections", "0"], ["--chunk-size", "big"],
+     ["--journal", "j.json"]],
+)
+def test_bad_options_refused_before_anything_happens(cli: CliRun, drive_store: Any,
+                                                     tmp_path: Path, args: list[str]) -> None:
+    image = make_image(tmp_path / "o.img", MiB, [])
+    before = drive_uuids(drive_store)
+    code, out, err = cli(str(image), *args)
+    assert_one_line_failure(code, out, err)
+    assert code == 2
+    assert drive_uuids(drive_store) == before

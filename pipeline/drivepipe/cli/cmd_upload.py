@@ -25,7 +25,7 @@ from drivepipe_plugins.curl_upload import (
 )
 
 from .._errors import DrivepipeError, TransferError, UsageError
-from .._progress import Reporter
+from .._progress import Reporter, resolve_mode
 from .._sizes import format_size, parse_size
 from .._stage import ImageInput
 from .._stats import RunStats
@@ -148,10 +148,14 @@ def upload(
     insecure_http: InsecureHttpOpt = False,
 ) -> None:
     """Upload an image as a new drive; prints the drive's UUID and nothing else."""
+    # Every option is checked before a password prompt or a long counting pass.
     direct = DirectOptions(buffer_size=buffer_size(buffer), queue_depth=queue_depth)
+    resolve_mode(progress)
     if connections < 1:
         raise UsageError("--connections must be at least 1")
-    parse_size(chunk_size)  # a bad size is refused before anything is opened
+    parse_size(chunk_size)
+    if journal and not (chunked or resume):
+        raise UsageError("--journal belongs to a chunked upload: add --chunked")
     conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http)
     try:
         stats = RunStats(title=f"upload {image}")
