@@ -67,6 +67,23 @@ def test_xz_layout_details() -> None:
     assert details["checks"] == "crc64, sha256"
 
 
+@pytest.mark.parametrize(("threads", "how"), [(1, "sequential"), (2, "parallel")])
+def test_xz_decodes_sequentially_or_by_blocks(threads: int, how: str) -> None:
+    out = decode(FORMATS / "multi.xz", threads=threads)
+    assert str(out.image.details["decoding"]).startswith(how)
+    assert out.content == stream_image()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_xz_corrupt_block_is_corrupt(tmp_path: Path, threads: int) -> None:
+    path = copy_fixture("multi.xz", tmp_path)
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0x55
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage, match="corrupt xz"):
+        decode(path, threads=threads)
+
+
 def test_zstd_frames_counted() -> None:
     details = decode(FORMATS / "multi.zst").image.details
     assert details["frames"] == 2

@@ -5,8 +5,11 @@ back from the end of the file - skip stream padding, read the 12-byte stream
 footer, the index it points to, and sum the index records' uncompressed sizes;
 repeat for each earlier concatenated stream until offset 0.  Every footer,
 index and header CRC32 is checked, so a corrupt or truncated file is refused
-before streaming.  Decoding uses stdlib ``lzma`` one stream at a time (it
-stops at stream padding by itself), skipping the padding between streams.
+before streaming.  Decoding: a file of several blocks (``xz -T`` writes
+them) whose blocks are at most 32 MiB is decoded block by block in a small
+thread pool (source stage "unxz"); anything else streams through stdlib
+``lzma`` one stream at a time (it stops at stream padding by itself),
+skipping the padding between streams (stage "unxz" after the file reader).
 Refused: bad magic, CRC or index, padding not a multiple of 4.
 """
 
@@ -16,13 +19,22 @@ import lzma
 import os
 import struct
 import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from drivepipe._errors import CorruptImage, ImageError
-from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
+from drivepipe._extent import Extent, split_zeros
+from drivepipe._stage import ImageFormat, ImageInput, OpenOptions, Source
 
-from ._codec import StreamDecompressor, decode_streams, open_compressed
+from ._codec import (
+    StreamDecompressor,
+    decode_streams,
+    open_compressed,
+    out_size,
+    pread_exact,
+)
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"
@@ -32,6 +44,10 @@ _PAD_SCAN = 64 << 10
 #: an index this large (millions of blocks) is refused rather than read into memory
 _MAX_INDEX = 64 << 20
 _CHECKS = {0: "none", 1: "crc32", 4: "crc64", 10: "sha256"}
+#: blocks decoded in parallel hold up to this much raw data each while in flight
+_PARALLEL_MAX_BLOCK = 32 << 20
+#: block lists longer than this are not kept (they only serve parallel decoding)
+_MAX_BLOCK_LIST = 1 << 18
 
 
 def _new_stream() -> StreamDecompressor:
@@ -68,12 +84,51 @@ def _varints(data: bytes, pos: int, count: int) -> tuple[list[int], int]:
 
 
 @dataclass
+class XzBlock:
+    """One block: where it lies in the file and in the raw image."""
+
+    offset: int
+    #: bytes it occupies in the file (its unpadded size rounded up to 4)
+    stored: int
+    unpadded: int
+    raw_offset: int
+    raw_size: int
+    #: the 12-byte header of its stream (flags: which check the block carries)
+    stream_header: bytes
+
+
+@dataclass
 class XzLayout:
     streams: int = 0
     blocks: int = 0
     size: int = 0
     #: integrity check of each stream, in file order
     checks: list[str] = field(default_factory=list)
+    #: every block in file order; None when there are too many to keep
+    block_list: list[XzBlock] | None = field(default_factory=list)
+
+    def add_stream_blocks(self, blocks: list[XzBlock]) -> None:
+        """Prepend a stream's blocks (the walk goes backwards)."""
+        if self.block_list is None or len(self.block_list) + len(blocks) > _MAX_BLOCK_LIST:
+            self.block_list = None
+            return
+        self.block_list[:0] = blocks
+
+    def number_blocks(self) -> None:
+        """Give every block its offset in the raw image, once the walk is done."""
+        pos = 0
+        for block in self.block_list or ():
+            block.raw_offset = pos
+            pos += block.raw_size
+
+
+def _blocks(records: list[tuple[int, int]], stream_start: int, header: bytes) -> list[XzBlock]:
+    out = []
+    pos = stream_start + _HEADER
+    for unpadded, raw in records:
+        out.append(XzBlock(pos, _round4(unpadded), unpadded, 0, raw, header))
+        pos += _round4(unpadded)
+    return out
 
 
 class _IndexWalker:
@@ -112,21 +167,22 @@ class _IndexWalker:
         index_at = end - _FOOTER - index_size
         if index_size > _MAX_INDEX or index_at < _HEADER:
             raise self.bad("index size out of range", end - _FOOTER)
-        blocks_size, raw, count = self.index(index_at, index_size)
-        start = index_at - blocks_size - _HEADER
+        records = self.index(index_at, index_size)
+        start = index_at - sum(_round4(u) for u, _ in records) - _HEADER
         header = self.read(start, _HEADER, "stream header")
         if header[:6] != XZ_MAGIC or header[6:8] != flags:
             raise self.bad("stream header does not match its footer", start)
         if struct.unpack("<I", header[8:])[0] != zlib.crc32(header[6:8]):
             raise self.bad("bad stream header CRC", start)
         layout.streams += 1
-        layout.blocks += count
-        layout.size += raw
+        layout.blocks += len(records)
+        layout.size += sum(r for _, r in records)
+        layout.add_stream_blocks(_blocks(records, start, header))
         layout.checks.insert(0, _CHECKS.get(flags[1] & 0x0F, str(flags[1] & 0x0F)))
         return start
 
-    def index(self, at: int, size: int) -> tuple[int, int, int]:
-        """Parse the index at ``at``: (bytes of blocks, raw bytes, record count)."""
+    def index(self, at: int, size: int) -> list[tuple[int, int]]:
+        """Parse the index at ``at``: (unpadded size, raw size) of each block."""
         data = self.read(at, size, "index")
         if data[0] != 0 or struct.unpack("<I", data[-4:])[0] != zlib.crc32(data[:-4]):
             raise self.bad("bad index", at)
@@ -139,8 +195,7 @@ class _IndexWalker:
             raise self.bad(str(exc), at) from exc
         if _round4(pos) != size - 4 or any(data[pos : size - 4]):
             raise self.bad("index padding", at + pos)
-        unpadded, raw = values[0::2], values[1::2]
-        return sum(_round4(u) for u in unpadded), sum(raw), count
+        return list(zip(values[0::2], values[1::2], strict=True))
 
     def walk(self) -> XzLayout:
         layout = XzLayout()
@@ -149,6 +204,7 @@ class _IndexWalker:
             pos = self.skip_padding(self.stream(pos, layout))
         if layout.streams == 0:
             raise self.bad("no xz stream", 0)
+        layout.number_blocks()
         return layout
 
 
@@ -167,6 +223,107 @@ def xz_layout(path: str) -> XzLayout:
 
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def single_block_stream(block: XzBlock, data: bytes) -> bytes:
+    """A complete xz stream holding just ``block``, so it decodes on its own."""
+    index = bytearray(b"\0" + _varint(1) + _varint(block.unpadded) + _varint(block.raw_size))
+    index += bytes(-len(index) % 4)
+    index += struct.pack("<I", zlib.crc32(index))
+    flags = block.stream_header[6:8]
+    tail = struct.pack("<I", len(index) // 4 - 1) + flags
+    footer = struct.pack("<I", zlib.crc32(tail)) + tail + FOOTER_MAGIC
+    return block.stream_header + data + bytes(index) + footer
+
+
+class XzBlockSource(Source):
+    """Decodes the blocks of a multi-block xz file in parallel, in order.
+
+    xz -T writes independent blocks; each is wrapped into a one-block stream
+    (header, block, a one-record index, footer) and decoded by stdlib ``lzma``
+    in a worker thread (it releases the GIL).  At most ``2 x threads`` blocks
+    are in flight, each at most ``_PARALLEL_MAX_BLOCK`` raw bytes, so memory
+    stays bounded; all-zero blocks of output become holes inside the workers.
+    """
+
+    name = "unxz"
+
+    def __init__(self, path: str, layout: XzLayout, options: OpenOptions) -> None:
+        assert layout.block_list is not None
+        self.path = path
+        self.blocks = layout.block_list
+        self.size = layout.size
+        self.threads = max(2, options.threads)
+        self.out = out_size(options)
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="unxz")
+
+    def extents(self) -> Iterator[Extent]:
+        inflight: deque[Future[list[Extent]]] = deque()
+        try:
+            for block in self.blocks:
+                inflight.append(self._pool.submit(self._decode, block))
+                if len(inflight) >= 2 * self.threads:
+                    yield from inflight.popleft().result()
+            while inflight:
+                yield from inflight.popleft().result()
+        finally:
+            for future in inflight:
+                future.cancel()
+
+    def _decode(self, block: XzBlock) -> list[Extent]:
+        data = pread_exact(self.fd, block.stored, block.offset, self.path, "xz block")
+        dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        stream = single_block_stream(block, data)
+        out: list[Extent] = []
+        pos = block.raw_offset
+        try:
+            piece = dec.decompress(stream, self.out)
+            while piece:
+                if pos + len(piece) > block.raw_offset + block.raw_size:
+                    raise lzma.LZMAError("block holds more data than its index says")
+                out.extend(split_zeros(Extent(pos, len(piece), piece)))
+                pos += len(piece)
+                piece = dec.decompress(b"", self.out) if not dec.eof else b""
+        except lzma.LZMAError as exc:
+            raise CorruptImage(
+                f"{self.path}: corrupt xz block at compressed offset {block.offset}: {exc}"
+            ) from exc
+        if not dec.eof or pos != block.raw_offset + block.raw_size:
+            raise CorruptImage(
+                f"{self.path}: xz block at compressed offset {block.offset} decodes to "
+                f"{pos - block.raw_offset} bytes, its index says {block.raw_size}"
+            )
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def parallel_ok(layout: XzLayout, options: OpenOptions) -> bool:
+    """Decode blocks in parallel when there are several and each is small enough."""
+    blocks = layout.block_list
+    return (
+        options.threads > 1
+        and blocks is not None
+        and len(blocks) > 1
+        and max(b.raw_size for b in blocks) <= _PARALLEL_MAX_BLOCK
+    )
+
+
 class XzFormat(ImageFormat):
     name = "xz"
     detect_order = 20
@@ -176,10 +333,18 @@ class XzFormat(ImageFormat):
 
     def open(self, path: str, options: OpenOptions) -> ImageInput:
         layout = xz_layout(path)
-        return open_compressed(
-            path, self.name, "unxz", decode_xz, layout.size, options,
-            {
-                "compression": "xz", "streams": layout.streams, "blocks": layout.blocks,
-                "checks": ", ".join(layout.checks), "size_from": "xz index",
-            },
+        details: dict[str, object] = {
+            "compression": "xz", "streams": layout.streams, "blocks": layout.blocks,
+            "checks": ", ".join(layout.checks), "size_from": "xz index",
+        }
+        if not parallel_ok(layout, options):
+            details["decoding"] = "sequential"
+            return open_compressed(
+                path, self.name, "unxz", decode_xz, layout.size, options, details
+            )
+        details["decoding"] = f"parallel blocks ({max(2, options.threads)} threads)"
+        source = XzBlockSource(path, layout, options)
+        return ImageInput(
+            path=path, format=self.name, size=layout.size, source=source,
+            file_size=os.fstat(source.fd).st_size, details=details,
         )
