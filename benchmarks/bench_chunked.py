@@ -11,7 +11,9 @@ best of N with a warm page cache and the store's drives deleted between runs:
 
 Then it starts a chunked upload (the largest N), kills it with SIGKILL once
 the journal confirms half of the chunks, reads which chunks the store holds,
-and times the same command run again.  *Re-sent* is what the resume pushed
+and times the same command run again (it reads and hashes the whole image, the
+digest covers every byte, but sends only the chunks the store lacks).  *Re-sent*
+is what the resume pushed
 to the network beyond the chunks the store lacked at the kill (libcurl's
 body bytes, failed attempts included, from the ``--progress json`` summary).
 
@@ -190,6 +192,7 @@ def bench_resume(store: Store, image: Path, connections: int, chunk_size: str) -
     missing = sum(min(nominal, size - n * nominal) if n < chunks - 1 else size - n * nominal
                   for n in set(range(chunks)) - at_kill)
     argv[argv.index("none")] = "json"
+    settle()  # the killed run's writes are flushed untimed, as before every timed run
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
