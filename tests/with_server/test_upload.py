@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -530,3 +531,37 @@ def test_bad_options_refused_before_anything_happens(cli: CliRun, drive_store: A
     assert_one_line_failure(code, out, err)
     assert code == 2
     assert drive_uuids(drive_store) == before
+
+
+# --- decoded on the fly: the drive holds the raw image, the meta its checksum -----------------
+
+
+def compressed(image: Path, kind: str) -> Path:
+    if kind == "qcow2":
+        out = image.with_suffix(".qcow2")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", str(image),
+                        str(out)], check=True)
+        return out
+    tool = {"gzip": ["gzip", "-k", "-1"], "zstd": ["zstd", "-q", "-1"]}[kind]
+    subprocess.run([*tool, str(image)], check=True)
+    return image.with_name(image.name + {"gzip": ".gz", "zstd": ".zst"}[kind])
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["gzip", "zstd",
+     pytest.param("qcow2", marks=[pytest.mark.needs_qemu,
+                                  pytest.mark.skipif(shutil.which("qemu-img") is None,
+                                                     reason="needs qemu-img")])],
+)
+def test_compressed_image_uploads_as_raw(cli: CliRun, drive_store: Any, tmp_path: Path,
+                                         kind: str) -> None:
+    raw = random_sparse(tmp_path / "c.raw", 14)
+    with open(raw, "r+b") as f:  # qcow2's virtual size is a whole number of sectors
+        f.truncate(-(-raw.stat().st_size // 512) * 512)
+    packed = compressed(raw, kind)
+    uuid = upload_ok(cli, packed)
+    rec = drive_store.store.get(uuid)
+    assert rec.image_size == raw.stat().st_size
+    assert rec.meta["drivepipe_xxh128"] == xxh128_of(raw)
+    assert_drive_holds(drive_store.store.raw_path(uuid), raw)
