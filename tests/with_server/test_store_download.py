@@ -175,12 +175,14 @@ def test_holes_are_served_as_zeros_and_big_sparse_drives_stream(
     assert answer.body[5010:].count(0) == len(answer.body) - 5010
 
 
-def test_uploading_drive_is_not_downloadable(client: Api) -> None:
+def test_uploading_drive_is_not_downloadable(drive_store: RunningServer, client: Api) -> None:
     uuid = client.call("POST", "initupload/", body={"name": "x", "size": 5000}).json["objects"][0][
         "uuid"
     ]
-    answer = fetch(client, signed_url(client, uuid))
-    assert answer.status == 400
+    assert client.call("GET", f"drives/{uuid}/download/").status == 400
+    # Nor through a link signed before (or without) the redirect check.
+    query = drive_store.server.context.signer.query("download", (uuid,), 60)
+    assert fetch(client, f"{drive_store.base_url}direct/{uuid}/download/?{query}").status == 400
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")

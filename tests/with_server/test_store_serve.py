@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -139,3 +140,25 @@ def test_serve_command_makes_a_random_password(tmp_path: Path) -> None:
     assert "password " in err
     password = err.split("password ", 1)[1].split()[0]
     assert len(password) >= 16
+
+
+def test_uploads_over_the_limit_wait_then_get_503(make_drive_store: MakeStore) -> None:
+    server = make_drive_store(max_uploads=1, upload_wait=0.2)
+    auth = base64.b64encode(f"{server.username}:{server.password}".encode())
+    size = 5 << 20
+    head = (
+        b"POST /api/2.0/drives/upload/ HTTP/1.1\r\nHost: x\r\nAuthorization: Basic " + auth
+        + b"\r\nContent-Length: " + str(size).encode() + b"\r\n\r\n"
+    )
+    body = os.urandom(size)
+    with connect(server) as first, connect(server) as second:
+        first.sendall(head + body[: 4 << 20])
+        incoming = server.store.incoming_dir
+        # The first upload holds the only slot once its first piece is on disk.
+        while not any(os.stat(os.path.join(incoming, n)).st_blocks for n in os.listdir(incoming)):
+            time.sleep(0.01)
+        second.sendall(head)  # the answer comes before any body byte is read
+        assert second.recv(12) == b"HTTP/1.1 503"
+        first.sendall(body[4 << 20 :])
+        assert first.recv(12) == b"HTTP/1.1 201"
+    assert len(server.store.list()) == 1

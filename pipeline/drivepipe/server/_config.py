@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 from dataclasses import dataclass, field
 
 from ._faults import Faults
@@ -35,6 +36,10 @@ class ServerConfig:
     idle_timeout: float = 60.0
     #: Connections served at once; more are closed at once (a flood of idle sockets).
     max_connections: int = 256
+    #: Request bodies received at once (each holds up to 12 MiB of buffers); more wait
+    #: up to ``upload_wait`` seconds, then get 503.
+    max_uploads: int = 16
+    upload_wait: float = 30.0
     tls_cert: str | None = None
     tls_key: str | None = None
     realm: str = "drivepipe"
@@ -56,6 +61,10 @@ class StoreContext:
     store: DriveStore
     signer: Signer
     faults: Faults = field(default_factory=Faults)
+    upload_slots: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.upload_slots = threading.BoundedSemaphore(self.config.max_uploads)
 
     @property
     def password(self) -> str:

@@ -28,11 +28,12 @@ from urllib.parse import unquote
 from drivepipe._extent import ZERO_VIEW, Buffer
 
 from ._body import BodyReader
-from ._errors import ApiError, permission, validation
+from ._errors import ApiError, busy, permission, validation
 from ._faults import Fault
 from ._http import ClientGone, HandlerBase
 from ._overlap import OverlappedSink
 from ._ranges import Unsatisfiable, parse_range, segments
+from ._store import DOWNLOADABLE
 
 BODY_BUFFER: Final = 4 << 20
 TLS_BLOCK: Final = 1 << 20
@@ -80,6 +81,9 @@ class TransferViews(HandlerBase):
 
     def receive_body(self, sink: Callable[[Buffer], None], length: int) -> None:
         """Stream ``length`` body bytes into ``sink``: large reads, writes overlapped."""
+        slots = self.ctx.upload_slots
+        if not slots.acquire(timeout=self.ctx.config.upload_wait):
+            raise busy("too many uploads at once: try again later")
         fault = self.ctx.faults.take("drop_upload", self.command, self.path)
         body = BodyReader(self.rfile, self.connection, length, fault.after if fault else -1)
         try:
@@ -91,6 +95,7 @@ class TransferViews(HandlerBase):
             raise
         finally:
             self.body_left = body.left
+            slots.release()
 
     def _pump(self, body: BodyReader, sink: Callable[[Buffer], None], length: int) -> None:
         if length <= BODY_BUFFER:
@@ -152,7 +157,10 @@ class TransferViews(HandlerBase):
     # --- serving ----------------------------------------------------------
 
     def download_redirect(self, uuid: str) -> None:
-        self.ctx.store.get(uuid)  # 404 here, before the client follows anything
+        # 404 and "still uploading" here, before the client follows anything.
+        rec = self.ctx.store.get(uuid)
+        if rec.status not in DOWNLOADABLE:
+            raise validation(f"drive {uuid} is {rec.status}, not downloadable yet", "status")
         query = self.ctx.signer.query("download", (uuid,), self.ctx.config.link_ttl)
         target = f"{self.base_url()}direct/{uuid}/download/?{query}"
         self.reply(302, b"", None, (("Location", target),))
