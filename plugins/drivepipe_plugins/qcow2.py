@@ -40,7 +40,7 @@ import zstandard
 from isal import igzip_lib
 
 from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
-from drivepipe._extent import Extent, split_zeros
+from drivepipe._extent import Extent, rechunk, split_zeros
 from drivepipe._stage import ImageFormat, ImageInput, OpenOptions, Source
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -535,7 +535,8 @@ class Qcow2Image(Source):
                 data = memoryview(self._pread(host, csize, what="compressed cluster"))
             within = guest % self.cluster_size  # the range may cut the cluster
             out += memoryview(self._cluster(data, guest))[within : within + length]
-        return list(split_zeros(Extent(batch[0][1], len(out), out)))
+        # one 2 MiB cluster may exceed a small read_size: cut it
+        return list(rechunk(split_zeros(Extent(batch[0][1], len(out), out)), self.read_size))
 
     def _cluster(self, data: memoryview, guest: int) -> bytes:
         try:
