@@ -70,7 +70,8 @@ ResumeOpt = Annotated[
 ]
 JournalOpt = Annotated[
     str | None, typer.Option("--journal", help="Journal file of a chunked upload (default: "
-                             "beside the image).", show_default=False)
+                             "under $XDG_CACHE_HOME/drivepipe/uploads, keyed by image and "
+                             "endpoint).", show_default=False)
 ]
 
 
