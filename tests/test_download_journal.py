@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from drivepipe_plugins.download_journal import (
     source_key,
 )
 from drivepipe_plugins.download_verify import (
+    FileDigester,
+    PrefixHasher,
     check_kept_blocks,
     describe_blocks,
     digest_file,
@@ -148,3 +152,36 @@ def test_expectations() -> None:
     assert found is not None and found.length == 100 and found.digest == "cd" * 16
     assert expectation_from_meta({**meta, "drivepipe_size": "1001"}, 1000) is None
     assert expectation_from_meta({**meta, "drivepipe_xxh128": "zz"}, 1000) is None
+
+
+def test_prefix_hasher_follows_blocks_finished_out_of_order(make_sparse: MakeImage) -> None:
+    image = make_sparse(9 * MiB + 333, seed=5, pieces=10)
+    data = image.read_bytes()
+    journal = DownloadJournal(SourceIdentity("u", len(data)), MiB)
+    prefix = len(data) - 1000
+    hasher = PrefixHasher(str(image), journal, FileDigester(len(data), prefix))
+    hasher.start()
+    order = list(range(journal.block_count))
+    random.Random(1).shuffle(order)
+    for index in order:
+        time.sleep(0.002)
+        journal.blocks[index] = "0" * 16
+        hasher.wake()
+    got = hasher.finish()
+    assert got is not None
+    assert got.whole == xxhash.xxh3_128_hexdigest(data)
+    assert got.prefix == xxhash.xxh3_128_hexdigest(data[:prefix])
+    tail = data[prefix:]
+    assert got.nonzero_tail_at == (None if not any(tail) else
+                                   prefix + len(tail) - len(tail.lstrip(b"\0")))
+    assert got == digest_file(str(image), prefix)
+
+
+def test_prefix_hasher_stops_without_all_blocks(make_sparse: MakeImage) -> None:
+    image = make_sparse(3 * MiB, seed=6, pieces=3)
+    journal = DownloadJournal(SourceIdentity("u", 3 * MiB), MiB, {0: "0" * 16})
+    hasher = PrefixHasher(str(image), journal, FileDigester(3 * MiB))
+    hasher.start()
+    hasher.stop()
+    assert hasher.next_block <= 1
+    assert hasher.finish() is None

@@ -446,8 +446,11 @@ class Receiver:
         write: StageStats,
         relink: Callable[[], ProbeResult] | None = None,
         stale: set[int] | None = None,
+        on_stored: Callable[[], None] | None = None,
     ) -> None:
         self.out = out
+        #: called after each block is written and journaled (wakes the prefix hasher)
+        self.on_stored = on_stored
         #: blocks to fetch that hold old bytes on disk: written whole, zeros included,
         #: since skipping a zero block would leave the old bytes under it
         self.stale = stale or set()
@@ -582,6 +585,8 @@ class Receiver:
         self.write.inclusive += spent
         self.receive.waiting += spent  # not receiving while writing: same thread
         self.dirty = True
+        if self.on_stored is not None:
+            self.on_stored()
 
     def _overwrite(self, offset: int, data: memoryview) -> None:
         try:

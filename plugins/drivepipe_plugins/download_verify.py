@@ -16,6 +16,7 @@ refetches them; a failed verification names them).
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -94,27 +95,117 @@ def _split_at(extents: Iterable[Extent], cut: int) -> Iterator[tuple[bool, Exten
             yield ext.offset < cut, ext
 
 
+class FileDigester:
+    """Digests of a file fed as contiguous extents from offset 0 (see :class:`FileDigest`)."""
+
+    def __init__(self, size: int, prefix: int | None = None) -> None:
+        self.size = size
+        self.cut = size if prefix is None else min(prefix, size)
+        self.pos = 0
+        self._hash = xxhash.xxh3_128()
+        self._prefix = self._hash.hexdigest() if self.cut == 0 else ""
+        self._nonzero: int | None = None
+
+    def feed(self, ext: Extent) -> None:
+        if ext.offset != self.pos:
+            raise ValueError(f"extent at {ext.offset}, expected {self.pos}")
+        for before, piece in _split_at((ext,), self.cut):
+            _hash_extent(self._hash, piece)
+            if not before and self._nonzero is None and piece.data is not None \
+                    and not is_zero(piece.data):
+                self._nonzero = _first_nonzero(piece)
+            if before and piece.end == self.cut:
+                self._prefix = self._hash.hexdigest()
+        self.pos = ext.end
+
+    def result(self) -> FileDigest:
+        if self.pos != self.size:
+            raise ValueError(f"fed {self.pos} of {self.size} bytes")
+        return FileDigest(self._hash.hexdigest(), self._prefix, self.cut, self._nonzero)
+
+
 def digest_file(path: str, prefix: int | None = None, progress: Progress | None = None
                 ) -> FileDigest:
     """xxh3-128 of the whole file and of its first ``prefix`` bytes; zero check after it."""
     reader = SparseFileReader(path)
     try:
-        size = reader.size
-        cut = size if prefix is None else min(prefix, size)
-        h = xxhash.xxh3_128()
-        prefix_digest = h.hexdigest() if cut == 0 else ""
-        nonzero: int | None = None
-        for before, ext in _split_at(reader.extents(), cut):
-            _hash_extent(h, ext)
-            if not before and nonzero is None and ext.data is not None and not is_zero(ext.data):
-                nonzero = _first_nonzero(ext)
-            if before and ext.end == cut:
-                prefix_digest = h.hexdigest()
+        digester = FileDigester(reader.size, prefix)
+        for ext in reader.extents():
+            digester.feed(ext)
             if progress is not None:
-                progress(ext.end, size)
+                progress(ext.end, reader.size)
     finally:
         reader.close()
-    return FileDigest(h.hexdigest(), prefix_digest, cut, nonzero)
+    return digester.result()
+
+
+class PrefixHasher:
+    """Hashes a ``.part`` file while it downloads, following the finished prefix.
+
+    A thread waits for the journal's next block in file order, reads it back
+    from the page cache (holes unread) and feeds a :class:`FileDigester`, so the
+    whole-file digest is ready moments after the last block lands instead of
+    costing a second pass.  Blocks must not change once journaled (true within
+    one run); a failure here only means :func:`digest_file` does the pass later.
+    """
+
+    def __init__(self, path: str, journal: DownloadJournal, digester: FileDigester,
+                 progress: Progress | None = None) -> None:
+        self.path = path
+        self.journal = journal
+        self.digester = digester
+        self.progress = progress
+        self.next_block = 0
+        self.error: BaseException | None = None
+        self._stopped = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="drivepipe-hash")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the thread that a block was journaled."""
+        with self._wake:
+            self._wake.notify()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.wake()
+        self._thread.join()
+
+    def finish(self) -> FileDigest | None:
+        """The digests once every block is hashed; None if hashing failed."""
+        self.wake()
+        self._thread.join()
+        if self.error is not None or self.digester.pos != self.digester.size:
+            return None
+        return self.digester.result()
+
+    def _run(self) -> None:
+        try:
+            reader = SparseFileReader(self.path, drop_cache_above=1 << 62)
+        except BaseException as exc:  # reported through finish(): a pass follows instead
+            self.error = exc
+            return
+        try:
+            while self.next_block < self.journal.block_count and self._wait_for_next():
+                offset, length = self.journal.block_span(self.next_block)
+                for ext in reader.read_range(offset, length):
+                    self.digester.feed(ext)
+                self.next_block += 1
+                if self.progress is not None:
+                    self.progress(offset + length, self.digester.size)
+        except BaseException as exc:  # reported through finish(): a pass follows instead
+            self.error = exc
+        finally:
+            reader.close()
+
+    def _wait_for_next(self) -> bool:
+        with self._wake:
+            while not self._stopped and self.next_block not in self.journal.blocks:
+                self._wake.wait(0.5)
+        return not self._stopped
 
 
 def _first_nonzero(ext: Extent) -> int:

@@ -204,11 +204,13 @@ def workdir(tmp_path: Path) -> Path:
 
 # --- tests -----------------------------------------------------------------------------
 
-def test_round_trip_is_identical_sparse_and_verified(nginx: Nginx, workdir: Path) -> None:
+@pytest.mark.parametrize("hashing", ["--hash-early", "--hash-after"])
+def test_round_trip_is_identical_sparse_and_verified(nginx: Nginx, workdir: Path,
+                                                     hashing: str) -> None:
     src = make_image(nginx, "rt.raw", 48 * MiB, seed=1)
     want = digest(src)
     proc = run(workdir, nginx.url("/files/rt.raw"), "--expect", f"xxh128:{want}",
-               "--range-size", "8M", "--block-size", "1M")
+               "--range-size", "8M", "--block-size", "1M", hashing)
     assert proc.returncode == 0, proc.stderr
     out = workdir / "rt.raw"
     assert proc.stdout.strip() == "rt.raw"

@@ -46,6 +46,8 @@ from drivepipe_plugins.download_journal import (
 from drivepipe_plugins.download_verify import (
     Expectation,
     FileDigest,
+    FileDigester,
+    PrefixHasher,
     blocks_with_data,
     check_kept_blocks,
     describe_blocks,
@@ -107,6 +109,11 @@ CheckpointOpt = Annotated[
 BackoffOpt = Annotated[
     float, typer.Option("--retry-delay", help="First retry delay in seconds (doubles, with "
                         "jitter).", hidden=True)
+]
+
+HashEarlyOpt = Annotated[
+    bool, typer.Option("--hash-early/--hash-after", help="Hash the file while it downloads "
+                       "(default), or in a second pass afterwards.", hidden=True)
 ]
 
 
@@ -251,17 +258,28 @@ def _phase_progress(stats: RunStats) -> Any:
 
 def fetch(
     target: Target, probed: ProbeResult, paths: Paths, block_size: int, options: ReceiveOptions,
-    stats: RunStats,
-) -> DownloadJournal:
-    """Fill ``paths.part``; start over (a bounded number of times) if the source changes."""
+    stats: RunStats, expected: Expectation | None, hash_early: bool,
+) -> tuple[DownloadJournal, FileDigest | None]:
+    """Fill ``paths.part``; start over (a bounded number of times) if the source changes.
+
+    With ``hash_early`` the whole-file digest is computed while the blocks arrive
+    (:class:`PrefixHasher`); it is returned when that worked, else None.
+    """
     for restart in range(MAX_RESTARTS + 1):
         out, journal, stale = open_part(paths, probed, target.url, block_size, stats)
+        hasher = PrefixHasher(paths.part, journal,
+                              FileDigester(probed.size, expected.length if expected else None),
+                              _phase_progress(stats)) if hash_early else None
         try:
+            if hasher is not None:
+                hasher.start()
             Receiver(out, journal, paths.journal, probed, tls=target.tls, auth=target.auth,
                      options=options, receive=stats.stages[0], write=stats.stages[1],
-                     relink=lambda: probe_target(target, options), stale=stale).run()
+                     relink=lambda: probe_target(target, options), stale=stale,
+                     on_stored=hasher.wake if hasher is not None else None).run()
             out.sync()
-            return journal
+            stats.phase = "verify"
+            return journal, hasher.finish() if hasher is not None else None
         except SourceChanged as exc:
             if restart == MAX_RESTARTS:
                 raise
@@ -270,17 +288,21 @@ def fetch(
             probed = probe_target(target, options)
             stats.total = probed.size
         finally:
+            if hasher is not None:
+                hasher.stop()
             out.close()
     raise AssertionError("unreachable")
 
 
 def verify(
-    paths: Paths, journal: DownloadJournal, expected: Expectation | None, stats: RunStats
+    paths: Paths, journal: DownloadJournal, expected: Expectation | None, stats: RunStats,
+    early: FileDigest | None = None,
 ) -> FileDigest:
-    """Hash the .part; on a mismatch keep it and say which blocks are bad."""
+    """Check the .part's digest (hashed now unless ``early``); on a mismatch keep it and
+    say which blocks are bad."""
     stats.phase = "verify"
-    got = digest_file(paths.part, expected.length if expected else None,
-                      _phase_progress(stats))
+    got = early or digest_file(paths.part, expected.length if expected else None,
+                               _phase_progress(stats))
     stats.result["xxh128"] = got.whole
     if expected is None:
         return got
@@ -342,6 +364,7 @@ def download(
     progress: ProgressOpt = "auto",
     checkpoint_interval: CheckpointOpt = 1.0,
     retry_delay: BackoffOpt = 0.5,
+    hash_early: HashEarlyOpt = True,
     endpoint: EndpointOpt = None,
     direct_endpoint: DirectOpt = None,
     location: LocationOpt = None,
@@ -365,8 +388,9 @@ def download(
     stats.add("receive", "source")
     stats.add("write", "sink")
     with Reporter(stats, progress):
-        journal = fetch(target, probed, paths, block, options, stats)
-        got = verify(paths, journal, expected, stats)
+        journal, early = fetch(target, probed, paths, block, options, stats, expected,
+                               hash_early)
+        got = verify(paths, journal, expected, stats, early)
         finish(paths, force)
     if expected is None:
         note(f"no checksum to verify against; xxh128:{got.whole}  {paths.final}")
