@@ -565,3 +565,20 @@ def test_compressed_image_uploads_as_raw(cli: CliRun, drive_store: Any, tmp_path
     assert rec.image_size == raw.stat().st_size
     assert rec.meta["drivepipe_xxh128"] == xxh128_of(raw)
     assert_drive_holds(drive_store.store.raw_path(uuid), raw)
+
+
+# --- the direct host comes from GET /locations/ when only a location was named ----------------
+
+
+def test_guessed_direct_host_resolved_through_locations(drive_store: Any, tmp_path: Path) -> None:
+    guessed = Endpoint(drive_store.base_url, "https://direct.local.cloudsigma.com/api/2.0/",
+                       location="local", direct_guessed=True)
+    creds = Credentials(drive_store.username, drive_store.password)
+    with ApiClient(guessed, creds) as api:
+        resolved = api.resolve_direct()
+    assert resolved.direct == drive_store.base_url
+    image = make_image(tmp_path / "l.img", MiB + 3, [(5, 100)])
+    from drivepipe._registry import open_image  # noqa: PLC0415 - only here and upload_image
+
+    uuid = direct_upload(open_image(str(image)), resolved, creds).uuid
+    assert_drive_holds(drive_store.store.raw_path(uuid), image)
