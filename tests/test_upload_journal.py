@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from drivepipe_plugins.upload_journal import (
     HEAD_BYTES,
     ImageIdentity,
     JournalError,
+    JournalLock,
     UploadJournal,
     default_journal_path,
     from_ranges,
@@ -122,3 +125,24 @@ def test_default_path_is_keyed_by_image_and_endpoint(
     link.symlink_to(image)
     assert default_journal_path(str(link), API) == path, "the real path is the key"
     assert default_journal_path(str(image), "http://other:1/api/2.0/") != path
+
+
+def test_lock_refuses_a_second_upload_of_the_same_journal(tmp_path: Path) -> None:
+    path = str(tmp_path / "uploads" / "journal.json")
+    with JournalLock(path):
+        with pytest.raises(JournalError, match="another drivepipe upload is using"):
+            JournalLock(path).__enter__()
+        with JournalLock(str(tmp_path / "other.json")):
+            pass  # another journal is another upload
+    with JournalLock(path):
+        pass  # released on exit
+
+
+def test_lock_held_by_a_killed_process_is_released(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal.json")
+    child = ("import os, sys; from drivepipe_plugins.upload_journal import JournalLock; "
+             "JournalLock(sys.argv[1]).__enter__(); os.kill(os.getpid(), 9)")
+    died = subprocess.run([sys.executable, "-c", child, path], check=False)
+    assert died.returncode == -9 and os.path.exists(path + ".lock")
+    with JournalLock(path):
+        pass

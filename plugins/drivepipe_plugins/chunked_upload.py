@@ -77,7 +77,7 @@ from drivepipe._stats import RunStats, StageStats
 from drivepipe.cli._net import Connection
 
 from .curl_upload import Interrupts
-from .upload_journal import ImageIdentity, UploadJournal, default_journal_path
+from .upload_journal import ImageIdentity, JournalLock, UploadJournal, default_journal_path
 
 #: libcurl's upload buffer (CURLOPT_UPLOAD_BUFFERSIZE accepts 16 KiB - 2 MiB)
 UPLOAD_BUFFER: Final = 1 << 20
@@ -240,11 +240,10 @@ def _resume_journal(
     return Session(journal.uuid, journal, True)
 
 
-def open_session(conn: Connection, image: ImageInput, options: ChunkedOptions) -> Session:
+def open_session(
+    conn: Connection, image: ImageInput, options: ChunkedOptions, path: str
+) -> Session:
     """Resume the journal's (or the given) drive, or create a new one and its journal."""
-    if image.size <= 0:
-        raise ImageError(f"{image.path}: the image is empty; there is nothing to upload")
-    path = options.journal_path or default_journal_path(image.path, conn.endpoint.api)
     identity = ImageIdentity.of(image.path)
     journal = UploadJournal.load(path)
     if options.resume_uuid:
@@ -861,15 +860,26 @@ def chunked_upload(
     """Upload ``image`` chunk by chunk into a new or resumed drive; see the module docstring."""
     if options.chunk_size <= 0 or options.connections <= 0:
         raise UsageError("--chunk-size and --connections must be positive")
-    session = open_session(conn, image, options)
+    if image.size <= 0:
+        raise ImageError(f"{image.path}: the image is empty; there is nothing to upload")
+    path = options.journal_path or default_journal_path(image.path, conn.endpoint.api)
+    with JournalLock(path):
+        session = open_session(conn, image, options, path)
+        return _transfer(image, conn, options, stats, session)
+
+
+def _transfer(
+    image: ImageInput, conn: Connection, options: ChunkedOptions, stats: RunStats,
+    session: Session,
+) -> ChunkedResult:
+    """Send what the session's drive lacks, hash everything, and wait for the drive."""
     journal = session.journal
     plan = ChunkPlan(image.size, journal.chunk_size)
     stats.total = image.size
-    skip = frozenset(journal.confirmed)
-    feeder = ChunkFeeder(image, plan, skip, options.chunks_in_memory(plan.chunk_size), stats,
+    feeder = ChunkFeeder(image, plan, frozenset(journal.confirmed),
+                         options.chunks_in_memory(plan.chunk_size), stats,
                          readers=min(options.connections, 4))
-    sink_stats = stats.add("send", "sink")
-    sender = ChunkSender(conn, session, plan, feeder, options, sink_stats)
+    sender = ChunkSender(conn, session, plan, feeder, options, stats.add("send", "sink"))
     feeder.start()
     try:
         sender.run()

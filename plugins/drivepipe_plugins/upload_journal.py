@@ -21,6 +21,7 @@ says what changed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -181,6 +182,37 @@ class UploadJournal:
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+class JournalLock:
+    """An exclusive ``flock`` on ``<journal>.lock`` for the length of one upload.
+
+    Two runs resuming the same journal would race on its confirmations; the
+    second is refused at once.  The kernel drops the lock when a process dies,
+    so a killed run never blocks the next one.
+    """
+
+    def __init__(self, journal_path: str) -> None:
+        self.path = f"{journal_path}.lock"
+        self._fd = -1
+
+    def __enter__(self) -> JournalLock:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            raise JournalError(f"another drivepipe upload is using {self.path[:-5]}; wait "
+                               "for it, or pass --journal to upload separately") from exc
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
 
 def _fsync_dir(directory: str) -> None:
