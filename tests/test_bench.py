@@ -167,7 +167,7 @@ def test_advice_lines_show_the_measured_gain() -> None:
         Advice("--read-size 16M", 100e6, 150e6), Advice("--read-size 64M", 100e6, 95e6)])
     lines = report_lines(report)
     assert any(line.startswith("advice: --read-size 16M") and "(+50%)" in line for line in lines)
-    assert any(line.startswith("tried, no gain: --read-size 64M") for line in lines)
+    assert any(line.startswith("tried, no clear gain: --read-size 64M") for line in lines)
     assert "bottleneck: read (4.0 MiB reads)" in "\n".join(lines)
 
 

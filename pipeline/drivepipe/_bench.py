@@ -61,6 +61,8 @@ OVERLAP_SHORTFALL = 0.75
 WORTHWHILE = 0.10
 #: a second read this much faster than the first means the first came from the disk
 COLD_FACTOR = 2.0
+#: ... and the first took at least this long (shorter runs are mostly noise)
+COLD_MIN_SECONDS = 0.25
 #: opening slower than this (a counting pass) is worth a line of advice
 SLOW_OPEN = 1.0
 #: read sizes tried when the reader limits
@@ -586,7 +588,7 @@ def _measure_alone(
     except BaseException:
         image.close()
         raise
-    cold = warm.rate > read.rate * COLD_FACTOR
+    cold = warm.rate > read.rate * COLD_FACTOR and read.seconds >= COLD_MIN_SECONDS
     if cold:
         read.label = read.label[:-1] + ", cold cache)"
     say("decode and hash alone")
@@ -638,7 +640,7 @@ def report_lines(report: BenchReport) -> list[str]:
     lines += ["", f"bottleneck: {report.bottleneck.label} at "
               f"{format_rate(report.bottleneck.rate)}"]
     for a in sorted(report.advice, key=lambda a: not a.worthwhile):
-        lead = "advice" if a.worthwhile else "tried, no gain"
+        lead = "advice" if a.worthwhile else "tried, no clear gain"
         lines.append(f"{lead}: {a.text}" + _gain_text(a))
     return lines
 
