@@ -174,7 +174,7 @@ def _drive_state(conn: Connection, uuid: str, what: str) -> tuple[int, str]:
         drive = conn.api.drive(uuid)
     except HTTPError as exc:
         if exc.status == 404:
-            raise ResumeRefused(f"drive {uuid} ({what}) no longer exists") from exc
+            raise ResumeRefused(f"drive {uuid} ({what}) does not exist") from exc
         raise
     try:
         size = int(float(drive.get("size", -1)))
@@ -858,8 +858,10 @@ def chunked_upload(
     image: ImageInput, conn: Connection, options: ChunkedOptions, stats: RunStats
 ) -> ChunkedResult:
     """Upload ``image`` chunk by chunk into a new or resumed drive; see the module docstring."""
-    if options.chunk_size <= 0 or options.connections <= 0:
-        raise UsageError("--chunk-size and --connections must be positive")
+    if options.chunk_size <= 0:
+        raise UsageError(f"--chunk-size must be positive, got {options.chunk_size}")
+    if options.connections <= 0:
+        raise UsageError(f"--connections must be at least 1, got {options.connections}")
     if image.size <= 0:
         raise ImageError(f"{image.path}: the image is empty; there is nothing to upload")
     path = options.journal_path or default_journal_path(image.path, conn.endpoint.api)
