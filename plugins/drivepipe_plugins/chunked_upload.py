@@ -22,14 +22,19 @@ take no memory: they are sent from the shared zero buffer.
 Resuming: a journal (:mod:`.upload_journal`) records the drive, the image's
 identity and the confirmed chunks.  Rerunning the same command checks the
 drive's size, fast-forwards through confirmed chunks (hashed, not sent) and
-sends the rest; ``resume_uuid`` resumes a drive without a journal, the server's
-416 answers telling which chunks are already there.
+sends the rest; the journal's chunk size wins over the option's, since the
+chunk numbers depend on it.  ``resume_uuid`` resumes a drive without a journal,
+the server's 416 answers telling which chunks are already there.  One run per
+journal at a time (a lock beside it); the journal is removed once the drive
+has left ``uploading``.
 
 Faults: 5xx, 408/429, resets and timeouts are retried with exponential backoff
 and jitter, at most ``retries`` times per chunk; a link refused with another
 4xx is taken as expired and requested again; other 4xx answers of the API stop
-the upload with one line.  Refused: an image that changed since its journal
-was written, a drive whose size is not the image's, an empty image.
+the upload with one line (which names the drive to resume).  Ctrl-C stops at
+once, keeping drive and journal.  Refused: an image that changed since its
+journal was written, a drive whose size is not the image's, an empty image, a
+second run on the same journal.
 """
 
 from __future__ import annotations
