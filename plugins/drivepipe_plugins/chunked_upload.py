@@ -121,6 +121,8 @@ class ChunkedOptions:
     backoff_cap: float = BACKOFF_CAP
     #: fewer chunks are in flight than ``connections`` when their data would exceed this
     memory_budget: int = MEMORY_BUDGET
+    #: seconds the drive may stay "uploading" once every chunk is confirmed
+    finish_timeout: float = FINISH_TIMEOUT
 
     def chunks_in_memory(self, chunk_size: int) -> int:
         """``connections + 1`` chunks (one sent per connection, one being read), within budget."""
@@ -840,7 +842,7 @@ def _parse_link(resp: Response, what: str) -> str:
 # --- the whole upload --------------------------------------------------------------------
 
 
-def _wait_uploaded(conn: Connection, session: Session, timeout: float = FINISH_TIMEOUT) -> None:
+def _wait_uploaded(conn: Connection, session: Session, timeout: float) -> None:
     """Wait until the drive leaves ``uploading``, which it does once every chunk is in."""
     deadline = time.monotonic() + timeout
     delay = 0.05
@@ -900,7 +902,7 @@ def _transfer(
                         f"(status uploading); delete it if the image is bad") from exc
     finally:
         feeder.stop()
-    _wait_uploaded(conn, session)
+    _wait_uploaded(conn, session, options.finish_timeout)
     journal.remove()
     return ChunkedResult(
         uuid=session.uuid, xxh128=feeder.hexdigest(), size=image.size,

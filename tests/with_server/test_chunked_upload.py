@@ -396,6 +396,24 @@ def test_rerun_after_the_last_chunk_landed_sends_nothing(
     assert again.xxh128 == first.xxh128 == xxh128_of(image)
 
 
+def test_journal_claiming_chunks_the_store_lacks_heals_on_the_next_run(
+    drive_store: RunningServer, interrupted: tuple[Path, str]
+) -> None:
+    image, uuid = interrupted
+    (path,) = Path(os.environ["XDG_CACHE_HOME"]).rglob("*.json")
+    journal = UploadJournal.load(str(path))
+    assert journal is not None
+    journal.confirmed = set(range(12))  # a lie: the store holds chunks 0-4 only
+    journal.save()
+    with pytest.raises(TransferError, match="still 'uploading'"):
+        upload(drive_store, image, finish_timeout=0.5)
+    counter = ChunkCounter(drive_store)
+    result, _ = upload(drive_store, image)
+    assert sorted(counter.numbers) == list(range(5, 12)), "416 told what was there"
+    assert result.uuid == uuid and result.xxh128 == xxh128_of(image)
+    assert_drive_holds(drive_store, uuid, image)
+
+
 def test_resume_into_a_drive_of_another_size_is_refused(
     drive_store: RunningServer, interrupted: tuple[Path, str], tmp_path: Path
 ) -> None:
