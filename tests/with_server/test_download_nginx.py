@@ -12,7 +12,9 @@ what was missing.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import io
 import json
 import os
 import random
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import pytest
 import xxhash
+
+from drivepipe.cli import main
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="needs nginx")
@@ -173,11 +177,31 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(cwd: Path, *args: str, env: dict[str, str] | None = None,
-        ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(drivepipe_argv("download", "--progress", "none", *args), cwd=cwd,
-                          env=env or clean_env(), capture_output=True, text=True, timeout=120,
-                          check=False)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+    """``drivepipe download`` in this process (as the console script runs it), in ``cwd``.
+
+    In-process to save an interpreter start per run; the kill tests use real processes.
+    """
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env or clean_env())
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["download", "--progress", "none", *args])
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def digest(path: Path) -> str:
