@@ -47,13 +47,38 @@ def curl_download(server: RunningServer, uuid: str, cwd: Path) -> None:
 
 
 def raw_request(server: RunningServer, head: bytes, body: bytes = b"", *, close: bool) -> bytes:
-    """Send ``head`` + ``body`` on a socket (closing the sending side if ``close``)."""
+    """Send ``head`` + ``body`` on a socket (closing the sending side if ``close``).
+
+    Returns the whole answer (headers and Content-Length body), or what came before
+    the server hung up.
+    """
     parts = urlsplit(server.base_url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
         sock.sendall(head + body)
         if close:
             sock.shutdown(socket.SHUT_WR)
-        return sock.recv(65536)
+        return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(65536)
+        if not more:
+            return data
+        data += more
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        more = sock.recv(65536)
+        if not more:
+            break
+        rest += more
+    return head + b"\r\n\r\n" + rest
 
 
 def assert_zeros(f, n: int) -> None:

@@ -119,4 +119,4 @@ def serve(
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()

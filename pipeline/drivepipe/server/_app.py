@@ -46,7 +46,10 @@ def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
 class StoreServer(ThreadingHTTPServer):
     """The drive store's HTTP server; ``context`` is shared by its handlers."""
 
-    daemon_threads = True
+    # Handler threads are joined on close (after their connections are cut), so a
+    # restarted store never races a handler of the old one on the same root.
+    daemon_threads = False
+    block_on_close = True
     allow_reuse_address = True
     request_queue_size = 128
 
@@ -99,6 +102,11 @@ class StoreServer(ThreadingHTTPServer):
         with self._open_lock:
             self._open.discard(request)
         super().shutdown_request(request)
+
+    def close(self) -> None:
+        """Stop accepting, cut open connections, wait for their handlers to end."""
+        self.cut_connections()
+        self.server_close()
 
     def cut_connections(self) -> None:
         """Shut every open connection down (their threads then end)."""
@@ -168,9 +176,8 @@ class RunningServer:
         if server is None or thread is None:
             return
         server.shutdown()
-        server.cut_connections()
-        server.server_close()
         thread.join()
+        server.close()
         self._server = self._thread = None
 
     def restart(self) -> None:
