@@ -51,7 +51,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -510,7 +509,7 @@ class ChunkBody:
             if ext.data is None:
                 piece = ZERO_VIEW[:n]
             else:
-                piece = memoryview(ext.data)[self._pos : self._pos + n]
+                piece = memoryview(ext.data).cast("B")[self._pos : self._pos + n]
             self._pos += n
             self.sent += n
             return piece
@@ -527,6 +526,24 @@ class ChunkBody:
         return _SEEK_OK
 
 
+class CappedAnswer:
+    """WRITEFUNCTION target keeping the first 64 KiB of an answer (links and errors are short)."""
+
+    LIMIT: Final = 64 << 10
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._kept = 0
+
+    def write(self, data: bytes) -> None:
+        if self._kept < self.LIMIT:
+            self._parts.append(data[: self.LIMIT - self._kept])
+            self._kept += len(self._parts[-1])
+
+    def body(self) -> bytes:
+        return b"".join(self._parts)
+
+
 @dataclass(eq=False)
 class Slot:
     """One connection: a curl handle and the chunk it is working on."""
@@ -534,7 +551,7 @@ class Slot:
     curl: Any  # pycurl.Curl: pycurl ships no type information
     job: ChunkJob | None = None
     phase: str = ""  # "link" (asking the API) or "send" (POSTing the bytes)
-    answer: BytesIO = field(default_factory=BytesIO)
+    answer: CappedAnswer = field(default_factory=CappedAnswer)
     headers: HeaderCollector = field(default_factory=HeaderCollector)
     body: ChunkBody | None = None
     url: str = ""
@@ -672,9 +689,9 @@ class ChunkSender:
 
     def _start(self, slot: Slot, url: str) -> None:
         slot.url = url
-        slot.answer = BytesIO()
+        slot.answer = CappedAnswer()
         slot.headers = HeaderCollector()
-        slot.curl.setopt(pycurl.WRITEDATA, slot.answer)
+        slot.curl.setopt(pycurl.WRITEFUNCTION, slot.answer.write)
         slot.curl.setopt(pycurl.HEADERFUNCTION, slot.headers)
         self.multi.add_handle(slot.curl)
 
@@ -725,7 +742,7 @@ class ChunkSender:
             self._retry_later(job, failure.one_line())
             return
         resp = Response(slot.curl.getinfo(pycurl.RESPONSE_CODE), slot.headers.headers,
-                        slot.answer.getvalue(), slot.url)
+                        slot.answer.body(), slot.url)
         if slot.phase == "link":
             self._link_answer(slot, job, resp, what)
         else:
