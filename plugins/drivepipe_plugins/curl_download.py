@@ -554,10 +554,11 @@ class Receiver:
                 break
         while True:
             queued, ok, failed = self.multi.info_read()
-            for handle in ok:
-                self._finish(self.active[handle], 0, "")
-            for handle, code, message in failed:
-                self._finish(self.active[handle], code, message)
+            ended = [(handle, 0, "") for handle in ok] + list(failed)
+            for handle, code, message in ended:
+                transfer = self.active.get(handle)
+                if transfer is not None:  # None: aborted by a switch to one stream
+                    self._finish(transfer, code, message)
             if not queued:
                 break
         if self.active:
@@ -630,6 +631,8 @@ class Receiver:
         resp = Response(t.headers.status, t.headers.headers, t.error_body.getvalue(),
                         t.handle_url)
         err = http_failure(resp, "download")
+        if resp.status == 416:
+            raise SourceChanged("the source changed (the range asked for is past its end)")
         if resp.status in _LINK_EXPIRED and self.probed.redirected and self._renew_link():
             self.pending.appendleft(Span(t.resume_block, t.span.last, t.span.attempt))
             return

@@ -48,6 +48,7 @@ from drivepipe_plugins.download_verify import (
     FileDigest,
     FileDigester,
     PrefixHasher,
+    Progress,
     blocks_with_data,
     check_kept_blocks,
     describe_blocks,
@@ -247,7 +248,7 @@ def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats) -> None:
     stats.stages[-1].extra["kept"] = kept
 
 
-def _phase_progress(stats: RunStats) -> Any:
+def _phase_progress(stats: RunStats) -> Progress:
     def update(done: int, total: int) -> None:
         stats.phase_done, stats.phase_total = done, total
 
@@ -372,7 +373,14 @@ def download(
     cacert: CacertOpt = None,
     insecure_http: InsecureHttpOpt = False,
 ) -> None:
-    """Download a drive or URL into a verified sparse file; prints the file's path."""
+    """Download a drive or URL into a verified sparse file; prints the file's path.
+
+    The bytes go to NAME.part with a resume journal NAME.part.journal: run the same
+    command again after a crash or Ctrl-C to continue.  The file is checked against
+    --expect or the drive's meta (else its xxh128 is shown on stderr), then renamed
+    to NAME.  Stdout carries only NAME.  A checksum mismatch exits 7 and keeps
+    NAME.part.
+    """
     block = block_size_option(block_size)
     options = receive_options(connections, range_size, block, retries, checkpoint_interval,
                               retry_delay)
