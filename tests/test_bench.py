@@ -196,3 +196,6 @@ def test_cli_bench_refuses_bad_options(tmp_path: Path) -> None:
     assert code == 2 and "--seconds" in err
     code, _, err = cli("bench", str(tmp_path / "missing.raw"), "--discard")
     assert code == 3 and "no such file" in err and "Traceback" not in err
+    (tmp_path / "empty.raw").write_bytes(b"")
+    code, _, err = cli("bench", str(tmp_path / "empty.raw"), "--discard")
+    assert code == 3 and "empty" in err

@@ -6,7 +6,8 @@ and a :class:`Budget` (raw bytes and seconds per measurement).  Out: a
 :class:`BenchReport` with, for each stage measured alone, its throughput in raw
 image bytes per second; the whole pipeline's throughput; the stage that limits
 it; and advice whose gain was measured by re-running with the suggested setting.
-Refused: nothing beyond what opening the image or sending refuses.
+Refused: an empty image (nothing to measure), and what opening the image or
+sending refuses.
 
 Every rate is in *raw image bytes per second*, holes included, so the stages
 compare directly: a reader that skips a 90 % hole image's holes reads "10x
@@ -40,6 +41,7 @@ from drivepipe_plugins.discard import DiscardSink
 from drivepipe_plugins.sparse_read import SparseFileReader
 from drivepipe_plugins.xxh3 import Xxh3Stage
 
+from ._errors import ImageError
 from ._extent import Extent
 from ._runner import metered, run_pipeline
 from ._sizes import format_rate, format_size
@@ -539,6 +541,9 @@ def run_bench(
     t0 = time.perf_counter()
     image = subject.open(subject.options)  # opened once here: a counting pass costs a decode
     opened = time.perf_counter() - t0
+    if image.size == 0:
+        image.close()
+        raise ImageError(f"{subject.path}: the image is empty; there is nothing to measure")
     run = _measure_alone(subject, budget, image, say)
     say("whole pipeline")
     pipeline = measure_pipeline(subject, run.make_sink, run.send.raw_bytes, subject.queue_depth)
