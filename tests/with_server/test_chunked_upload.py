@@ -237,6 +237,29 @@ def test_chunk_bodies_go_without_credentials(
     assert seen == [None] * result.chunks
 
 
+def test_round_trip_over_tls_with_a_private_ca(
+    make_drive_store: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    srv = make_drive_store(tls_cert=str(chain), tls_key=str(key))
+    assert srv.base_url.startswith("https://")
+    ep = Endpoint(srv.base_url, srv.base_url)
+    creds = Credentials(srv.username, srv.password)
+    image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=16)
+    with pytest.raises(TransferError, match="not trusted"):
+        upload(srv, image, conn=Connection(ep, creds, TlsOptions(), ApiClient(ep, creds)))
+    tls = TlsOptions(cacert=str(ca_pem))
+    result, _ = upload(srv, image, conn=Connection(ep, creds, tls, ApiClient(ep, creds, tls)),
+                       connections=2)
+    assert_drive_holds(srv, result.uuid, image)
+
+
 # --- faults survived ---------------------------------------------------------------------
 
 
