@@ -14,10 +14,12 @@ compare directly: a reader that skips a 90 % hole image's holes reads "10x
 faster" than its disk, while the network, which must carry those zeros, does not.
 
 - **read**: the file's own bytes, read as the sparse reader reads them (holes
-  skipped), into nothing; scaled by raw size / file size.
+  skipped), into nothing; scaled by raw size / file size.  Read twice: the
+  first is the one shown (from the disk, if the file was not cached: what an
+  upload meets), the second comes from the page cache.
 - **decode**: the format's source and decoder stages (qcow2 clusters, gzip
-  members ...) producing the raw stream, minus the read time above; absent for
-  raw images.
+  members ...) producing the raw stream, minus the time the second (warm) read
+  took for those bytes - the decode pass reads warm too; absent for raw images.
 - **hash**: xxh3-128 over the decoded stream (holes from the zero buffer).
 - **send**: the sink alone, fed from memory a replay of the same extents (same
   data and holes, random bytes), so neither the disk nor a decoder is timed.
