@@ -9,9 +9,13 @@ connections dropped mid-body, bodies cut short).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,6 +174,42 @@ def test_expired_signed_link_is_renewed(
     assert (tmp_path / uuid).read_bytes() == data
     summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert summary["stages"][0]["relinks"] >= 1
+
+
+def test_sigkill_then_rerun_fetches_only_the_rest(
+    drive_store: RunningServer, put_drive: PutDrive, cli_env: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    size, block = 24 * MiB, 512 << 10
+    src = sparse_image(tmp_path / "src.raw", size, seed=8, pieces=30)
+    uuid = put_drive(drive_store, src)
+    set_meta(drive_store, uuid, src.read_bytes())
+    drive_store.faults.delay(0.15, count=0, match="/direct/")  # slow enough to kill midway
+    args = ["download", uuid, "--endpoint", drive_store.base_url, "--progress", "none",
+            "--range-size", "1M", "--block-size", "512K", "--connections", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from drivepipe.cli import console_main; console_main()",
+         *args, "--checkpoint-interval", "0.1"],
+        cwd=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = cli_env / f"{uuid}.part.journal"
+    want = random.Random().randint(2, 40)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if len(json.loads(journal.read_text())["blocks"]) >= want:
+                break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    kept = len(json.loads(journal.read_text())["blocks"])
+    assert 0 < kept < size // block
+    drive_store.faults.clear()
+    assert main([*args[:4], "--progress", "json", *args[6:]]) == 0
+    assert (cli_env / uuid).read_bytes() == src.read_bytes()
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    receive, write = summary["stages"]
+    assert receive["bytes"] == size - kept * block  # only what was missing
+    assert write["kept"] == kept * block
 
 
 def test_persistent_503_gives_up_with_one_line(
