@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import pycurl
@@ -61,6 +61,7 @@ from drivepipe._errors import (
     Cancelled,
     HTTPError,
     ImageError,
+    NetworkError,
     SizeMismatch,
     TransferError,
     UsageError,
@@ -88,6 +89,8 @@ UPLOAD_BUFFER: Final = 1 << 20
 #: seconds before the first retry; doubles per attempt up to BACKOFF_CAP
 BACKOFF_BASE: Final = 0.25
 BACKOFF_CAP: Final = 15.0
+T = TypeVar("T")
+
 #: chunk bytes held in memory at most (unless two chunks alone are larger)
 MEMORY_BUDGET: Final = 1 << 30
 #: how long a drive may stay "uploading" after its last chunk landed
@@ -174,10 +177,45 @@ class Session:
     resumed: bool
 
 
-def _drive_state(conn: Connection, uuid: str, what: str) -> tuple[int, str]:
+def backoff(options: ChunkedOptions, attempt: int) -> float:
+    """Seconds before retry ``attempt`` (1, 2, ...): doubling, capped, with jitter."""
+    delay = min(options.backoff_cap, options.backoff_base * 2 ** (attempt - 1))
+    return random.uniform(delay / 2, delay)
+
+
+def _transient(exc: TransferError) -> bool:
+    return exc.transient
+
+
+def _not_processed(exc: TransferError) -> bool:
+    """True for a failed create that surely created nothing: refused (503/429) or unsent."""
+    if isinstance(exc, HTTPError):
+        return exc.status in (429, 503)
+    return isinstance(exc, NetworkError) and exc.curl_code == pycurl.E_COULDNT_CONNECT
+
+
+def _retrying(
+    call: Callable[[], T], options: ChunkedOptions,
+    retry_if: Callable[[TransferError], bool] = _transient,
+) -> T:
+    """``call()``, repeated after transient failures like a chunk would be."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except TransferError as exc:
+            attempt += 1
+            if attempt > options.retries or not retry_if(exc):
+                raise
+            time.sleep(backoff(options, attempt))
+
+
+def _drive_state(
+    conn: Connection, uuid: str, what: str, options: ChunkedOptions
+) -> tuple[int, str]:
     """``(size, status)`` of a drive to resume; refused when it is gone."""
     try:
-        drive = conn.api.drive(uuid)
+        drive = _retrying(lambda: conn.api.drive(uuid), options)
     except HTTPError as exc:
         if exc.status == 404:
             raise ResumeRefused(f"drive {uuid} ({what}) does not exist") from exc
@@ -190,9 +228,10 @@ def _drive_state(conn: Connection, uuid: str, what: str) -> tuple[int, str]:
 
 
 def _check_drive(
-    conn: Connection, uuid: str, size: int, what: str, *, ours: bool = False
+    conn: Connection, uuid: str, size: int, what: str, options: ChunkedOptions, *,
+    ours: bool = False,
 ) -> None:
-    found, status = _drive_state(conn, uuid, what)
+    found, status = _drive_state(conn, uuid, what, options)
     # A drive this upload finished (killed before its journal was removed) may have
     # been grown to the minimum drive size: its chunks will all answer 416.
     if found == size or (ours and status != "uploading" and found > size):
@@ -204,8 +243,10 @@ def _check_drive(
 def _create_drive(conn: Connection, image: ImageInput, options: ChunkedOptions) -> str:
     name = options.name or os.path.basename(image.path) or "drivepipe"
     body = {"name": name, "size": image.size, "media": options.media}
-    resp = conn.api.request("POST", conn.api.url("initupload/"), json_body=body,
-                            what="create drive (initupload)")
+    resp = _retrying(
+        lambda: conn.api.request("POST", conn.api.url("initupload/"), json_body=body,
+                                 what="create drive (initupload)"),
+        options, _not_processed)
     return parse_uuid(resp.body)
 
 
@@ -216,7 +257,7 @@ def _resume_explicit(
     uuid = (options.resume_uuid or "").strip().lower()
     if not UUID_RE.match(uuid):
         raise UsageError(f"--resume takes a drive UUID, got {options.resume_uuid!r}")
-    _check_drive(conn, uuid, image.size, "--resume")
+    _check_drive(conn, uuid, image.size, "--resume", options)
     if journal is not None and journal.uuid == uuid and not journal.image.differences(identity):
         return Session(uuid, journal, True)
     fresh = UploadJournal(path, uuid, conn.endpoint.api, identity, image.size,
@@ -226,7 +267,8 @@ def _resume_explicit(
 
 
 def _resume_journal(
-    conn: Connection, image: ImageInput, identity: ImageIdentity, journal: UploadJournal
+    conn: Connection, image: ImageInput, options: ChunkedOptions, identity: ImageIdentity,
+    journal: UploadJournal,
 ) -> Session:
     where = f"journal {journal.path}"
     changed = journal.image.differences(identity)
@@ -240,7 +282,7 @@ def _resume_journal(
         raise ResumeRefused(f"{where} belongs to {journal.api}, not {conn.endpoint.api}; "
                             "delete it or pass another journal path")
     try:
-        _check_drive(conn, journal.uuid, image.size, where, ours=True)
+        _check_drive(conn, journal.uuid, image.size, where, options, ours=True)
     except ResumeRefused as exc:
         raise ResumeRefused(f"{exc}; delete {journal.path} to start a new upload") from exc
     return Session(journal.uuid, journal, True)
@@ -255,7 +297,7 @@ def open_session(
     if options.resume_uuid:
         return _resume_explicit(conn, image, options, identity, journal, path)
     if journal is not None:
-        return _resume_journal(conn, image, identity, journal)
+        return _resume_journal(conn, image, options, identity, journal)
     uuid = _create_drive(conn, image, options)
     fresh = UploadJournal(path, uuid, conn.endpoint.api, identity, image.size,
                           options.chunk_size)
@@ -787,10 +829,8 @@ class ChunkSender:
         if job.attempts > self.options.retries:
             raise ChunkFailed(self._resume_hint(f"{reason} (gave up after {job.attempts} "
                                                 "attempts)"))
-        delay = min(self.options.backoff_cap,
-                    self.options.backoff_base * 2 ** (job.attempts - 1))
         job.link = None
-        job.not_before = time.monotonic() + random.uniform(delay / 2, delay)
+        job.not_before = time.monotonic() + backoff(self.options, job.attempts)
         heapq.heappush(self._retry, job)
 
     def _confirm(self, job: ChunkJob, *, sent: bool) -> None:
@@ -859,12 +899,12 @@ def _parse_link(resp: Response, what: str) -> str:
 # --- the whole upload --------------------------------------------------------------------
 
 
-def _wait_uploaded(conn: Connection, session: Session, timeout: float) -> None:
+def _wait_uploaded(conn: Connection, session: Session, options: ChunkedOptions) -> None:
     """Wait until the drive leaves ``uploading``, which it does once every chunk is in."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + options.finish_timeout
     delay = 0.05
     while True:
-        status = str(conn.api.drive(session.uuid).get("status", ""))
+        status = str(_retrying(lambda: conn.api.drive(session.uuid), options).get("status", ""))
         if status != "uploading":
             return
         if time.monotonic() > deadline:
@@ -919,7 +959,7 @@ def _transfer(
                         f"(status uploading); delete it if the image is bad") from exc
     finally:
         feeder.stop()
-    _wait_uploaded(conn, session, options.finish_timeout)
+    _wait_uploaded(conn, session, options)
     journal.remove()
     return ChunkedResult(
         uuid=session.uuid, xxh128=feeder.hexdigest(), size=image.size,

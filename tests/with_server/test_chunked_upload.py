@@ -272,6 +272,18 @@ def test_503_bursts_are_retried(drive_store: RunningServer, tmp_path: Path) -> N
     assert_drive_holds(drive_store, result.uuid, image)
 
 
+def test_503_on_create_and_drive_reads_are_retried(
+    drive_store: RunningServer, tmp_path: Path
+) -> None:
+    image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=17)
+    drive_store.faults.fail_next(2, match="initupload")
+    drive_store.faults.fail_next(2, match="/drives/", method="GET")
+    result, _ = upload(drive_store, image)
+    assert drive_store.faults.snapshot() == []
+    assert [r.uuid for r in drive_store.store.list()] == [result.uuid], "one drive created"
+    assert_drive_holds(drive_store, result.uuid, image)
+
+
 def test_dropped_connections_are_retried(drive_store: RunningServer, tmp_path: Path) -> None:
     image = make_image(tmp_path / "disk.raw", 2 * MiB, seed=5)
     drive_store.faults.drop_upload_after(100 * KiB, count=3, match="/chunk/")
