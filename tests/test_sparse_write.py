@@ -6,11 +6,10 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MakeImage, allocated
 
 from drivepipe._errors import Cancelled, OutputError
 from drivepipe._extent import ZERO_BLOCK, Extent, is_zero
@@ -21,6 +20,16 @@ from drivepipe_plugins.sparse_read import SparseFileReader
 from drivepipe_plugins.sparse_write import SparseFileWriter, SparseOutput
 
 MiB = 1 << 20
+
+# Helpers are defined here, not imported: ``conftest`` is not importable by
+# name once another test directory has its own conftest.py.
+#: the ``make_sparse`` fixture of tests/conftest.py
+MakeImage = Callable[..., Path]
+
+
+def allocated(path: Path) -> int:
+    """Bytes the filesystem allocated for ``path``."""
+    return path.stat().st_blocks * 512
 
 
 def nonzero_blocks(data: bytes) -> int:
