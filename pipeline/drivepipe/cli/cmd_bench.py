@@ -18,14 +18,16 @@ import multiprocessing
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Annotated
 
 import typer
 
-from drivepipe_plugins.curl_upload import CurlUploadSink
+from drivepipe_plugins.chunked_upload import ChunkedOptions, chunked_upload
+from drivepipe_plugins.curl_upload import DEFAULT_BUFFER_SIZE, MAX_BUFFER_SIZE, CurlUploadSink
 
 from .._bench import Budget, SendVariant, SinkFactory, Subject, report_lines, run_bench
 from .._config import Credentials, Endpoint
@@ -34,13 +36,18 @@ from .._extent import Extent
 from .._http import ApiClient, TlsOptions
 from .._registry import open_image
 from .._sizes import parse_size
-from .._stage import OpenOptions, Sink
+from .._stage import ImageInput, OpenOptions, Sink, Source
+from .._stats import RunStats
 from ._app import app
 from ._common import FormatOpt, QueueOpt, ReadSizeOpt
 from ._net import CacertOpt, EndpointOpt, InsecureHttpOpt, UserOpt, connect
+from ._net import Connection as NetConnection
 
-#: upload buffers tried when the network limits (libcurl accepts 16 KiB to 2 MiB)
-BUFFER_CHOICES = (256 << 10, 1 << 20, 2 << 20)
+#: the upload buffer tried when the network limits (libcurl's largest; the default is 1M)
+BIGGER_BUFFER = MAX_BUFFER_SIZE
+#: the chunked upload tried when the network limits
+CHUNKED_CONNECTIONS = 4
+CHUNK_SIZE = 16 << 20
 BENCH_USER = "bench@drivepipe.local"
 STORE_START_TIMEOUT = 60.0
 STORE_STOP_TIMEOUT = 10.0
@@ -153,14 +160,55 @@ def subject_for(
 def with_target(subject: Subject, target: Target, buffer_size: int) -> None:
     subject.make_sink = lambda _size: target.sink(buffer_size)
     subject.sink_label = target.label
-    for other in BUFFER_CHOICES:
-        if other != buffer_size:
-            subject.send_variants.append(SendVariant(
-                f"upload --buffer-size {other >> 10}K", _buffered(target, other)))
+    other = BIGGER_BUFFER if buffer_size < BIGGER_BUFFER else DEFAULT_BUFFER_SIZE
+    subject.send_variants.append(SendVariant(
+        f"upload --buffer-size {other >> 10}K", _buffered(target, other)))
+    subject.send_variants.append(SendVariant(
+        f"upload --chunked --connections {CHUNKED_CONNECTIONS} --chunk-size "
+        f"{CHUNK_SIZE >> 20}M", send=_chunked(target, subject.path)))
 
 
 def _buffered(target: Target, buffer_size: int) -> SinkFactory:
     return lambda _size: target.sink(buffer_size)
+
+
+def _chunked(target: Target, path: str) -> Callable[[Source, int], float]:
+    """A chunked upload of a replayed stream; returns the seconds it took."""
+
+    def send(source: Source, size: int) -> float:
+        target.cleanup()  # before the clock starts
+        image = ImageInput(path=path, format="raw", size=size, source=source)
+        api = ApiClient(target.endpoint, target.creds, target.tls)
+        conn = NetConnection(target.endpoint, target.creds, target.tls, api)
+        options = ChunkedOptions(chunk_size=CHUNK_SIZE, connections=CHUNKED_CONNECTIONS)
+        with tempfile.TemporaryDirectory(prefix="drivepipe-bench-") as tmp:
+            options.journal_path = f"{tmp}/journal"  # a fresh journal: never a resume
+            try:
+                t0 = time.perf_counter()
+                result = chunked_upload(image, conn, options, RunStats(title="bench chunked"))
+                seconds = time.perf_counter() - t0
+            finally:
+                conn.close()
+        target.made.append(result.uuid)
+        return seconds
+
+    return send
+
+
+def open_target(
+    stack: contextlib.ExitStack[bool | None], endpoint: str | None, discard: bool,
+    user: str | None, cacert: str | None, insecure_http: bool,
+) -> Target | None:
+    """Where the sends go: the endpoint, a local store, or (None) a discard sink."""
+    if endpoint is not None:
+        return stack.enter_context(remote_target(endpoint, user, cacert, insecure_http))
+    if discard:
+        return None
+    try:
+        return stack.enter_context(local_store())
+    except (TransferError, OSError, ImportError) as exc:
+        _say(f"no local drive store ({exc}); measuring sends into a discard sink")
+        return None
 
 
 def _say(message: str) -> None:
@@ -199,21 +247,12 @@ def bench(
     budget = Budget(seconds=seconds, limit=max(parse_size(limit), 1))
     options = OpenOptions(read_size=parse_size(read_size))
     subject = subject_for(image, fmt, options, queue_depth)
-    targets: contextlib.AbstractContextManager[Target | None]
-    if endpoint is not None:
-        targets = remote_target(endpoint, user, cacert, insecure_http)
-    elif discard:
-        targets = contextlib.nullcontext()
-    else:
-        targets = local_store()
-    with targets as target:
+    with contextlib.ExitStack() as stack:
+        target = open_target(stack, endpoint, discard, user, cacert, insecure_http)
         if target is not None:
             with_target(subject, target, parse_size(buffer_size))
-        try:
-            report = run_bench(subject, budget, _say)
-        finally:
-            if target is not None:
-                target.cleanup()
+            stack.callback(target.cleanup)
+        report = run_bench(subject, budget, _say)
     if as_json:
         typer.echo(json.dumps(report.as_dict()))
         return
