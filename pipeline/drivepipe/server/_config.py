@@ -34,6 +34,9 @@ class ServerConfig:
     chunk_link_ttl: float = 300.0
     #: A connection silent this long is closed (slow or idle clients).
     idle_timeout: float = 60.0
+    #: A request line and headers must arrive within this long in total: a client that
+    #: trickles them a byte at a time (slowloris) beats the idle timeout, not this.
+    header_timeout: float = 30.0
     #: Connections served at once; more are closed at once (a flood of idle sockets).
     max_connections: int = 256
     #: Request bodies received at once (each holds up to 12 MiB of buffers); more wait

@@ -6,7 +6,8 @@ of the request body is still unread closes the connection (the unread bytes
 cannot be told from the next request).  Refused here: missing or wrong Basic
 credentials (401 with a ``WWW-Authenticate`` challenge), bodies without
 ``Content-Length`` or with ``Transfer-Encoding`` (411), malformed lengths and
-JSON (400), JSON bodies over 1 MiB (413).
+JSON (400), JSON bodies over 1 MiB (413).  A request line and headers that take
+longer than ``header_timeout`` in all (slowloris) end the connection.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import base64
 import binascii
 import contextlib
 import hmac
+import io
 import json
 import logging
 import re
 import socket
 import ssl
 import struct
+import time
 import uuid as uuidlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -41,6 +44,23 @@ class ClientGone(ConnectionError):
     """The client stopped sending or receiving mid-request."""
 
 
+class HeadDeadlineIO(socket.SocketIO):
+    """The connection's reads; while a request head is awaited, none waits past its deadline."""
+
+    def __init__(self, handler: HandlerBase) -> None:
+        super().__init__(handler.connection, "rb")
+        self._handler = handler
+
+    def readinto(self, b: Any) -> int | None:
+        deadline = self._handler.head_deadline
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request head took too long")
+            self._handler.connection.settimeout(min(left, self._handler.ctx.config.idle_timeout))
+        return super().readinto(b)
+
+
 class HandlerBase(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "drivepipe-store/0.1"
@@ -54,6 +74,8 @@ class HandlerBase(BaseHTTPRequestHandler):
     path_only: str
     query: dict[str, str]
     _parsed: bool = False
+    #: monotonic time by which the current request's line and headers must be in
+    head_deadline: float | None = None
 
     # --- lifecycle --------------------------------------------------------
 
@@ -65,6 +87,7 @@ class HandlerBase(BaseHTTPRequestHandler):
         self.timeout = self.ctx.config.idle_timeout  # type: ignore[misc]  # stdlib reads it per instance
         self._fresh_request()
         super().setup()
+        self.rfile = io.BufferedReader(HeadDeadlineIO(self))
         if isinstance(self.connection, ssl.SSLSocket):
             # Done here, in the connection's own thread, under its timeout.
             self.connection.do_handshake()
@@ -81,10 +104,24 @@ class HandlerBase(BaseHTTPRequestHandler):
         self.body_left = 0
         self.replied = False
 
+    def handle_one_request(self) -> None:
+        self.head_deadline = time.monotonic() + self.ctx.config.header_timeout
+        try:
+            super().handle_one_request()
+        finally:
+            self.head_deadline = None
+
     def parse_request(self) -> bool:
         self._fresh_request()
         self._parsed = False
-        return super().parse_request() and self.request_facts()
+        parsed = super().parse_request()  # reads the headers, under the head deadline
+        self.end_of_head()
+        return parsed and self.request_facts()
+
+    def end_of_head(self) -> None:
+        """The head is in: reads wait the idle timeout again (the body has no deadline)."""
+        self.head_deadline = None
+        self.connection.settimeout(self.ctx.config.idle_timeout)
 
     def request_facts(self) -> bool:
         """Path, query and announced body of the parsed request (once per request).
