@@ -19,12 +19,12 @@ that does not hold the image's bytes).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from rel_support import FaultTable
+from rel_support import Cli, FaultTable, MakeStore
 
 from drivepipe.cli import main
 from drivepipe.server import RunningServer, serve_in_thread
@@ -34,8 +34,6 @@ STORE_MIN_SIZE = MiB
 USERNAME = "reliable@example.com"
 PASSWORD = "Rel-secret-9f3b2c"
 
-MakeStore = Callable[..., RunningServer]
-Cli = Callable[..., tuple[int, str, str]]
 
 
 # --- the fault table ---------------------------------------------------------------------------

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from drivepipe.server import RunningServer
 
 MiB = 1 << 20
+
+#: ``make_store(**ServerConfig fields) -> RunningServer`` (the conftest fixture)
+MakeStore = Callable[..., RunningServer]
+#: ``cli(*argv, env=None) -> (exit code, stdout, stderr)`` (the conftest fixture)
+Cli = Callable[..., tuple[int, str, str]]
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rel_support import FaultTable, MiB, drive_holds, make_image, one_error_line
+from rel_support import Cli, FaultTable, MiB, drive_holds, make_image, one_error_line
 
 from drivepipe.server import RunningServer
 
@@ -93,7 +93,7 @@ def chunks_received(store: RunningServer) -> int:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_direct_upload_dropped_at_a_random_offset(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable, seed: int,
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 6 * MiB, seed)
@@ -112,7 +112,7 @@ def test_direct_upload_dropped_at_a_random_offset(
 
 
 def test_direct_upload_503_burst(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable,
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 3 * MiB, 4)
@@ -127,7 +127,7 @@ def test_direct_upload_503_burst(
 
 
 def test_direct_upload_slow_server(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable,
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 3 * MiB, 5)
@@ -141,7 +141,7 @@ def test_direct_upload_slow_server(
 
 
 def test_direct_upload_store_restarted_mid_transfer(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable,
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 16 * MiB, 6)
@@ -164,7 +164,7 @@ def test_direct_upload_store_restarted_mid_transfer(
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_chunked_upload_dropped_at_random_offsets(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable, seed: int,
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 4 * MiB, seed + 10)
@@ -181,7 +181,7 @@ def test_chunked_upload_dropped_at_random_offsets(
 
 
 def test_chunked_upload_503_bursts(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable,
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 3 * MiB, 12)
@@ -197,7 +197,7 @@ def test_chunked_upload_503_bursts(
 
 
 def test_chunked_upload_slow_server(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable,
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 2 * MiB, 13)
@@ -212,7 +212,7 @@ def test_chunked_upload_slow_server(
 
 
 def test_chunked_upload_store_restarted_mid_transfer(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable,
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 4 * MiB, 14)
@@ -228,7 +228,7 @@ def test_chunked_upload_store_restarted_mid_transfer(
 
 
 def test_chunked_upload_401_midway_then_resume(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+    store: RunningServer, cli: Cli, tmp_path: Path,
     fault_table: FaultTable,
 ) -> None:
     """The store's password changes mid-upload: one line, drive still uploading; a rerun
@@ -267,7 +267,7 @@ def test_chunked_upload_401_midway_then_resume(
 
 @pytest.fixture
 def uploaded(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]], tmp_path: Path
+    store: RunningServer, cli: Cli, tmp_path: Path
 ) -> tuple[str, Path]:
     """A drive uploaded by the CLI (its meta holds the digest the download verifies)."""
     image = make_image(tmp_path / "src.raw", 8 * MiB, 20, pieces=12)
@@ -295,7 +295,7 @@ def judge_download(
 
 
 def _download_fault(
-    scenario: str, store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    scenario: str, store: RunningServer, cli: Cli,
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable, *extra: str,
 ) -> None:
     uuid, image = uploaded
@@ -310,7 +310,7 @@ def _download_fault(
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_download_dropped_at_random_offsets(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    store: RunningServer, cli: Cli,
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable, seed: int,
 ) -> None:
     rng = random.Random(seed)
@@ -321,7 +321,7 @@ def test_download_dropped_at_random_offsets(
 
 
 def test_download_503_burst(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    store: RunningServer, cli: Cli,
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable,
 ) -> None:
     store.faults.fail_next(2, method="GET", match="/drives/")  # the drive's meta, the redirect
@@ -330,7 +330,7 @@ def test_download_503_burst(
 
 
 def test_download_slow_server(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    store: RunningServer, cli: Cli,
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable,
 ) -> None:
     store.faults.delay(0.5, count=3, match="/direct/")
@@ -338,7 +338,7 @@ def test_download_slow_server(
 
 
 def test_download_cut_short_within_a_run(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    store: RunningServer, cli: Cli,
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable,
 ) -> None:
     rng = random.Random(3)
@@ -348,7 +348,7 @@ def test_download_cut_short_within_a_run(
 
 
 def test_download_store_restarted_mid_transfer(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    store: RunningServer, cli: Cli,
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable,
 ) -> None:
     store.faults.delay(0.1, count=0, match="/direct/")
@@ -360,7 +360,7 @@ def test_download_store_restarted_mid_transfer(
 
 
 def test_download_cut_every_time_fails_then_resumes(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    store: RunningServer, cli: Cli,
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable,
 ) -> None:
     """A link that always breaks: the run gives up in one line with no final file; the
@@ -385,7 +385,7 @@ def test_download_cut_every_time_fails_then_resumes(
 
 
 def test_download_of_a_drive_damaged_in_the_store_is_not_named(
-    store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    store: RunningServer, cli: Cli,
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable,
 ) -> None:
     uuid, _ = uploaded

@@ -23,13 +23,12 @@ import struct
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_support import MiB, one_error_line
+from rel_support import Cli, MiB, one_error_line
 
 from drivepipe._errors import DrivepipeError
 from drivepipe._registry import open_image
@@ -364,7 +363,7 @@ def qcow2_with_data_past_eof(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["qcow2", "gzip", "xz", "zstd", "bzip2", "truncated-xz"])
 def test_uploading_a_corrupt_image_creates_no_drive(
-    kind: str, store: RunningServer, cli: Callable[..., tuple[int, str, str]],
+    kind: str, store: RunningServer, cli: Cli,
     tmp_path: Path, qcow2_with_data_past_eof: Path,
 ) -> None:
     sources = {"gzip": "multi.gz", "xz": "multi.xz", "zstd": "multi.zst", "bzip2": "multi.bz2"}
