@@ -324,9 +324,17 @@ def chunk_link(store: RunningServer, uuid: str, number: int, size: int) -> str:
 
 
 def post_chunk(store: RunningServer, target: str, data: bytes) -> int:
-    status, _, _ = request(store, "POST", target, body=data,
-                           headers={"Content-Type": "application/octet-stream"})
-    return status
+    """POST a chunk body the way curl does, with ``Expect: 100-continue``: a refused
+    link is answered before the body, a valid one gets it."""
+    head = (f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            "Content-Type: application/octet-stream\r\nExpect: 100-continue\r\n\r\n")
+    with socket.create_connection(address(store), timeout=10) as sock:
+        sock.sendall(head.encode())
+        first = sock.recv(65536)
+        if first.startswith(b"HTTP/1.1 100"):
+            sock.sendall(data)
+            first = first.split(b"\r\n\r\n", 1)[1] or sock.recv(65536)
+        return int(first.split(b" ", 2)[1])
 
 
 def new_upload(store: RunningServer, size: int) -> str:
