@@ -16,6 +16,7 @@ of the configured endpoints (see :meth:`Endpoint.owns`).
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import netrc
 import os
 import stat
@@ -80,8 +81,18 @@ def origin(url: str) -> tuple[str, str, int]:
 
 
 def is_loopback(url: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1).
+
+    Decided on the parsed address, not the text: ``127.0.0.1.example.com`` or
+    ``127.evil.net`` are names anyone can point anywhere.
+    """
     host = (urlsplit(url).hostname or "").lower()
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
