@@ -67,7 +67,7 @@ def test_bench_names_the_decoder_on_a_compressed_qcow2(tmp_path: Path) -> None:
     subprocess.run([str(QEMU_IMG), "convert", "-c", "-o", "cluster_size=512", "-O", "qcow2",
                     str(raw), str(image)], check=True)
     assert image.stat().st_size < raw.stat().st_size  # the clusters really are compressed
-    code, out, err = cli("bench", str(image), "--seconds", "1", "--json")
+    code, out, err = cli("bench", str(image), "--seconds", "0.5", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["format"] == "qcow2"
@@ -83,7 +83,7 @@ def test_bench_names_the_network_on_a_sparse_raw_image(tmp_path: Path) -> None:
         for offset in (0, 50 * MiB, 100 * MiB):
             f.seek(offset)
             f.write(os.urandom(MiB))
-    code, out, err = cli("bench", str(image), "--seconds", "2", "--limit", "128M", "--json")
+    code, out, err = cli("bench", str(image), "--seconds", "0.5", "--limit", "64M", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["bottleneck"] == "send", out

@@ -110,6 +110,15 @@ def _serve_child(root: str, password: str, pipe: Connection) -> None:
             pipe.recv()
 
 
+def _first_message(pipe: Connection) -> str:
+    try:
+        if pipe.poll(STORE_START_TIMEOUT):
+            return str(pipe.recv())
+    except EOFError:
+        pass
+    raise TransferError("bench: the local drive store did not start")
+
+
 @contextlib.contextmanager
 def local_store() -> Iterator[Target]:
     """A drive store on a temporary directory, in its own process, while the bench runs.
@@ -125,10 +134,9 @@ def local_store() -> Iterator[Target]:
     child = ctx.Process(target=_serve_child, args=(root, password, theirs), daemon=True,
                         name="drivepipe-bench-store")
     child.start()
+    theirs.close()  # the child's end: if the child dies, our end sees EOF at once
     try:
-        if not ours.poll(STORE_START_TIMEOUT):
-            raise TransferError("bench: the local drive store did not start")
-        base = ours.recv()
+        base = _first_message(ours)
         yield Target(Endpoint(api=base, direct=base), Credentials(BENCH_USER, password),
                      TlsOptions(), "network: local store")
     finally:
