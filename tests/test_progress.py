@@ -128,12 +128,12 @@ def test_phase_line_replaces_the_headline_during_a_counting_pass() -> None:
 
 def test_table_marks_the_busiest_stage_and_shows_extra_counters() -> None:
     stats = hand_stats(data_total=None)
-    stats.stages[-1].extra.update(chunks_done=7, retried=1)
+    stats.stages[-1].extra.update(chunks_done=7, retried=1, sent_bytes=3 << 20)
     rows = text_of(stage_table(stats)).splitlines()
     send = next(r for r in rows if r.startswith("send"))
     read = next(r for r in rows if r.startswith("read"))
     assert BOTTLENECK_MARK in send and BOTTLENECK_MARK not in read
-    assert "chunks_done=7" in send and "retried=1" in send
+    assert "chunks_done=7" in send and "retried=1" in send and "sent_bytes=3.0MiB" in send
 
 
 def real_run(tmp_path: Path, mode: str, stages_of: object = None) -> tuple[RunStats, str]:

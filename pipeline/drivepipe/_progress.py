@@ -105,10 +105,12 @@ def queue_text(stats: RunStats, stage: StageStats) -> str:
 
 def extra_text(stage: StageStats) -> str:
     """A part's own counters (``chunks_done=12 in_flight=4``) for the notes column."""
-    return " ".join(f"{key}={_short(value)}" for key, value in stage.extra.items())
+    return " ".join(f"{key}={_short(key, value)}" for key, value in stage.extra.items())
 
 
-def _short(value: Any) -> str:
+def _short(key: str, value: Any) -> str:
+    if key.endswith("_bytes") and isinstance(value, int):
+        return format_size(value).replace(" ", "")
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
