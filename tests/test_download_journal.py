@@ -27,6 +27,7 @@ from drivepipe_plugins.download_journal import (
 from drivepipe_plugins.download_verify import (
     FileDigester,
     PrefixHasher,
+    blocks_with_data,
     check_kept_blocks,
     describe_blocks,
     digest_file,
@@ -185,3 +186,15 @@ def test_prefix_hasher_stops_without_all_blocks(make_sparse: MakeImage) -> None:
     hasher.stop()
     assert hasher.next_block <= 1
     assert hasher.finish() is None
+
+
+def test_blocks_with_data_sees_only_blocks_overlapping_data(tmp_path: Path) -> None:
+    path = tmp_path / "p"
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+        for offset in (MiB - 4096, 5 * MiB + 8192):  # end of block 0, inside block 5
+            f.seek(offset)
+            f.write(b"x" * 4096)
+    journal = DownloadJournal(SourceIdentity("u", 8 * MiB), MiB)
+    assert blocks_with_data(str(path), journal, range(8)) == {0, 5}
+    assert blocks_with_data(str(path), journal, [1, 2, 3, 4, 6, 7]) == set()

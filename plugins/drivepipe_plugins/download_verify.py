@@ -15,6 +15,7 @@ refetches them; a failed verification names them).
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -254,10 +255,12 @@ def blocks_with_data(path: str, journal: DownloadJournal, indexes: Iterable[int]
         ranges = list(reader.ranges())
     finally:
         reader.close()
+    ends = [end for _, end in ranges]
     found = set()
     for index in indexes:
         start, length = journal.block_span(index)
-        if any(lo < start + length and start < hi for lo, hi in ranges):
+        i = bisect.bisect_right(ends, start)  # first range ending after the block starts
+        if i < len(ranges) and ranges[i][0] < start + length:
             found.add(index)
     return found
 
