@@ -6,8 +6,9 @@ then:
 
 - writes it as qcow2 three ways with qemu-img (plain, zlib-compressed,
   zstd-compressed) and times ``drivepipe convert`` against
-  ``qemu-img convert -O raw`` on each (both write a sparse raw file and flush
-  it), plus ``drivepipe checksum`` alone (decode + hash, nothing written);
+  ``qemu-img convert -O raw`` on each (both write a sparse raw file; drivepipe
+  also fsyncs it, qemu-img does not, so a second reference adds ``sync FILE``),
+  plus ``drivepipe checksum`` alone (decode + hash, nothing written);
 - compresses the first ``--stream-size`` of it with gzip, zstd, xz and bzip2
   and times ``drivepipe convert`` (one step: decode while writing) against
   the decompressor CLI writing a file (``gunzip -c > file``), which is the
@@ -138,6 +139,12 @@ def bench_qcow2(raw: Path, work: Path, repeat: int) -> list[Row]:
         theirs = time_command([qemu, "convert", "-O", "raw", str(image), str(out)],
                               repeat=repeat, before=fresh(out))
         rows.append(Row(f"{label} convert", size, ours, theirs, "qemu-img convert -O raw"))
+        # drivepipe convert fsyncs before renaming into place; qemu-img does not
+        synced = time_command(
+            shell(f"{qemu} convert -O raw {image} {out} && sync {out}"),
+            repeat=repeat, before=fresh(out),
+        )
+        rows.append(Row(f"{label} convert", size, ours, synced, "qemu-img ... && sync"))
         hashed = time_command([dp, "checksum", "--progress", "none", str(image)], repeat=repeat)
         rows.append(Row(f"{label} checksum", size, hashed, None, ""))
         remove(image)

@@ -292,13 +292,6 @@ def open_compressed(
     )
 
 
-def file_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
-
-
 def pread_exact(fd: int, length: int, offset: int, path: str, what: str) -> bytes:
     """Read exactly ``length`` bytes or fail with CorruptImage naming ``what``."""
     try:
