@@ -339,7 +339,9 @@ class _Transfer:
         if self.accepted and fill + n < self.block_len:
             self.buf[fill : fill + n] = chunk
             self.fill = fill + n
-            self.counter.bytes += n
+            counter = self.counter
+            counter.bytes += n
+            counter.data_bytes += n  # over the wire every byte is data, zeros included
             return None
         try:
             if not self.checked:
@@ -358,6 +360,7 @@ class _Transfer:
             raise TransferError(f"download from {urlsplit(self._url()).netloc}: the server "
                                 "sent more bytes than asked for")
         self.counter.bytes += len(view)
+        self.counter.data_bytes += len(view)
         while view:
             n = min(self.block_len - self.fill, len(view))
             self.buf[self.fill : self.fill + n] = view[:n]
