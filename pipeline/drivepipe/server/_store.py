@@ -390,14 +390,23 @@ class DriveStore:
 
     def _chunk_done(self, uuid: str, number: int, fd: int) -> DriveRecord:
         with self._locked(uuid):
-            rec = self._current(uuid)
+            rec = self._current(uuid).copy()
             rec.received.add(number)
             if len(rec.received) >= rec.chunks:
                 _grow(fd, rec, self.min_size)
                 rec.status = UNMOUNTED
                 rec.generation += 1
-            self._save(rec)
+            self._commit(rec)
             return rec.copy()
+
+    def _commit(self, rec: DriveRecord) -> None:
+        """Save a changed copy of a record, then make it the live one (caller holds its lock).
+
+        If saving fails, the live record stays as it was, like the one on disk.
+        """
+        self._save(rec)
+        with self._lock:
+            self._records[rec.uuid] = rec
 
     # updates
 
@@ -407,11 +416,11 @@ class DriveStore:
         """Replace name, media and meta; grow the drive to ``size`` (never shrink)."""
         self.check_size(size)
         with self._locked(uuid):
-            rec = self._current(uuid)
+            rec = self._current(uuid).copy()
             if size != rec.size:
                 self._resize(rec, size)
             rec.name, rec.media, rec.meta = name, media, dict(meta)
-            self._save(rec)
+            self._commit(rec)
             return rec.copy()
 
     def _resize(self, rec: DriveRecord, size: int) -> None:
