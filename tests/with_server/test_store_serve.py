@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -162,3 +163,34 @@ def test_uploads_over_the_limit_wait_then_get_503(make_drive_store: MakeStore) -
         first.sendall(body[4 << 20 :])
         assert first.recv(12) == b"HTTP/1.1 201"
     assert len(server.store.list()) == 1
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (root needed, else skip), unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_a_503_and_leaves_nothing(
+    make_drive_store: MakeStore, api: Callable[[RunningServer], Any], small_tmpfs: Path
+) -> None:
+    server = make_drive_store(root=str(small_tmpfs / "store"))
+    client = api(server)
+    first = client.call("POST", "drives/upload/", raw=os.urandom(3 << 20))
+    assert first.status == 201
+    second = client.call("POST", "drives/upload/", raw=os.urandom(3 << 20))
+    assert second.status == 503
+    assert "no space" in second.json[0]["error_message"]
+    assert [d.uuid for d in server.store.list()] == [first.body.decode().strip()]
+    assert os.listdir(server.store.incoming_dir) == []
