@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -213,3 +214,18 @@ def test_delay_fault_holds_the_answer(drive_store: RunningServer, client: Api) -
     start = time.monotonic()
     assert client.call("GET", "capabilities/").status == 200
     assert time.monotonic() - start >= 0.3
+
+
+def test_concurrent_uploads_and_downloads_keep_every_drive_intact(
+    drive_store: RunningServer, client: Api
+) -> None:
+    images = [os.urandom((5 << 20) + i * 4099) for i in range(4)]
+
+    def round_trip(image: bytes) -> bytes:
+        uuid = client.call("POST", "drives/upload/", raw=image).body.decode().strip()
+        return bytes(fetch(client, signed_url(client, uuid)).body[: len(image)])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(round_trip, images))
+    assert results == images
+    assert len(drive_store.store.list()) == 4
