@@ -18,9 +18,12 @@ on its own tmp root, min size 1 MiB (``STORE_MIN_SIZE``), serving in a thread:
 - ``restart()``                stop (cutting open connections) and serve the same root
   on the same port again, as after a crash
 
-``make_drive_store(**settings)``: more servers with other settings (``min_size``,
-``max_size``, ``link_ttl``, ``chunk_link_ttl``, ``idle_timeout``, ``tls_cert``,
-``tls_key``, ``username``, ``password``); each is stopped after the test.
+``make_drive_store(**settings)``: more servers with other settings, any
+:class:`drivepipe.server.ServerConfig` field (``root`` to share a directory,
+``min_size``, ``max_size``, ``link_ttl``, ``chunk_link_ttl``, ``idle_timeout``
+(10 s here), ``header_timeout``, ``max_connections``, ``max_uploads``,
+``upload_wait``, ``tls_cert``, ``tls_key``, ``username``, ``password``); each is
+stopped after the test.
 
 ``put_drive(server, data_or_path) -> uuid`` (a fixture returning the function): a
 finished drive made straight in the store (no HTTP), for download tests; sparse
