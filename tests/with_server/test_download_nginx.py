@@ -503,3 +503,20 @@ def test_http_error_is_one_line(nginx: Nginx, workdir: Path) -> None:
     assert proc.returncode == 6
     assert proc.stderr.count("\n") == 1 and "HTTP 404" in proc.stderr
     assert list(workdir.iterdir()) == []
+
+
+def test_no_validator_means_no_resume(
+    nginx: Nginx, workdir: Path, other_host: tuple[list[dict[str, str]], bytes]
+) -> None:
+    seen, body = other_host
+    url = f"http://127.0.0.2:{nginx.other_port}/image.raw"
+    bogus = run(workdir, url, "--expect", "xxh128:" + "3" * 32, "--block-size", "1M")
+    assert bogus.returncode == 7
+    assert (workdir / "image.raw.part.journal").exists()
+    asked = len(seen)
+    proc = run(workdir, url, "--expect", f"xxh128:{xxhash.xxh3_128_hexdigest(body)}",
+               "--block-size", "1M")
+    assert proc.returncode == 0, proc.stderr
+    assert "no ETag or Last-Modified" in proc.stderr and "starting over" in proc.stderr
+    assert len(seen) - asked == 2  # the probe, then the whole file again
+    assert (workdir / "image.raw").read_bytes() == body

@@ -39,6 +39,7 @@ from drivepipe_plugins.curl_download import (
 from drivepipe_plugins.download_journal import (
     JOURNAL_SUFFIX,
     DownloadJournal,
+    SourceIdentity,
     load_journal,
     remove_journal,
     source_key,
@@ -220,7 +221,7 @@ def open_part(
     journal = load_journal(paths.journal)
     stale: set[int] = set()
     if journal is not None and journal.matches(identity, block_size) \
-            and os.path.isfile(paths.part):
+            and os.path.isfile(paths.part) and _has_validator(identity, paths):
         _recheck(paths, journal, stats)
         missing = set(range(journal.block_count)) - set(journal.blocks)
         stale = blocks_with_data(paths.part, journal, missing)
@@ -232,6 +233,15 @@ def open_part(
     out = SparseOutput(paths.part, identity.size)
     journal.save(paths.journal)
     return out, journal, stale
+
+
+def _has_validator(identity: SourceIdentity, paths: Paths) -> bool:
+    """Without an ETag or Last-Modified a changed source cannot be told: no resuming."""
+    if identity.etag or identity.last_modified:
+        return True
+    note(f"{paths.part}: the server gives no ETag or Last-Modified, so the kept part "
+         "cannot be trusted to be the same file")
+    return False
 
 
 def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats) -> None:
