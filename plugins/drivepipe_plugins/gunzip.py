@@ -74,7 +74,7 @@ def bgzf_size(path: str) -> int | None:
         pos = total = 0
         while pos < end:
             block = _bgzf_block_size(os.pread(fd, 64, pos))
-            if block is None or pos + block > end:
+            if block is None or block < _BGZF_HEADER + 8 or pos + block > end:
                 return None
             (isize,) = struct.unpack("<I", os.pread(fd, 4, pos + block - 4))
             if isize > _BGZF_MAX_BLOCK:
