@@ -8,6 +8,7 @@ byte for byte with the original.  Skipped where qemu-img is not installed.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -173,3 +174,24 @@ def test_decoded_image_streams_sparsely(make_sparse: MakeImage) -> None:
     assert out.content == raw.read_bytes()
     # preallocation=full wrote zeros for every cluster; they still leave as holes
     assert out.hole_bytes >= 16 * MiB - 3 * (256 << 10) - 3 * 4096
+
+
+def test_preallocated_clusters_in_host_holes_are_never_read(
+    make_sparse: MakeImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = make_sparse(64 * MiB, seed=9, pieces=2, max_piece=256 << 10)
+    qcow = to_qcow2(raw, [], "preallocation=metadata")
+    assert qcow.stat().st_size > 64 * MiB  # every cluster allocated, in host holes
+    read: list[int] = []
+    real_pread = os.pread
+
+    def recording_pread(fd: int, length: int, offset: int) -> bytes:
+        data = real_pread(fd, length, offset)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", recording_pread)
+    out = decode(qcow)
+    monkeypatch.undo()
+    assert out.content == raw.read_bytes()
+    assert sum(read) < 4 * MiB  # the tables and the two data pieces, not 64 MiB of holes
