@@ -229,3 +229,28 @@ def test_concurrent_uploads_and_downloads_keep_every_drive_intact(
         results = list(pool.map(round_trip, images))
     assert results == images
     assert len(drive_store.store.list()) == 4
+
+
+def test_fragmented_drive_small_pieces_are_gathered_correctly(
+    drive_store: RunningServer, client: Api, put_drive: PutDrive, tmp_path: Path
+) -> None:
+    image = tmp_path / "fragmented.img"
+    pieces = []
+    with open(image, "wb") as f:
+        f.truncate(3 << 20)
+        offset = 0
+        for i in range(300):
+            data = os.urandom(4096 if i % 3 else 70_000)  # small and large data spans
+            f.seek(offset)
+            f.write(data)
+            pieces.append(offset)
+            offset += len(data) + (4096 if i % 2 else 9000)
+            if offset > (3 << 20) - 70_000:
+                break
+    uuid = put_drive(drive_store, image)
+    content = Path(drive_store.store.raw_path(uuid)).read_bytes()
+    url = signed_url(client, uuid)
+    assert fetch(client, url).body == content
+    for start in (1, 4095, 4097, pieces[7] + 100):
+        answer = fetch(client, url, {"Range": f"bytes={start}-{start + 300_000}"})
+        assert answer.body == content[start : start + 300_001]

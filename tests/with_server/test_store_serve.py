@@ -76,7 +76,7 @@ def test_tls(make_drive_store: MakeStore, tmp_path: Path) -> None:
     server = make_drive_store(tls_cert=str(cert_file), tls_key=str(key_file))
     assert server.base_url.startswith("https://127.0.0.1:")
     image = tmp_path / "img"
-    image.write_bytes(os.urandom(3000))
+    image.write_bytes(os.urandom(3000) + bytes(100_000) + os.urandom(300_000))
     creds = f"{server.username}:{server.password}"
     uuid = subprocess.run(
         ["curl", "-sS", "--cacert", str(ca_file), "--request", "POST", "--user", creds,
@@ -85,7 +85,7 @@ def test_tls(make_drive_store: MakeStore, tmp_path: Path) -> None:
     ).stdout.strip()
     data = subprocess.run(
         ["curl", "-sS", "--cacert", str(ca_file), "--location", "--user", creds,
-         "--range", "0-2999", f"{server.base_url}drives/{uuid}/download/"],
+         "--range", "0-402999", f"{server.base_url}drives/{uuid}/download/"],
         capture_output=True, check=True,
     ).stdout
     assert data == image.read_bytes()

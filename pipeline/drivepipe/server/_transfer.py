@@ -20,23 +20,22 @@ over the maximum size (413), chunks already there (416).
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Callable
-from typing import BinaryIO, Final
+from typing import Final
 from urllib.parse import unquote
 
-from drivepipe._extent import ZERO_VIEW, Buffer
+from drivepipe._extent import Buffer
 
 from ._body import BodyReader
 from ._errors import ApiError, busy, permission, validation
 from ._faults import Fault
 from ._http import ClientGone, HandlerBase
 from ._overlap import OverlappedSink
-from ._ranges import Unsatisfiable, parse_range, segments
+from ._ranges import Unsatisfiable, parse_range
+from ._sender import SpanSender
 from ._store import DOWNLOADABLE
 
 BODY_BUFFER: Final = 4 << 20
-TLS_BLOCK: Final = 1 << 20
 
 
 class TransferViews(HandlerBase):
@@ -212,35 +211,8 @@ class TransferViews(HandlerBase):
         """Send ``[start, end)``: data with sendfile, holes from the zero buffer."""
         fault = self._download_fault()
         stop = min(end, start + fault.after) if fault else end
-        with open(fd, "rb", closefd=False) as f:
-            for offset, length, is_data in segments(fd, start, stop):
-                if is_data:
-                    self._send_data(f, offset, length)
-                else:
-                    self._send_zeros(length)
+        SpanSender(self.connection, fd).send(start, stop)
         if fault is not None and stop < end:
             if fault.kind == "drop_download":
                 self.abort_connection()
             self.close_connection = True
-
-    def _send_data(self, f: BinaryIO, offset: int, length: int) -> None:
-        if isinstance(self.connection, ssl.SSLSocket):
-            # No sendfile through TLS, and the stdlib's fallback sends 8 KiB at a time.
-            self._send_read(f.fileno(), offset, length)
-        else:
-            self.connection.sendfile(f, offset, length)
-
-    def _send_read(self, fd: int, offset: int, length: int) -> None:
-        end = offset + length
-        while offset < end:
-            data = os.pread(fd, min(end - offset, TLS_BLOCK), offset)
-            if not data:
-                raise ClientGone("the drive file shrank while it was being served")
-            self.connection.sendall(data)
-            offset += len(data)
-
-    def _send_zeros(self, length: int) -> None:
-        while length > 0:
-            n = min(length, len(ZERO_VIEW))
-            self.connection.sendall(ZERO_VIEW[:n])
-            length -= n
