@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MakeImage
 from fixtures.decode_helpers import convert, same_file
 from isal import isal_zlib
 
@@ -29,6 +28,10 @@ from drivepipe._stage import OpenOptions
 from drivepipe_plugins.discard import DiscardSink
 from drivepipe_plugins.sparse_read import SparseFileReader
 from drivepipe_plugins.xxh3 import Xxh3Stage
+
+#: the ``make_sparse`` fixture of tests/conftest.py (not imported: another conftest.py
+#: in a subdirectory can shadow the module name when the whole suite is collected)
+MakeImage = Callable[..., Path]
 
 MiB = 1 << 20
 GiB = 1 << 30

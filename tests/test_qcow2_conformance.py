@@ -12,10 +12,10 @@ import os
 import random
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MakeImage
 from fixtures.decode_helpers import convert, decode, same_file
 
 from drivepipe._errors import UnsupportedFormat
@@ -26,6 +26,10 @@ pytestmark = [
     pytest.mark.needs_qemu,
     pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed"),
 ]
+
+#: the ``make_sparse`` fixture of tests/conftest.py (not imported: another conftest.py
+#: in a subdirectory can shadow the module name when the whole suite is collected)
+MakeImage = Callable[..., Path]
 
 MiB = 1 << 20
 
