@@ -397,3 +397,45 @@ def test_credentials_never_follow_a_redirect_to_another_origin(
     assert code != 0 and one_error_line(err), err
     assert [s for s in other.authorized() if "upload" in s.path] == []
     assert_clean(out + err, "u@example.com", "pw-Redirect-2")
+
+
+# --- files we leave behind: journals, partial downloads -----------------------------------------
+
+
+def files_holding(root: Path, secrets: list[str]) -> list[Path]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if any(s.encode() in data for s in secrets):
+                found.append(path)
+    return found
+
+
+def test_journals_and_partial_files_hold_no_secret(
+    store: RunningServer, cli: Cli, home: Path, tmp_path: Path
+) -> None:
+    """Interrupted runs keep their journals for a resume: never with the password."""
+    image = make_image(tmp_path / "disk.raw", 3 * MiB, 7)
+    secrets = secrets_of(store.username, store.password)
+    # a chunked upload stopped by a chunk that always fails
+    store.faults.add(kind="status", status=400, count=0, match="/chunk/1/")
+    code, _, err = cli("upload", str(image), "--chunked", "--chunk-size", "1M", "--endpoint",
+                       store.base_url, "--progress", "json", env=store.env)
+    store.faults.clear()
+    assert code != 0 and one_error_line(err), err
+    journals = [p for p in home.rglob("*") if p.is_file()]
+    assert journals, "the interrupted chunked upload kept a journal"
+    # a download cut short on every try
+    code, out, err = cli("upload", str(image), "--endpoint", store.base_url, "--progress",
+                         "none", env=store.env)
+    assert code == 0, err
+    store.faults.add(kind="cut_download", after=100 << 10, count=0, match="/direct/")
+    target = tmp_path / "out.raw"
+    code, _, err = cli("download", out.strip(), "-o", str(target), "--endpoint", store.base_url,
+                       "--retries", "1", "--retry-delay", "0.01", "--range-size", "1M",
+                       "--block-size", "1M", "--progress", "json", env=store.env)
+    assert code != 0 and one_error_line(err), err
+    assert Path(f"{target}.part").exists()
+    assert files_holding(home, secrets) == []
+    assert files_holding(tmp_path, secrets) == []
