@@ -79,7 +79,11 @@ def xxh128_of(path: Path) -> str:
 
 
 def count_chunk_bodies(srv: RunningServer, uuid: str) -> list[tuple[int, bool]]:
-    """Chunks the store accepts to receive from now on, each with whether it already had it."""
+    """Chunks the store receives whole from now on, each with whether it had it before.
+
+    Counted when a chunk is complete, not when it starts: the killed process's last
+    request may still be read (and then dropped) by the store after the kill.
+    """
     numbers: list[tuple[int, bool]] = []
     store = srv.store
     original = store.begin_chunk
@@ -87,7 +91,14 @@ def count_chunk_bodies(srv: RunningServer, uuid: str) -> list[tuple[int, bool]]:
     def counting(drive: str, number: int, chunk_size: int) -> Any:
         already = number in store.get(uuid).received
         writer = original(drive, number, chunk_size)  # raises when refused (busy, 416)
-        numbers.append((number, already))
+        finish = writer.finish
+
+        def finished() -> Any:
+            record = finish()
+            numbers.append((number, already))
+            return record
+
+        writer.finish = finished
         return writer
 
     # a counting wrapper around the store's real method, so the server side counts
