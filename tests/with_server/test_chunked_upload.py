@@ -215,7 +215,7 @@ def test_memory_holds_connections_plus_one_chunks(
         tracemalloc.stop()
     assert result.xxh128 == xxh128_of(image)
     # 3 chunks of 2 MiB, plus the store's own receive buffers in this process
-    assert peak < 16 * MiB, f"peak {peak / MiB:.1f} MiB for a 40 MiB image"
+    assert peak < 20 * MiB, f"peak {peak / MiB:.1f} MiB for a 40 MiB image"
     assert ChunkedOptions(connections=4, chunk_size=1 << 30).chunks_in_memory(1 << 30) == 2
     assert ChunkedOptions(connections=4).chunks_in_memory(64 * MiB) == 5
 
