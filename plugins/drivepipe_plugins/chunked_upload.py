@@ -859,9 +859,9 @@ class ChunkSender:
         # Done: confirmed by the server in this run, or earlier and passed by the feeder.
         self.stats.bytes = self.done_bytes + self.feeder.passed_bytes
         self.stats.extra.update({
-            "chunks_total": self.plan.count, "chunks_done": done,
-            "chunks_in_flight": in_flight, "chunks_skipped": self.skipped,
-            "chunks_retried": self._counts["retried"],
+            "chunks_done": done, "chunks_total": self.plan.count,
+            "in_flight": in_flight, "retried": self._counts["retried"],
+            "skipped": self.skipped,
             "links_renewed": self._counts["links_renewed"],
             "sent_bytes": self.sent_bytes, "wire_bytes": self.wire_bytes,
         })

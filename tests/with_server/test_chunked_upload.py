@@ -143,7 +143,7 @@ def test_raw_round_trip(drive_store: RunningServer, tmp_path: Path, connections:
     rec = drive_store.store.get(result.uuid)
     assert rec.name == "disk.raw" and rec.chunk_size == CHUNK
     send = stats.stages[-1]
-    assert send.extra["chunks_done"] == 12 and send.extra["chunks_in_flight"] == 0
+    assert send.extra["chunks_done"] == 12 and send.extra["in_flight"] == 0
     assert not Path(result.journal_path).exists(), "a finished upload leaves no journal"
 
 
@@ -268,7 +268,7 @@ def test_503_bursts_are_retried(drive_store: RunningServer, tmp_path: Path) -> N
     drive_store.faults.fail_next(3, match="do=upload_chunk")
     drive_store.faults.fail_next(3, match="/chunk/")
     result, stats = upload(drive_store, image, connections=2)
-    assert stats.stages[-1].extra["chunks_retried"] >= 6
+    assert stats.stages[-1].extra["retried"] >= 6
     assert_drive_holds(drive_store, result.uuid, image)
 
 
