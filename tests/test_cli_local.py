@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -294,3 +295,50 @@ def test_script_inspect_json(make_sparse: MakeImage) -> None:
     assert proc.returncode == 0
     info = json.loads(proc.stdout)
     assert info["format"] == "raw" and info["size"] == 2 * MiB
+
+
+# --- block devices ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loop block device over a sparse file with written zeros (root + losetup, else skip)."""
+    losetup = shutil.which("losetup")
+    if os.geteuid() != 0 or losetup is None:
+        pytest.skip("needs root and losetup")
+    rng = random.Random(40)
+    path = write_sparse(tmp_path / "backing.raw", 3 * MiB,
+                        random_layout(rng, 3 * MiB, 4, 200 << 10, zero_pieces=2))
+    proc = subprocess.run([losetup, "-f", "--show", str(path)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"losetup failed: {proc.stderr.strip()}")
+    device = proc.stdout.strip()
+    try:
+        yield device, path
+    finally:
+        subprocess.run([losetup, "-d", device], check=False)
+
+
+@needs_xxh128sum
+def test_block_device_checksum_convert_and_inspect(
+    loop_device: tuple[str, Path], tmp_path: Path
+) -> None:
+    device, backing = loop_device
+    code, out, _ = cli("checksum", "--progress", "none", device)
+    assert code == 0 and out == xxh128sum(Path(device))
+    dst = tmp_path / "from-device.raw"
+    code, _, err = cli("convert", "--progress", "none", device, str(dst))
+    assert (code, err) == (0, "")
+    data = backing.read_bytes()
+    assert dst.read_bytes() == data
+    view = memoryview(data)
+    must = sum(4096 for p in range(0, len(data), 4096) if any(view[p : p + 4096]))
+    assert allocated(dst) <= must + (64 << 10)
+    code, out, _ = cli("inspect", "--json", device)
+    info = json.loads(out)
+    assert code == 0 and info["block_device"] is True and info["size"] == len(data)
+    assert info["data_bytes"] is None  # unknown without a scan
+    code, out, _ = cli("inspect", "--json", "--scan", device)
+    info = json.loads(out)
+    assert info["data_bytes"] == must and info["hole_bytes"] == len(data) - must
