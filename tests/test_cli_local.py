@@ -89,7 +89,7 @@ def assert_one_error_line(err: str, *fragments: str) -> None:
 
 
 @needs_xxh128sum
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**32),
     size=st.integers(0, 3 * MiB),

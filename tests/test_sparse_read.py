@@ -111,7 +111,7 @@ def fs_supports_holes(path: Path) -> bool:
         return sum(e - s for s, e in data_ranges(f.fileno(), size)) < size
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32),
     size=st.integers(1, 6 * MiB),
