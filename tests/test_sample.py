@@ -7,10 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import allocated
 
 from drivepipe import formats, open_image
 from drivepipe._sample import make_sample_raw, write_qcow2
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
 
 
 def test_sample_raw_is_sparse_with_the_asked_data(tmp_path: Path) -> None:
