@@ -357,8 +357,10 @@ class _Transfer:
 
     def _take(self, view: memoryview) -> None:
         if self.pos + len(view) > self.end:
-            raise TransferError(f"download from {urlsplit(self._url()).netloc}: the server "
-                                "sent more bytes than asked for")
+            # No getinfo() here: libcurl refuses it while perform() runs (a pycurl.error,
+            # which escaped as a traceback).
+            raise TransferError(f"download: the server sent more bytes than asked for "
+                                f"(bytes {self.start}-{self.end - 1})")
         self.counter.bytes += len(view)
         self.counter.data_bytes += len(view)
         while view:
@@ -370,9 +372,6 @@ class _Transfer:
                 self.on_block(self.block_start // self.block_size,
                               memoryview(self.buf)[: self.fill])
                 self._enter_block(self.block_start + self.block_len)
-
-    def _url(self) -> str:
-        return str(self.handle.getinfo(pycurl.EFFECTIVE_URL))
 
     def _check_answer(self) -> bool:
         """True if the body is our bytes; False for an error answer; raises on a change."""
