@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from drivepipe.server import RunningServer
@@ -92,3 +96,79 @@ def one_error_line(err: str) -> bool:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("drivepipe: error:")]
     return len(errors) == 1 and "Traceback" not in err
+
+
+# --- a recording HTTP server for wire checks and hostile answers ---------------------------------
+
+
+class QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-answer is no error here (the stdlib prints a traceback)."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Recorder:
+    """An HTTP server on ``host`` that records every request and answers with ``answer``."""
+
+    host: str
+    answer: Callable[[BaseHTTPRequestHandler], None]
+    seen: list[Seen] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    def start(self) -> Recorder:
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # the stdlib's dispatch names
+                recorder.seen.append(Seen(self.command, self.path, dict(self.headers)))
+                recorder.answer(self)
+
+            do_POST = do_PUT = do_HEAD = do_GET  # noqa: N815
+
+        self.server = QuietServer((self.host, 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        return self
+
+    @property
+    def base(self) -> str:
+        assert self.server is not None
+        return f"http://{self.host}:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def authorized(self) -> list[Seen]:
+        return [s for s in self.seen if any(k.lower() == "authorization" for k in s.headers)]
+
+
+def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"",
+          headers: dict[str, str] | None = None) -> None:
+    handler.send_response(status)
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.send_header("Connection", "close")
+    handler.end_headers()
+    if handler.command != "HEAD":
+        with contextlib.suppress(OSError):  # the client may hang up: that is its right
+            handler.wfile.write(body)
+    handler.close_connection = True

@@ -23,15 +23,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from rel_support import Cli, MiB, make_image, one_error_line
+from rel_support import Cli, MiB, Recorder, make_image, one_error_line, reply
 
 from drivepipe._config import is_loopback
 from drivepipe._errors import ConfigError
@@ -232,70 +230,6 @@ def test_plain_http_policy(url: str, insecure: bool, allowed: bool) -> None:
         with pytest.raises(ConfigError, match="refusing to send the password over plain http"):
             check_auth_transport(url, tls)
     assert is_loopback(url) == (allowed and not insecure and url.startswith("http://"))
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-
-
-@dataclass
-class Recorder:
-    """An HTTP server on ``host`` that records every request and answers with ``answer``."""
-
-    host: str
-    answer: Callable[[BaseHTTPRequestHandler], None]
-    seen: list[Seen] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    def start(self) -> Recorder:
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # the stdlib's dispatch names
-                recorder.seen.append(Seen(self.command, self.path, dict(self.headers)))
-                recorder.answer(self)
-
-            do_POST = do_PUT = do_HEAD = do_GET  # noqa: N815
-
-        self.server = ThreadingHTTPServer((self.host, 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-        return self
-
-    @property
-    def base(self) -> str:
-        assert self.server is not None
-        return f"http://{self.host}:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-    def authorized(self) -> list[Seen]:
-        return [s for s in self.seen if any(k.lower() == "authorization" for k in s.headers)]
-
-
-def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"",
-          headers: dict[str, str] | None = None) -> None:
-    handler.send_response(status)
-    for key, value in (headers or {}).items():
-        handler.send_header(key, value)
-    handler.send_header("Content-Length", str(len(body)))
-    handler.send_header("Connection", "close")
-    handler.end_headers()
-    if handler.command != "HEAD":
-        handler.wfile.write(body)
-    handler.close_connection = True
 
 
 @pytest.fixture

@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
+import re
 import struct
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_support import Cli, MiB, one_error_line
+from rel_support import Cli, MiB, Recorder, one_error_line, reply
 
 from drivepipe._errors import DrivepipeError
 from drivepipe._registry import open_image
@@ -386,3 +390,53 @@ def test_uploading_a_corrupt_image_creates_no_drive(
         assert done == [], f"a corrupt {kind} image made a finished drive"
         if not extra:
             assert after == before, "a direct upload of a corrupt image left a drive"
+
+
+# --- a hostile server: the download's answers are input too ---------------------------------------
+
+
+def lying_server(data: bytes, lie: str) -> Callable[[BaseHTTPRequestHandler], None]:
+    """Serves ``data`` by ranges, lying in one way about what it sends."""
+
+    def answer(h: BaseHTTPRequestHandler) -> None:
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", h.headers.get("Range", ""))
+        first = int(m.group(1)) if m else 0
+        last = min(int(m.group(2) or len(data) - 1), len(data) - 1) if m else len(data) - 1
+        body, total, shown = data[first : last + 1], str(len(data)), (first, last)
+        if lie == "size 2**62":
+            total = str(1 << 62)
+        elif lie == "size negative":
+            total = "-5"
+        elif lie == "size unknown":
+            total = "*"
+        elif lie == "other range":
+            shown = (first + 1, last + 1)
+        elif lie == "longer body":
+            body += b"\xff" * 100
+        elif lie == "other bytes on a retry" and first > 0:
+            body = bytes(len(body))
+        headers = {"Content-Range": f"bytes {shown[0]}-{shown[1]}/{total}",
+                   "Accept-Ranges": "bytes", "ETag": '"same"'}
+        reply(h, 206, body, headers)
+
+    return answer
+
+
+LIES = ["size 2**62", "size negative", "size unknown", "other range", "longer body"]
+
+
+@pytest.mark.parametrize("lie", LIES)
+def test_a_lying_download_server_gets_one_error_line(
+    lie: str, cli: Cli, tmp_path: Path
+) -> None:
+    data = random.Random(9).randbytes(3 * MiB)
+    server = Recorder("127.0.0.1", lying_server(data, lie)).start()
+    try:
+        target = tmp_path / "out.raw"
+        code, out, err = cli("download", f"{server.base}/disk.raw", "-o", str(target),
+                             "--progress", "none", "--retries", "1", "--retry-delay", "0.01",
+                             "--range-size", "1M", "--block-size", "1M")
+    finally:
+        server.stop()
+    assert code != 0 and one_error_line(err) and out == "", err
+    assert not target.exists(), "a lying server's bytes got the final name"
