@@ -68,20 +68,28 @@ class UploadCheck:
         return clean and not lost, "failed in one line", lost
 
 
-def on_condition(condition: Callable[[], bool], action: Callable[[], None]) -> threading.Thread:
-    """Run ``action`` in a thread as soon as ``condition`` holds (within 30 s)."""
+class Trigger:
+    """Runs ``action`` in a thread as soon as ``condition`` holds (within 30 s)."""
 
-    def watch() -> None:
+    def __init__(self, condition: Callable[[], bool], action: Callable[[], None]) -> None:
+        self.fired = False
+        self._thread = threading.Thread(target=self._watch, args=(condition, action),
+                                        daemon=True)
+        self._thread.start()
+
+    def _watch(self, condition: Callable[[], bool], action: Callable[[], None]) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if condition():
                 action()
+                self.fired = True
                 return
             time.sleep(0.005)
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def join(self) -> bool:
+        """Wait for the watcher; True if the action ran."""
+        self._thread.join()
+        return self.fired
 
 
 def chunks_received(store: RunningServer) -> int:
@@ -149,15 +157,16 @@ def test_direct_upload_store_restarted_mid_transfer(
     # The store sits on the request (headers in, body flowing into the socket buffers)
     # long enough for the restart to cut it.
     store.faults.delay(1.0, match="/drives/upload")
-    started = time.monotonic()
-    restarter = on_condition(lambda: time.monotonic() - started > 0.4, store.restart)
+    # the delay is taken (and gone from the list) when the request has arrived
+    restarter = Trigger(lambda: not store.faults.snapshot(), store.restart)
     check = UploadCheck(store, image)
     code, out, err = cli(*upload_args(store, image), env=store.env)
-    restarter.join()
+    assert restarter.join(), "the store was restarted mid-transfer"
     survived, how, lost = check.judge(code, out, err)
     fault_table.record("store restarted mid-transfer", "direct upload",
                        survived=survived, how=how, data_lost=lost)
     assert survived and lost == 0, err
+    assert code != 0, "the restart cut the upload"
 
 
 # --- chunked upload: retried per chunk, resumable across runs ---------------------------------
@@ -218,10 +227,10 @@ def test_chunked_upload_store_restarted_mid_transfer(
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 4 * MiB, 14)
     store.faults.delay(0.05, count=0, match="/chunk/")  # slow enough to restart mid-way
-    restarter = on_condition(lambda: chunks_received(store) >= 2, store.restart)
+    restarter = Trigger(lambda: chunks_received(store) >= 2, store.restart)
     check = UploadCheck(store, image)
     code, out, err = cli(*upload_args(store, image, *CHUNKED), env=store.env)
-    restarter.join()
+    assert restarter.join(), "the store was restarted mid-transfer"
     survived, how, lost = check.judge(code, out, err)
     fault_table.record("store restarted mid-transfer", "chunked upload",
                        survived=survived and code == 0, how=how, data_lost=lost)
@@ -241,10 +250,10 @@ def test_chunked_upload_401_midway_then_resume(
     def change_password() -> None:
         store.config.password = new_password
 
-    changer = on_condition(lambda: chunks_received(store) >= 2, change_password)
+    changer = Trigger(lambda: chunks_received(store) >= 2, change_password)
     check = UploadCheck(store, image)
     code, out, err = cli(*upload_args(store, image, *CHUNKED), env=store.env)
-    changer.join()
+    assert changer.join(), "the password changed mid-upload"
     survived, how, lost = check.judge(code, out, err)
     drives = store.store.list()
     half_done = [r for r in drives if r.status != DONE]
@@ -353,11 +362,11 @@ def test_download_store_restarted_mid_transfer(
     uploaded: tuple[str, Path], tmp_path: Path, fault_table: FaultTable,
 ) -> None:
     store.faults.delay(0.1, count=0, match="/direct/")
-    started = time.monotonic()
-    restarter = on_condition(lambda: time.monotonic() - started > 0.35, store.restart)
+    part = tmp_path / "out.raw.part"  # made once the probe is done: the ranges follow
+    restarter = Trigger(part.exists, store.restart)
     _download_fault("store restarted mid-transfer", store, cli, uploaded, tmp_path,
                     fault_table, "--connections", "1")
-    restarter.join()
+    assert restarter.join(), "the store was restarted mid-transfer"
 
 
 def test_download_cut_every_time_fails_then_resumes(
