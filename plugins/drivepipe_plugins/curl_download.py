@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import random
 import re
 import signal
@@ -223,8 +224,7 @@ def sanitize_filename(name: str | None) -> str | None:
         return None
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
-    name = name.strip().lstrip(". ").rstrip(" ")
-    name = name[:_NAME_MAX]
+    name = re.sub(r"^[\s.]+", "", name)[:_NAME_MAX].rstrip()
     if not name or name in (".", ".."):
         return None
     return name
@@ -255,6 +255,8 @@ class ReceiveOptions:
     checkpoint_interval: float = 1.0
     #: renewals of an expired signed link before giving up
     relinks: int = 5
+    #: finished blocks waiting for the writer thread (memory: this many blocks)
+    write_queue: int = 8
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -291,10 +293,10 @@ def missing_spans(journal: DownloadJournal, blocks_per_range: int) -> list[Span]
 class _Transfer:
     """One ranged (or whole-file) GET in flight, assembling whole blocks.
 
-    The body is copied into a block-sized buffer; each full block goes to
-    ``on_block``.  ``on_body`` runs once per piece libcurl hands over (often
-    16 KiB), so the common case - the piece fits in the current block - is kept
-    to a few operations.
+    The body is copied into a block-sized buffer; each full block is handed to
+    ``on_block``, which returns another buffer for the next one.  ``on_body``
+    runs once per piece libcurl hands over (often 16 KiB), so the common case -
+    the piece fits in the current block - is kept to a few operations.
     """
 
     span: Span
@@ -302,7 +304,8 @@ class _Transfer:
     end: int
     whole: bool
     block_size: int
-    on_block: Callable[[int, memoryview], None]
+    #: ``(block index, buffer, length) -> a buffer for the next block``
+    on_block: Callable[[int, bytearray, int], bytearray]
     counter: StageStats
     expect: SourceIdentity
     handle: pycurl.Curl = field(default_factory=pycurl.Curl)
@@ -312,9 +315,11 @@ class _Transfer:
     checked: bool = False
     accepted: bool = False
     handle_url: str = ""
+    buf: bytearray = field(default_factory=bytearray)
 
     def __post_init__(self) -> None:
-        self.buf = bytearray(self.block_size)
+        if len(self.buf) < self.block_size:
+            self.buf = bytearray(self.block_size)
         self.fill = 0
         self._enter_block(self.start)
 
@@ -369,8 +374,8 @@ class _Transfer:
             self.fill += n
             view = view[n:]
             if self.fill == self.block_len:
-                self.on_block(self.block_start // self.block_size,
-                              memoryview(self.buf)[: self.fill])
+                self.buf = self.on_block(self.block_start // self.block_size, self.buf,
+                                         self.fill)
                 self._enter_block(self.block_start + self.block_len)
 
     def _check_answer(self) -> bool:
@@ -408,6 +413,83 @@ class _Transfer:
 def _cut_short(t: _Transfer) -> NetworkError:
     return NetworkError(f"download from {urlsplit(t.handle_url).netloc} failed: the answer "
                         f"ended at byte {t.pos} of {t.start}-{t.end - 1}")
+
+
+@dataclass
+class _Written:
+    index: int
+    digest: str
+    length: int
+    written: int
+
+
+class BlockWriter:
+    """A thread that writes finished blocks in place and digests them.
+
+    The receiving loop hands over whole blocks (``submit`` blocks when ``depth``
+    blocks wait, which in turn stops reading the sockets: memory stays bounded);
+    the thread ``pwrite``s them (zero blocks skipped, stale blocks written whole),
+    computes their journal digest, and lists them in ``written`` for the loop to
+    journal.  So disk writes overlap with receiving instead of stalling it.
+    Buffers are recycled through ``buffer()``.
+    """
+
+    def __init__(self, out: SparseOutput, block_size: int, stale: set[int],
+                 stats: StageStats, depth: int = 8) -> None:
+        self.out = out
+        self.block_size = block_size
+        self.stale = stale
+        self.stats = stats
+        self.written: deque[_Written] = deque()
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[tuple[int, bytearray, int] | None] = queue.Queue(depth)
+        self._free: deque[bytearray] = deque()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="drivepipe-write")
+        self._thread.start()
+
+    def buffer(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.block_size)
+
+    def submit(self, index: int, buf: bytearray, length: int) -> bytearray:
+        """Queue a block for writing; returns a buffer for the next one."""
+        self._queue.put((index, buf, length))
+        return self.buffer()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.written.append(self._write(*item))
+                except BaseException as exc:  # handed to the receiving loop
+                    self.error = exc
+            self._free.append(item[1])
+
+    def _write(self, index: int, buf: bytearray, length: int) -> _Written:
+        t0 = time.perf_counter()
+        data = memoryview(buf)[:length]
+        offset = index * self.block_size
+        before = self.out.written
+        if index in self.stale:
+            self._overwrite(offset, data)
+        else:
+            self.out.write_at(offset, data)
+        done = _Written(index, block_digest(data), length, self.out.written - before)
+        self.stats.inclusive += time.perf_counter() - t0
+        return done
+
+    def _overwrite(self, offset: int, data: memoryview) -> None:
+        try:
+            while data:
+                n = os.pwrite(self.out.fd, data, offset)
+                data, offset = data[n:], offset + n
+                self.out.written += n
+        except OSError as exc:
+            raise OutputError(describe_os_error(self.out.path, exc)) from exc
 
 
 class _StopSignals:
@@ -468,6 +550,8 @@ class Receiver:
         self.relinks = 0
         self.ranges = probed.ranges
         self.multi = pycurl.CurlMulti()
+        self.writer = BlockWriter(out, journal.block_size, self.stale, write,
+                                  depth=options.write_queue)
         self.active: dict[pycurl.Curl, _Transfer] = {}
         self.pending: deque[Span] = deque()
         self.rng = random.Random()
@@ -493,18 +577,22 @@ class Receiver:
                         raise Cancelled()
                     self._start_transfers()
                     self._pump()
+                    self._journal_written()
                     self._maybe_checkpoint()
         except BaseException:
             self._close()
             with contextlib.suppress(DrivepipeError):  # keep the original error
+                self._journal_written()
                 self.checkpoint()
             raise
         self._close()
+        self._journal_written()
         self.checkpoint()
 
     def _close(self) -> None:
         self._abort_all()
         self.multi.close()
+        self.writer.close()
         self.receive.finished = time.perf_counter()
 
     def _plan(self) -> None:
@@ -531,8 +619,8 @@ class Receiver:
         start, _ = self.journal.block_span(span.first)
         last_start, last_len = self.journal.block_span(span.last - 1)
         t = _Transfer(span, start, last_start + last_len, not self.ranges,
-                      self.journal.block_size, self._store_block, self.receive,
-                      self.journal.identity)
+                      self.journal.block_size, self._submit_block, self.receive,
+                      self.journal.identity, buf=self.writer.buffer())
         url = self.probed.final_url
         # A redirect target is a signed link: it gets no credentials at all.
         auth = Auth() if self.probed.redirected else self.auth
@@ -572,34 +660,22 @@ class Receiver:
 
     # -- bytes in --
 
-    def _store_block(self, index: int, data: memoryview) -> None:
-        t0 = time.perf_counter()
-        offset = index * self.journal.block_size
-        before = self.out.written
-        if index in self.stale:
-            self._overwrite(offset, data)
-        else:
-            self.out.write_at(offset, data)
-        self.journal.blocks[index] = block_digest(data)
-        written = self.out.written - before
-        self.write.bytes += len(data)
-        self.write.data_bytes += written
-        self.write.hole_bytes += len(data) - written
-        spent = time.perf_counter() - t0
-        self.write.inclusive += spent
-        self.receive.waiting += spent  # not receiving while writing: same thread
-        self.dirty = True
-        if self.on_stored is not None:
-            self.on_stored()
+    def _submit_block(self, index: int, buf: bytearray, length: int) -> bytearray:
+        return self.writer.submit(index, buf, length)
 
-    def _overwrite(self, offset: int, data: memoryview) -> None:
-        try:
-            while data:
-                n = os.pwrite(self.out.fd, data, offset)
-                data, offset = data[n:], offset + n
-                self.out.written += n
-        except OSError as exc:
-            raise OutputError(describe_os_error(self.out.path, exc)) from exc
+    def _journal_written(self) -> None:
+        """Record the blocks the writer finished (only written blocks get journaled)."""
+        while self.writer.written:
+            block = self.writer.written.popleft()
+            self.journal.blocks[block.index] = block.digest
+            self.write.bytes += block.length
+            self.write.data_bytes += block.written
+            self.write.hole_bytes += block.length - block.written
+            self.dirty = True
+            if self.on_stored is not None:
+                self.on_stored()
+        if self.writer.error is not None:
+            raise self.writer.error
 
     # -- a transfer ends --
 
