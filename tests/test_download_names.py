@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivepipe_plugins.curl_download import (
-    ProbeResult,
+from drivepipe_plugins.curl_download import ProbeResult
+from drivepipe_plugins.download_names import (
     default_filename,
     disposition_filename,
     sanitize_filename,
@@ -19,6 +19,7 @@ from drivepipe_plugins.curl_download import (
     ("attachment; filename=disk.img", "disk.img"),
     ('attachment; filename="a \\"b\\".img"', 'a "b".img'),
     ("attachment; filename*=UTF-8''d%C3%A9j%C3%A0.img; filename=\"x\"", "déjà.img"),
+    ("attachment; filename*=bogus-charset''disk%2Eimg", "disk.img"),
     ("inline", None),
     (None, None),
 ])

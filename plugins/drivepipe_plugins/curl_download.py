@@ -7,6 +7,7 @@ signed) URL, the size, the ETag and whether ranges work.  :class:`Receiver`
 then fetches the blocks the journal lacks from that final URL over N
 connections (one pycurl multi, ranges of ``range_size`` bytes, each with
 ``If-Range`` when the ETag is strong) and writes every finished block in place
+from a writer thread (:class:`BlockWriter`, so disk writes overlap receiving)
 with :meth:`SparseOutput.write_at` (all-zero 4 KiB blocks are never written),
 recording its xxh3-64 in the journal.
 
@@ -35,13 +36,12 @@ import re
 import signal
 import threading
 import time
-import unicodedata
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pycurl
 
@@ -73,7 +73,6 @@ _ERROR_BODY_MAX = 64 << 10
 _LINK_EXPIRED = frozenset({401, 403, 404, 410})
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _UNSIZED_RANGE_RE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
-_NAME_MAX = 200
 
 
 class SourceChanged(TransferError):
@@ -190,54 +189,6 @@ def _result(
 ) -> ProbeResult:
     return ProbeResult(url, final, redirected, size, ranges, headers.get("etag"),
                        headers.get("last-modified"), headers.get("content-disposition"))
-
-
-# --- the output name -------------------------------------------------------------------
-
-def disposition_filename(header: str | None) -> str | None:
-    """The file name a ``Content-Disposition`` header proposes (RFC 6266), unsanitized."""
-    if not header:
-        return None
-    extended = re.search(r"filename\*\s*=\s*([^;]+)", header, re.IGNORECASE)
-    if extended:
-        value = extended.group(1).strip().strip('"')
-        charset, _, rest = value.partition("'")
-        _, _, encoded = rest.partition("'")
-        if encoded:
-            return unquote(encoded, encoding=charset or "utf-8", errors="replace")
-    plain = re.search(r'filename\s*=\s*("((?:[^"\\]|\\.)*)"|[^;]+)', header, re.IGNORECASE)
-    if not plain:
-        return None
-    if plain.group(2) is not None:
-        return re.sub(r"\\(.)", r"\1", plain.group(2))
-    return plain.group(1).strip()
-
-
-def sanitize_filename(name: str | None) -> str | None:
-    """A safe base name from a server-proposed one, or None if nothing safe is left.
-
-    Only the last path component survives (``/`` and ``\\`` both separate), control
-    characters and NUL are dropped, leading dots and spaces are stripped (no hidden
-    files, no ``..``), and the result is at most 200 characters.
-    """
-    if not name:
-        return None
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
-    name = re.sub(r"^[\s.]+", "", name)[:_NAME_MAX].rstrip()
-    if not name or name in (".", ".."):
-        return None
-    return name
-
-
-def default_filename(probed: ProbeResult, fallback: str | None) -> str:
-    """Content-Disposition's name, else ``fallback`` (a UUID), else the URL's last segment."""
-    for candidate in (disposition_filename(probed.disposition), fallback,
-                      urlsplit(probed.url).path.rstrip("/").rsplit("/", 1)[-1]):
-        safe = sanitize_filename(candidate)
-        if safe:
-            return safe
-    return "download"
 
 
 # --- the receiver ----------------------------------------------------------------------

@@ -33,7 +33,6 @@ from drivepipe_plugins.curl_download import (
     ReceiveOptions,
     Receiver,
     SourceChanged,
-    default_filename,
     probe,
 )
 from drivepipe_plugins.download_journal import (
@@ -44,6 +43,7 @@ from drivepipe_plugins.download_journal import (
     remove_journal,
     source_key,
 )
+from drivepipe_plugins.download_names import default_filename
 from drivepipe_plugins.download_verify import (
     Expectation,
     FileDigest,
