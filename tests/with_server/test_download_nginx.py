@@ -254,6 +254,20 @@ def test_without_expectation_prints_the_digest(nginx: Nginx, workdir: Path) -> N
     assert (workdir / "copy.img").read_bytes() == src.read_bytes()
 
 
+def test_output_directory_and_url_credentials(nginx: Nginx, workdir: Path) -> None:
+    src = make_image(nginx, "todir.raw", 2 * MiB, seed=14, pieces=2)
+    (workdir / "sub").mkdir()
+    proc = run(workdir, nginx.url("/files/todir.raw"), "-o", "sub")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "sub/todir.raw\n"
+    assert (workdir / "sub" / "todir.raw").read_bytes() == src.read_bytes()
+    secret = nginx.url("/files/todir.raw").replace("http://", "http://me:pw-in-url@")
+    proc = run(workdir, secret, "-o", "x.raw")
+    assert proc.returncode == 2
+    assert "must not contain a user or password" in proc.stderr
+    assert "pw-in-url" not in proc.stderr
+
+
 def test_server_ignoring_ranges_gets_one_stream(nginx: Nginx, workdir: Path) -> None:
     src = make_image(nginx, "whole.raw", 20 * MiB, seed=3)
     mark = len(nginx.log_lines())

@@ -83,8 +83,9 @@ MAX_RESTARTS = 2
 MAX_CONNECTIONS = 64
 
 OutputOpt = Annotated[
-    str | None, typer.Option("--output", "-o", help="Output file (default: the name the "
-                             "server gives, sanitized, in the current directory).",
+    str | None, typer.Option("--output", "-o", help="Output file, or a directory to put it "
+                             "in (default: the name the server gives, sanitized, in the "
+                             "current directory).",
                              show_default=False)
 ]
 ConnectionsOpt = Annotated[
@@ -162,6 +163,10 @@ def resolve_target(
     parts = urlsplit(source)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"not a drive UUID or an http(s) URL: {source!r}")
+    if parts.username or parts.password:
+        # they would end up in logs and error lines; the config/env hold credentials
+        raise UsageError("the URL must not contain a user or password; use --user and "
+                         "CLOUDSIGMA_PASSWORD, the config file or ~/.netrc")
     ep = _optional_endpoint(endpoint, direct_endpoint, location)
     if ep is None or not ep.owns(source):
         return Target(source, Auth(), tls)
@@ -342,6 +347,14 @@ def finish(paths: Paths, force: bool) -> None:
     remove_journal(paths.journal)
 
 
+def output_path(output: str | None, probed: ProbeResult, uuid: str | None) -> str:
+    """``-o PATH``; a directory gets the server's (sanitized) name inside it."""
+    if output and not os.path.isdir(output):
+        return output
+    name = default_filename(probed, uuid)
+    return os.path.join(output, name) if output else name
+
+
 def receive_options(
     connections: int, range_size: str, block: int, retries: int, checkpoint: float,
     retry_delay: float,
@@ -399,7 +412,7 @@ def download(
     tls = TlsOptions(cacert=cacert, insecure_http=insecure_http)
     target = resolve_target(source, endpoint, direct_endpoint, location, user, tls)
     probed = probe_target(target, options)
-    paths = Paths.for_target(output or default_filename(probed, target.uuid))
+    paths = Paths.for_target(output_path(output, probed, target.uuid))
     check_target(paths.final, force=force)
     expected = choose_expectation(expect, target, probed.size)
     stats = RunStats(title=f"download {paths.final}", total=probed.size)
