@@ -56,7 +56,8 @@ OPTION_SETS: dict[str, tuple[list[str], str]] = {
 
 
 def qemu_img(*args: str) -> None:
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"qemu-img {' '.join(args)}: {proc.stderr.strip()}"
 
 
 def to_qcow2(raw: Path, extra: list[str], opts: str) -> Path:
@@ -137,7 +138,8 @@ def test_internal_snapshot_reads_the_active_layer(
 def test_luks_encryption_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "secret.qcow2"
     qemu_img("create", "-f", "qcow2", "--object", "secret,id=sec0,data=not-a-real-secret",
-             "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+             "-o", # under 100 ms qemu cannot time its PBKDF ("Unable to get accurate CPU usage")
+             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=250",
              str(path), "4M")
     with pytest.raises(UnsupportedFormat, match="encrypted qcow2"):
         open_image(str(path))
