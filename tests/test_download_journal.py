@@ -198,3 +198,24 @@ def test_blocks_with_data_sees_only_blocks_overlapping_data(tmp_path: Path) -> N
     journal = DownloadJournal(SourceIdentity("u", 8 * MiB), MiB)
     assert blocks_with_data(str(path), journal, range(8)) == {0, 5}
     assert blocks_with_data(str(path), journal, [1, 2, 3, 4, 6, 7]) == set()
+
+
+def test_kept_prefix_is_hashed_once_and_the_hasher_continues(make_sparse: MakeImage) -> None:
+    image = make_sparse(6 * MiB, seed=7, pieces=8)
+    data = image.read_bytes()
+    journal = DownloadJournal(SourceIdentity("u", len(data)), MiB)
+    for i in (0, 1, 2, 4):  # 3 missing: the prefix is blocks 0-2
+        journal.blocks[i] = block_digest(data[i * MiB : (i + 1) * MiB])
+    journal.blocks[1] = "f" * 16  # ... but block 1 went bad on disk
+    digester = FileDigester(len(data))
+    assert check_kept_blocks(str(image), journal, digester=digester) == [1]
+    assert digester.pos == MiB  # only block 0 was good and contiguous
+    del journal.blocks[1]
+    hasher = PrefixHasher(str(image), journal, digester)
+    assert hasher.next_block == 1
+    hasher.start()
+    for i in (1, 3, 5):
+        journal.blocks[i] = "0" * 16
+        hasher.wake()
+    got = hasher.finish()
+    assert got is not None and got.whole == xxhash.xxh3_128_hexdigest(data)

@@ -156,7 +156,9 @@ class PrefixHasher:
         self.journal = journal
         self.digester = digester
         self.progress = progress
-        self.next_block = 0
+        # a digester already fed a kept prefix continues after it
+        self.next_block = journal.block_count if digester.pos >= digester.size \
+            else digester.pos // journal.block_size
         self.error: BaseException | None = None
         self._stopped = False
         self._wake = threading.Condition()
@@ -215,8 +217,12 @@ def _first_nonzero(ext: Extent) -> int:
     return ext.offset + len(data) - len(stripped)
 
 
-def block_digest_on_disk(reader: SparseFileReader, offset: int, length: int) -> str:
-    """The journal digest (xxh3-64) of ``[offset, offset+length)`` as it is on disk."""
+def block_digest_on_disk(reader: SparseFileReader, offset: int, length: int,
+                         keep: list[Extent] | None = None) -> str:
+    """The journal digest (xxh3-64) of ``[offset, offset+length)`` as it is on disk.
+
+    With ``keep``, the block's extents are also appended to it (one block in memory).
+    """
     h = xxhash.xxh3_64()
     for ext in reader.read_range(offset, length):
         if ext.data is None:
@@ -224,12 +230,18 @@ def block_digest_on_disk(reader: SparseFileReader, offset: int, length: int) -> 
                 h.update(zeros)
         else:
             h.update(ext.data)
+        if keep is not None:
+            keep.append(ext)
     return h.hexdigest()
 
 
-def check_kept_blocks(path: str, journal: DownloadJournal, progress: Progress | None = None
-                      ) -> list[int]:
-    """Indexes of journal blocks whose bytes on disk no longer match their digest."""
+def check_kept_blocks(path: str, journal: DownloadJournal, progress: Progress | None = None,
+                      digester: FileDigester | None = None) -> list[int]:
+    """Indexes of journal blocks whose bytes on disk no longer match their digest.
+
+    A ``digester`` is fed the good blocks that continue its prefix, so a resumed
+    download does not read its kept prefix a second time to hash the whole file.
+    """
     bad: list[int] = []
     reader = SparseFileReader(path)
     try:
@@ -238,8 +250,13 @@ def check_kept_blocks(path: str, journal: DownloadJournal, progress: Progress | 
         total, done = journal.done_bytes(), 0
         for index in sorted(journal.blocks):
             offset, length = journal.block_span(index)
-            if block_digest_on_disk(reader, offset, length) != journal.blocks[index]:
+            extents: list[Extent] | None = \
+                [] if digester is not None and digester.pos == offset else None
+            if block_digest_on_disk(reader, offset, length, extents) != journal.blocks[index]:
                 bad.append(index)
+            elif digester is not None and extents is not None:
+                for ext in extents:
+                    digester.feed(ext)
             done += length
             if progress is not None:
                 progress(done, total)

@@ -216,7 +216,8 @@ def discard_part(paths: Paths) -> None:
 
 
 def open_part(
-    paths: Paths, probed: ProbeResult, source: str, block_size: int, stats: RunStats
+    paths: Paths, probed: ProbeResult, source: str, block_size: int, stats: RunStats,
+    digester: FileDigester | None = None,
 ) -> tuple[SparseOutput, DownloadJournal, set[int]]:
     """Continue a matching journal (its blocks re-checked) or start a fresh .part.
 
@@ -227,7 +228,7 @@ def open_part(
     stale: set[int] = set()
     if journal is not None and journal.matches(identity, block_size) \
             and os.path.isfile(paths.part) and _has_validator(identity, paths):
-        _recheck(paths, journal, stats)
+        _recheck(paths, journal, stats, digester)
         missing = set(range(journal.block_count)) - set(journal.blocks)
         stale = blocks_with_data(paths.part, journal, missing)
     else:
@@ -249,9 +250,10 @@ def _has_validator(identity: SourceIdentity, paths: Paths) -> bool:
     return False
 
 
-def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats) -> None:
+def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats,
+             digester: FileDigester | None) -> None:
     stats.phase = "check"
-    bad = check_kept_blocks(paths.part, journal, _phase_progress(stats))
+    bad = check_kept_blocks(paths.part, journal, _phase_progress(stats), digester)
     for index in bad:
         del journal.blocks[index]
     stats.phase = "transfer"
@@ -282,10 +284,11 @@ def fetch(
     (:class:`PrefixHasher`); it is returned when that worked, else None.
     """
     for restart in range(MAX_RESTARTS + 1):
-        out, journal, stale = open_part(paths, probed, target.url, block_size, stats)
-        hasher = PrefixHasher(paths.part, journal,
-                              FileDigester(probed.size, expected.length if expected else None),
-                              _phase_progress(stats)) if hash_early else None
+        digester = FileDigester(probed.size, expected.length if expected else None) \
+            if hash_early else None
+        out, journal, stale = open_part(paths, probed, target.url, block_size, stats, digester)
+        hasher = PrefixHasher(paths.part, journal, digester, _phase_progress(stats)) \
+            if digester is not None else None
         try:
             if hasher is not None:
                 hasher.start()
