@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from drivepipe_plugins.curl_download import missing_spans
+from drivepipe_plugins.curl_download import backoff_delay, missing_spans, retry_after
 from drivepipe_plugins.download_journal import (
     DownloadJournal,
     SourceIdentity,
@@ -219,3 +219,14 @@ def test_kept_prefix_is_hashed_once_and_the_hasher_continues(make_sparse: MakeIm
         hasher.wake()
     got = hasher.finish()
     assert got is not None and got.whole == xxhash.xxh3_128_hexdigest(data)
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
+    rng = random.Random(3)
+    for attempt in range(8):
+        delay = backoff_delay(attempt, 0.5, 30.0, rng)
+        assert 0.5 * min(30.0, 0.5 * 2**attempt) <= delay <= min(30.0, 0.5 * 2**attempt)
+    assert retry_after({"retry-after": "7"}, 30.0) == 7.0
+    assert retry_after({"retry-after": "999"}, 30.0) == 30.0
+    assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 30.0) == 0.0
+    assert retry_after({}, 30.0) == 0.0

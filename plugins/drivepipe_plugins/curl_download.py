@@ -215,6 +215,12 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     return min(cap, base * 2.0**attempt) * (0.5 + rng.random() / 2)
 
 
+def retry_after(headers: dict[str, str], cap: float) -> float:
+    """Seconds a 503/429 answer asks us to wait (``Retry-After: N``), at most ``cap``."""
+    value = headers.get("retry-after", "").strip()
+    return min(float(value), cap) if value.isdigit() else 0.0
+
+
 @dataclass
 class Span:
     """Blocks ``[first, last)`` still to fetch, and its retry state."""
@@ -688,6 +694,7 @@ class Receiver:
             raise err
         first = 0 if t.whole else t.resume_block
         delay = backoff_delay(attempt, self.opts.backoff_base, self.opts.backoff_cap, self.rng)
+        delay = max(delay, retry_after(t.headers.headers, self.opts.backoff_cap))
         self.pending.append(Span(first, t.span.last, attempt, time.monotonic() + delay))
         self.receive.extra["retries"] += 1
 
