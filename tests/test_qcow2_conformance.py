@@ -135,12 +135,24 @@ def test_internal_snapshot_reads_the_active_layer(
     assert not same_file(out, raw)
 
 
+def make_luks_qcow2(path: Path) -> None:
+    """qemu-img times its PBKDF with per-thread CPU usage, which on a busy machine
+    sometimes reads as nothing ("Unable to get accurate CPU usage"): try again."""
+    args = ["qemu-img", "create", "-q", "-f", "qcow2", "--object",
+            "secret,id=sec0,data=not-a-real-secret", "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=250",
+            str(path), "4M"]
+    for _ in range(5):
+        proc = subprocess.run(args, capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            return
+        assert "accurate CPU usage" in proc.stderr, proc.stderr
+    pytest.fail(f"qemu-img could not make a LUKS image: {proc.stderr.strip()}")
+
+
 def test_luks_encryption_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "secret.qcow2"
-    qemu_img("create", "-f", "qcow2", "--object", "secret,id=sec0,data=not-a-real-secret",
-             "-o", # under 100 ms qemu cannot time its PBKDF ("Unable to get accurate CPU usage")
-             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=250",
-             str(path), "4M")
+    make_luks_qcow2(path)
     with pytest.raises(UnsupportedFormat, match="encrypted qcow2"):
         open_image(str(path))
 
