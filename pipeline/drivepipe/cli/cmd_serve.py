@@ -99,10 +99,10 @@ def serve(
     quiet: Annotated[bool, typer.Option("--quiet", help="No request log on stderr.")] = False,
 ) -> None:
     """Run the local drive store (a CloudSigma-compatible upload/download API)."""
+    faults = _faults(fault or [])
     config = _config(
         root or default_root(), host, port, min_size, max_size, tls_cert, tls_key, idle_timeout
     )
-    faults = _faults(fault or [])
     if not quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
