@@ -36,11 +36,11 @@ from ._sender import SpanSender
 from ._store import DOWNLOADABLE
 
 BODY_BUFFER: Final = 4 << 20
+NAME_MAX: Final = 256
 
 
 class TransferViews(HandlerBase):
     """Views that move drive bytes; the router calls them by name."""
-
 
     # --- receiving --------------------------------------------------------
 
@@ -76,7 +76,7 @@ class TransferViews(HandlerBase):
         """The file name after ``drives/upload/`` (curl --upload-file appends it), if any."""
         tail = self.path_only.split("/drives/upload", 1)[-1].strip("/")
         name = unquote(tail.rsplit("/", 1)[-1])
-        return name if name.isprintable() else ""
+        return name[:NAME_MAX] if name.isprintable() else ""
 
     def receive_body(self, sink: Callable[[Buffer], None], length: int) -> None:
         """Stream ``length`` body bytes into ``sink``: large reads, writes overlapped."""
