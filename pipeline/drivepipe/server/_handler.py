@@ -59,7 +59,6 @@ ROUTES: Final = (
         auth=False, precheck="chunk_length",
     ),
 )
-FAULT_FREE: Final = "_faults"
 
 
 class StoreHandler(ApiViews, TransferViews):
