@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import zstandard
 from fixtures.decode_helpers import FORMATS, copy_fixture, decode
 from fixtures.make_fixtures import stream_image
 from isal import isal_zlib
@@ -225,3 +226,13 @@ def test_bgzf_sizes_need_every_member_to_be_bgzf(tmp_path: Path) -> None:
     assert out.image.details["size_from"] == "counting pass"
     assert out.content == stream_image() + stream_image()
     assert struct.unpack("<I", bgzf[-4:])[0] == 0  # the EOF member is empty
+
+
+def test_zstd_frame_that_needs_a_dictionary_is_refused(tmp_path: Path) -> None:
+    samples = [f"sample {i} of a small training set {i * 7919}".encode() * 20 for i in range(400)]
+    dictionary = zstandard.train_dictionary(4096, samples)
+    compressed = zstandard.ZstdCompressor(dict_data=dictionary).compress(samples[0] * 100)
+    path = tmp_path / "dict.zst"
+    path.write_bytes(compressed)
+    with pytest.raises(UnsupportedFormat, match=f"needs dictionary {dictionary.dict_id()}"):
+        open_image(str(path))

@@ -7,8 +7,9 @@ Frame_Content_Size; if any frame lacks one (zstd writing from a pipe) a
 counting pass decodes the file.  The walk also proves the file is complete:
 zstd's decoder says nothing when a frame is cut short, so a truncated file is
 refused there.  Decoding uses ``zstandard``'s stream reader across frames with
-bounded reads.  Refused: unknown frame magic, reserved header bits or block
-types, frames running past the end of the file.
+bounded reads.  Refused: frames that need a dictionary (UnsupportedFormat);
+unknown frame magic, reserved header bits or block types, frames running past
+the end of the file (CorruptImage).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import IO, cast
 
 import zstandard
 
-from drivepipe._errors import CorruptImage, ImageError
+from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
 
 from ._codec import BadStream, count_output, open_compressed
@@ -133,7 +134,14 @@ class _Walker:
             raise CorruptImage(f"{self.path}: reserved bit set in zstd frame at {start}")
         fcs_flag, single, checksum, did_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
         fcs_bytes = (1 if single else 0, 2, 4, 8)[fcs_flag]
-        pos = start + 5 + (0 if single else 1) + _DICT_ID_BYTES[did_flag]
+        pos = start + 5 + (0 if single else 1)
+        dict_id = int.from_bytes(self.read(pos, _DICT_ID_BYTES[did_flag], "frame header"), "little")
+        if dict_id:
+            raise UnsupportedFormat(
+                f"{self.path}: zstd frame at offset {start} needs dictionary {dict_id}, "
+                "which drivepipe does not have; decompress it with zstd -D first"
+            )
+        pos += _DICT_ID_BYTES[did_flag]
         fcs: int | None = None
         if fcs_bytes:
             fcs = int.from_bytes(self.read(pos, fcs_bytes, "frame header"), "little")
