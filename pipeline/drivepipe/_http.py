@@ -96,6 +96,9 @@ class HeaderCollector:
     def __init__(self) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
+        #: the blank line ending the header section arrived; libcurl reports an answer
+        #: cut inside its headers as a success with an empty body, this tells them apart
+        self.complete = False
 
     def __call__(self, line: bytes) -> None:
         text = line.decode("iso-8859-1").rstrip("\r\n")
@@ -103,6 +106,9 @@ class HeaderCollector:
             parts = text.split(None, 2)
             self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
             self.headers = {}
+            self.complete = False
+        elif not text:
+            self.complete = True
         elif ":" in text:
             key, _, value = text.partition(":")
             self.headers[key.strip().lower()] = value.strip()
@@ -294,9 +300,14 @@ class ApiClient:
             else:
                 resp = Response(c.getinfo(pycurl.RESPONSE_CODE), hdr.headers, out.getvalue(),
                                 url)
-                if resp.status in ok:
+                if not hdr.complete:
+                    cut = NetworkError(f"{label} to {urlsplit(url).netloc} failed: the answer "
+                                       "was cut off in its headers")
+                    if method not in _IDEMPOTENT or attempt == API_ATTEMPTS:
+                        raise cut
+                elif resp.status in ok:
                     return resp
-                if resp.status not in _RETRY_LATER or attempt == API_ATTEMPTS:
+                elif resp.status not in _RETRY_LATER or attempt == API_ATTEMPTS:
                     raise http_failure(resp, label)
             time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")  # the last attempt returned or raised
