@@ -783,6 +783,10 @@ class ChunkSender:
                 raise ChunkFailed(self._resume_hint(failure.one_line()))
             self._retry_later(job, failure.one_line())
             return
+        if not slot.headers.complete:
+            # libcurl calls an answer cut inside its headers a success with no body
+            self._retry_later(job, f"{slot.phase} {what}: the answer was cut off")
+            return
         resp = Response(slot.curl.getinfo(pycurl.RESPONSE_CODE), slot.headers.headers,
                         slot.answer.body(), slot.url)
         if slot.phase == "link":
