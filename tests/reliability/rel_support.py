@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -172,3 +174,106 @@ def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"",
         with contextlib.suppress(OSError):  # the client may hang up: that is its right
             handler.wfile.write(body)
     handler.close_connection = True
+
+
+# --- a proxy that cuts answers: faults the store's own injection cannot make --------------------
+
+
+@dataclass
+class CutRule:
+    """Cut the answer to the next ``count`` requests holding ``pattern`` after ``after`` bytes."""
+
+    pattern: bytes
+    after: int
+    count: int = 1
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the store that resets the connection part-way
+    through chosen answers (JSON API answers, the UUID of an upload)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.rules: list[CutRule] = []
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._stopped = False
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def cut(self, pattern: bytes, after: int = 0, count: int = 1) -> None:
+        with self._lock:
+            self.rules.append(CutRule(pattern, after, count))
+
+    def stop(self) -> None:
+        """Close everything (shutdown first: it wakes the threads blocked on the sockets)."""
+        self._stopped = True
+        with self._lock:
+            socks = [self._listener, *self._socks]
+            self._socks.clear()
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _arm(self, data: bytes) -> int | None:
+        with self._lock:
+            for rule in self.rules:
+                if rule.count > 0 and rule.pattern in data:
+                    rule.count -= 1
+                    return rule.after
+        return None
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self._socks += [client, server]
+            budget: list[int | None] = [None]  # answer bytes still allowed, when armed
+            threading.Thread(target=self._up, args=(client, server, budget), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, budget),
+                             daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, budget: list[int | None]) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(1 << 20):
+                after = self._arm(data[:4096])
+                if after is not None:
+                    budget[0] = after
+                server.sendall(data)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_WR)
+
+    def _down(self, server: socket.socket, client: socket.socket,
+              budget: list[int | None]) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(1 << 20):
+                left = budget[0]
+                if left is not None and len(data) >= left:
+                    client.sendall(data[:left])
+                    self._reset(client, server)
+                    return
+                if left is not None:
+                    budget[0] = left - len(data)
+                client.sendall(data)
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_WR)
+
+    def _reset(self, client: socket.socket, server: socket.socket) -> None:
+        with self._lock:
+            self.cuts += 1
+        # shutdown(), not close(): close() would not wake the other pump, blocked in recv()
+        # on the same socket, and the client would never learn of the cut (stop() closes)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -22,11 +22,12 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
-from rel_support import Cli, FaultTable, MiB, drive_holds, make_image, one_error_line
+from rel_support import Cli, CuttingProxy, FaultTable, MiB, drive_holds, make_image, one_error_line
 
 from drivepipe.server import RunningServer
 
@@ -64,8 +65,11 @@ class UploadCheck:
             ok = new == {uuid} and drive_holds(self.store, uuid, self.image)
             return ok, "completed, verified", 0 if ok else 1
         clean = one_error_line(err) and out.strip() == ""
-        lost = len(new)  # a drive reported done by a failed upload
-        return clean and not lost, "failed in one line", lost
+        # a drive the store reports done must hold the image; a complete one whose UUID
+        # never reached the client (its answer was lost) is an orphan, not lost data
+        lost = sum(not drive_holds(self.store, uuid, self.image) for uuid in new)
+        how = "failed in one line" + (", complete orphan drive kept" if new else "")
+        return clean and not lost, how, lost
 
 
 class Trigger:
@@ -167,6 +171,75 @@ def test_direct_upload_store_restarted_mid_transfer(
                        survived=survived, how=how, data_lost=lost)
     assert survived and lost == 0, err
     assert code != 0, "the restart cut the upload"
+
+
+# --- answers cut by a proxy: the request was done, the client never heard --------------------
+
+
+@pytest.fixture
+def proxy(store: RunningServer) -> Iterator[CuttingProxy]:
+    parts = urlsplit(store.base_url)
+    cutter = CuttingProxy((parts.hostname or "127.0.0.1", parts.port or 80))
+    yield cutter
+    cutter.stop()
+
+
+def via(proxy: CuttingProxy) -> str:
+    return f"http://127.0.0.1:{proxy.port}/api/2.0/"
+
+
+def test_direct_upload_answer_lost_after_the_body(
+    store: RunningServer, proxy: CuttingProxy, cli: Cli, tmp_path: Path,
+    fault_table: FaultTable,
+) -> None:
+    """The store took the whole body, then the connection died before the UUID came back:
+    the upload cannot know it worked, so it fails; the drive is complete, not half-done."""
+    image = make_image(tmp_path / "disk.raw", 3 * MiB, 7)
+    proxy.cut(b"POST /api/2.0/drives/upload")
+    check = UploadCheck(store, image)
+    code, out, err = cli(*upload_args(store, image, "--endpoint", via(proxy)), env=store.env)
+    survived, how, lost = check.judge(code, out, err)
+    fault_table.record("answer lost after the request was done", "direct upload",
+                       survived=survived, how=how, data_lost=lost)
+    assert survived and lost == 0, err
+    assert proxy.cuts == 1 and code != 0
+
+
+def test_chunked_upload_answers_cut(
+    store: RunningServer, proxy: CuttingProxy, cli: Cli, tmp_path: Path,
+    fault_table: FaultTable,
+) -> None:
+    """Link answers, chunk answers (the chunk landed) and the final status check cut
+    part-way: each is asked again (a chunk that landed answers 416 and is skipped)."""
+    image = make_image(tmp_path / "disk.raw", 3 * MiB, 16)
+    proxy.cut(b"do=upload_chunk", after=20, count=2)
+    proxy.cut(b"/chunk/", after=0, count=2)
+    proxy.cut(b"GET /api/2.0/drives/", after=30, count=1)
+    check = UploadCheck(store, image)
+    code, out, err = cli(*upload_args(store, image, *CHUNKED, "--endpoint", via(proxy)),
+                         env=store.env)
+    survived, how, lost = check.judge(code, out, err)
+    fault_table.record("answer lost after the request was done", "chunked upload",
+                       survived=survived and code == 0, how=how, data_lost=lost)
+    assert code == 0 and survived and lost == 0, err
+    assert proxy.cuts == 5
+
+
+def test_chunked_upload_initupload_answer_lost(
+    store: RunningServer, proxy: CuttingProxy, cli: Cli, tmp_path: Path,
+    fault_table: FaultTable,
+) -> None:
+    """The drive was created but its UUID never arrived: one line; nothing reported done."""
+    image = make_image(tmp_path / "disk.raw", 2 * MiB, 17)
+    proxy.cut(b"POST /api/2.0/initupload", after=10)
+    check = UploadCheck(store, image)
+    code, out, err = cli(*upload_args(store, image, *CHUNKED, "--endpoint", via(proxy)),
+                         env=store.env)
+    survived, how, lost = check.judge(code, out, err)
+    fault_table.record("create answer lost (initupload)", "chunked upload",
+                       survived=survived, how=how, data_lost=lost)
+    assert survived and lost == 0 and code != 0, err
+    assert [r.status for r in store.store.list()] == ["uploading"]
 
 
 # --- chunked upload: retried per chunk, resumable across runs ---------------------------------
@@ -337,6 +410,24 @@ def test_download_503_burst(
     store.faults.fail_next(2, method="GET", match="/drives/")  # the drive's meta, the redirect
     store.faults.fail_next(3, match="/direct/")
     _download_fault("503 burst", store, cli, uploaded, tmp_path, fault_table)
+
+
+def test_download_answers_cut(
+    store: RunningServer, proxy: CuttingProxy, cli: Cli, uploaded: tuple[str, Path],
+    tmp_path: Path, fault_table: FaultTable,
+) -> None:
+    uuid, image = uploaded
+    proxy.cut(f"GET /api/2.0/drives/{uuid}/ ".encode(), after=40, count=2)  # the meta
+    proxy.cut(b"/download/ HTTP", after=10, count=1)  # the redirect
+    target = tmp_path / "out.raw"
+    code, out, err = cli(*download_args(store, uuid, target, "--endpoint", via(proxy)),
+                         env=store.env)
+    survived, how, lost = judge_download(code, out, err, target, image,
+                                         store.store.get(uuid).size)
+    fault_table.record("answer lost after the request was done", "download",
+                       survived=survived and code == 0, how=how, data_lost=lost)
+    assert code == 0 and survived and lost == 0, err
+    assert proxy.cuts == 3
 
 
 def test_download_slow_server(
