@@ -373,3 +373,21 @@ def test_journals_and_partial_files_hold_no_secret(
     assert Path(f"{target}.part").exists()
     assert files_holding(home, secrets) == []
     assert files_holding(tmp_path, secrets) == []
+
+
+@pytest.mark.parametrize(("mode", "works"), [(0o600, True), (0o644, False)])
+def test_netrc_readable_by_others_is_refused_without_echo(
+    store: RunningServer, cli: Cli, home: Path, tmp_path: Path, mode: int, works: bool
+) -> None:
+    netrc = home / ".netrc"
+    netrc.write_text(f"machine 127.0.0.1 login {store.username} password {store.password}\n")
+    netrc.chmod(mode)
+    image = make_image(tmp_path / "disk.raw", 2 * MiB, 8)
+    code, out, err = cli("upload", str(image), "--endpoint", store.base_url, "--progress",
+                         "none")
+    if works:
+        assert code == 0, err
+    else:
+        assert code == 2 and one_error_line(err) and "netrc" in err, err
+        assert store.store.list() == []
+    assert_clean(out + err, store.username, store.password)
