@@ -67,7 +67,7 @@ FOREIGN = [
     ("vhdx", b"vhdxfile", 0, "VHDX"),
     ("vdi", b"\x7f\x10\xda\xbe", 64, "VDI"),
     ("vhd-dynamic", b"conectix", 0, "VHD (dynamic)"),
-    ("qed", b"QEVM", 0, "QED"),
+    ("qed", b"QED\x00", 0, "QED"),
 ]
 
 

@@ -27,7 +27,7 @@ FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
     (64, b"\x7f\x10\xda\xbe", "VDI"),
     (0, b"conectix", "VHD (dynamic)"),
     (0, b"QFI\xfb", "qcow"),  # only reached when the qcow2 plugin refused the version
-    (0, b"QEVM", "QED"),
+    (0, b"QED\x00", "QED"),
 )
 
 
