@@ -19,14 +19,18 @@ import base64
 import http.client
 import json
 import os
+import re
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rel_support import MakeStore
 
 from drivepipe.server import RunningServer
@@ -382,3 +386,113 @@ def test_expired_links_are_refused(make_store: MakeStore, tmp_path: Path) -> Non
     status, answer, _ = request(store, "GET", signed)
     assert status == 403 and b"\x05" not in answer
     assert not os.path.exists(tmp_path / "never")  # nothing else happened
+
+
+# --- fuzzed request heads and ranges: the store answers or closes, never crashes -----------------
+
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+HEADER_VALUES = st.one_of(
+    st.sampled_from(["", "0", "-1", "1e3", " 5 ", "99999999999999999999999", "chunked",
+                     "100-continue", "bytes=0-", "Basic", "Basic !!", "\t", "x" * 5000]),
+    st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=40),
+)
+HEADER_NAMES = st.one_of(
+    st.sampled_from(["Content-Length", "Transfer-Encoding", "Expect", "Authorization",
+                     "Host", "Range", "If-Range", "Content-Type"]),
+    st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True),
+)
+TARGETS = st.one_of(
+    st.sampled_from([p for p, _, _ in ROUTE_CASES] + TRAVERSALS),
+    st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=60)
+    .map(lambda t: "/api/2.0/" + t),
+)
+
+
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS",
+                               "BREW", "get", ""]),
+       target=TARGETS, headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=6),
+       authorized=st.booleans())
+@FUZZ
+def test_fuzzed_request_heads_get_an_answer_or_a_close(
+    quick_store: RunningServer, capfd: pytest.CaptureFixture[str], method: str, target: str,
+    headers: list[tuple[str, str]], authorized: bool,
+) -> None:
+    store = quick_store
+    lines = [f"{method} {target} HTTP/1.1", "Connection: close"]
+    if authorized:
+        lines.append(f"Authorization: {basic(store)}")
+    lines += [f"{name}: {value}" for name, value in headers]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    with socket.create_connection(address(store), timeout=10) as sock:
+        sock.sendall(head)
+        answer = read_answer(sock)
+    # a two-word request line is HTTP/0.9 to the stdlib, whose answers have no status line
+    http09 = method == "" and answer.startswith(b'[{"error_type"')
+    assert answer == b"" or answer.startswith(b"HTTP/1.") or http09, answer[:100]
+    status, _, _ = request(store, "GET", "/api/2.0/capabilities/", auth=basic(store))
+    assert status == 200, "the store still serves"
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
+@pytest.fixture
+def quick_store(make_store: MakeStore) -> RunningServer:
+    """Short timeouts: a fuzzed head announcing a body that never comes ends fast.
+    (Function scope: hypothesis runs every example inside one test call.)"""
+    return make_store(idle_timeout=0.5, header_timeout=1.0)
+
+
+RANGES = st.one_of(
+    st.builds(lambda a, b: f"bytes={a}-{b}", st.one_of(st.just(""), st.integers(0, 70000)),
+              st.one_of(st.just(""), st.integers(0, 70000))),
+    st.builds(lambda a, b, c: f"bytes={a}-{b},{c}-", st.integers(0, 9), st.integers(0, 9),
+              st.integers(0, 9)),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30),
+    st.builds(lambda s: f"BYTES = {s}", st.text("0123456789- ,", max_size=12)),
+)
+
+
+@given(value=RANGES)
+@FUZZ
+def test_fuzzed_ranges_serve_exactly_what_they_say(
+    quick_store: RunningServer, put_signed: Callable[[RunningServer], tuple[str, bytes]],
+    value: str,
+) -> None:
+    store = quick_store
+    signed, data = put_signed(store)
+    status, body, headers = request(store, "GET", signed, headers={"Range": value})
+    size = len(data)
+    if status == 200:
+        assert body == data
+    elif status == 206:
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers["Content-Range"])
+        assert m, headers["Content-Range"]
+        first, last, total = map(int, m.groups())
+        assert total == size and first <= last < size
+        assert body == data[first : last + 1]
+    else:
+        assert status == 416 and headers["Content-Range"] == f"bytes */{size}", (status, value)
+
+
+@pytest.fixture
+def put_signed() -> Iterator[Callable[[RunningServer], tuple[str, bytes]]]:
+    made: dict[int, tuple[str, bytes]] = {}
+
+    def put(store: RunningServer) -> tuple[str, bytes]:
+        if id(store) not in made:
+            data = os.urandom(65536 + 123)
+            incoming = store.store.begin_direct(len(data))
+            incoming.write(data)
+            uuid = incoming.finish().uuid
+            size = store.store.get(uuid).size
+            data = data + bytes(size - len(data))  # grown to the minimum size with zeros
+            status, _, headers = request(store, "GET", f"/api/2.0/drives/{uuid}/download/",
+                                         auth=basic(store))
+            assert status in (301, 302, 303, 307)
+            parts = urlsplit(headers["Location"])
+            made[id(store)] = (f"{parts.path}?{parts.query}", data)
+        return made[id(store)]
+
+    yield put
