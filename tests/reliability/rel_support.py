@@ -1,4 +1,14 @@
-"""Helpers the reliability suites share: test images, drive and error-line checks."""
+"""Helpers the reliability suites share.
+
+- :class:`FaultTable`: the rows of the fault table (``conftest.py`` prints it);
+- :func:`make_image`, :func:`drive_holds`, :func:`one_error_line`: test images and the
+  checks every scenario ends with;
+- :class:`Recorder`: an HTTP server on a chosen loopback address that records every
+  request's headers (credentials on the wire) and answers as told (hostile servers);
+- :class:`CuttingProxy`: a TCP proxy in front of the store that cuts chosen answers
+  part-way, for faults the store's own injection cannot make (a JSON answer or an
+  upload's UUID lost after the request was done).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +36,8 @@ Cli = Callable[..., tuple[int, str, str]]
 
 @dataclass
 class Row:
+    """One fault scenario against one operation, summed over its runs."""
+
     scenario: str
     operation: str
     tried: int = 0
