@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
 import struct
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
@@ -438,3 +441,36 @@ def test_a_lying_download_server_gets_one_error_line(
         server.stop()
     assert code != 0 and one_error_line(err) and out == "", err
     assert not target.exists(), "a lying server's bytes got the final name"
+
+
+# --- the image changes under the upload ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["raw", "gzip"])
+def test_image_truncated_during_the_upload_creates_no_drive(
+    kind: str, store: RunningServer, cli: Cli, tmp_path: Path
+) -> None:
+    """Sized at open, cut short while sent: the upload stops before the last byte."""
+    raw = random.Random(11).randbytes(24 * MiB)  # more than the socket buffers hold
+    if kind == "raw":
+        image = write(tmp_path, "disk.raw", raw)
+    else:
+        image = write(tmp_path, "disk.gz", gzip.compress(raw, compresslevel=1))
+    # the store holds the request 1 s before reading its body; the sender blocks meanwhile
+    store.faults.delay(1.0, match="/drives/upload")
+    truncated = threading.Event()
+
+    def truncate_when_the_request_arrived() -> None:
+        deadline = time.monotonic() + 30
+        while store.faults.snapshot() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.truncate(image, image.stat().st_size // 2)
+        truncated.set()
+
+    threading.Thread(target=truncate_when_the_request_arrived, daemon=True).start()
+    # a short queue of small reads: the reader cannot have read it all ahead of time
+    code, out, err = cli("upload", str(image), "--endpoint", store.base_url, "--progress",
+                         "none", "--read-size", "1M", "--queue-depth", "1", env=store.env)
+    assert truncated.wait(30)
+    assert code in (3, 4) and out == "" and one_error_line(err), err
+    assert store.store.list() == [], "a stream cut short made a drive"
