@@ -113,12 +113,32 @@ class Endpoint:
         return Endpoint(self.api, normalize_base(direct, "direct endpoint"), self.location)
 
 
+_CONFIG_CACHE: dict[tuple[str, int, int, int, int], dict[str, str]] = {}
+
+
 def config_path(env: Mapping[str, str]) -> str:
     return os.path.expanduser(env.get("CLOUDSIGMA_CONFIG") or DEFAULT_CONFIG)
 
 
 def load_config(path: str) -> dict[str, str]:
-    """Read a ConfigObj-style ``key = value`` file; missing file -> empty dict."""
+    """Read a ConfigObj-style ``key = value`` file; missing file -> empty dict.
+
+    A command asks for the endpoint and the credentials separately; the file is
+    read (and its permissions warned about) once per version of the file.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    key = (path, st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode)
+    if key not in _CONFIG_CACHE:
+        _CONFIG_CACHE[key] = _read_config(path)
+    return dict(_CONFIG_CACHE[key])
+
+
+def _read_config(path: str) -> dict[str, str]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 import typer
 
@@ -49,7 +51,20 @@ def _fail(exc: DrivepipeError) -> int:
     return exc.exit_code
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings for users are one line, like errors, without the source line."""
+    print(f"drivepipe: warning: {message}", file=file or sys.stderr, flush=True)
+
+
 def console_main() -> None:
+    warnings.showwarning = _show_warning
     sys.exit(main())
 
 
