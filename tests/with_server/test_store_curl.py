@@ -218,3 +218,16 @@ def test_curl_upload_names_the_drive_after_the_file(
     image.write_bytes(os.urandom(100))
     uuid = curl_upload(drive_store, image).strip()
     assert drive_store.store.get(uuid).name == "debian-12.raw"
+
+
+def test_early_refusal_reaches_a_client_still_sending_its_body(drive_store: RunningServer) -> None:
+    # No Expect: 100-continue: the client sends 32 MiB the server never reads.  The
+    # 401 must still reach it (lingering close), not be lost to a connection reset.
+    size = 32 << 20
+    head = (
+        b"POST /api/2.0/drives/upload/ HTTP/1.1\r\nHost: x\r\nAuthorization: Basic "
+        + base64.b64encode(f"{drive_store.username}:wrong".encode())
+        + b"\r\nContent-Length: " + str(size).encode() + b"\r\n\r\n"
+    )
+    answer = raw_request(drive_store, head, bytes(size), close=False)
+    assert answer.startswith(b"HTTP/1.1 401")

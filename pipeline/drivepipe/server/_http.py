@@ -37,6 +37,9 @@ log = logging.getLogger("drivepipe.server")
 
 JSON_TYPE: Final = "application/json; charset=utf-8"
 MAX_JSON_BODY: Final = 1 << 20
+# After an early answer, read and drop at most this much for at most this long.
+LINGER_SECONDS: Final = 5.0
+LINGER_BYTES: Final = 64 << 20
 _HOST_RE: Final = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
@@ -74,6 +77,8 @@ class HandlerBase(BaseHTTPRequestHandler):
     path_only: str
     query: dict[str, str]
     _parsed: bool = False
+    #: The connection is being reset on purpose (no lingering close).
+    aborted: bool = False
     #: monotonic time by which the current request's line and headers must be in
     head_deadline: float | None = None
 
@@ -199,10 +204,36 @@ class HandlerBase(BaseHTTPRequestHandler):
     def abort_connection(self) -> None:
         """Reset the connection (RST, no orderly close): a fault or a broken body."""
         self.close_connection = True
+        self.aborted = True
         with contextlib.suppress(OSError):
             self.connection.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
             )
+
+    def finish(self) -> None:
+        if self.replied and self.body_left > 0 and not self.aborted:
+            self._linger()
+        super().finish()
+
+    def _linger(self) -> None:
+        """Drop what the client still sends after an early answer, then close.
+
+        Closing a socket with unread data resets it, and the reset can destroy our
+        answer (a 401, a 413) in the client's buffers before it reads it: the
+        client sees "connection reset while sending" instead.  So, like nginx's
+        lingering close, stop writing and read for a while first (bounded).
+        """
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            left = LINGER_BYTES
+            sink = bytearray(1 << 16)
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(remaining)
+                n = self.connection.recv_into(sink)
+                if not n:
+                    break
+                left -= n
 
     # --- request facts ----------------------------------------------------
 
