@@ -43,11 +43,7 @@ def metered(upstream: Iterator[Extent], stats: StageStats) -> Iterator[Extent]:
             stats.inclusive += clock() - t0
             return
         stats.inclusive += clock() - t0
-        stats.bytes += ext.length
-        if ext.data is None:
-            stats.hole_bytes += ext.length
-        else:
-            stats.data_bytes += ext.length
+        stats.count(ext.length, ext.data is None)
         yield ext
 
 
@@ -229,11 +225,7 @@ class Pipeline(Generic[T]):
     @staticmethod
     def _count(feed: Iterator[Extent], stats: StageStats) -> Iterator[Extent]:
         for ext in feed:
-            stats.bytes += ext.length
-            if ext.data is None:
-                stats.hole_bytes += ext.length
-            else:
-                stats.data_bytes += ext.length
+            stats.count(ext.length, ext.data is None)
             yield ext
 
 

@@ -53,6 +53,14 @@ class StageStats:
         busy = self.busy
         return self.bytes / busy if busy > 0 else 0.0
 
+    def count(self, length: int, hole: bool) -> None:
+        """Add one extent's bytes to the data or the hole side."""
+        self.bytes += length
+        if hole:
+            self.hole_bytes += length
+        else:
+            self.data_bytes += length
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

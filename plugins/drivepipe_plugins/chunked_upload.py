@@ -330,11 +330,7 @@ _DONE: Final = object()
 
 def _count(stats: StageStats, extents: list[Extent]) -> None:
     for ext in extents:
-        stats.bytes += ext.length
-        if ext.data is None:
-            stats.hole_bytes += ext.length
-        else:
-            stats.data_bytes += ext.length
+        stats.count(ext.length, ext.data is None)
 
 
 def _check_tiling(extents: list[Extent], offset: int, length: int, path: str) -> None:
