@@ -1,7 +1,10 @@
 """The ``drivepipe`` command: a thin edge that parses, builds, runs, renders.
 
 Each group of commands lives in its own ``cmd_*`` module and registers on
-:data:`app` when imported; this package imports them all.
+:data:`app` when imported.  To start fast, ``main`` imports only the module
+of the command being run (:data:`COMMAND_MODULES`; a test keeps that table
+equal to what the modules register); ``drivepipe.cli.app`` and ``--help``
+load them all.
 Every :class:`~drivepipe.DrivepipeError` ends as one line on stderr and its
 exit code; anything else is a bug and keeps its traceback.
 """
@@ -18,17 +21,36 @@ from typing import TextIO
 import typer
 
 from .._errors import Cancelled, DrivepipeError
-from ._app import app
+from . import _app
+
+#: command name -> the module that registers it
+COMMAND_MODULES: dict[str, str] = {
+    "bench": "cmd_bench",
+    "checksum": "cmd_local",
+    "convert": "cmd_local",
+    "demo": "cmd_demo",
+    "download": "cmd_download",
+    "inspect": "cmd_local",
+    "serve": "cmd_serve",
+    "upload": "cmd_upload",
+}
 
 
-def _register_commands() -> None:
-    """Import every ``cmd_*`` module of this package; each registers its commands."""
+def load_commands(command: str | None = None) -> typer.Typer:
+    """Register ``command``'s module, or every ``cmd_*`` module; returns the app."""
+    if command in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{COMMAND_MODULES[command]}")
+        return _app.app
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("cmd_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    return _app.app
 
 
-_register_commands()
+def __getattr__(name: str) -> typer.Typer:
+    if name == "app":  # the complete app, for docs and introspection
+        return load_commands()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         # Standalone mode: typer handles usage errors and --help itself (SystemExit).
-        app(args=args, prog_name="drivepipe")
+        load_commands(args[0] if args else None)(args=args, prog_name="drivepipe")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except DrivepipeError as exc:
@@ -68,4 +90,4 @@ def console_main() -> None:
     sys.exit(main())
 
 
-__all__ = ["app", "console_main", "main", "typer"]
+__all__ = ["COMMAND_MODULES", "app", "console_main", "load_commands", "main"]

@@ -13,3 +13,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+@app.callback()
+def _group() -> None:
+    # A callback keeps drivepipe a command group even when only one command module
+    # has been loaded (typer would otherwise run a lone command without its name).
+    pass
