@@ -483,8 +483,8 @@ def advise_decode(
     if reopen and more > subject.options.threads:
         before, after = a_b(lambda: decode_rate(subject.options.threads),
                             lambda: decode_rate(more))
-        out.append(Advice(f"{more} decoder threads (OpenOptions.threads, formats that "
-                          "decode in parallel such as qcow2)", before, after))
+        out.append(Advice(f"--threads {more} (decoder threads, for formats that decode "
+                          "in parallel such as compressed qcow2)", before, after))
     if decoded.format != "zstd":
         holes = decoded.raw_bytes - decoded.data_bytes
         projected = zstd_rate(decoded.sample, decoded.data_bytes, holes)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from .._errors import UsageError
 from .._registry import open_image
 from .._sizes import parse_size
 from .._stage import ImageInput, OpenOptions
@@ -42,7 +43,19 @@ QueueOpt = Annotated[
 ]
 
 
-def open_input(path: str, fmt: str, read_size: str, stats: RunStats | None = None) -> ImageInput:
+ThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        help="Decoder threads for formats that decode in parallel (compressed qcow2 "
+        "clusters, multi-block xz).",
+    ),
+]
+
+
+def open_input(
+    path: str, fmt: str, read_size: str, stats: RunStats | None = None, threads: int = 2
+) -> ImageInput:
     """Open an image with the CLI's options; a counting pass reports into ``stats``."""
 
     def on_phase(phase: str, done: int, total: int) -> None:
@@ -51,7 +64,9 @@ def open_input(path: str, fmt: str, read_size: str, stats: RunStats | None = Non
             stats.phase_done = done
             stats.phase_total = total
 
-    options = OpenOptions(read_size=parse_size(read_size), on_phase=on_phase)
+    if threads < 1:
+        raise UsageError("--threads must be at least 1")
+    options = OpenOptions(read_size=parse_size(read_size), on_phase=on_phase, threads=threads)
     image = open_image(path, fmt, options)
     if stats is not None:
         stats.phase = "transfer"

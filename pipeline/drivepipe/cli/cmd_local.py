@@ -18,7 +18,15 @@ from .._sizes import format_size
 from .._stage import ImageInput
 from .._stats import RunStats
 from ._app import app
-from ._common import ForceOpt, FormatOpt, ProgressOpt, QueueOpt, ReadSizeOpt, open_input
+from ._common import (
+    ForceOpt,
+    FormatOpt,
+    ProgressOpt,
+    QueueOpt,
+    ReadSizeOpt,
+    ThreadsOpt,
+    open_input,
+)
 
 # Measured on a warm 1 GiB file (benchmarks/bench_local.py): 2 MiB reads with 8
 # in flight beat 4 MiB x 16; the smaller set of buffers stays in cache and is
@@ -36,6 +44,7 @@ def convert(
     progress: ProgressOpt = "auto",
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
+    threads: ThreadsOpt = 2,
 ) -> None:
     """Convert an image to a sparse raw file (temp file, fsync, rename on success)."""
     check_target(dst, force=force)
@@ -43,7 +52,7 @@ def convert(
     with Reporter(stats, progress):
         # The sink first: if it refuses, no opened image is left unclosed.
         sink = SparseFileWriter(dst, force=force)
-        image = open_input(src, fmt, read_size, stats)
+        image = open_input(src, fmt, read_size, stats, threads)
         run_pipeline(
             image.source, image.stages, sink, size=image.size, stats=stats,
             queue_depth=queue_depth,
@@ -51,12 +60,17 @@ def convert(
 
 
 def checksum_one(
-    path: str, fmt: str, read_size: str, progress: str, queue_depth: int = LOCAL_QUEUE_DEPTH
+    path: str,
+    fmt: str,
+    read_size: str,
+    progress: str,
+    queue_depth: int = LOCAL_QUEUE_DEPTH,
+    threads: int = 2,
 ) -> str:
     """The xxh3-128 hex digest of ``path``'s raw content."""
     stats = RunStats(title=f"checksum {path}")
     with Reporter(stats, progress):
-        image = open_input(path, fmt, read_size, stats)
+        image = open_input(path, fmt, read_size, stats, threads)
         hasher = Xxh3Stage()
         # Reading/decoding in one thread, hashing in the other.
         run_pipeline(
@@ -73,10 +87,11 @@ def checksum(
     progress: ProgressOpt = "auto",
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
+    threads: ThreadsOpt = 2,
 ) -> None:
     """Print the xxh3-128 of each image's raw content, in xxh128sum's line format."""
     for path in srcs:
-        digest = checksum_one(path, fmt, read_size, progress, queue_depth)
+        digest = checksum_one(path, fmt, read_size, progress, queue_depth, threads)
         typer.echo(f"{digest}  {path}")
 
 

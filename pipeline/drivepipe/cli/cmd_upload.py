@@ -30,7 +30,7 @@ from .._sizes import format_size, parse_size
 from .._stage import ImageInput
 from .._stats import RunStats
 from ._app import app
-from ._common import FormatOpt, ProgressOpt, QueueOpt, ReadSizeOpt, open_input
+from ._common import FormatOpt, ProgressOpt, QueueOpt, ReadSizeOpt, ThreadsOpt, open_input
 from ._net import (
     CacertOpt,
     Connection,
@@ -135,6 +135,7 @@ def upload(
     progress: ProgressOpt = "auto",
     read_size: ReadSizeOpt = "4M",
     queue_depth: QueueOpt = 16,
+    threads: ThreadsOpt = 2,
     buffer: BufferOpt = "1M",
     chunked: ChunkedOpt = False,
     connections: ConnectionsOpt = 4,
@@ -161,7 +162,7 @@ def upload(
     try:
         stats = RunStats(title=f"upload {image}")
         with Reporter(stats, progress):
-            img = open_input(image, fmt, read_size, stats)
+            img = open_input(image, fmt, read_size, stats, threads)
             if chunked or resume:
                 result = send_chunked(img, conn, stats, chunk_size=chunk_size,
                                       connections=connections, resume=resume, journal=journal,
