@@ -16,7 +16,7 @@ Reading: random-access inputs (raw, qcow2) are read chunk by chunk by a few
 reader threads, out of order; stream-only inputs (gzip, xz, ...) run through
 their decoders once, in order.  Either way a feeder thread hashes the chunks
 in image order, and at most ``connections + 1`` chunks are in memory, fewer
-when that would pass 1 GiB (``memory_budget``; never fewer than two); holes
+when that would pass 256 MiB (``memory_budget``; never fewer than two); holes
 take no memory: they are sent from the shared zero buffer.
 
 Resuming: a journal (:mod:`.upload_journal`) records the drive, the image's
@@ -92,7 +92,7 @@ BACKOFF_CAP: Final = 15.0
 T = TypeVar("T")
 
 #: chunk bytes held in memory at most (unless two chunks alone are larger)
-MEMORY_BUDGET: Final = 1 << 30
+MEMORY_BUDGET: Final = 256 << 20
 #: how long a drive may stay "uploading" after its last chunk landed
 FINISH_TIMEOUT: Final = 30.0
 #: link answers that a fresh link will not fix: the request itself is wrong
@@ -108,7 +108,7 @@ class ResumeRefused(UsageError):
 
 @dataclass
 class ChunkedOptions:
-    chunk_size: int = 64 << 20
+    chunk_size: int = 32 << 20
     connections: int = 4
     #: resume this drive, with or without a journal
     resume_uuid: str | None = None

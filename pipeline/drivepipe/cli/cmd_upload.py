@@ -139,7 +139,7 @@ def upload(
     buffer: BufferOpt = "1M",
     chunked: ChunkedOpt = False,
     connections: ConnectionsOpt = 4,
-    chunk_size: ChunkSizeOpt = "64M",
+    chunk_size: ChunkSizeOpt = "32M",
     resume: ResumeOpt = None,
     journal: JournalOpt = None,
     endpoint: EndpointOpt = None,
