@@ -398,7 +398,8 @@ def test_sigkill_then_rerun_fetches_only_what_was_missing(nginx: Nginx, workdir:
 
 
 def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Path) -> None:
-    size = 32 * MiB
+    # 4 s at the /slow/ rate: room for the SIGINT to land mid-download on a loaded box
+    size = 64 * MiB
     src = make_image(nginx, "interrupted.raw", size, seed=13, pieces=20)
     args = [nginx.url("/slow/interrupted.raw"), "--expect", f"xxh128:{digest(src)}",
             "--range-size", "2M", "--block-size", "512K", "--checkpoint-interval", "30"]
