@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import typer
+from typer.models import CommandInfo
 
 from .._errors import Cancelled, DrivepipeError
 from . import _app
@@ -44,7 +45,15 @@ def load_commands(command: str | None = None) -> typer.Typer:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("cmd_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    # --help lists commands in registration order, which depends on what ran before
+    # in this process: list them by name instead.
+    _app.app.registered_commands.sort(key=_command_name)
     return _app.app
+
+
+def _command_name(command: CommandInfo) -> str:
+    callback = command.callback
+    return command.name or (callback.__name__ if callback is not None else "")
 
 
 def __getattr__(name: str) -> typer.Typer:
