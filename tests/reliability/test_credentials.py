@@ -21,6 +21,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -154,6 +155,7 @@ def test_password_never_in_error_lines(
         assert_clean(out + err, store.username, wrong)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl CLI")
 def test_store_log_never_holds_the_password(tmp_path: Path) -> None:
     """``drivepipe serve`` logs every request: never the credentials it was sent."""
     password = "serve-Secret-7731"
