@@ -14,49 +14,19 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sparse_files import MakeImage, allocated, random_layout, write_sparse
 
 from drivepipe.cli import main
 
 MiB = 1 << 20
 
-# Helpers are defined here, not imported: ``conftest`` is not importable by
-# name once another test directory has its own conftest.py.
-#: the ``make_sparse`` fixture of tests/conftest.py
-MakeImage = Callable[..., Path]
-
-
-def write_sparse(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> Path:
-    """``path`` of ``size`` bytes: holes, except each ``(offset, data)`` piece."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in pieces:
-            f.seek(offset)
-            f.write(data)
-    return path
-
-
-def random_layout(
-    rng: random.Random, size: int, pieces: int, max_piece: int, zero_pieces: int = 0
-) -> list[tuple[int, bytes]]:
-    """Random data pieces, then written-zero pieces, inside ``[0, size)``."""
-    out: list[tuple[int, bytes]] = []
-    for i in range(pieces + zero_pieces):
-        n = rng.randint(1, max_piece)
-        off = rng.randrange(0, max(1, size - n))
-        out.append((off, bytes(n) if i >= pieces else rng.randbytes(n)))
-    return out
-
-
-def allocated(path: Path) -> int:
-    """Bytes the filesystem allocated for ``path``."""
-    return path.stat().st_blocks * 512
 XXH128SUM = shutil.which("xxh128sum") or "/usr/bin/xxh128sum"
 DRIVEPIPE = str(Path(sys.executable).with_name("drivepipe"))
 LINE = re.compile(r"^[0-9a-f]{32}  (.+)$")

@@ -10,12 +10,13 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sparse_files import MakeImage, random_layout, write_sparse
 
 from drivepipe._errors import ImageError
 from drivepipe._extent import ZERO_BLOCK, Extent, is_zero
@@ -24,34 +25,6 @@ from drivepipe._stage import OpenOptions
 from drivepipe_plugins.sparse_read import SparseFileReader, data_ranges
 
 MiB = 1 << 20
-
-# Helpers are defined here, not imported: ``conftest`` is not importable by
-# name once another test directory has its own conftest.py.
-#: the ``make_sparse`` fixture of tests/conftest.py
-MakeImage = Callable[..., Path]
-
-
-def write_sparse(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> Path:
-    """``path`` of ``size`` bytes: holes, except each ``(offset, data)`` piece."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in pieces:
-            f.seek(offset)
-            f.write(data)
-    return path
-
-
-def random_layout(
-    rng: random.Random, size: int, pieces: int, max_piece: int, zero_pieces: int = 0
-) -> list[tuple[int, bytes]]:
-    """Random data pieces, then written-zero pieces, inside ``[0, size)``."""
-    out: list[tuple[int, bytes]] = []
-    for i in range(pieces + zero_pieces):
-        n = rng.randint(1, max_piece)
-        off = rng.randrange(0, max(1, size - n))
-        out.append((off, bytes(n) if i >= pieces else rng.randbytes(n)))
-    return out
-
 
 def content(extents: list[Extent]) -> bytes:
     return b"".join(bytes(e.length) if e.data is None else bytes(e.data) for e in extents)

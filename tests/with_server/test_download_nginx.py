@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
+from sparse_files import allocated, write_sparse
 
 from drivepipe.cli import main
 
@@ -38,19 +39,6 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="needs nginx")
 
 MiB = 1 << 20
-
-
-def allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
-
-
-def write_sparse(path: Path, size: int, extents: list[tuple[int, bytes]]) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in extents:
-            f.seek(offset)
-            f.write(data)
-    return path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
