@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rel_support import Cli, FaultTable, MakeStore
+from rel_support import Cli, FaultTable
+from store_servers import MakeStore, store_factory
 
 from drivepipe.cli import main
-from drivepipe.server import RunningServer, serve_in_thread
+from drivepipe.server import RunningServer
 
 MiB = 1 << 20
 STORE_MIN_SIZE = MiB
@@ -60,21 +61,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture
 def make_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeStore]:
-    servers: list[RunningServer] = []
-
-    def make(**settings: Any) -> RunningServer:
-        settings.setdefault("username", USERNAME)
-        settings.setdefault("password", PASSWORD)
-        settings.setdefault("min_size", STORE_MIN_SIZE)
-        settings.setdefault("idle_timeout", 5.0)
-        root = settings.pop("root", None) or str(tmp_path_factory.mktemp("store"))
-        server = serve_in_thread(root, **settings)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from store_factory(tmp_path_factory, username=USERNAME, password=PASSWORD,
+                             min_size=STORE_MIN_SIZE, idle_timeout=5.0)
 
 
 @pytest.fixture

@@ -28,8 +28,6 @@ from drivepipe.server import RunningServer
 
 MiB = 1 << 20
 
-#: ``make_store(**ServerConfig fields) -> RunningServer`` (the conftest fixture)
-MakeStore = Callable[..., RunningServer]
 #: ``cli(*argv, env=None) -> (exit code, stdout, stderr)`` (the conftest fixture)
 Cli = Callable[..., tuple[int, str, str]]
 

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_support import MakeStore
+from store_servers import MakeStore
 
 from drivepipe.server import RunningServer
 from drivepipe.server._handler import ROUTES

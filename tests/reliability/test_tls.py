@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import trustme
-from rel_support import Cli, MakeStore, MiB, drive_holds, make_image, one_error_line
+from rel_support import Cli, MiB, drive_holds, make_image, one_error_line
+from store_servers import MakeStore
 
 from drivepipe.server import RunningServer
 

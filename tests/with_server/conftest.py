@@ -47,33 +47,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from store_servers import MakeStore, store_factory
 
-from drivepipe.server import RunningServer, serve_in_thread
+from drivepipe.server import RunningServer
 
 STORE_MIN_SIZE = 1 << 20
 USERNAME = "tester@example.com"
 PASSWORD = "s3cret-pass"
 
-MakeStore = Callable[..., RunningServer]
 
 
 @pytest.fixture
 def make_drive_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeStore]:
-    servers: list[RunningServer] = []
-
-    def make(**settings: Any) -> RunningServer:
-        settings.setdefault("username", USERNAME)
-        settings.setdefault("password", PASSWORD)
-        settings.setdefault("min_size", STORE_MIN_SIZE)
-        settings.setdefault("idle_timeout", 10.0)
-        root = settings.pop("root", None) or str(tmp_path_factory.mktemp("store"))
-        server = serve_in_thread(root, **settings)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
+    yield from store_factory(tmp_path_factory, username=USERNAME, password=PASSWORD,
+                             min_size=STORE_MIN_SIZE, idle_timeout=10.0)
 
 
 @pytest.fixture
