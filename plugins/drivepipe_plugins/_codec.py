@@ -17,13 +17,33 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from drivepipe._errors import CorruptImage, ImageError
 from drivepipe._extent import ZERO_VIEW, Buffer, Extent, split_zeros
 from drivepipe._stage import ImageInput, OpenOptions, PhaseCallback, Stage
 
 from .sparse_read import SparseFileReader
+
+T = TypeVar("T")
+
+
+def read_structure(path: str, walk: Callable[[int, int], T]) -> T:
+    """Open ``path`` and return ``walk(fd, file_size)``; OS errors become ImageError.
+
+    For the formats whose exact size comes from walking their own headers or
+    indexes (xz, zstd) before any byte is decoded.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        return walk(fd, os.fstat(fd).st_size)
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
 
 #: input handed to one decompressor call; small so that the copy a decompressor
 #: makes of the bytes after a stream's end (``unused_data``) stays cheap even

@@ -34,6 +34,7 @@ from ._codec import (
     open_compressed,
     out_size,
     pread_exact,
+    read_structure,
 )
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -210,16 +211,7 @@ class _IndexWalker:
 
 def xz_layout(path: str) -> XzLayout:
     """Streams, blocks and the exact raw size of ``path`` from its indexes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
-    try:
-        return _IndexWalker(fd, path, os.fstat(fd).st_size).walk()
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
+    return read_structure(path, lambda fd, size: _IndexWalker(fd, path, size).walk())
 
 
 

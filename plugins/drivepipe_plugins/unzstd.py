@@ -22,10 +22,10 @@ from typing import IO, cast
 
 import zstandard
 
-from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
+from drivepipe._errors import CorruptImage, UnsupportedFormat
 from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
 
-from ._codec import BadStream, count_output, open_compressed
+from ._codec import BadStream, count_output, open_compressed, read_structure
 
 ZSTD_MAGIC = 0xFD2FB528
 _SKIPPABLE_MIN = 0x184D2A50
@@ -164,16 +164,7 @@ class _Walker:
 
 def walk_frames(path: str) -> FrameWalk:
     """Walk every frame of ``path`` (a few bytes read per block)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
-    try:
-        return _Walker(fd, path, os.fstat(fd).st_size).walk()
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
+    return read_structure(path, lambda fd, size: _Walker(fd, path, size).walk())
 
 
 class ZstdFormat(ImageFormat):
