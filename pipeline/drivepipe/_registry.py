@@ -8,16 +8,18 @@ asks each format in ``detect_order``; never the file name.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from functools import cache
 from importlib.metadata import entry_points
 
-from ._errors import CorruptImage, ImageError, UnsupportedFormat, UsageError
-from ._stage import ImageFormat, ImageInput, OpenOptions, Stage
+from ._errors import UnsupportedFormat, UsageError
+from ._stage import HEAD_SIZE, ByteSource, ImageFormat, ImageInput, OpenOptions, Stage
 
 FORMATS_GROUP = "drivepipe.formats"
 STAGES_GROUP = "drivepipe.stages"
-HEAD_SIZE = 4096
+SOURCES_GROUP = "drivepipe.sources"
+#: layers of a nested image at most (gzip of xz of qcow2 is three)
+MAX_DEPTH = 4
 
 #: formats we recognise but do not decode: refused rather than sent as raw
 FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
@@ -51,58 +53,56 @@ def stages() -> dict[str, type[Stage]]:
     return {ep.name: ep.load() for ep in entry_points(group=STAGES_GROUP)}
 
 
-def read_head(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(HEAD_SIZE)
-            # A VHD footer sits in the last 512 bytes; fixed VHDs are raw plus footer.
-            return head
-    except FileNotFoundError as exc:
-        raise ImageError(f"{path}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise ImageError(f"{path}: is a directory") from exc
-    except PermissionError as exc:
-        raise ImageError(f"{path}: permission denied") from exc
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+@cache
+def byte_sources() -> dict[str, Callable[..., ByteSource]]:
+    """Every installed byte source factory, by entry-point name (``file``, ...)."""
+    return {ep.name: ep.load() for ep in entry_points(group=SOURCES_GROUP)}
 
 
-def _vhd_footer(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size < 512:
-                return False
-            f.seek(size - 512)
-            return f.read(8) == b"conectix"
-    except OSError:
-        return False
+def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:
+    """The ``file`` byte source of ``path`` (a regular file or a block device)."""
+    opts = options or OpenOptions()
+    cls = byte_sources()["file"]
+    return cls(path, read_size=opts.read_size, drop_cache_above=opts.drop_cache_above)
 
 
-def foreign_format(path: str, head: bytes) -> str | None:
+def foreign_format(source: ByteSource, head: bytes) -> str | None:
     """Name of a format we recognise but refuse, or None."""
+    names = set(formats())
     for offset, magic, name in FOREIGN_MAGIC:
         if head[offset : offset + len(magic)] == magic:
             return name
-    if _vhd_footer(path):
-        return "VHD (fixed)"
+    if "vpc" not in names and "vhd" not in names:
+        tail = source.tail(512)
+        if tail is not None and tail[:8] == b"conectix":
+            return "VHD (fixed)"
     return None
 
 
-def detect(path: str) -> ImageFormat:
-    """The format of ``path`` from its magic bytes; raw when nothing else matches."""
-    head = read_head(path)
+def detect_source(source: ByteSource, head: bytes | None = None) -> ImageFormat:
+    """The format of ``source`` from its magic bytes; raw when nothing else matches."""
+    if head is None:
+        head = source.head(HEAD_SIZE)
     all_formats = formats()
     for fmt in all_formats.values():
-        if fmt.name != "raw" and fmt.detect(head):
+        if fmt.name != "raw" and fmt.detect(head, source):
             return fmt
-    foreign = foreign_format(path, head)
+    foreign = foreign_format(source, head)
     if foreign is not None:
         raise UnsupportedFormat(
-            f"{path}: looks like a {foreign} image, which drivepipe does not decode; "
+            f"{source.label}: looks like a {foreign} image, which drivepipe does not decode; "
             "convert it first (qemu-img convert -O raw) or pass --format raw to send it as is"
         )
     return all_formats["raw"]
+
+
+def detect(path: str) -> ImageFormat:
+    """The format of the file at ``path`` (its outermost layer)."""
+    source = open_file(path)
+    try:
+        return detect_source(source)
+    finally:
+        source.close()
 
 
 def get_format(name: str) -> ImageFormat:
@@ -113,14 +113,49 @@ def get_format(name: str) -> ImageFormat:
         raise UsageError(f"unknown format {name!r} (known: {known})") from None
 
 
+def parse_chain(format: str | None) -> list[str] | None:
+    """``--format``: None or "auto" (detect every layer), one name, or a chain from
+    the outside in (``xz,qcow2`` or ``xz>qcow2``)."""
+    if not format or format == "auto":
+        return None
+    names = [n.strip() for n in format.replace(">", ",").split(",")]
+    if not all(names) or len(names) > MAX_DEPTH:
+        raise UsageError(
+            f"bad format chain {format!r}: give up to {MAX_DEPTH} format names from the "
+            "outside in, e.g. xz,qcow2"
+        )
+    for name in names:
+        get_format(name)
+    return names
+
+
 def open_image(
     path: str, format: str | None = None, options: OpenOptions | None = None
 ) -> ImageInput:
-    """Open ``path`` as its detected (or the given) format."""
-    fmt = get_format(format) if format and format != "auto" else detect(path)
+    """Open the image file at ``path``, decoding every layer (``disk.qcow2.xz``).
+
+    ``format``: see :func:`parse_chain`; a single name fixes the outermost layer
+    and the layers inside it are still detected.
+    """
+    chain = parse_chain(format)
+    opts = options or OpenOptions()
+    source = open_file(path, opts)
     try:
-        return fmt.open(path, options or OpenOptions())
-    except (ImageError, UsageError):
+        image = open_source(source, chain, opts)
+    except BaseException:
+        source.close()
         raise
-    except EOFError as exc:
-        raise CorruptImage(f"{path}: truncated {fmt.name} image") from exc
+    image.path = path
+    return image
+
+
+def open_source(
+    source: ByteSource, chain: list[str] | None = None, options: OpenOptions | None = None
+) -> ImageInput:
+    """Open the image in ``source`` through every layer; the result owns ``source``.
+
+    If this raises, the caller still owns (and closes) ``source``.
+    """
+    from ._nesting import open_layers
+
+    return open_layers(source, chain, options or OpenOptions(), 0)

@@ -6,8 +6,12 @@ read-ahead and the page cache work in whole chunks.  When the filesystem cannot
 tell data from holes (no SEEK_DATA, or everything reported as data on a
 filesystem that has no holes), everything is read and all-zero blocks are
 turned into holes so the stream downstream stays sparse.  Works on regular files
-and block devices (size from seeking to the end).  Refuses nothing but
-unreadable paths.
+and block devices (size from seeking to the end).  Refuses unreadable paths
+and anything that is neither (a pipe, a FIFO, a character device: reading it to
+detect the format would consume it).
+
+It is the ``file`` byte source (``drivepipe.sources``): formats read files
+through it (``pread``, ``data_ranges``), and raw images stream from it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Iterator
 
 from drivepipe._errors import ImageError
 from drivepipe._extent import Extent, split_zeros
-from drivepipe._stage import Source
+from drivepipe._stage import ByteSource
 
 _DEFAULT_DROP_DIVISOR = 4
 
@@ -68,10 +72,15 @@ def data_ranges(fd: int, size: int, offset: int = 0) -> Iterator[tuple[int, int]
         pos = end
 
 
-class SparseFileReader(Source):
-    """Reads a file or block device as extents, holes explicit."""
+class SparseFileReader(ByteSource):
+    """Reads a file or block device as extents, holes explicit; a random ByteSource.
+
+    ``fd``: read this open descriptor (which the reader then owns) instead of
+    opening ``path``; ``path`` is still what messages call it.
+    """
 
     name = "read"
+    random = True
 
     def __init__(
         self,
@@ -80,21 +89,42 @@ class SparseFileReader(Source):
         read_size: int = 4 << 20,
         drop_cache_above: int | None = None,
         detect_zeros: bool | None = None,
+        fd: int | None = None,
+        label: str | None = None,
     ) -> None:
         self.path = path
+        self.label = label or path
         self.read_size = max(4096, read_size)
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except FileNotFoundError as exc:
+                raise ImageError(f"{path}: no such file") from exc
+            except IsADirectoryError as exc:
+                raise ImageError(f"{path}: is a directory") from exc
+            except OSError as exc:
+                raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
+        self.fd = fd
         try:
             st = os.fstat(self.fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageError(f"{path}: is a directory")
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                kind = "a pipe or FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+                raise ImageError(
+                    f"{path}: is {kind}; drivepipe reads images from regular files and "
+                    "block devices"
+                )
+            os.set_blocking(self.fd, True)
             self.is_block = stat.S_ISBLK(st.st_mode)
             self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
             self.seekable_holes = not self.is_block and _probe_holes(self.fd, self.size)
         except OSError as exc:
             os.close(self.fd)
             raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
+        except BaseException:
+            os.close(self.fd)
+            raise
         threshold = _default_drop_threshold() if drop_cache_above is None else drop_cache_above
         # What would fill the page cache is the data read, not the holes: an
         # 8 GiB image with 800 MiB of data keeps its cache (st_blocks: one fstat).
@@ -115,6 +145,17 @@ class SparseFileReader(Source):
             yield from data_ranges(self.fd, self.size)
         elif self.size:
             yield 0, self.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise ImageError(f"{self.label}: read error at {offset}: {exc.strerror}") from exc
+
+    def data_ranges(self, offset: int, end: int) -> Iterator[tuple[int, int]] | None:
+        if not self.seekable_holes:
+            return None
+        return data_ranges(self.fd, min(end, self.size), offset)
 
     def data_size(self) -> int:
         """Bytes the filesystem reports as data (cheap: a few lseeks)."""
@@ -165,9 +206,9 @@ class SparseFileReader(Source):
             try:
                 data = os.pread(self.fd, n, pos)
             except OSError as exc:
-                raise ImageError(f"{self.path}: read error at {pos}: {exc.strerror}") from exc
+                raise ImageError(f"{self.label}: read error at {pos}: {exc.strerror}") from exc
             if len(data) != n:
-                raise ImageError(f"{self.path}: file shrank while reading (at offset {pos})")
+                raise ImageError(f"{self.label}: file shrank while reading (at offset {pos})")
             ext = Extent(pos, n, data)
             if self.detect_zeros:
                 yield from split_zeros(ext)
