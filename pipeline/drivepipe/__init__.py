@@ -5,6 +5,8 @@ errors, stats); the stages live in ``drivepipe_plugins`` and are found through
 entry points.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     AuthError,
     Cancelled,
@@ -27,7 +29,18 @@ from ._runner import Pipeline, run_pipeline
 from ._stage import ImageFormat, ImageInput, OpenOptions, RandomAccess, Sink, Source, Stage
 from ._stats import RunStats, StageStats
 
+if TYPE_CHECKING:
+    from .jobs import BatchReport, PlanLike
+
 __version__ = "0.1.0"
+
+
+def batch(plan: "PlanLike", **options: Any) -> "BatchReport":
+    """Run a batch of transfers: see :func:`drivepipe.jobs.batch` (imported when used)."""
+    from .jobs import batch as run_batch  # noqa: PLC0415 - keeps `import drivepipe` light
+
+    return run_batch(plan, **options)
+
 
 __all__ = [
     "ZERO",
@@ -57,6 +70,7 @@ __all__ = [
     "UsageError",
     "VerifyError",
     "__version__",
+    "batch",
     "detect",
     "formats",
     "is_zero",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -209,6 +210,10 @@ def note(text: str) -> None:
     typer.echo(f"drivepipe: {text}", err=True)
 
 
+#: where the notes of a download go: :func:`note` (stderr) for the command
+Notify = Callable[[str], None]
+
+
 def discard_part(paths: Paths) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(paths.part)
@@ -217,23 +222,24 @@ def discard_part(paths: Paths) -> None:
 
 def open_part(
     paths: Paths, probed: ProbeResult, source: str, block_size: int, stats: RunStats,
-    digester: FileDigester | None = None,
+    digester: FileDigester | None = None, notify: Notify = note,
 ) -> tuple[SparseOutput, DownloadJournal, set[int]]:
     """Continue a matching journal (its blocks re-checked) or start a fresh .part.
 
-    Also returns the blocks still to fetch that hold old bytes on disk.
+    Also returns the blocks still to fetch that hold old bytes on disk.  ``notify``
+    gets the notes (the command prints them; the batch library passes its own).
     """
     identity = probed.identity(source_key(source))
     journal = load_journal(paths.journal)
     stale: set[int] = set()
     if journal is not None and journal.matches(identity, block_size) \
-            and os.path.isfile(paths.part) and _has_validator(identity, paths):
-        _recheck(paths, journal, stats, digester)
+            and os.path.isfile(paths.part) and _has_validator(identity, paths, notify):
+        _recheck(paths, journal, stats, digester, notify)
         missing = set(range(journal.block_count)) - set(journal.blocks)
         stale = blocks_with_data(paths.part, journal, missing)
     else:
         if journal is not None or os.path.lexists(paths.part):
-            note(f"{paths.part}: not from this source (or changed since), starting over")
+            notify(f"{paths.part}: not from this source (or changed since), starting over")
         discard_part(paths)
         journal = DownloadJournal(identity, block_size)
     out = SparseOutput(paths.part, identity.size)
@@ -241,17 +247,17 @@ def open_part(
     return out, journal, stale
 
 
-def _has_validator(identity: SourceIdentity, paths: Paths) -> bool:
+def _has_validator(identity: SourceIdentity, paths: Paths, notify: Notify = note) -> bool:
     """Without an ETag or Last-Modified a changed source cannot be told: no resuming."""
     if identity.etag or identity.last_modified:
         return True
-    note(f"{paths.part}: the server gives no ETag or Last-Modified, so the kept part "
+    notify(f"{paths.part}: the server gives no ETag or Last-Modified, so the kept part "
          "cannot be trusted to be the same file")
     return False
 
 
 def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats,
-             digester: FileDigester | None) -> None:
+             digester: FileDigester | None, notify: Notify = note) -> None:
     stats.phase = "check"
     bad = check_kept_blocks(paths.part, journal, _phase_progress(stats), digester)
     for index in bad:
@@ -259,7 +265,7 @@ def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats,
     stats.phase = "transfer"
     kept = journal.done_bytes()
     extra = f", {len(bad)} damaged blocks will be fetched again" if bad else ""
-    note(f"resuming {paths.part}: {format_size(kept)} of "
+    notify(f"resuming {paths.part}: {format_size(kept)} of "
          f"{format_size(journal.identity.size)} kept{extra}")
     stats.stages[-1].bytes += kept
     stats.stages[-1].extra["kept"] = kept
@@ -276,7 +282,7 @@ def _phase_progress(stats: RunStats) -> Progress:
 
 def fetch(
     target: Target, probed: ProbeResult, paths: Paths, block_size: int, options: ReceiveOptions,
-    stats: RunStats, expected: Expectation | None, hash_early: bool,
+    stats: RunStats, expected: Expectation | None, hash_early: bool, notify: Notify = note,
 ) -> tuple[DownloadJournal, FileDigest | None]:
     """Fill ``paths.part``; start over (a bounded number of times) if the source changes.
 
@@ -286,7 +292,8 @@ def fetch(
     for restart in range(MAX_RESTARTS + 1):
         digester = FileDigester(probed.size, expected.length if expected else None) \
             if hash_early else None
-        out, journal, stale = open_part(paths, probed, target.url, block_size, stats, digester)
+        out, journal, stale = open_part(paths, probed, target.url, block_size, stats, digester,
+                                        notify)
         hasher = PrefixHasher(paths.part, journal, digester, _phase_progress(stats)) \
             if digester is not None else None
         try:
@@ -302,7 +309,7 @@ def fetch(
         except SourceChanged as exc:
             if restart == MAX_RESTARTS:
                 raise
-            note(f"{exc.one_line()}; starting over")
+            notify(f"{exc.one_line()}; starting over")
             discard_part(paths)
             probed = probe_target(target, options)
             stats.total = probed.size

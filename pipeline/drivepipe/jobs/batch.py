@@ -1,0 +1,157 @@
+"""A batch of transfers, resumable as a whole, whatever runs the items.
+
+In: a :class:`~drivepipe.jobs.plan.Plan`, the :class:`Settings`, a state file
+path and an :class:`Executor` (threads here, or a Dask cluster).  Each item
+goes to the executor with its previous state record; the executor runs
+:func:`attempt_item` wherever it places the item and hands the results back
+to this process, which alone writes the state file and emits the ``done``,
+``skipped`` and ``failed`` events.
+
+Out: a :class:`BatchReport` in plan order.  One failed item never stops the
+others; an item the executor did not run (the batch was interrupted) is
+reported as ``not-run``.  A rerun of the same plan with the same state file
+skips what finished (checked again, see :mod:`.transfer`), resumes what was
+interrupted (the upload and download journals) and retries what failed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from .plan import Item, Plan
+from .state import StateFile, default_state_path
+from .transfer import Access, Event, ItemResult, OnEvent, Settings, execute_item
+
+OnResult = Callable[[ItemResult], None]
+
+
+@dataclass(frozen=True)
+class Task:
+    """What an executor runs: the item, its previous record, and the retry policy."""
+
+    item: Item
+    previous: dict[str, Any] | None
+    retries: int = 1
+    retry_delay: float = 1.0
+
+
+class Executor(Protocol):
+    """Runs tasks and calls ``on_result`` (in this process) once per task it ran.
+
+    ``on_event`` gets the items' ``start``/``progress`` events.  ``run`` returns
+    when every task has a result, or raises KeyboardInterrupt after it stopped.
+    """
+
+    def run(self, tasks: Sequence[Task], settings: Settings, on_event: OnEvent,
+            on_result: OnResult) -> None: ...
+
+
+def attempt_item(
+    task: Task, settings: Settings, on_event: OnEvent | None = None,
+    access: Access | None = None,
+) -> ItemResult:
+    """:func:`execute_item`, again after a failure on the network side, ``retries`` times."""
+    attempts = 0
+    while True:
+        attempts += 1
+        result = execute_item(task.item, settings, task.previous, on_event, access)
+        result.attempts = attempts
+        if not result.retryable or attempts > task.retries:
+            return result
+        delay = task.retry_delay * 2 ** (attempts - 1)
+        time.sleep(random.uniform(delay / 2, delay))
+
+
+@dataclass
+class BatchReport:
+    results: list[ItemResult]
+    seconds: float = 0.0
+    state_path: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "seconds": round(self.seconds, 3), "state": self.state_path,
+                "counts": self.counts, "items": [r.as_dict() for r in self.results]}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def record_of(result: ItemResult) -> dict[str, Any]:
+    """The state file's record of a result (a skipped item stays ``done``)."""
+    data = result.as_dict()
+    data["status"] = "done" if result.ok else "failed"
+    data["finished_at"] = _now()
+    for name in ("notes", "host", "bytes", "resumed", "key", "retryable"):
+        data.pop(name, None)
+    return data
+
+
+def journal_dir_for(state_path: str) -> str:
+    return state_path + ".journals"
+
+
+def run_batch(
+    plan: Plan,
+    executor: Executor,
+    settings: Settings | None = None,
+    *,
+    state_path: str | None = None,
+    on_event: OnEvent | None = None,
+    retries: int = 1,
+    retry_delay: float = 1.0,
+) -> BatchReport:
+    """Run (or continue) the batch; see the module docstring."""
+    state_path = os.path.abspath(state_path or default_state_path(plan.path))
+    settings = settings or Settings()
+    if not settings.journal_dir:
+        from dataclasses import replace  # noqa: PLC0415
+
+        settings = replace(settings, journal_dir=journal_dir_for(state_path))
+    state = StateFile(state_path)
+    emit = on_event or (lambda event: None)
+    results: dict[str, ItemResult] = {}
+    lock = threading.Lock()
+
+    def on_result(result: ItemResult) -> None:
+        with lock:
+            state.update(result.key, record_of(result))
+            results[result.key] = result
+        event: Event = {"event": result.status, "key": result.key, "op": result.op,
+                        "seconds": result.seconds, "xxh128": result.xxh128,
+                        "uuid": result.uuid, "output": result.output}
+        if result.error:
+            event["error"] = result.error
+        emit(event)
+
+    tasks = [Task(item, state.get(item.key), retries, retry_delay) for item in plan.items]
+    started = time.monotonic()
+    try:
+        executor.run(tasks, settings, emit, on_result)
+    finally:
+        report = _report(plan, results, time.monotonic() - started, state_path)
+    return report
+
+
+def _report(
+    plan: Plan, results: dict[str, ItemResult], seconds: float, state_path: str
+) -> BatchReport:
+    ordered = [results.get(item.key) or ItemResult(item.key, item.op, item.source,
+                                                   item.target, "not-run")
+               for item in plan.items]
+    counts: dict[str, int] = {}
+    for r in ordered:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return BatchReport(ordered, seconds, state_path, counts)

@@ -1,0 +1,358 @@
+"""One item of a batch, run where it is placed: check, transfer, result.
+
+In: an :class:`~drivepipe.jobs.plan.Item`, the :class:`Settings` (no secret in
+them: they travel to Dask workers), the item's previous state record, and an
+event callback.  The endpoint and the credentials are either given
+(:class:`Access`, the local executor resolves them once) or read where the
+item runs, from the environment and config files, as the CLI does.
+
+Out: an :class:`ItemResult` (never raises for an error drivepipe knows: the
+item is failed with its one error line).  Before any transfer a ``done``
+record is checked: an upload's drive must still hold the digest in its meta
+and the image must be unchanged; a download's output must be there with its
+recorded size and mtime (else its digest is recomputed).  Then the item is
+skipped.  Otherwise the existing entry points run: :func:`direct_upload` or
+:func:`chunked_upload` (its journal beside the state, keyed by the item, so
+a killed item resumes), and the download steps of ``drivepipe download``
+(its ``.part`` journal resumes).  Events: ``start`` and ``progress``
+(``bytes``/``total``, every ``progress_interval`` seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from drivepipe_plugins.curl_upload import DirectOptions, direct_upload
+from drivepipe_plugins.download_verify import digest_file
+
+from .._config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
+from .._errors import DrivepipeError, HTTPError, TransferError
+from .._http import ApiClient, TlsOptions
+from .._registry import open_image
+from .._stage import OpenOptions
+from .._stats import RunStats
+from .plan import Item
+
+META_DIGEST: Final = "drivepipe_xxh128"
+META_SIZE: Final = "drivepipe_size"
+META_KEY: Final = "drivepipe_batch_key"
+
+Event = dict[str, Any]
+OnEvent = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every item runs; picklable and free of secrets (the password is never here)."""
+
+    endpoint: str | None = None
+    direct_endpoint: str | None = None
+    location: str | None = None
+    user: str | None = None
+    cacert: str | None = None
+    insecure_http: bool = False
+    #: connections of one chunked upload or download (the executor sets its share)
+    connections: int = 4
+    chunk_size: int = 32 << 20
+    read_size: int = 4 << 20
+    threads: int = 2
+    #: chunked-upload journals, one per item key
+    journal_dir: str = ""
+    progress_interval: float = 1.0
+    #: download: bytes per ranged request and per journaled block
+    range_size: int = 32 << 20
+    block_size: int = 4 << 20
+
+
+@dataclass(frozen=True)
+class Access:
+    """A resolved endpoint and account: built once per process, never sent anywhere."""
+
+    endpoint: Endpoint
+    creds: Credentials
+    tls: TlsOptions
+
+    @classmethod
+    def resolve(cls, settings: Settings) -> Access:
+        """From the settings, the environment and config files, like the CLI."""
+        ep = resolve_endpoint(settings.endpoint, settings.direct_endpoint, settings.location)
+        creds = resolve_credentials(ep, settings.user)
+        tls = TlsOptions(cacert=settings.cacert, insecure_http=settings.insecure_http)
+        with ApiClient(ep, creds, tls) as api:
+            ep = api.resolve_direct()
+        return cls(ep, creds, tls)
+
+    def connection(self) -> Any:
+        """A fresh :class:`~drivepipe.cli._net.Connection` (one per item: handles are
+        not shared between threads)."""
+        from ..cli._net import Connection  # noqa: PLC0415 - the chunked sender's type
+
+        return Connection(self.endpoint, self.creds, self.tls,
+                          ApiClient(self.endpoint, self.creds, self.tls))
+
+
+@dataclass
+class ItemResult:
+    key: str
+    op: str
+    source: str
+    target: str
+    #: done (transferred now), skipped (done before, checked), failed
+    status: str
+    uuid: str | None = None
+    output: str | None = None
+    xxh128: str | None = None
+    size: int | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    #: a chunked upload or a download that continued from its journal
+    resumed: bool = False
+    #: bytes this run moved (0 for a skipped item)
+    bytes: int = 0
+    host: str = ""
+    attempts: int = 1
+    #: failed on the network side: another attempt may succeed
+    retryable: bool = False
+    notes: list[str] = field(default_factory=list)
+    #: what a rerun checks the result against
+    source_size: int | None = None
+    source_mtime_ns: int | None = None
+    mtime_ns: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "skipped")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def journal_path(settings: Settings, item: Item) -> str:
+    return os.path.join(settings.journal_dir, f"{item.key}.upload.json")
+
+
+def execute_item(
+    item: Item,
+    settings: Settings,
+    previous: dict[str, Any] | None = None,
+    on_event: OnEvent | None = None,
+    access: Access | None = None,
+) -> ItemResult:
+    """Run one item (see the module docstring); the result says how it went."""
+    emit = on_event or (lambda event: None)
+    started = time.monotonic()
+    result = ItemResult(item.key, item.op, item.source, item.target, "failed",
+                        host=socket.gethostname())
+    emit({"event": "start", "key": item.key, "op": item.op, "host": result.host})
+    stats = RunStats(title=item.label)
+    try:
+        with _ticker(item, stats, emit, settings.progress_interval):
+            access = access or Access.resolve(settings)
+            if not _still_done(item, previous, access, result):
+                if item.op == "upload":
+                    _upload(item, settings, access, stats, result)
+                else:
+                    _download(item, settings, access, stats, result)
+                result.status = "done"
+    except DrivepipeError as exc:
+        result.status, result.error = "failed", exc.one_line()
+        result.retryable = _may_pass_later(exc)
+    except Exception as exc:  # a bug must not stop the other items; one line all the same
+        result.status = "failed"
+        result.error = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _may_pass_later(exc: DrivepipeError) -> bool:
+    if isinstance(exc, HTTPError):
+        return exc.status >= 500 or exc.status in (408, 429)
+    return isinstance(exc, TransferError) and exc.transient
+
+
+@contextlib.contextmanager
+def _ticker(item: Item, stats: RunStats, emit: OnEvent, interval: float) -> Iterator[None]:
+    """``progress`` events from the item's counters, sampled in a thread of their own."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(interval):
+            done = stats.stages[-1].bytes if stats.stages else 0
+            emit({"event": "progress", "key": item.key, "bytes": done, "total": stats.total})
+
+    thread = threading.Thread(target=run, name=f"progress-{item.key}", daemon=True)
+    if interval > 0:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+
+
+# --- was it done already? --------------------------------------------------------------
+
+def _still_done(
+    item: Item, previous: dict[str, Any] | None, access: Access, result: ItemResult
+) -> bool:
+    """True (result filled as skipped) when the previous run's result still holds."""
+    if not previous or previous.get("status") != "done":
+        return False
+    if item.op == "upload":
+        ok = _upload_holds(item, previous, access, result)
+    else:
+        ok = _download_holds(item, previous, result)
+    if ok:
+        result.status = "skipped"
+        for name in ("uuid", "output", "xxh128", "size", "source_size", "source_mtime_ns",
+                     "mtime_ns"):
+            setattr(result, name, previous.get(name))
+    return ok
+
+
+def _source_stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _upload_holds(
+    item: Item, previous: dict[str, Any], access: Access, result: ItemResult
+) -> bool:
+    uuid = str(previous.get("uuid") or "")
+    if _source_stat(item.source) != (previous.get("source_size"),
+                                     previous.get("source_mtime_ns")):
+        result.notes.append(f"{item.source} changed since its upload to drive {uuid}: "
+                            "uploading it again")
+        return False
+    api = ApiClient(access.endpoint, access.creds, access.tls)
+    try:
+        drive = api.drive(uuid)
+    except HTTPError as exc:
+        if exc.status != 404:
+            raise
+        result.notes.append(f"drive {uuid} is gone: uploading again")
+        return False
+    finally:
+        api.close()
+    meta = drive.get("meta") if isinstance(drive.get("meta"), dict) else {}
+    if (meta or {}).get(META_DIGEST) == previous.get("xxh128") and \
+            str((meta or {}).get(META_SIZE)) == str(previous.get("size")):
+        return True
+    result.notes.append(f"drive {uuid} no longer holds the checksum of its upload: "
+                        "uploading again")
+    return False
+
+
+def _download_holds(item: Item, previous: dict[str, Any], result: ItemResult) -> bool:
+    st = _source_stat(item.target)
+    if st is None:
+        result.notes.append(f"{item.target} is gone: downloading again")
+        return False
+    if st == (previous.get("size"), previous.get("mtime_ns")):
+        return True
+    got = digest_file(item.target).whole
+    if got == previous.get("xxh128"):
+        return True
+    raise DrivepipeError(f"{item.target} changed since the batch downloaded it (xxh128 "
+                         f"{got}, was {previous.get('xxh128')}); move it away to download "
+                         "it again")
+
+
+# --- the transfers ---------------------------------------------------------------------
+
+def _upload(
+    item: Item, settings: Settings, access: Access, stats: RunStats, result: ItemResult
+) -> None:
+    st = _source_stat(item.source)
+    conn = access.connection()
+    try:
+        image = open_image(item.source, item.format,
+                           OpenOptions(read_size=settings.read_size, threads=settings.threads))
+        stats.total, stats.data_total = image.size, image.data_size
+        if item.chunked:
+            uuid, digest, size = _chunked(item, settings, image, conn, stats, result)
+        else:
+            sent = direct_upload(image, access.endpoint, access.creds, access.tls,
+                                 DirectOptions(), stats)
+            uuid, digest, size = sent.uuid, sent.xxh128, sent.size
+            result.bytes = size
+        result.uuid, result.xxh128, result.size = uuid, digest, size
+        if st is not None:
+            result.source_size, result.source_mtime_ns = st
+        values = {**item.meta, META_DIGEST: digest, META_SIZE: str(size), META_KEY: item.key}
+        try:
+            conn.api.update_drive(uuid, name=item.target, meta=values)
+        except DrivepipeError as exc:
+            raise TransferError(f"drive {uuid} was uploaded, but updating its meta "
+                                f"failed: {exc.one_line()}") from exc
+    finally:
+        conn.close()
+
+
+def _chunked(
+    item: Item, settings: Settings, image: Any, conn: Any, stats: RunStats,
+    result: ItemResult,
+) -> tuple[str, str, int]:
+    from drivepipe_plugins.chunked_upload import (  # noqa: PLC0415 - loaded when used
+        ChunkedOptions,
+        chunked_upload,
+    )
+
+    os.makedirs(settings.journal_dir, exist_ok=True)
+    options = ChunkedOptions(chunk_size=settings.chunk_size, connections=settings.connections,
+                             journal_path=journal_path(settings, item), name=item.target)
+    try:
+        sent = chunked_upload(image, conn, options, stats)
+    finally:
+        image.close()
+    result.resumed, result.bytes = sent.resumed, sent.sent_bytes
+    return sent.uuid, sent.xxh128, sent.size
+
+
+def _download(
+    item: Item, settings: Settings, access: Access, stats: RunStats, result: ItemResult
+) -> None:
+    # The steps of ``drivepipe download UUID -o PATH``, with its notes kept in the result.
+    from drivepipe_plugins.curl_download import Auth  # noqa: PLC0415
+    from drivepipe_plugins.sparse_write import check_target  # noqa: PLC0415
+
+    from ..cli import cmd_download as dl  # noqa: PLC0415 - the download steps live there
+
+    with ApiClient(access.endpoint, access.creds, access.tls) as api:
+        drive = api.drive(item.source)
+        url = api.url(f"drives/{item.source}/download/", direct=True)
+    meta = drive.get("meta") if isinstance(drive.get("meta"), dict) else {}
+    target = dl.Target(url, Auth(access.endpoint, access.creds), access.tls, item.source,
+                       dict(meta or {}))
+    options = dl.receive_options(settings.connections, str(settings.range_size),
+                                 settings.block_size, 8, 1.0, 0.5)
+    probed = dl.probe_target(target, options)
+    paths = dl.Paths.for_target(item.target)
+    os.makedirs(os.path.dirname(paths.final) or ".", exist_ok=True)
+    check_target(paths.final, force=item.force)
+    result.resumed = os.path.exists(paths.journal)
+    expected = dl.choose_expectation(None, target, probed.size)
+    stats.total = probed.size
+    stats.add("receive", "source")
+    stats.add("write", "sink")
+    journal, early = dl.fetch(target, probed, paths, settings.block_size, options, stats,
+                              expected, True, result.notes.append)
+    got = dl.verify(paths, journal, expected, stats, early)
+    dl.finish(paths, item.force)
+    if expected is None:
+        result.notes.append(f"drive {item.source} holds no checksum to verify against")
+    st = os.stat(paths.final)
+    result.output, result.xxh128, result.size = paths.final, got.whole, st.st_size
+    result.mtime_ns = st.st_mtime_ns
+    result.bytes = stats.stages[0].bytes
