@@ -10,6 +10,7 @@ that patch, for the tests that run the CLI in a subprocess.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from typing import Any
 
@@ -53,3 +54,16 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
+
+
+def make_raw(path: Any, size: int, seed: int) -> Any:
+    """A sparse raw image of ``size`` bytes: random pieces with holes between them."""
+
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset in range(0, size, 96 << 10):
+            f.seek(offset)
+            f.write(rng.randbytes(min(rng.randint(1, 40 << 10), size - offset)))
+    return path

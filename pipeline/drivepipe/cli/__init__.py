@@ -26,6 +26,7 @@ from . import _app
 
 #: command name -> the module that registers it
 COMMAND_MODULES: dict[str, str] = {
+    "batch": "cmd_batch",
     "bench": "cmd_bench",
     "checksum": "cmd_local",
     "convert": "cmd_local",

@@ -164,6 +164,9 @@ def execute_item(
     except DrivepipeError as exc:
         result.status, result.error = "failed", exc.one_line()
         result.retryable = _may_pass_later(exc)
+    except OSError as exc:  # translated where drivepipe reads; a last net for the rest
+        result.status = "failed"
+        result.error = f"{exc.filename or item.source}: {exc.strerror or exc}"
     except Exception as exc:  # a bug must not stop the other items; one line all the same
         result.status = "failed"
         result.error = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"

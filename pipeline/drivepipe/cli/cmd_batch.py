@@ -1,0 +1,139 @@
+"""``drivepipe batch PLAN``: many uploads and downloads as one resumable job.
+
+The plan is JSON lines (see :mod:`drivepipe.jobs.plan` and the migrations
+guide).  The state goes to ``PLAN.state.json`` (``--state``): run the same
+command again after a crash or a failure, and it skips what finished (checked
+against the drive's meta or the output file), resumes what was interrupted
+and retries what failed.  ``--jobs N`` items run at once on this machine,
+sharing ``--connections`` in total; ``--engine dask --scheduler URL`` runs
+them on a Dask cluster instead.  Stdout gets the table of results; stderr the
+live view (or ``--progress json`` events) and the closing line.  The exit code
+is 0 only when every item succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .._errors import DrivepipeError, OutputError, UsageError
+from .._progress import resolve_mode
+from .._sizes import parse_size
+from ..jobs import BatchReport, Executor, LocalExecutor, Settings, load_plan, run_batch
+from ..jobs.transfer import Access
+from ._app import app
+from ._batch_view import BatchView, closing_line, report_table
+from ._common import ProgressOpt, ReadSizeOpt, ThreadsOpt
+from ._net import CacertOpt, DirectOpt, EndpointOpt, InsecureHttpOpt, LocationOpt, UserOpt
+
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Items run at once (local engine).")]
+ConnectionsOpt = Annotated[
+    int | None, typer.Option("--connections", help="Connections of the whole batch, shared "
+                             "by the running items (default: 4 per job; on Dask: per item).",
+                             show_default=False)
+]
+StateOpt = Annotated[
+    str | None, typer.Option("--state", help="State file (default: PLAN.state.json).",
+                             show_default=False)
+]
+ReportOpt = Annotated[
+    str | None, typer.Option("--report", help="Write every item's result, digest, time and "
+                             "error to this JSON file.", show_default=False)
+]
+EngineOpt = Annotated[str, typer.Option("--engine", help="local (threads here) or dask.")]
+SchedulerOpt = Annotated[
+    str | None, typer.Option("--scheduler", help="Dask scheduler address, tcp://HOST:8786.",
+                             show_default=False)
+]
+RetriesOpt = Annotated[
+    int, typer.Option("--retries", help="Attempts more for an item that failed on the "
+                      "network side, in this run.")
+]
+ChunkSizeOpt = Annotated[str, typer.Option("--chunk-size", help="Chunk size of chunked uploads.")]
+JournalDirOpt = Annotated[
+    str | None, typer.Option("--journal-dir", help="Where chunked uploads keep their "
+                             "journals (default: STATE.journals; on Dask a path the workers "
+                             "see).", show_default=False)
+]
+
+
+def make_executor(engine: str, jobs: int, connections: int | None,
+                  scheduler: str | None, access: Access | None) -> Executor:
+    if engine == "local":
+        if scheduler:
+            raise UsageError("--scheduler belongs to --engine dask")
+        return LocalExecutor(jobs, connections, access)
+    if engine == "dask":
+        from ..jobs.dask_engine import DaskExecutor  # noqa: PLC0415 - optional extra
+
+        return DaskExecutor(scheduler, connections=connections)
+    raise UsageError(f"--engine must be local or dask, got {engine!r}")
+
+
+def write_report(path: str, report: BatchReport) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report.as_dict(), f, indent=1)
+            f.write("\n")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the report: {exc.strerror or exc}") from exc
+
+
+@app.command()
+def batch(
+    plan: Annotated[str, typer.Argument(help="Plan file: JSON lines, one transfer per line.")],
+    jobs: JobsOpt = 4,
+    connections: ConnectionsOpt = None,
+    state: StateOpt = None,
+    report: ReportOpt = None,
+    progress: ProgressOpt = "auto",
+    engine: EngineOpt = "local",
+    scheduler: SchedulerOpt = None,
+    retries: RetriesOpt = 1,
+    chunk_size: ChunkSizeOpt = "32M",
+    read_size: ReadSizeOpt = "4M",
+    threads: ThreadsOpt = 2,
+    journal_dir: JournalDirOpt = None,
+    endpoint: EndpointOpt = None,
+    direct_endpoint: DirectOpt = None,
+    location: LocationOpt = None,
+    user: UserOpt = None,
+    cacert: CacertOpt = None,
+    insecure_http: InsecureHttpOpt = False,
+) -> None:
+    """Run a plan of uploads and downloads; rerun it to finish what did not."""
+    mode = resolve_mode(progress)
+    if retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    if connections is not None and connections < 1:
+        raise UsageError("--connections must be at least 1")
+    settings = Settings(
+        endpoint=endpoint, direct_endpoint=direct_endpoint, location=location, user=user,
+        cacert=cacert, insecure_http=insecure_http, chunk_size=parse_size(chunk_size),
+        read_size=parse_size(read_size), threads=threads,
+        journal_dir=os.path.abspath(journal_dir) if journal_dir else "",
+    )
+    loaded = load_plan(plan)
+    # Locally the account is resolved (a prompt, if any) once, before the first item;
+    # Dask workers read it from their own environment.
+    access = Access.resolve(settings) if engine == "local" and loaded.items else None
+    executor = make_executor(engine, jobs, connections, scheduler, access)
+    view = BatchView(len(loaded), mode)
+    with view:
+        result = run_batch(loaded, executor, settings, state_path=state,
+                           on_event=view.on_event, retries=retries)
+    if report:
+        write_report(report, result)
+    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(
+        report_table(result), highlight=False)
+    typer.echo(f"drivepipe: {closing_line(result)}", err=True)
+    failed = [r for r in result.results if not r.ok]
+    if failed:
+        raise DrivepipeError(f"{len(failed)} of {len(result.results)} items did not finish "
+                             f"(first: {failed[0].key}: {failed[0].error or failed[0].status}); "
+                             f"rerun the same command to retry them")
