@@ -24,9 +24,20 @@ from ._errors import (
     VerifyError,
 )
 from ._extent import ZERO, Extent, is_zero, split_zeros, zero_chunks
-from ._registry import detect, formats, open_image, stages
+from ._registry import detect, formats, open_image, open_source, stages
 from ._runner import Pipeline, run_pipeline
-from ._stage import ImageFormat, ImageInput, OpenOptions, RandomAccess, Sink, Source, Stage
+from ._stage import (
+    ByteSource,
+    CompressionFormat,
+    DecodedLayer,
+    ImageFormat,
+    ImageInput,
+    OpenOptions,
+    RandomAccess,
+    Sink,
+    Source,
+    Stage,
+)
 from ._stats import RunStats, StageStats
 
 if TYPE_CHECKING:
@@ -45,9 +56,12 @@ def batch(plan: "PlanLike", **options: Any) -> "BatchReport":
 __all__ = [
     "ZERO",
     "AuthError",
+    "ByteSource",
     "Cancelled",
+    "CompressionFormat",
     "ConfigError",
     "CorruptImage",
+    "DecodedLayer",
     "DrivepipeError",
     "Extent",
     "HTTPError",
@@ -75,6 +89,7 @@ __all__ = [
     "formats",
     "is_zero",
     "open_image",
+    "open_source",
     "run_pipeline",
     "split_zeros",
     "stages",
