@@ -316,3 +316,41 @@ def test_the_connection_budget_is_shared() -> None:
     assert budget.acquire(None, unfinished=2) == 4  # the tail gets what others gave back
     assert budget.acquire(None, unfinished=1) == 1  # never more than is free
     assert budget.free == 0
+
+
+def test_ctrl_c_finishes_the_running_items_and_reports_the_rest(
+    account: RunningServer, tmp_path: Path
+) -> None:
+    images = build_images(tmp_path / "images", 8)
+    plan = write_plan(tmp_path / "plan.jsonl", upload_items(images))
+    state = tmp_path / "plan.jsonl.state.json"
+    report_file = tmp_path / "report.json"
+    account.faults.delay(0.3, count=0, match="/drives/upload/")
+    with subprocess.Popen(batch_command(account, plan, "--report", str(report_file)),
+                          env={**os.environ, **account.env}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True) as run:
+        deadline = time.monotonic() + 60
+        while not done_in_state(state):
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "rerun the same command to continue" in err.splitlines()[-1]
+    report = json.loads(report_file.read_text())
+    statuses = [item["status"] for item in report["items"]]
+    assert report["interrupted"] and not report["ok"]
+    assert "not-run" in statuses and "failed" not in statuses
+    assert set(done_in_state(state)) == {i["key"] for i in report["items"]
+                                         if i["status"] == "done"}
+    account.faults.clear()
+    again = drivepipe.batch(str(plan), jobs=2, settings=settings_for(account))
+    assert again.ok and again.counts["skipped"] == statuses.count("done")
+
+
+def test_one_batch_at_a_time_per_state_file(account: RunningServer, tmp_path: Path) -> None:
+    images = build_images(tmp_path / "images", 1)
+    plan = write_plan(tmp_path / "plan.jsonl", upload_items(images))
+    with drivepipe.jobs.StateFile(str(plan) + ".state.json"), \
+            pytest.raises(drivepipe.UsageError, match="another drivepipe batch is running"):
+        drivepipe.batch(str(plan), jobs=1, settings=settings_for(account))

@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .._errors import DrivepipeError, OutputError, UsageError
+from .._errors import Cancelled, DrivepipeError, OutputError, UsageError
 from .._progress import resolve_mode
 from .._sizes import parse_size
 from ..jobs import BatchReport, Executor, LocalExecutor, Settings, load_plan, run_batch
@@ -132,6 +132,9 @@ def batch(
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(
         report_table(result), highlight=False)
     typer.echo(f"drivepipe: {closing_line(result)}", err=True)
+    if result.interrupted:
+        raise Cancelled(f"interrupted with {result.counts.get('not-run', 0)} items not run; "
+                        "rerun the same command to continue")
     failed = [r for r in result.results if not r.ok]
     if failed:
         raise DrivepipeError(f"{len(failed)} of {len(result.results)} items did not finish "

@@ -8,10 +8,12 @@ to this process, which alone writes the state file and emits the ``done``,
 ``skipped`` and ``failed`` events.
 
 Out: a :class:`BatchReport` in plan order.  One failed item never stops the
-others; an item the executor did not run (the batch was interrupted) is
-reported as ``not-run``.  A rerun of the same plan with the same state file
-skips what finished (checked again, see :mod:`.transfer`), resumes what was
-interrupted (the upload and download journals) and retries what failed.
+others; an item the executor did not run (the batch was interrupted: Ctrl-C
+ends :func:`run_batch` with ``report.interrupted``) is reported as
+``not-run``.  One batch at a time per state file (a lock beside it).  A rerun
+of the same plan with the same state file skips what finished (checked again,
+see :mod:`.transfer`), resumes what was interrupted (the upload and download
+journals) and retries what failed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .plan import Item, Plan
@@ -75,25 +76,23 @@ class BatchReport:
     seconds: float = 0.0
     state_path: str = ""
     counts: dict[str, int] = field(default_factory=dict)
+    #: stopped by Ctrl-C before every item ran
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.results)
+        return not self.interrupted and all(r.ok for r in self.results)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "seconds": round(self.seconds, 3), "state": self.state_path,
-                "counts": self.counts, "items": [r.as_dict() for r in self.results]}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+                "interrupted": self.interrupted, "counts": self.counts,
+                "items": [r.as_dict() for r in self.results]}
 
 
 def record_of(result: ItemResult) -> dict[str, Any]:
     """The state file's record of a result (a skipped item stays ``done``)."""
     data = result.as_dict()
     data["status"] = "done" if result.ok else "failed"
-    data["finished_at"] = _now()
     for name in ("notes", "host", "bytes", "resumed", "key", "retryable"):
         data.pop(name, None)
     return data
@@ -120,7 +119,6 @@ def run_batch(
         from dataclasses import replace  # noqa: PLC0415
 
         settings = replace(settings, journal_dir=journal_dir_for(state_path))
-    state = StateFile(state_path)
     emit = on_event or (lambda event: None)
     results: dict[str, ItemResult] = {}
     lock = threading.Lock()
@@ -131,17 +129,21 @@ def run_batch(
             results[result.key] = result
         event: Event = {"event": result.status, "key": result.key, "op": result.op,
                         "seconds": result.seconds, "xxh128": result.xxh128,
-                        "uuid": result.uuid, "output": result.output}
+                        "uuid": result.uuid, "output": result.output, "host": result.host}
         if result.error:
             event["error"] = result.error
         emit(event)
 
-    tasks = [Task(item, state.get(item.key), retries, retry_delay) for item in plan.items]
     started = time.monotonic()
-    try:
-        executor.run(tasks, settings, emit, on_result)
-    finally:
-        report = _report(plan, results, time.monotonic() - started, state_path)
+    interrupted = False
+    with StateFile(state_path) as state:
+        tasks = [Task(item, state.get(item.key), retries, retry_delay) for item in plan.items]
+        try:
+            executor.run(tasks, settings, emit, on_result)
+        except KeyboardInterrupt:
+            interrupted = True  # the items not run are reported as such; a rerun continues
+    report = _report(plan, results, time.monotonic() - started, state_path)
+    report.interrupted = interrupted
     return report
 
 

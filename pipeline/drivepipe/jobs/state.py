@@ -16,10 +16,12 @@ or ``mtime_ns`` of the output file), for ``failed`` the ``error`` line, and
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import threading
+from types import TracebackType
 from typing import Any, Final
 
 from .._errors import OutputError, UsageError
@@ -35,12 +37,40 @@ def default_state_path(plan_path: str | None) -> str:
 
 
 class StateFile:
-    """Records per item key; :meth:`update` persists at once."""
+    """Records per item key; :meth:`update` persists at once.
+
+    Used as a context manager it holds an exclusive ``flock`` on ``STATE.lock``:
+    a second batch on the same state is refused at once (the kernel drops the
+    lock of a killed batch).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._fd = -1
         self.records: dict[str, dict[str, Any]] = self._load()
+
+    def __enter__(self) -> StateFile:
+        lock = self.path + ".lock"
+        try:
+            self._fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise OutputError(f"cannot create {lock}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = -1
+            raise UsageError(f"another drivepipe batch is running with {self.path}; wait "
+                             "for it, or pass another --state") from exc
+        self.records = self._load()  # what the batch before this one left
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _load(self) -> dict[str, dict[str, Any]]:
         try:

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from drivepipe_plugins.curl_upload import DirectOptions, direct_upload
@@ -111,6 +112,9 @@ class ItemResult:
     xxh128: str | None = None
     size: int | None = None
     seconds: float = 0.0
+    #: when the item started and ended (UTC, ISO 8601)
+    started_at: str = ""
+    finished_at: str = ""
     error: str | None = None
     #: a chunked upload or a download that continued from its journal
     resumed: bool = False
@@ -149,7 +153,7 @@ def execute_item(
     emit = on_event or (lambda event: None)
     started = time.monotonic()
     result = ItemResult(item.key, item.op, item.source, item.target, "failed",
-                        host=socket.gethostname())
+                        host=socket.gethostname(), started_at=_now())
     emit({"event": "start", "key": item.key, "op": item.op, "host": result.host})
     stats = RunStats(title=item.label)
     try:
@@ -171,7 +175,12 @@ def execute_item(
         result.status = "failed"
         result.error = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
     result.seconds = round(time.monotonic() - started, 3)
+    result.finished_at = _now()
     return result
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _may_pass_later(exc: DrivepipeError) -> bool:
