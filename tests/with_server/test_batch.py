@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import xxhash
-from batch_support import make_raw, patch_registry
+from batch_support import make_raw
 
 import drivepipe
 from drivepipe.jobs import ConnectionBudget, LocalExecutor, Settings, load_plan
@@ -31,12 +31,7 @@ from drivepipe.server import RunningServer
 
 KiB = 1 << 10
 CHUNK = 64 * KiB
-SUPPORT = str(Path(__file__).parent.parent / "batch_support.py")
-
-
-@pytest.fixture(autouse=True)
-def _registry() -> None:
-    patch_registry()
+DRIVEPIPE = str(Path(sys.executable).with_name("drivepipe"))
 
 
 @pytest.fixture
@@ -184,7 +179,7 @@ def count_store_calls(srv: RunningServer) -> tuple[list[int], list[str]]:
 
 
 def batch_command(srv: RunningServer, plan: Path, *extra: str) -> list[str]:
-    return [sys.executable, SUPPORT, "batch", str(plan), "--endpoint", srv.base_url,
+    return [DRIVEPIPE, "batch", str(plan), "--endpoint", srv.base_url,
             "--chunk-size", "64K", "--jobs", "2", "--progress", "none", *extra]
 
 

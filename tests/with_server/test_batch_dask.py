@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batch_support import patch_registry
 from store_servers import MakeStore
 from test_batch import build_images, drive_holds, settings_for, upload_items, write_plan, xxh
 
@@ -26,30 +24,11 @@ import drivepipe
 from drivepipe.server import RunningServer
 
 distributed = pytest.importorskip("distributed")
-from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
-
 from drivepipe.jobs.dask_engine import DaskExecutor  # noqa: E402
 
-TESTS = str(Path(__file__).parent.parent)
 #: the account of these tests' stores, which the workers find in their environment
 USERNAME = "dask-tester@example.com"
 PASSWORD = "dask-s3cret"
-
-
-class PatchRegistry(WorkerPlugin):  # type: ignore[misc]
-    """Each worker (the restarted ones too) opens images as the test process does."""
-
-    def setup(self, worker: Any) -> None:
-        if TESTS not in sys.path:
-            sys.path.insert(0, TESTS)
-        import batch_support  # noqa: PLC0415
-
-        batch_support.patch_registry()
-
-
-@pytest.fixture(autouse=True)
-def _registry() -> None:
-    patch_registry()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +41,6 @@ def cluster() -> Iterator[Any]:
         with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
                                       host="127.0.0.1", dashboard_address=None) as lc, \
                 distributed.Client(lc) as client:
-            client.register_plugin(PatchRegistry())
             yield client
 
 

@@ -28,7 +28,7 @@ from ..jobs import BatchReport, Executor, LocalExecutor, Settings, load_plan, ru
 from ..jobs.transfer import Access
 from ._app import app
 from ._batch_view import BatchView, closing_line, report_table
-from ._common import ProgressOpt, ReadSizeOpt, ThreadsOpt
+from ._common import ProgressOpt, ReadSizeOpt, SpoolDirOpt, ThreadsOpt
 from ._net import CacertOpt, DirectOpt, EndpointOpt, InsecureHttpOpt, LocationOpt, UserOpt
 
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Items run at once (local engine).")]
@@ -98,6 +98,7 @@ def batch(
     chunk_size: ChunkSizeOpt = "32M",
     read_size: ReadSizeOpt = "4M",
     threads: ThreadsOpt = 2,
+    spool_dir: SpoolDirOpt = None,
     journal_dir: JournalDirOpt = None,
     endpoint: EndpointOpt = None,
     direct_endpoint: DirectOpt = None,
@@ -115,7 +116,7 @@ def batch(
     settings = Settings(
         endpoint=endpoint, direct_endpoint=direct_endpoint, location=location, user=user,
         cacert=cacert, insecure_http=insecure_http, chunk_size=parse_size(chunk_size),
-        read_size=parse_size(read_size), threads=threads,
+        read_size=parse_size(read_size), threads=threads, spool_dir=spool_dir,
         journal_dir=os.path.abspath(journal_dir) if journal_dir else "",
     )
     loaded = load_plan(plan)

@@ -11,7 +11,8 @@ item is failed with its one error line).  Before any transfer a ``done``
 record is checked: an upload's drive must still hold the digest in its meta
 and the image must be unchanged; a download's output must be there with its
 recorded size and mtime (else its digest is recomputed).  Then the item is
-skipped.  Otherwise the existing entry points run: :func:`direct_upload` or
+skipped.  Otherwise the existing entry points run: the CLI's image opener,
+:func:`direct_upload` or
 :func:`chunked_upload` (its journal beside the state, keyed by the item, so
 a killed item resumes), and the download steps of ``drivepipe download``
 (its ``.part`` journal resumes).  Events: ``start`` and ``progress``
@@ -34,11 +35,10 @@ from drivepipe_plugins.curl_upload import DirectOptions, direct_upload
 from drivepipe_plugins.download_verify import digest_file
 
 from .._config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
-from .._errors import DrivepipeError, HTTPError, TransferError
+from .._errors import DrivepipeError, HTTPError, ImageError, TransferError
 from .._http import ApiClient, TlsOptions
-from .._registry import open_image
-from .._stage import OpenOptions
 from .._stats import RunStats
+from ..cli._common import open_input
 from .plan import Item
 
 META_DIGEST: Final = "drivepipe_xxh128"
@@ -66,6 +66,8 @@ class Settings:
     threads: int = 2
     #: chunked-upload journals, one per item key
     journal_dir: str = ""
+    #: where a compressed image whose inner format needs random reads is decoded first
+    spool_dir: str | None = None
     progress_interval: float = 1.0
     #: download: bytes per ranged request and per journaled block
     range_size: int = 32 << 20
@@ -289,9 +291,12 @@ def _upload(
     st = _source_stat(item.source)
     conn = access.connection()
     try:
-        image = open_image(item.source, item.format,
-                           OpenOptions(read_size=settings.read_size, threads=settings.threads))
-        stats.total, stats.data_total = image.size, image.data_size
+        image = open_input(item.source, item.format, str(settings.read_size), stats,
+                           settings.threads, settings.spool_dir)
+        if image.size == 0:
+            image.close()
+            raise ImageError(f"{item.source}: the image is empty (0 bytes of disk); "
+                             "there is nothing to upload")
         if item.chunked:
             uuid, digest, size = _chunked(item, settings, image, conn, stats, result)
         else:
