@@ -67,7 +67,7 @@ def test_the_plan_gives_the_same_results_on_dask(
     assert [(r.key, r.status, r.xxh128, r.size) for r in remote.results] == \
         [(r.key, r.status, r.xxh128, r.size) for r in local.results]
     workers = set(cluster.scheduler_info()["workers"])
-    assert {r.host for r in remote.results} <= workers
+    assert {r.worker for r in remote.results} <= workers
     raws = list(images.values())
     for n, result in enumerate(remote.results):
         assert result.uuid not in {r.uuid for r in local.results}
@@ -89,7 +89,7 @@ def test_placement_and_no_password_in_tasks(
     plan = write_plan(tmp_path / "plan.jsonl", items)
     executor = DaskExecutor(client=cluster)
     report = drivepipe.batch(str(plan), executor=executor, settings=settings_for(drive_store))
-    assert report.ok and {r.host for r in report.results} == {first}
+    assert report.ok and {r.worker for r in report.results} == {first}
     password = drive_store.password
     assert executor.keys and not any(password in key for key in executor.keys)
     specs = cluster.run_on_scheduler(

@@ -93,7 +93,7 @@ def record_of(result: ItemResult) -> dict[str, Any]:
     """The state file's record of a result (a skipped item stays ``done``)."""
     data = result.as_dict()
     data["status"] = "done" if result.ok else "failed"
-    for name in ("notes", "host", "bytes", "resumed", "key", "retryable"):
+    for name in ("notes", "host", "worker", "bytes", "resumed", "key", "retryable"):
         data.pop(name, None)
     return data
 
@@ -130,6 +130,8 @@ def run_batch(
         event: Event = {"event": result.status, "key": result.key, "op": result.op,
                         "seconds": result.seconds, "xxh128": result.xxh128,
                         "uuid": result.uuid, "output": result.output, "host": result.host}
+        if result.worker:
+            event["worker"] = result.worker
         if result.error:
             event["error"] = result.error
         emit(event)

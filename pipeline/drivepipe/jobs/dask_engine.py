@@ -67,7 +67,7 @@ def run_on_worker(task: Task, settings: Settings, topic: str) -> ItemResult:
     except Exception:  # the item reports the same error line itself, as failed
         access = None
     result = attempt_item(task, settings, emit, access)
-    result.host = str(worker.address)  # which worker ran it (its host is in the address)
+    result.worker = str(worker.address)
     return result
 
 

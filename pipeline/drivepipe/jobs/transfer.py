@@ -122,7 +122,9 @@ class ItemResult:
     resumed: bool = False
     #: bytes this run moved (0 for a skipped item)
     bytes: int = 0
+    #: the host name of the machine that ran it, and on Dask the worker's address
     host: str = ""
+    worker: str = ""
     attempts: int = 1
     #: failed on the network side: another attempt may succeed
     retryable: bool = False
