@@ -76,9 +76,38 @@ def build_images(folder: Path, count: int, *, base: int = 200 * KiB) -> dict[str
 
 
 def upload_items(images: dict[str, Path]) -> list[dict[str, Any]]:
-    return [{"op": "upload", "image": f"images/{name}", "name": f"vm-{n}",
+    return [{"op": "upload", "image": str(raw.parent / name), "name": f"vm-{n}",
              "meta": {"batch": "test"}, "chunked": n % 2 == 1, "key": f"up{n}"}
-            for n, name in enumerate(images)]
+            for n, (name, raw) in enumerate(images.items())]
+
+
+def fleet(
+    srv: RunningServer, folder: Path, put_drive: Callable[[RunningServer, bytes], str]
+) -> tuple[list[dict[str, Any]], list[Path], dict[str, bytes]]:
+    """The 21 items of a fleet: 16 uploads (raw, qcow2, gzip; direct and chunked) and 5
+    downloads (outputs relative to the plan's directory); also the raw images in item
+    order and the downloads' drive contents by key."""
+    images = build_images(folder / "images", 16)
+    sources = {f"dl{n}": os.urandom(150 * KiB + n) for n in range(5)}
+    drives = {key: put_drive(srv, data) for key, data in sources.items()}
+    items = upload_items(images) + [
+        {"op": "download", "drive": uuid, "output": f"out/{key}.raw", "key": key}
+        for key, uuid in drives.items()]
+    return items, list(images.values()), sources
+
+
+def check_fleet(srv: RunningServer, report: Any, raws: list[Path],
+                sources: dict[str, bytes]) -> None:
+    """Every drive holds its image (digest in its meta), every download its drive."""
+    for n, result in enumerate(report.results[:16]):
+        record = srv.store.get(result.uuid or "")
+        assert record.meta["drivepipe_xxh128"] == xxh(raws[n]) == result.xxh128
+        assert record.meta["batch"] == "test" and record.name == f"vm-{n}"
+        assert drive_holds(srv, result.uuid or "", raws[n])
+    for result in report.results[16:]:
+        got = Path(result.output or "").read_bytes()  # the store grows drives to 1 MiB
+        data = sources[result.key]
+        assert got[:len(data)] == data and not got[len(data):].strip(b"\0")
 
 
 def drive_holds(srv: RunningServer, uuid: str, raw: Path) -> bool:
@@ -94,12 +123,7 @@ def xxh(path: Path) -> str:
 def test_twenty_items_with_four_jobs_round_trip(
     account: RunningServer, tmp_path: Path, put_drive: Callable[[RunningServer, bytes], str]
 ) -> None:
-    images = build_images(tmp_path / "images", 16)
-    sources = {f"dl{n}": os.urandom(150 * KiB + n) for n in range(5)}
-    drives = {key: put_drive(account, data) for key, data in sources.items()}
-    items = upload_items(images) + [
-        {"op": "download", "drive": uuid, "output": f"out/{key}.raw", "key": key}
-        for key, uuid in drives.items()]
+    items, raws, sources = fleet(account, tmp_path, put_drive)
     plan = write_plan(tmp_path / "plan.jsonl", items)
     events: list[dict[str, Any]] = []
     executor = LocalExecutor(jobs=4, connections=6)
@@ -108,16 +132,7 @@ def test_twenty_items_with_four_jobs_round_trip(
     assert report.ok, [(r.key, r.error) for r in report.results if not r.ok]
     assert len(report.results) == 21 and report.counts == {"done": 21}
     assert 1 < executor.peak <= 6  # items overlapped, within the budget
-    raws = list(images.values())
-    for n, result in enumerate(report.results[:16]):
-        record = account.store.get(result.uuid or "")
-        assert record.meta["drivepipe_xxh128"] == xxh(raws[n]) == result.xxh128
-        assert record.meta["batch"] == "test" and record.name == f"vm-{n}"
-        assert drive_holds(account, result.uuid or "", raws[n])
-    for result in report.results[16:]:
-        got = Path(result.output or "").read_bytes()  # the store grows drives to 1 MiB
-        data = sources[result.key]
-        assert got[:len(data)] == data and not got[len(data):].strip(b"\0")
+    check_fleet(account, report, raws, sources)
     kinds = {(e["event"], e["key"]) for e in events}
     assert all(("start", r.key) in kinds and ("done", r.key) in kinds for r in report.results)
     assert any(e["event"] == "progress" for e in events)
@@ -192,10 +207,13 @@ def done_in_state(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def test_sigkill_mid_batch_then_rerun_sends_only_what_was_missing(
-    account: RunningServer, tmp_path: Path
+    account: RunningServer, tmp_path: Path, put_drive: Callable[[RunningServer, bytes], str]
 ) -> None:
     images = build_images(tmp_path / "images", 12)
-    plan = write_plan(tmp_path / "plan.jsonl", upload_items(images))
+    # downloads first in the plan: they are among the items done before the kill
+    downloads = [{"op": "download", "drive": put_drive(account, os.urandom(100 * KiB + n)),
+                  "output": f"out/dl{n}.raw", "key": f"dl{n}"} for n in range(2)]
+    plan = write_plan(tmp_path / "plan.jsonl", downloads + upload_items(images))
     state = tmp_path / "plan.jsonl.state.json"
     env = {**os.environ, **account.env}
     # slow enough that the kill lands with items done, running and not started
@@ -214,7 +232,9 @@ def test_sigkill_mid_batch_then_rerun_sends_only_what_was_missing(
     # A body the killed process had handed to the kernel may still land: let it.
     time.sleep(0.5)
     finished = done_in_state(state)
-    assert 4 <= len(finished) < 12
+    assert 4 <= len(finished) < 14
+    kept = {key: os.stat(v["output"]) for key, v in finished.items() if v["op"] == "download"}
+    assert kept, "the downloads were done before the kill"
     interrupted = any((tmp_path / "plan.jsonl.state.json.journals").glob("*.upload.json"))
     sizes, chunked = count_store_calls(account)
     report_file = tmp_path / "report.json"
@@ -223,10 +243,10 @@ def test_sigkill_mid_batch_then_rerun_sends_only_what_was_missing(
     assert again.returncode == 0, again.stderr
     report = json.loads(report_file.read_text())
     by_key = {item["key"]: item for item in report["items"]}
-    assert report["ok"] and len(by_key) == 12
+    assert report["ok"] and len(by_key) == 14
     assert {k for k, v in by_key.items() if v["status"] == "skipped"} == set(finished)
-    done_sizes = {v["size"] for v in finished.values()}
-    done_drives = {v["uuid"] for v in finished.values()}
+    done_sizes = {v["size"] for v in finished.values() if v["op"] == "upload"}
+    done_drives = {v["uuid"] for v in finished.values() if v["op"] == "upload"}
     assert not done_sizes & set(sizes), "a finished direct upload was sent again"
     assert not done_drives & set(chunked), "a finished chunked upload got chunks again"
     assert len(sizes) == len(set(sizes)), "a direct upload was sent twice in the rerun"
@@ -237,6 +257,9 @@ def test_sigkill_mid_batch_then_rerun_sends_only_what_was_missing(
         item = by_key[f"up{n}"]
         assert item["xxh128"] == xxh(raws[n])
         assert drive_holds(account, item["uuid"], raws[n])
+    for key, before in kept.items():  # finished downloads were neither fetched nor rewritten
+        after = os.stat(by_key[key]["output"])
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert "skipped" in again.stdout and "up0" in again.stdout  # the table
 
 

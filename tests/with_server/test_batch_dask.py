@@ -12,13 +12,22 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from store_servers import MakeStore
-from test_batch import build_images, drive_holds, settings_for, upload_items, write_plan, xxh
+from test_batch import (
+    build_images,
+    check_fleet,
+    drive_holds,
+    fleet,
+    settings_for,
+    upload_items,
+    write_plan,
+    xxh,
+)
 
 import drivepipe
 from drivepipe.server import RunningServer
@@ -53,31 +62,32 @@ def drive_store(make_drive_store: MakeStore, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_the_plan_gives_the_same_results_on_dask(
-    cluster: Any, drive_store: RunningServer, tmp_path: Path
+    cluster: Any, drive_store: RunningServer, tmp_path: Path,
+    put_drive: Callable[[RunningServer, bytes], str],
 ) -> None:
-    images = build_images(tmp_path / "images", 10)
-    plan = write_plan(tmp_path / "plan.jsonl", upload_items(images))
-    local = drivepipe.batch(str(plan), jobs=4, state=str(tmp_path / "local.json"),
+    items, raws, sources = fleet(drive_store, tmp_path, put_drive)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    local = drivepipe.batch(str(write_plan(tmp_path / "here" / "plan.jsonl", items)), jobs=4,
                             settings=settings_for(drive_store))
     events: list[dict[str, Any]] = []
-    executor = DaskExecutor(client=cluster)
-    remote = drivepipe.batch(str(plan), executor=executor, state=str(tmp_path / "dask.json"),
+    plan = write_plan(tmp_path / "there" / "plan.jsonl", items)
+    remote = drivepipe.batch(str(plan), executor=DaskExecutor(client=cluster),
                              settings=settings_for(drive_store), on_event=events.append)
     assert remote.ok, [(r.key, r.error) for r in remote.results if not r.ok]
+    assert len(remote.results) == 21
     assert [(r.key, r.status, r.xxh128, r.size) for r in remote.results] == \
         [(r.key, r.status, r.xxh128, r.size) for r in local.results]
-    workers = set(cluster.scheduler_info()["workers"])
-    assert {r.worker for r in remote.results} <= workers
-    raws = list(images.values())
-    for n, result in enumerate(remote.results):
-        assert result.uuid not in {r.uuid for r in local.results}
-        assert drive_holds(drive_store, result.uuid or "", raws[n])
+    check_fleet(drive_store, remote, raws, sources)
+    assert not {r.uuid for r in remote.results[:16]} & {r.uuid for r in local.results[:16]}
+    assert {r.worker for r in remote.results} == set(cluster.scheduler_info()["workers"])
     # progress came back to this process
     assert {e["key"] for e in events if e["event"] == "start"} == {r.key for r in remote.results}
-    # a rerun on the cluster checks the drives there and skips every item
+    assert any(e["event"] == "progress" for e in events)
+    # a rerun on the cluster checks the drives and files there and skips every item
     again = drivepipe.batch(str(plan), executor=DaskExecutor(client=cluster),
-                            state=str(tmp_path / "dask.json"), settings=settings_for(drive_store))
-    assert again.counts == {"skipped": 10}
+                            settings=settings_for(drive_store))
+    assert again.counts == {"skipped": 21}
 
 
 def test_placement_and_no_password_in_tasks(
