@@ -372,3 +372,20 @@ def test_one_batch_at_a_time_per_state_file(account: RunningServer, tmp_path: Pa
     with drivepipe.jobs.StateFile(str(plan) + ".state.json"), \
             pytest.raises(drivepipe.UsageError, match="another drivepipe batch is running"):
         drivepipe.batch(str(plan), jobs=1, settings=settings_for(account))
+
+
+def test_a_failed_check_keeps_the_record_of_a_finished_item(
+    account: RunningServer, tmp_path: Path
+) -> None:
+    images = build_images(tmp_path / "images", 1)
+    plan = write_plan(tmp_path / "plan.jsonl", upload_items(images))
+    first = drivepipe.batch(str(plan), jobs=1, settings=settings_for(account))
+    uuid = first.results[0].uuid
+    account.faults.fail_next(0, status=403, match=f"/drives/{uuid}/")  # the check fails
+    second = drivepipe.batch(str(plan), jobs=1, settings=settings_for(account))
+    account.faults.clear()
+    assert second.results[0].status == "failed" and "403" in (second.results[0].error or "")
+    record = json.loads((tmp_path / "plan.jsonl.state.json").read_text())["items"]["up0"]
+    assert record["status"] == "done" and record["uuid"] == uuid and record["last_error"]
+    third = drivepipe.batch(str(plan), jobs=1, settings=settings_for(account))
+    assert third.counts == {"skipped": 1} and third.results[0].uuid == uuid

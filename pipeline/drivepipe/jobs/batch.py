@@ -89,8 +89,15 @@ class BatchReport:
                 "items": [r.as_dict() for r in self.results]}
 
 
-def record_of(result: ItemResult) -> dict[str, Any]:
-    """The state file's record of a result (a skipped item stays ``done``)."""
+def record_of(result: ItemResult, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The state file's record of a result (a skipped item stays ``done``).
+
+    A failure never erases a ``done`` record (a drive that may still be good, the
+    check that failed on the network): it is kept, with the failure's line in
+    ``last_error``, and checked again by the next run.
+    """
+    if not result.ok and previous is not None and previous.get("status") == "done":
+        return {**previous, "last_error": result.error}
     data = result.as_dict()
     data["status"] = "done" if result.ok else "failed"
     for name in ("notes", "host", "worker", "bytes", "resumed", "key", "retryable"):
@@ -125,7 +132,7 @@ def run_batch(
 
     def on_result(result: ItemResult) -> None:
         with lock:
-            state.update(result.key, record_of(result))
+            state.update(result.key, record_of(result, state.get(result.key)))
             results[result.key] = result
         event: Event = {"event": result.status, "key": result.key, "op": result.op,
                         "seconds": result.seconds, "xxh128": result.xxh128,
