@@ -1,0 +1,431 @@
+"""VMDK: conformance with qemu-img for every subformat it writes, VMware's stream
+layout and out-of-order grains from a spec-following writer, descriptors, and the
+refusals (each one line, never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import xxhash
+from fixtures.vmdk_writer import write_vmdk
+
+import drivepipe._registry as registry
+from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
+from drivepipe._extent import Extent, zero_chunks
+from drivepipe._runner import run_pipeline
+from drivepipe._stage import ImageInput, OpenOptions
+from drivepipe_plugins.sparse_read import SparseFileReader
+from drivepipe_plugins.sparse_write import SparseFileWriter
+from drivepipe_plugins.vmdk import VmdkFormat, looks_like_descriptor
+
+HAVE_QEMU = shutil.which("qemu-img") is not None
+needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img not installed")
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def file_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the registry's ``file`` byte source is registered everywhere."""
+    if "file" not in registry.byte_sources():
+        monkeypatch.setattr(registry, "byte_sources", lambda: {"file": SparseFileReader})
+
+
+def open_vmdk(path: Path, **options: int) -> ImageInput:
+    source = SparseFileReader(str(path))
+    fmt = VmdkFormat()
+    assert fmt.detect(source.head(), source)
+    try:
+        return fmt.open(source, OpenOptions(**options))
+    except BaseException:
+        source.close()
+        raise
+
+
+def stream_digest(extents: Iterator[Extent], size: int) -> str:
+    h = xxhash.xxh3_128()
+    pos = 0
+    for ext in extents:
+        assert ext.offset == pos and ext.length > 0
+        pos = ext.end
+        if ext.data is None:
+            for chunk in zero_chunks(ext.length):
+                h.update(chunk)
+        else:
+            assert len(ext.data) == ext.length
+            h.update(ext.data)
+    assert pos == size
+    return h.hexdigest()
+
+
+def digest_of(path: Path, **options: int) -> str:
+    image = open_vmdk(path, **options)
+    try:
+        return stream_digest(image.source.extents(), image.size)
+    finally:
+        image.close()
+
+
+def file_digest(path: Path) -> str:
+    reader = SparseFileReader(str(path))
+    try:
+        return stream_digest(reader.extents(), reader.size)
+    finally:
+        reader.close()
+
+
+def qemu_raw(path: Path, tmp: Path) -> Path:
+    out = tmp / (path.name + ".ref.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(out)], check=True)
+    return out
+
+
+def assert_conforms(path: Path, tmp: Path) -> ImageInput:
+    """checksum == xxh3-128 of qemu-img's raw, and convert is byte-identical."""
+    ref = qemu_raw(path, tmp)
+    assert digest_of(path) == file_digest(ref)
+    image = open_vmdk(path)
+    out = tmp / (path.name + ".out.raw")
+    try:
+        run_pipeline(image.source, image.stages, SparseFileWriter(str(out)), size=image.size)
+    finally:
+        image.close()
+    assert out.stat().st_size == ref.stat().st_size
+    assert file_digest(out) == file_digest(ref)
+    return image
+
+
+def make_raw(path: Path, size: int, seed: int = 0, pieces: int = 12) -> Path:
+    """Random data pieces, some all-zero pieces, in a sparse file."""
+    rng = random.Random(seed)
+    with path.open("wb") as f:
+        f.truncate(size)
+        for i in range(pieces):
+            at = rng.randrange(0, size - 1)
+            n = min(size - at, rng.randrange(1, 400_000))
+            f.seek(at)
+            f.write(bytes(n) if i % 4 == 3 else rng.randbytes(n))
+        f.seek(size - 700)
+        f.write(rng.randbytes(700))  # data in the last, partial grain
+    return path
+
+
+SUBFORMATS = [
+    "monolithicSparse", "streamOptimized", "monolithicFlat", "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("zeroed", [False, True], ids=["plain", "zeroed_grain"])
+@pytest.mark.parametrize("subformat", SUBFORMATS)
+def test_qemu_subformats_conform(tmp_path: Path, subformat: str, zeroed: bool) -> None:
+    if zeroed and "Flat" in subformat:
+        pytest.skip("qemu-img: flat images cannot have zeroed grains")
+    # 9 MiB + 3 sectors: the last grain is partial
+    raw = make_raw(tmp_path / "src.raw", 9 * MiB + 3 * 512, seed=len(subformat))
+    vmdk = tmp_path / f"{subformat}.vmdk"
+    opts = f"subformat={subformat}" + (",zeroed_grain=on" if zeroed else "")
+    subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", opts, str(raw), str(vmdk)],
+                   check=True)
+    image = assert_conforms(vmdk, tmp_path)
+    assert image.size == raw.stat().st_size
+    assert image.details["subformat"] == subformat
+    if "Sparse" in subformat or subformat == "streamOptimized":
+        assert image.details["grain_size"] == 64 * 1024
+        assert image.data_size is not None and 0 < image.data_size < image.size
+
+
+@needs_qemu
+def test_zeroed_grains_are_holes(tmp_path: Path) -> None:
+    vmdk = tmp_path / "z.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on",
+                    str(vmdk), "8M"], check=True)
+    subprocess.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0xab 0 4M",
+                    "-c", "write -z 1M 2M", str(vmdk)], check=True, capture_output=True)
+    image = open_vmdk(vmdk)
+    try:
+        extents = list(image.source.extents())
+    finally:
+        image.close()
+    holes = [(e.offset, e.length) for e in extents if e.data is None]
+    assert (1 * MiB, 2 * MiB) in holes or any(
+        o <= MiB and o + n >= 3 * MiB for o, n in holes
+    )
+    assert image.data_size == 2 * MiB
+    assert_conforms(vmdk, tmp_path)
+
+
+@needs_qemu
+def test_over_4gib_virtual_size(tmp_path: Path) -> None:
+    raw = tmp_path / "big.raw"
+    with raw.open("wb") as f:
+        f.truncate(5 << 30)
+        f.seek((4 << 30) + 12345 * 512)
+        f.write(random.Random(5).randbytes(300_000))
+        f.seek(100)
+        f.write(b"boot")
+    for sub in ("monolithicSparse", "streamOptimized"):
+        vmdk = tmp_path / f"big-{sub}.vmdk"
+        subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={sub}",
+                        str(raw), str(vmdk)], check=True)
+        image = open_vmdk(vmdk)
+        try:
+            assert image.size == 5 << 30
+            got = [(e.offset, bytes(e.data)) for e in image.source.read_range(4 << 30, 1 << 30)
+                   if e.data is not None]
+        finally:
+            image.close()
+        with raw.open("rb") as f:
+            for offset, data in got:
+                f.seek(offset)
+                assert f.read(len(data)) == data
+        assert sum(len(d) for _, d in got) >= 300_000
+        assert digest_of(vmdk) == file_digest(raw)
+
+
+# -- the spec-following writer: other grain sizes, VMware layout, out-of-order --------
+
+
+def sample_raw(size: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    buf = bytearray(size)
+    for _ in range(10):
+        at = rng.randrange(0, size)
+        n = min(size - at, rng.randrange(1, 100_000))
+        buf[at : at + n] = rng.randbytes(n)
+    buf[-600:] = rng.randbytes(600)
+    return bytes(buf)
+
+
+WRITER_CASES = {
+    "sparse-8k-grains": dict(stream=False, grain_sectors=16, gtes=128),
+    "sparse-1k-grains": dict(stream=False, grain_sectors=2, gtes=512),
+    "sparse-out-of-order": dict(stream=False, grain_sectors=128, reverse=True),
+    "stream-vmware": dict(stream=True, gd_at_end=True),
+    "stream-vmware-32k-grains": dict(stream=True, gd_at_end=True, grain_sectors=64, gtes=256),
+    "stream-vmware-out-of-order": dict(stream=True, gd_at_end=True, reverse=True),
+    "stream-front-out-of-order": dict(stream=True, gd_at_end=False, reverse=True),
+}
+
+
+@needs_qemu
+@pytest.mark.parametrize("case", list(WRITER_CASES))
+def test_writer_images_conform(tmp_path: Path, case: str) -> None:
+    opts = dict(WRITER_CASES[case])
+    reverse = opts.pop("reverse", False)
+    raw = sample_raw(3 * MiB + 7 * 512, seed=len(case))
+    gsize = int(opts.get("grain_sectors", 128)) * 512
+    grains = [
+        g for g in range(-(-len(raw) // gsize)) if raw[g * gsize : (g + 1) * gsize].strip(b"\0")
+    ]
+    order = list(reversed(grains)) if reverse else None
+    vmdk = write_vmdk(tmp_path / f"{case}.vmdk", raw, order=order, **opts)  # type: ignore[arg-type]
+    ref = qemu_raw(vmdk, tmp_path)
+    assert ref.read_bytes() == raw  # the writer is right, by qemu's reading
+    image = assert_conforms(vmdk, tmp_path)
+    assert image.details["grain_size"] == gsize
+    if opts.get("gd_at_end"):
+        assert image.details["layout"] == "footer"
+
+
+def test_threads_and_read_sizes_agree(tmp_path: Path) -> None:
+    raw = sample_raw(2 * MiB, seed=3)
+    vmdk = write_vmdk(tmp_path / "s.vmdk", raw, stream=True, gd_at_end=True)
+    want = xxhash.xxh3_128_hexdigest(raw)
+    for threads, read_size in ((1, 4096), (4, 1 << 20), (2, 4 << 20)):
+        assert digest_of(vmdk, threads=threads, read_size=read_size) == want
+
+
+def test_random_access_ranges(tmp_path: Path) -> None:
+    raw = sample_raw(2 * MiB + 512, seed=4)
+    for stream in (True, False):
+        vmdk = write_vmdk(tmp_path / f"r{stream}.vmdk", raw, stream=stream)
+        image = open_vmdk(vmdk)
+        try:
+            assert image.random_access is not None
+            for lo, n in ((0, 1), (70_000, 200_000), (2 * MiB - 100, 10_000), (12345, 65536)):
+                got = bytearray()
+                for ext in image.random_access.read_range(lo, n):
+                    got += bytes(ext.length) if ext.data is None else ext.data
+                assert bytes(got) == raw[lo : lo + n]
+        finally:
+            image.close()
+
+
+def test_zeroed_grains_from_writer(tmp_path: Path) -> None:
+    raw = bytearray(sample_raw(1 * MiB, seed=6))
+    raw[:65536] = bytes(65536)
+    vmdk = write_vmdk(tmp_path / "z.vmdk", bytes(raw), stream=False, zeroed=[0])
+    assert digest_of(vmdk) == xxhash.xxh3_128_hexdigest(bytes(raw))
+
+
+# -- descriptors -----------------------------------------------------------------------
+
+
+def descriptor(tmp: Path, lines: list[str], name: str = "d.vmdk", **keys: str) -> Path:
+    head = {"version": "1", "CID": "fffffffe", "parentCID": "ffffffff",
+            "createType": '"monolithicFlat"', **keys}
+    text = "# Disk DescriptorFile\n" + "".join(f"{k}={v}\n" for k, v in head.items())
+    text += "\n# Extent description\n" + "".join(line + "\n" for line in lines)
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def test_descriptor_flat_zero_sparse_extents(tmp_path: Path) -> None:
+    rng = random.Random(9)
+    flat = rng.randbytes(300 * 512)
+    (tmp_path / "a-flat.bin").write_bytes(flat)
+    sparse_raw = sample_raw(1 * MiB, seed=10)
+    write_vmdk(tmp_path / "b-s001.vmdk", sparse_raw, stream=False)
+    path = descriptor(tmp_path, [
+        'RW 100 FLAT "a-flat.bin" 0',
+        "RW 50 ZERO",
+        'RDONLY 100 FLAT "a-flat.bin" 200',
+        f'RW {len(sparse_raw) // 512} SPARSE "b-s001.vmdk"',
+    ], createType='"twoGbMaxExtentSparse"')
+    want = flat[: 100 * 512] + bytes(50 * 512) + flat[200 * 512 :] + sparse_raw
+    image = open_vmdk(path)
+    try:
+        assert image.size == len(want)
+        assert image.details["extents"] == 4
+        got = bytearray()
+        for ext in image.source.extents():
+            got += bytes(ext.length) if ext.data is None else ext.data
+        assert bytes(got) == want
+    finally:
+        image.close()
+
+
+def test_descriptor_missing_extent_named(tmp_path: Path) -> None:
+    path = descriptor(tmp_path, ['RW 100 FLAT "gone-flat.vmdk" 0'])
+    with pytest.raises(ImageError, match=r"gone-flat\.vmdk"):
+        open_vmdk(path)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.bin", "sub/../../x.bin"])
+def test_descriptor_refuses_files_outside(tmp_path: Path, name: str) -> None:
+    path = descriptor(tmp_path, [f'RW 1 FLAT "{name}" 0'])
+    with pytest.raises(UnsupportedFormat, match="descriptor"):
+        open_vmdk(path)
+
+
+def test_descriptor_refuses_symlink_out(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_bytes(b"x" * 512)
+    sub = tmp_path / "d"
+    sub.mkdir()
+    os.symlink(tmp_path / "secret", sub / "link.bin")
+    path = descriptor(sub, ['RW 1 FLAT "link.bin" 0'])
+    with pytest.raises(UnsupportedFormat, match="symlink"):
+        open_vmdk(path)
+
+
+def test_descriptor_short_flat_file(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(bytes(512 * 10))
+    path = descriptor(tmp_path, ['RW 20 FLAT "a.bin" 0'])
+    with pytest.raises(CorruptImage, match=r"a\.bin"):
+        open_vmdk(path)
+
+
+REFUSED_DESCRIPTORS = {
+    "noaccess": (['NOACCESS 100 FLAT "a.bin" 0'], {}, "NOACCESS"),
+    "parent-cid": (['RW 1 FLAT "a.bin" 0'], {"parentCID": "1234abcd"}, "differencing"),
+    "parent-hint": (['RW 1 FLAT "a.bin" 0'], {"parentFileNameHint": '"base.vmdk"'},
+                    "differencing"),
+    "vmfsSparse": (['RW 1 VMFSSPARSE "a.bin"'], {"createType": '"vmfsSparse"'}, "vmfsSparse"),
+    "seSparse": (['RW 1 SESPARSE "a.bin"'], {"createType": '"seSparse"'}, "seSparse"),
+    "sesparse-extent": (['RW 1 SESPARSE "a.bin"'], {}, "seSparse"),
+    "rdm": (['RW 1 VMFSRDM "a.bin"'], {"createType": '"vmfsRawDeviceMap"'}, "raw device"),
+    "encrypted": (['RW 1 FLAT "a.bin" 0'], {"encryption.keySafe": '"vmware:key/list/..."'},
+                  "encrypted"),
+    "unknown-type": (['RW 1 FLAT "a.bin" 0'], {"createType": '"futureDisk"'}, "futureDisk"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_DESCRIPTORS))
+def test_descriptor_refusals(tmp_path: Path, case: str) -> None:
+    lines, keys, match = REFUSED_DESCRIPTORS[case]
+    (tmp_path / "a.bin").write_bytes(bytes(100 * 512))
+    path = descriptor(tmp_path, lines, **keys)
+    with pytest.raises(UnsupportedFormat, match=match) as info:
+        open_vmdk(path)
+    assert "\n" not in info.value.one_line()
+
+
+def test_descriptor_bad_extent_line(tmp_path: Path) -> None:
+    path = descriptor(tmp_path, ['RW lots FLAT "a.bin" 0'])
+    with pytest.raises(CorruptImage, match="extent line"):
+        open_vmdk(path)
+
+
+# -- sparse header refusals ------------------------------------------------------------
+
+
+def patched(tmp: Path, offset: int, data: bytes, **kw: object) -> Path:
+    path = write_vmdk(tmp / "p.vmdk", sample_raw(256 * 1024, seed=1), **kw)  # type: ignore[arg-type]
+    buf = bytearray(path.read_bytes())
+    buf[offset : offset + len(data)] = data
+    path.write_bytes(buf)
+    return path
+
+
+def test_refuses_cowd(tmp_path: Path) -> None:
+    path = patched(tmp_path, 0, b"COWD")
+    with pytest.raises(UnsupportedFormat, match="COWD"):
+        open_vmdk(path)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(version=4), "version 4"),
+        (dict(compression=7), "compression"),
+        (dict(parent="00c0ffee"), "differencing"),
+        (dict(extra='encryption.data = "abc"\n'), "encrypted"),
+    ],
+)
+def test_sparse_refusals(tmp_path: Path, kw: dict[str, object], match: str) -> None:
+    path = write_vmdk(tmp_path / "r.vmdk", sample_raw(256 * 1024, seed=2), stream=False,
+                      **kw)  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedFormat, match=match):
+        open_vmdk(path)
+
+
+def test_newline_check(tmp_path: Path) -> None:
+    path = patched(tmp_path, 73, b"\n \n\n", stream=False)
+    with pytest.raises(CorruptImage, match="text-mode"):
+        open_vmdk(path)
+
+
+def test_corrupt_grain_is_one_line(tmp_path: Path) -> None:
+    raw = random.Random(8).randbytes(65536) + bytes(65536)
+    path = write_vmdk(tmp_path / "c.vmdk", raw, stream=True, gd_at_end=False)
+    buf = bytearray(path.read_bytes())
+    # the first grain's zlib stream, after its 12-byte marker
+    first = buf.index(zlib.compress(raw[:65536])[:16])
+    buf[first + 2 : first + 64] = bytes(62)
+    path.write_bytes(buf)
+    with pytest.raises(CorruptImage, match="grain"):
+        digest_of(path)
+
+
+def test_truncated_footer_layout(tmp_path: Path) -> None:
+    path = write_vmdk(tmp_path / "t.vmdk", sample_raw(512 * 1024, seed=8), gd_at_end=True)
+    data = path.read_bytes()
+    path.write_bytes(data[:-512])
+    with pytest.raises(CorruptImage, match="footer"):
+        open_vmdk(path)
+
+
+def test_detects_descriptor_like_qemu() -> None:
+    assert looks_like_descriptor(b"# Disk DescriptorFile\n\nversion=1\n")
+    assert looks_like_descriptor(b"  \r\n# c\r\nversion=3\r\nCID=1\r\n")
+    assert not looks_like_descriptor(b"# hello\nversion=4\n")
+    assert not looks_like_descriptor(b"\x00" * 512)
