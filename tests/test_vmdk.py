@@ -4,6 +4,7 @@ refusals (each one line, never a traceback)."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import shutil
@@ -11,16 +12,19 @@ import subprocess
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import xxhash
 from fixtures.vmdk_writer import write_vmdk
+from store_servers import store_factory
 
 import drivepipe._registry as registry
 from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, zero_chunks
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, OpenOptions
+from drivepipe.cli import main
 from drivepipe_plugins.sparse_read import SparseFileReader
 from drivepipe_plugins.sparse_write import SparseFileWriter
 from drivepipe_plugins.vmdk import VmdkFormat, looks_like_descriptor
@@ -429,3 +433,71 @@ def test_detects_descriptor_like_qemu() -> None:
     assert looks_like_descriptor(b"  \r\n# c\r\nversion=3\r\nCID=1\r\n")
     assert not looks_like_descriptor(b"# hello\nversion=4\n")
     assert not looks_like_descriptor(b"\x00" * 512)
+
+
+# -- through the CLI and a local drive store --------------------------------------------
+
+
+def run_cli(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+          tmp_path: Path) -> Iterator[object]:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
+    monkeypatch.delenv("DRIVEPIPE_ENDPOINT", raising=False)
+    monkeypatch.setenv("CLOUDSIGMA_USERNAME", "u@example.com")
+    monkeypatch.setenv("CLOUDSIGMA_PASSWORD", "pw-123456")
+    factory = store_factory(tmp_path_factory, username="u@example.com", password="pw-123456",
+                            min_size=1 << 20, idle_timeout=10.0)
+    make = next(factory)
+    yield make()
+    next(factory, None)
+
+
+@needs_qemu
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized",
+                                       "twoGbMaxExtentSparse", "monolithicFlat"])
+def test_cli_checksum_convert_upload(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                     store: object, subformat: str) -> None:
+    raw = make_raw(tmp_path / "src.raw", 5 * MiB + 512, seed=7)
+    vmdk = tmp_path / "disk.vmdk"
+    subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={subformat}",
+                    str(raw), str(vmdk)], check=True)
+    ref = qemu_raw(vmdk, tmp_path)
+    want = xxhash.xxh3_128_hexdigest(ref.read_bytes())
+    code, out, err = run_cli(capfd, "checksum", "--progress", "none", str(vmdk))
+    assert code == 0, err
+    assert out.split()[0] == want
+    out_raw = tmp_path / "out.raw"
+    code, _, err = run_cli(capfd, "convert", "--progress", "none", str(vmdk), str(out_raw))
+    assert code == 0, err
+    assert out_raw.read_bytes() == ref.read_bytes()
+    server = cast(Any, store)
+    code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
+                             "none", str(vmdk))
+    assert code == 0, err
+    uuid = out.strip()
+    with open(server.store.raw_path(uuid), "rb") as f:
+        assert f.read(ref.stat().st_size) == ref.read_bytes()
+    assert server.store.get(uuid).image_size == ref.stat().st_size
+
+
+@needs_qemu
+def test_cli_nested_vmdk_gz(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    raw = make_raw(tmp_path / "src.raw", 3 * MiB, seed=8)
+    vmdk = tmp_path / "disk.vmdk"
+    subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized",
+                    str(raw), str(vmdk)], check=True)
+    gz = tmp_path / "disk.vmdk.gz"
+    gz.write_bytes(gzip.compress(vmdk.read_bytes()))
+    code, out, err = run_cli(capfd, "checksum", "--progress", "none", str(gz))
+    assert code == 0, err
+    assert out.split()[0] == xxhash.xxh3_128_hexdigest(raw.read_bytes())

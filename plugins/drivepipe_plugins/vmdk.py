@@ -782,9 +782,6 @@ class VmdkFormat(ImageFormat):
             for src in opened:
                 src.close()
             raise
-        if data_size is not None:
-            details["allocated_bytes"] = data_size
-            details["hole_bytes"] = image.size - data_size
         return ImageInput(
             path=source.label, format=self.name, size=image.size, source=image,
             data_size=data_size, file_size=source.size + sum(s.size for s in opened),
