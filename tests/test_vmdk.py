@@ -8,7 +8,9 @@ import gzip
 import os
 import random
 import shutil
+import struct
 import subprocess
+import tracemalloc
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +19,12 @@ from typing import Any, cast
 import pytest
 import xxhash
 from fixtures.vmdk_writer import write_vmdk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from store_servers import store_factory
 
 import drivepipe._registry as registry
-from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
+from drivepipe._errors import CorruptImage, DrivepipeError, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, zero_chunks
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, OpenOptions
@@ -501,3 +505,136 @@ def test_cli_nested_vmdk_gz(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -
     code, out, err = run_cli(capfd, "checksum", "--progress", "none", str(gz))
     assert code == 0, err
     assert out.split()[0] == xxhash.xxh3_128_hexdigest(raw.read_bytes())
+
+
+# -- hostile input: no traceback, no hang, bounded memory ------------------------------
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+#: header fields: (offset, struct format)
+HEADER_FIELDS = {
+    "version": (4, "<I"), "flags": (8, "<I"), "capacity": (12, "<Q"), "grain": (20, "<Q"),
+    "desc_offset": (28, "<Q"), "desc_size": (36, "<Q"), "gtes": (44, "<I"),
+    "rgd": (48, "<Q"), "gd": (56, "<Q"), "overhead": (64, "<Q"), "compression": (77, "<H"),
+}
+_SAMPLES: dict[str, bytes] = {}
+
+
+def sample(kind: str, tmp: Path) -> bytes:
+    if kind not in _SAMPLES:
+        raw = sample_raw(1 * MiB + 1024, seed=99)
+        opts = {"stream-vmware": dict(stream=True, gd_at_end=True),
+                "stream-front": dict(stream=True, gd_at_end=False),
+                "sparse": dict(stream=False, grain_sectors=16, gtes=64)}[kind]
+        _SAMPLES[kind] = write_vmdk(tmp / f"sample-{kind}.vmdk", raw, **opts).read_bytes()  # type: ignore[arg-type]
+    return _SAMPLES[kind]
+
+
+def decode_bounded(path: Path) -> int | DrivepipeError:
+    tracemalloc.start()
+    try:
+        result = _decode(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 96 * MiB
+    if isinstance(result, DrivepipeError):
+        assert "\n" not in result.one_line()
+    return result
+
+
+def _decode(path: Path) -> int | DrivepipeError:
+    source = SparseFileReader(str(path))
+    try:
+        if not VmdkFormat().detect(source.head(), source):
+            return 0
+        image = VmdkFormat().open(source, OpenOptions(read_size=MiB))
+    except DrivepipeError as exc:
+        source.close()
+        return exc
+    try:
+        pos = 0
+        for ext in image.source.extents():
+            assert ext.offset == pos
+            pos = ext.end
+        assert pos == image.size
+        return pos
+    except DrivepipeError as exc:
+        return exc
+    finally:
+        image.close()
+
+
+def interesting(fmt: str, limit: int) -> st.SearchStrategy[int]:
+    top = (1 << (8 * struct.calcsize(fmt))) - 1
+    return st.one_of(
+        st.sampled_from([v for v in (0, 1, 2, 3, 4, 8, 16, 127, 128, 512, 513, 1 << 16,
+                                     1 << 31, limit // 512, limit, top, top - 1) if v <= top]),
+        st.integers(0, top),
+    )
+
+
+@given(kind=st.sampled_from(["stream-vmware", "stream-front", "sparse"]), data=st.data())
+@FUZZ
+def test_fuzz_header_fields(tmp_path: Path, kind: str, data: st.DataObject) -> None:
+    buf = bytearray(sample(kind, tmp_path))
+    fields = data.draw(st.lists(st.sampled_from(sorted(HEADER_FIELDS)), min_size=1, max_size=3))
+    footer = kind == "stream-vmware" and data.draw(st.booleans())
+    for name in fields:
+        offset, fmt = HEADER_FIELDS[name]
+        at = offset + (len(buf) - 1024 if footer else 0)
+        struct.pack_into(fmt, buf, at, data.draw(interesting(fmt, len(buf))))
+    decode_bounded(write_file(tmp_path, "h.vmdk", bytes(buf)))
+
+
+@given(kind=st.sampled_from(["stream-vmware", "stream-front", "sparse"]), data=st.data())
+@FUZZ
+def test_fuzz_tables_and_bytes(tmp_path: Path, kind: str, data: st.DataObject) -> None:
+    buf = bytearray(sample(kind, tmp_path))
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(0, len(buf) - 4)) & ~3
+        struct.pack_into("<I", buf, at, data.draw(interesting("<I", len(buf))))
+    cut = data.draw(st.sampled_from([None, 0, 1, 511, 513, len(buf) // 2, len(buf) - 1]))
+    if cut is not None:
+        del buf[cut:]
+    decode_bounded(write_file(tmp_path, "t.vmdk", bytes(buf)))
+
+
+EXTENT_LINES = st.one_of(
+    st.builds(lambda a, n, t, f, o: f'{a} {n} {t} "{f}" {o}',
+              st.sampled_from(["RW", "RDONLY", "NOACCESS", "rw"]),
+              st.sampled_from([0, 1, 7, 2048, 1 << 40, -1]),
+              st.sampled_from(["FLAT", "SPARSE", "ZERO", "VMFS", "SESPARSE", "BOGUS"]),
+              st.sampled_from(["a.bin", "s.vmdk", "", "../a.bin", "/dev/zero", "missing"]),
+              st.sampled_from([0, 1, 5, 1 << 40])),
+    st.text(max_size=60),
+)
+
+
+@given(lines=st.lists(EXTENT_LINES, max_size=6),
+       keys=st.lists(st.sampled_from(['parentCID=abc', 'createType="vmfs"', "version=9",
+                                      'createType="x"', "CID", "=", "encryption.x=1"]),
+                     max_size=3))
+@FUZZ
+def test_fuzz_descriptors(tmp_path: Path, lines: list[str], keys: list[str]) -> None:
+    (tmp_path / "a.bin").write_bytes(bytes(4096))
+    if not (tmp_path / "s.vmdk").exists():
+        (tmp_path / "s.vmdk").write_bytes(sample("sparse", tmp_path))
+    text = "# Disk DescriptorFile\nversion=1\n" + "\n".join(keys + lines) + "\n"
+    path = tmp_path / "d.vmdk"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    decode_bounded(path)
+
+
+def test_huge_capacity_without_tables_streams_holes_fast(tmp_path: Path) -> None:
+    buf = bytearray(sample("sparse", tmp_path))
+    struct.pack_into("<Q", buf, 12, 1 << 40)  # 512 TiB: a GD past the end of the file
+    result = decode_bounded(write_file(tmp_path, "big.vmdk", bytes(buf)))
+    assert isinstance(result, CorruptImage)
+
+
+def write_file(tmp: Path, name: str, data: bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(data)
+    return path

@@ -340,14 +340,15 @@ class SparseExtent:
         if not h.desc_offset or not h.desc_size:
             return
         n = min(h.desc_size * SECTOR, MAX_DESCRIPTOR)
-        raw = self.src.pread(h.desc_offset * SECTOR, n)
+        raw = _pread_exact(self.src, h.desc_offset * SECTOR, n, "VMDK embedded descriptor",
+                           short_ok=True)
         desc = parse_descriptor(_decode_text(raw), self.label)
         check_descriptor(desc, self.label)
         self.embedded = desc
 
     def _load_gd(self, h: SparseHeader) -> Table:
         entries = -(-h.capacity // (h.gtes_per_gt * h.grain_sectors))
-        raw = self.src.pread_exact(h.gd_offset * SECTOR, entries * 4, "VMDK grain directory")
+        raw = _pread_exact(self.src, h.gd_offset * SECTOR, entries * 4, "VMDK grain directory")
         return little_u32(raw)
 
     def _compressed_bound(self) -> int:
@@ -522,20 +523,37 @@ class SparseExtent:
     def allocated_bytes(self) -> int | None:
         """Bytes of the extent in allocated grains (tables read when small enough)."""
         tables = [i for i, s in enumerate(self.gd) if s]
-        if len(tables) * self.header.gtes_per_gt * 4 > _DATA_SIZE_SCAN_LIMIT:
+        gtes, g = self.header.gtes_per_gt, self.grain
+        if len(tables) * gtes * 4 > _DATA_SIZE_SCAN_LIMIT:
             return None
+        n_grains = -(-self.size // g)
         total = 0
-        g = self.grain
+        last_allocated = False
         for index in tables:
             table = self.grain_table(index)
             assert table is not None
-            start = index * self.header.gt_span
-            for i, entry in enumerate(table):
-                if entry > GTE_ZEROED:
-                    gpos = start + i * g
-                    if gpos < self.size:
-                        total += min(g, self.size - gpos)
+            valid = table[: max(0, min(gtes, n_grains - index * gtes))]
+            total += (len(valid) - valid.count(0) - valid.count(GTE_ZEROED)) * g
+            if index == (n_grains - 1) // gtes and valid:
+                last_allocated = valid[-1] > GTE_ZEROED
+        if last_allocated and self.size % g:
+            total -= g - self.size % g
         return total
+
+
+def _pread_exact(
+    src: ByteSource, offset: int, length: int, what: str, *, short_ok: bool = False
+) -> bytes:
+    """``pread_exact`` that refuses offsets past the end before asking the source
+    (a header field may hold any 64-bit value)."""
+    if offset > src.size or (not short_ok and offset + length > src.size):
+        raise CorruptImage(
+            f"{src.label}: truncated or corrupt: {what} at offset {offset} lies past the end "
+            f"({src.size} bytes)"
+        )
+    if short_ok:
+        return src.pread(offset, min(length, src.size - offset))
+    return src.pread_exact(offset, length, what)
 
 
 def _bind(fn: Callable[..., list[Extent]], *args: object) -> Callable[[], list[Extent]]:
