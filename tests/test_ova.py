@@ -9,6 +9,7 @@ import hashlib
 import io
 import random
 import tarfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from typing import Any
 import pytest
 import xxhash
 from fixtures.vmdk_writer import write_vmdk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from store_servers import store_factory
 
-from drivepipe._errors import CorruptImage, UnsupportedFormat
+from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._stage import ImageInput, OpenOptions
 from drivepipe.cli import main
 from drivepipe_plugins.ova import OvaFormat, open_ova_disk
@@ -358,3 +361,105 @@ def test_bad_manifest_creates_no_drive(tmp_path: Path, capfd: pytest.CaptureFixt
     assert code == 3 and out == ""
     assert "manifest" in err and len(err.strip().splitlines()) == 1
     assert store.store.list() == []
+
+
+# -- hostile input: no traceback, no hang, bounded memory ------------------------------
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+_SAMPLE: dict[str, bytes] = {}
+
+
+def sample_ova(tmp: Path, kind: str) -> bytes:
+    if kind not in _SAMPLE:
+        vmdk = vmdk_bytes(tmp, disk_raw(13, size=MiB), "d.vmdk")
+        opts: dict[str, Any] = {"plain": {}, "chunked": {"chunk": 100_000},
+                                "gzip": {"compression": "gzip"},
+                                "pax": {"tar_format": tarfile.PAX_FORMAT}}[kind]
+        _SAMPLE[kind] = build_ova(tmp, [("disk1.vmdk", vmdk)], name=f"s-{kind}.ova",
+                                  **opts).read_bytes()
+    return _SAMPLE[kind]
+
+
+def decode_ova(path: Path) -> int | DrivepipeError:
+    tracemalloc.start()
+    try:
+        result = _decode_ova(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 96 * MiB
+    if isinstance(result, DrivepipeError):
+        assert "\n" not in result.one_line()
+    return result
+
+
+def _decode_ova(path: Path) -> int | DrivepipeError:
+    source = SparseFileReader(str(path))
+    try:
+        if not OvaFormat().detect(source.head(), source):
+            source.close()
+            return 0
+        image = OvaFormat().open(source, OpenOptions(read_size=MiB))
+    except DrivepipeError as exc:
+        source.close()
+        return exc
+    try:
+        pos = 0
+        for ext in image.source.extents():
+            assert ext.offset == pos
+            pos = ext.end
+        assert pos == image.size
+        return pos
+    except DrivepipeError as exc:
+        return exc
+    finally:
+        image.close()
+
+
+@given(kind=st.sampled_from(["plain", "chunked", "gzip", "pax"]), data=st.data())
+@FUZZ
+def test_fuzz_ova_bytes(tmp_path: Path, kind: str, data: st.DataObject) -> None:
+    buf = bytearray(sample_ova(tmp_path, kind))
+    # damage the tar headers and the OVF/manifest (the first blocks) more often
+    for _ in range(data.draw(st.integers(1, 6))):
+        hi = data.draw(st.sampled_from([4096, len(buf)]))
+        at = data.draw(st.integers(0, min(hi, len(buf)) - 1))
+        buf[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.sampled_from([None, 100, 512, 1024, 3000, len(buf) // 2, len(buf) - 1]))
+    if cut is not None:
+        del buf[cut:]
+    path = tmp_path / "f.ova"
+    path.write_bytes(bytes(buf))
+    decode_ova(path)
+
+
+OVF_PIECES = st.sampled_from([
+    '<File ovf:href="disk1.vmdk" ovf:id="file1"/>',
+    '<File ovf:href="disk1.vmdk" ovf:id="file1" ovf:chunkSize="1"/>',
+    '<File ovf:href="disk1.vmdk" ovf:id="file1" ovf:compression="gzip"/>',
+    '<File ovf:href="../../etc/passwd" ovf:id="file2"/>',
+    '<Disk ovf:diskId="d1" ovf:fileRef="file1" ovf:capacity="99999999999999999999"/>',
+    '<Disk ovf:diskId="d2" ovf:fileRef="file2" ovf:capacityAllocationUnits="byte * 2^999"'
+    ' ovf:capacity="1"/>',
+    '<Disk ovf:diskId="d3" ovf:fileRef="nope"/>',
+    "<Disk/>", "<File/>", "<References>", "</References>", "&amp;", "<![CDATA[x]]>",
+    '<!DOCTYPE x [<!ENTITY a "aaaa">]>',
+])
+
+
+@given(pieces=st.lists(OVF_PIECES, max_size=8))
+@FUZZ
+def test_fuzz_ovf(tmp_path: Path, pieces: list[str]) -> None:
+    vmdk = vmdk_bytes(tmp_path, disk_raw(14, size=256 * 1024), "d.vmdk")
+    ovf = ('<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" '
+           'xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">' + "".join(pieces)
+           + "</Envelope>").encode()
+    path = tmp_path / "x.ova"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, body in (("x.ovf", ovf), ("disk1.vmdk", vmdk)):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    decode_ova(path)
