@@ -509,13 +509,15 @@ def open_ova_disk(
         "manifest": [s.name for s in segments] if segments else None,
         **{f"disk_{k}": v for k, v in image.details.items()},
     }
+    details = {k: v for k, v in details.items() if v is not None}
     source_out: Source = image.source
     random_access = image.random_access
     if hashing is not None:
         source_out = CheckedStream(image.source, hashing)
         random_access = None  # every byte must pass the hash, in order
     return ImageInput(
-        path=source.label, format="ova", size=image.size, source=source_out,
+        path=source.label, format=" > ".join(["ova", *image.chain]), size=image.size,
+        source=source_out,
         stages=image.stages, data_size=image.data_size, file_size=source.size,
         random_access=random_access, details=details, chain=["ova", *image.chain],
         resources=[source, *[r for r in image.resources if r is not inner_src]],
