@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_servers import store_factory
 
-import drivepipe._registry as registry
 from drivepipe._errors import CorruptImage, DrivepipeError, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, zero_chunks
 from drivepipe._runner import run_pipeline
@@ -38,11 +37,6 @@ needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img not installed")
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def file_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until the registry's ``file`` byte source is registered everywhere."""
-    if "file" not in registry.byte_sources():
-        monkeypatch.setattr(registry, "byte_sources", lambda: {"file": SparseFileReader})
 
 
 def open_vmdk(path: Path, **options: int) -> ImageInput:
@@ -638,3 +632,10 @@ def write_file(tmp: Path, name: str, data: bytes) -> Path:
     path = tmp / name
     path.write_bytes(data)
     return path
+
+
+def test_broken_descriptor_is_refused_not_sent_raw(tmp_path: Path) -> None:
+    path = tmp_path / "d.vmdk"
+    path.write_bytes(b"# Disk DescriptorFile\n" + bytes(4000))
+    with pytest.raises(CorruptImage, match="no extents"):
+        open_vmdk(path)

@@ -782,7 +782,12 @@ class VmdkFormat(ImageFormat):
     detect_order = 20
 
     def detect(self, head: bytes, source: ByteSource) -> bool:
-        return head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC) or looks_like_descriptor(head)
+        # A file that calls itself a descriptor but is not one is refused, not sent raw.
+        return (
+            head[:4] in (VMDK4_MAGIC, VMDK3_MAGIC)
+            or head.startswith(b"# Disk DescriptorFile")
+            or looks_like_descriptor(head)
+        )
 
     def open(self, source: ByteSource, options: OpenOptions) -> ImageInput:
         head = source.head(SECTOR)
