@@ -173,13 +173,16 @@ def test_over_4gib_virtual_size(tmp_path: Path) -> None:
         f.write(random.Random(5).randbytes(300_000))
         f.seek(100)
         f.write(b"boot")
-    for sub in ("monolithicSparse", "streamOptimized"):
+    for sub in ("monolithicSparse", "streamOptimized", "twoGbMaxExtentSparse",
+                "twoGbMaxExtentFlat"):
         vmdk = tmp_path / f"big-{sub}.vmdk"
         subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={sub}",
                         str(raw), str(vmdk)], check=True)
         image = open_vmdk(vmdk)
         try:
             assert image.size == 5 << 30
+            if sub.startswith("twoGb"):
+                assert image.details["extents"] == 3  # 2 + 2 + 1 GiB
             got = [(e.offset, bytes(e.data)) for e in image.source.read_range(4 << 30, 1 << 30)
                    if e.data is not None]
         finally:
