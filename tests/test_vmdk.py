@@ -642,3 +642,18 @@ def test_broken_descriptor_is_refused_not_sent_raw(tmp_path: Path) -> None:
     path.write_bytes(b"# Disk DescriptorFile\n" + bytes(4000))
     with pytest.raises(CorruptImage, match="no extents"):
         open_vmdk(path)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamOptimized", "monolithicSparse"])
+def test_chunked_upload_reads_ranges_in_parallel(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], store: object, stream: bool
+) -> None:
+    raw = sample_raw(5 * MiB + 512, seed=21)
+    vmdk = write_vmdk(tmp_path / "c.vmdk", raw, stream=stream, gd_at_end=stream)
+    server = cast(Any, store)
+    code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
+                             "none", "--chunked", "--connections", "3", "--chunk-size", "1M",
+                             str(vmdk))
+    assert code == 0, err
+    with open(server.store.raw_path(out.strip()), "rb") as f:
+        assert f.read(len(raw)) == raw

@@ -359,8 +359,9 @@ class SparseExtent:
     # -- mapping -------------------------------------------------------------------
 
     def grain_table(self, index: int) -> Table | None:
-        if self._gt_cache[0] == index:
-            return self._gt_cache[1]
+        cached = self._gt_cache  # one read: chunk readers may walk in several threads
+        if cached[0] == index:
+            return cached[1]
         sector = self.gd[index]
         table = None
         if sector:
