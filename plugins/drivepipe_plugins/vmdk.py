@@ -643,7 +643,10 @@ class VmdkImage(Source):
                     return None
                 total += min(n, part.length)
             elif part.flat is not None:
-                return None
+                ranges = part.flat.data_ranges(part.offset, part.offset + part.length)
+                if ranges is None:
+                    return None
+                total += sum(hi - lo for lo, hi in ranges)
         return total
 
     def close(self) -> None:
