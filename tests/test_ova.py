@@ -464,3 +464,12 @@ def test_fuzz_ovf(tmp_path: Path, pieces: list[str]) -> None:
             info.size = len(body)
             tar.addfile(info, io.BytesIO(body))
     decode_ova(path)
+
+
+def test_chunked_gzip_member(tmp_path: Path) -> None:
+    raw = disk_raw(15)
+    path = build_ova(tmp_path, [("disk1.vmdk", vmdk_bytes(tmp_path, raw, "d.vmdk"))],
+                     compression="gzip", chunk=50_000)
+    image = open_ova(path)
+    assert image.chain == ["ova", "gzip", "vmdk"]
+    assert content(image) == raw

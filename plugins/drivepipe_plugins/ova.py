@@ -268,6 +268,11 @@ def list_members(source: ByteSource) -> dict[str, Member]:
                     raise CorruptImage(f"{source.label}: OVA has more than {_MAX_MEMBERS} members")
                 if not info.isreg():
                     continue
+                if info.issparse():
+                    raise UnsupportedFormat(
+                        f"{source.label}: OVA member {info.name} is a GNU sparse file, which "
+                        "is not read in place"
+                    )
                 if info.offset_data + info.size > source.size:
                     raise CorruptImage(
                         f"{source.label}: OVA member {info.name} runs past the end of the file"
@@ -369,7 +374,7 @@ def parse_manifest(data: bytes) -> dict[str, tuple[str, str]]:
     for line in data.decode("utf-8", "replace").splitlines():
         m = _MANIFEST_LINE.match(line)
         if m:
-            out[m.group(2).strip()] = (_ALGOS[m.group(1)], m.group(3))
+            out[m.group(2).strip().removeprefix("./")] = (_ALGOS[m.group(1)], m.group(3))
     return out
 
 
@@ -445,18 +450,19 @@ def _member_source(app: Appliance, ref: OvfFile) -> tuple[ByteSource, list[Segme
     """The file a reference names, in place, and the manifest entries covering it."""
     label = app.source.label
     segments: list[Segment] = []
-    member = app.members.get(ref.href)
+    href = ref.href.removeprefix("./")
+    member = app.members.get(href)
     if member is not None:
         src: ByteSource = SliceSource(app.source, member.offset, member.size,
-                                      f"{label}[{ref.href}]")
-        digest = app.manifest.get(ref.href)
+                                      f"{label}[{href}]")
+        digest = app.manifest.get(href)
         if digest:
-            segments.append(Segment(0, member.size, digest[0], digest[1], ref.href))
+            segments.append(Segment(0, member.size, digest[0], digest[1], href))
         return src, segments
     chunks: list[ByteSource] = []
     pos = 0
     while True:
-        name = f"{ref.href}.{len(chunks):09d}"
+        name = f"{href}.{len(chunks):09d}"
         part = app.members.get(name)
         if part is None:
             break
