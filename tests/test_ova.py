@@ -473,3 +473,11 @@ def test_chunked_gzip_member(tmp_path: Path) -> None:
     image = open_ova(path)
     assert image.chain == ["ova", "gzip", "vmdk"]
     assert content(image) == raw
+
+
+def test_raw_disk_inside(tmp_path: Path) -> None:
+    raw = disk_raw(16, size=MiB)
+    path = build_ova(tmp_path, [("disk1.img", raw)])
+    image = open_ova(path)
+    assert image.chain == ["ova", "raw"] and image.format == "ova"
+    assert content(image) == raw

@@ -522,12 +522,17 @@ def open_ova_disk(
         source_out = CheckedStream(image.source, hashing)
         random_access = None  # every byte must pass the hash, in order
     return ImageInput(
-        path=source.label, format=" > ".join(["ova", *image.chain]), size=image.size,
+        path=source.label, format=" > ".join(_shown(["ova", *image.chain])), size=image.size,
         source=source_out,
         stages=image.stages, data_size=image.data_size, file_size=source.size,
         random_access=random_access, details=details, chain=["ova", *image.chain],
         resources=[source, *[r for r in image.resources if r is not inner_src]],
     )
+
+
+def _shown(chain: list[str]) -> list[str]:
+    """The chain as ``format`` names it (a raw disk at the end goes without saying)."""
+    return chain[:-1] if len(chain) > 1 and chain[-1] == "raw" else chain
 
 
 def _first_name(head: bytes) -> bytes:
