@@ -657,3 +657,21 @@ def test_chunked_upload_reads_ranges_in_parallel(
     assert code == 0, err
     with open(server.store.raw_path(out.strip()), "rb") as f:
         assert f.read(len(raw)) == raw
+
+
+def test_corrupt_grain_uploads_no_drive(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], store: object
+) -> None:
+    rng = random.Random(22)
+    raw = rng.randbytes(2 * MiB) + bytes(MiB) + rng.randbytes(65536)
+    path = write_vmdk(tmp_path / "c.vmdk", raw, stream=True, gd_at_end=True)
+    buf = bytearray(path.read_bytes())
+    last = buf.index(zlib.compress(raw[-65536:])[:16])
+    buf[last + 2 : last + 200] = bytes(198)
+    path.write_bytes(buf)
+    server = cast(Any, store)
+    code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
+                             "none", str(path))
+    assert code == 3 and out == ""
+    assert "grain" in err and len(err.strip().splitlines()) == 1
+    assert server.store.list() == []
