@@ -37,8 +37,10 @@ from drivepipe_plugins.download_verify import digest_file
 from .._config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
 from .._errors import DrivepipeError, HTTPError, ImageError, TransferError
 from .._http import ApiClient, TlsOptions
+from .._stage import ImageInput
 from .._stats import RunStats
 from ..cli._common import open_input
+from ..cli._net import Connection
 from .plan import Item
 
 META_DIGEST: Final = "drivepipe_xxh128"
@@ -92,11 +94,9 @@ class Access:
             ep = api.resolve_direct()
         return cls(ep, creds, tls)
 
-    def connection(self) -> Any:
+    def connection(self) -> Connection:
         """A fresh :class:`~drivepipe.cli._net.Connection` (one per item: handles are
         not shared between threads)."""
-        from ..cli._net import Connection  # noqa: PLC0415 - the chunked sender's type
-
         return Connection(self.endpoint, self.creds, self.tls,
                           ApiClient(self.endpoint, self.creds, self.tls))
 
@@ -320,7 +320,7 @@ def _upload(
 
 
 def _chunked(
-    item: Item, settings: Settings, image: Any, conn: Any, stats: RunStats,
+    item: Item, settings: Settings, image: ImageInput, conn: Connection, stats: RunStats,
     result: ItemResult,
 ) -> tuple[str, str, int]:
     from drivepipe_plugins.chunked_upload import (  # noqa: PLC0415 - loaded when used
