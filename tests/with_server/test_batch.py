@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -389,3 +390,41 @@ def test_a_failed_check_keeps_the_record_of_a_finished_item(
     assert record["status"] == "done" and record["uuid"] == uuid and record["last_error"]
     third = drivepipe.batch(str(plan), jobs=1, settings=settings_for(account))
     assert third.counts == {"skipped": 1} and third.results[0].uuid == uuid
+
+
+def test_a_download_cut_off_resumes_from_its_part_file_in_the_next_run(
+    account: RunningServer, tmp_path: Path, put_drive: Callable[[RunningServer, bytes], str]
+) -> None:
+    data = os.urandom(2 << 20)
+    uuid = put_drive(account, data)
+    plan = write_plan(tmp_path / "plan.jsonl", [
+        {"op": "download", "drive": uuid, "output": "disk.raw", "key": "dl"}])
+    journal = tmp_path / "disk.raw.part.journal"
+    settings = settings_for(account, range_size=64 * KiB, block_size=64 * KiB,
+                            connections=2, retries=1, retry_delay=0.01)
+    account.faults.delay(0.12, count=0, match="download")  # journal saved every second
+
+    def cut_when_some_blocks_are_in() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if len(json.loads(journal.read_text())["blocks"]) >= 4:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.005)
+        account.faults.add(kind="drop_download", count=0, after=0)
+
+    cutter = threading.Thread(target=cut_when_some_blocks_are_in)
+    cutter.start()
+    first = drivepipe.batch(str(plan), jobs=1, settings=settings, retries=0)
+    cutter.join()
+    account.faults.clear()
+    assert first.results[0].status == "failed", first.results[0]
+    assert journal.exists() and not (tmp_path / "disk.raw").exists()
+    second = drivepipe.batch(str(plan), jobs=1, settings=settings)
+    result = second.results[0]
+    assert result.status == "done" and result.resumed
+    assert 0 < result.bytes < len(data)  # only the blocks the first run lacked
+    assert (tmp_path / "disk.raw").read_bytes()[:len(data)] == data
+    assert not journal.exists()

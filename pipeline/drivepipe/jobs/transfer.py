@@ -74,6 +74,10 @@ class Settings:
     #: download: bytes per ranged request and per journaled block
     range_size: int = 32 << 20
     block_size: int = 4 << 20
+    #: attempts without progress before a download range or an upload chunk gives up,
+    #: and the first delay between them (seconds, doubling)
+    retries: int = 8
+    retry_delay: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,8 @@ def _chunked(
 
     os.makedirs(settings.journal_dir, exist_ok=True)
     options = ChunkedOptions(chunk_size=settings.chunk_size, connections=settings.connections,
-                             journal_path=journal_path(settings, item), name=item.target)
+                             journal_path=journal_path(settings, item), name=item.target,
+                             retries=settings.retries, backoff_base=settings.retry_delay / 2)
     try:
         sent = chunked_upload(image, conn, options, stats)
     finally:
@@ -355,7 +360,8 @@ def _download(
     target = dl.Target(url, Auth(access.endpoint, access.creds), access.tls, item.source,
                        dict(meta or {}))
     options = dl.receive_options(settings.connections, str(settings.range_size),
-                                 settings.block_size, 8, 1.0, 0.5)
+                                 settings.block_size, settings.retries, 1.0,
+                                 settings.retry_delay)
     probed = dl.probe_target(target, options)
     paths = dl.Paths.for_target(item.target)
     os.makedirs(os.path.dirname(paths.final) or ".", exist_ok=True)
