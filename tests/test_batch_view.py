@@ -49,3 +49,16 @@ def test_the_table_has_a_row_per_item_with_its_error() -> None:
     assert "U-0" in text and "ab" * 16 in text and "1.0 MiB" in text
     assert "HTTP 404" in text and "dl0" in text
     assert closing_line(report) == "batch: 2 items in 2.0s: 1 done, 1 failed"
+
+
+def test_the_rich_view_has_a_row_per_running_item() -> None:
+    view = BatchView(3, "none", stream=io.StringIO())
+    view.on_event({"event": "start", "key": "vm-a"})
+    view.on_event({"event": "start", "key": "vm-b"})
+    view.on_event({"event": "progress", "key": "vm-a", "bytes": 1 << 20, "total": 4 << 20})
+    out = io.StringIO()
+    Console(file=out, width=120).print(view.render())
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("0/3 items  2 running")
+    assert any("vm-a" in line and "1.0 MiB" in line and "25%" in line for line in lines)
+    assert any("vm-b" in line for line in lines)

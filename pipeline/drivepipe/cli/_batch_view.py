@@ -4,8 +4,10 @@ The view is fed the batch's events (from any thread) and samples them from its
 own: items done/skipped/running/failed of the total, the aggregate rate over
 the bytes moved so far, an ETA (bytes still to go in the running items plus the
 average item size for each item not started, at that rate), and the slowest
-running item (the least done of its total).  ``json`` mode writes each event as
-one line instead; ``plain`` writes a line every few seconds.
+running item (the least done of its total); on a terminal, under that line,
+a row per running item (bytes done of its total, its rate, its time).
+``json`` mode writes each event as one line instead; ``plain`` writes the line
+every few seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -26,6 +28,8 @@ from .._sizes import format_rate, format_size
 from ..jobs import BatchReport
 
 LOG_WIDTH = 160
+#: running items shown one per row under the batch line
+MAX_ROWS = 12
 
 
 @dataclass
@@ -113,12 +117,32 @@ class BatchView:
         worst = min(known, key=lambda r: r.bytes / r.total)
         return f"{worst.key} ({100 * worst.bytes // worst.total}%)"
 
+    def render(self) -> RenderableType:
+        """The batch line, then one row per running item (rich mode)."""
+        with self._lock:
+            running = sorted(self.running.values(), key=lambda r: r.started)
+        if not running:
+            return Text(self.line())
+        table = Table(show_edge=False, pad_edge=False, box=None)
+        for name, justify in (("item", "left"), ("done", "right"), ("of", "right"),
+                              ("", "right"), ("rate", "right"), ("time", "right")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        now = time.monotonic()
+        for r in running[:MAX_ROWS]:
+            seconds = max(now - r.started, 1e-9)
+            share = f"{100 * r.bytes // r.total}%" if r.total else ""
+            table.add_row(r.key, format_size(r.bytes), format_size(r.total) if r.total else "",
+                          share, format_rate(r.bytes / seconds), f"{seconds:.0f}s")
+        if len(running) > MAX_ROWS:
+            table.add_row(f"... {len(running) - MAX_ROWS} more", "", "", "", "", "")
+        return Group(Text(self.line()), table)
+
     def __enter__(self) -> BatchView:
         interval = {"rich": 0.25, "plain": 5.0}.get(self.mode)
         if interval is None:
             return self
         if self.mode == "rich":
-            self._live = Live(Text(self.line()), console=self.console, transient=True)
+            self._live = Live(self.render(), console=self.console, transient=True)
             self._live.__enter__()
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True,
                                         name="drivepipe-batch-ui")
@@ -128,7 +152,7 @@ class BatchView:
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             if self._live is not None:
-                self._live.update(Text(self.line()))
+                self._live.update(self.render())
             else:
                 self.console.print(self.line(), highlight=False)
 
