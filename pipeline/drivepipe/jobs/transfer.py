@@ -70,7 +70,7 @@ class Settings:
     journal_dir: str = ""
     #: where a compressed image whose inner format needs random reads is decoded first
     spool_dir: str | None = None
-    progress_interval: float = 1.0
+    progress_interval: float = 0.5
     #: download: bytes per ranged request and per journaled block
     range_size: int = 32 << 20
     block_size: int = 4 << 20
