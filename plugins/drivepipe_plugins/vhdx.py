@@ -602,9 +602,10 @@ class VhdxImage(Source):
                     f"{self.label}: VHDX block {block} at file offset {offset} overlaps the "
                     "header section, the log or a region"
                 )
-        if offset >= self.source.size:
+        # as qemu: the whole block (the part inside the disk, for the last) must be there
+        if offset + min(self.block_size, self.size - block * self.block_size) > self.source.size:
             raise CorruptImage(
-                f"{self.label}: truncated: VHDX block {block} at file offset {offset} lies "
+                f"{self.label}: truncated: VHDX block {block} at file offset {offset} runs "
                 f"past the end of the file ({self.source.size} bytes)"
             )
         return offset
@@ -641,21 +642,22 @@ class VhdxImage(Source):
             yield from self._read_data(lo, offset + lo - first * bs, hi - lo)
 
     def _read_data(self, guest: int, host: int, length: int) -> Iterator[Extent]:
-        # A block cut short by the end of the file reads as zeros there, as in qemu.
-        within = max(0, min(length, self.source.size - host))
+        """Data blocks in reads of at most ``read_size``; the file's own holes unread."""
         pos = host
         step = self.read_size
-        while pos < host + within:
-            n = min(step - (guest + pos - host) % step, host + within - pos)
+        while pos < host + length:
+            n = min(step - (guest + pos - host) % step, host + length - pos)
+            got = 0
             for ext in self.source.read_range(pos, n):
+                got += ext.length
                 moved = guest + ext.offset - host
                 if ext.data is None:
                     yield Extent.hole(moved, ext.length)
                 else:
                     yield from split_zeros(Extent(moved, ext.length, ext.data))
+            if got != n:
+                raise ImageError(f"{self.label}: file shrank while reading (at offset {pos})")
             pos += n
-        if within < length:
-            yield Extent.hole(guest + within, length - within)
 
     def _check_unchanged(self) -> None:
         now = current_header(self.file, self.label)
