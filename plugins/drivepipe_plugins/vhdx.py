@@ -88,6 +88,8 @@ _CLASS = bytes(
     else 2 if b & STATE_MASK == PARTIALLY_PRESENT else 3
     for b in range(256)
 )
+#: blocks whose BAT entries are read at once (64 KiB of BAT)
+_BAT_WINDOW = 8192
 #: data bytes are counted from the BAT at open only when it is this small
 _DATA_SIZE_SCAN_LIMIT = 64 * MiB
 
@@ -540,27 +542,37 @@ class VhdxImage(Source):
 
     # -- the BAT ------------------------------------------------------------------------
 
-    def _chunk(self, chunk: int) -> array[int]:
-        """The payload entries of one chunk of the BAT (its bitmap entry left out)."""
-        first = chunk * self.chunk_ratio
-        n = min(self.chunk_ratio, self.blocks - first)
-        index = chunk * (self.chunk_ratio + 1)
-        raw = self.source.pread_exact(self.bat_region.offset + 8 * index, 8 * n, "VHDX BAT")
-        return _bat_u64(raw)
+    def _payload(self, first: int, count: int) -> bytes:
+        """The raw (little-endian) BAT entries of blocks ``[first, first+count)``, read
+        in one piece with the sector-bitmap entries between them left out."""
+        cr = self.chunk_ratio
+        lo = first + first // cr
+        last = first + count - 1
+        raw = self.source.pread_exact(
+            self.bat_region.offset + 8 * lo, 8 * (last + last // cr + 1 - lo), "VHDX BAT"
+        )
+        if len(raw) == 8 * count:
+            return raw
+        pieces = []
+        for chunk in range(first // cr, last // cr + 1):
+            b0, b1 = max(first, chunk * cr), min(last + 1, (chunk + 1) * cr)
+            at = b0 + chunk - lo
+            pieces.append(raw[8 * at : 8 * (at + b1 - b0)])
+        return b"".join(pieces)
+
+    def _windows(self, first: int, last: int) -> Iterator[tuple[int, bytes, array[int]]]:
+        """``(first block, state classes, entries)`` for blocks ``[first, last)``, a
+        window of the BAT at a time (memory stays bounded for a 64 TiB disk)."""
+        for base in range(first, last, _BAT_WINDOW):
+            raw = self._payload(base, min(_BAT_WINDOW, last - base))
+            yield base, raw[::8].translate(_CLASS), _bat_u64(raw)
 
     def _block_runs(self, first: int, last: int) -> Iterator[tuple[int, int, int]]:
         """``(first block, block count, file offset or -1 for a hole)`` for blocks
         ``[first, last)``; holes merged, file-contiguous data blocks merged."""
-        cr = self.chunk_ratio
         pending: list[int] | None = None  # [first, count, offset]
-        for chunk in range(first // cr, -(-last // cr)):
-            table = self._chunk(chunk)
-            base = chunk * cr
-            kinds = table.tobytes()[:: 8] if sys.byteorder == "little" else bytes(
-                e & 0xFF for e in table)
-            kinds = kinds.translate(_CLASS)
-            i = max(first - base, 0)
-            stop = min(last - base, len(table))
+        for base, kinds, table in self._windows(first, last):
+            i, stop = 0, len(table)
             while i < stop:
                 kind = kinds[i]
                 if kind == 0:
@@ -673,15 +685,9 @@ class VhdxImage(Source):
         """Virtual bytes in FULLY_PRESENT blocks, from the BAT; None for a huge BAT."""
         if self.blocks * 8 > _DATA_SIZE_SCAN_LIMIT:
             return None
-        cr = self.chunk_ratio
-        present = 0
-        for chunk in range(-(-self.blocks // cr)):
-            table = self._chunk(chunk)
-            present += table.tobytes()[::8].translate(_CLASS).count(1) \
-                if sys.byteorder == "little" else sum(e & 7 == FULLY_PRESENT for e in table)
+        present = sum(kinds.count(1) for _, kinds, _ in self._windows(0, self.blocks))
         total = present * self.block_size
-        last = self._chunk((self.blocks - 1) // cr)[(self.blocks - 1) % cr] if self.blocks else 0
-        if last & STATE_MASK == FULLY_PRESENT:
+        if self.blocks and self._payload(self.blocks - 1, 1)[0] & STATE_MASK == FULLY_PRESENT:
             total -= self.blocks * self.block_size - self.size
         return total
 
