@@ -685,7 +685,13 @@ class VhdxImage(Source):
         """Virtual bytes in FULLY_PRESENT blocks, from the BAT; None for a huge BAT."""
         if self.blocks * 8 > _DATA_SIZE_SCAN_LIMIT:
             return None
-        present = sum(kinds.count(1) for _, kinds, _ in self._windows(0, self.blocks))
+        present = 0
+        for base, kinds, table in self._windows(0, self.blocks):
+            present += kinds.count(1)
+            # refuse PARTIALLY_PRESENT and invalid states now, before anything is sent
+            bad = _next_bad(kinds)
+            if bad >= 0:
+                self._data_offset(table[bad], base + bad, kinds[bad])
         total = present * self.block_size
         if self.blocks and self._payload(self.blocks - 1, 1)[0] & STATE_MASK == FULLY_PRESENT:
             total -= self.blocks * self.block_size - self.size
@@ -712,6 +718,12 @@ def _next_non_hole(kinds: bytes, i: int, stop: int) -> int:
     """The first index from ``i`` whose class is not a hole, or ``stop``."""
     found = [p for p in (kinds.find(c, i, stop) for c in b"\x01\x02\x03") if p >= 0]
     return min(found, default=stop)
+
+
+def _next_bad(kinds: bytes) -> int:
+    """The first index whose class is partially present or invalid, or -1."""
+    found = [p for p in (kinds.find(2), kinds.find(3)) if p >= 0]
+    return min(found, default=-1)
 
 
 def _continues(pending: list[int], run: tuple[int, int, int], block_size: int) -> bool:
