@@ -697,9 +697,10 @@ class VhdxImage(Source):
             total -= self.blocks * self.block_size - self.size
         return total
 
-    def details(self, data_size: int | None) -> dict[str, object]:
+    def details(self) -> dict[str, object]:
+        """Facts for ``inspect``; data and hole bytes come from ``data_size``."""
         meta = self.meta
-        facts: dict[str, object] = {
+        return {
             "subformat": "fixed" if meta.flags & LEAVE_BLOCKS_ALLOCATED else "dynamic",
             "block_size": meta.block_size,
             "logical_sector_size": meta.logical_sector,
@@ -708,10 +709,6 @@ class VhdxImage(Source):
             "log_replayed": self.log_replayed,
             "creator": self.creator,
         }
-        if data_size is not None:
-            facts["allocated_bytes"] = data_size
-            facts["hole_bytes"] = self.size - data_size
-        return facts
 
 
 def _next_non_hole(kinds: bytes, i: int, stop: int) -> int:
@@ -749,5 +746,5 @@ class VhdxFormat(ImageFormat):
         return ImageInput(
             path=source.label, format=self.name, size=image.size, source=image,
             data_size=data_size, file_size=source.size, random_access=image,
-            details=image.details(data_size), resources=[source],
+            details=image.details(), resources=[source],
         )
