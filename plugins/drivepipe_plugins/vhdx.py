@@ -104,6 +104,8 @@ LOG_SECTOR = 4096
 MAX_REPLAY_LOG = 32 * MiB
 _LOG_HEADER = struct.Struct("<4sIIIQII16sQQ")  # 64 bytes
 _LOG_DESCRIPTOR = struct.Struct("<4s4s8sQQ")  # 32 bytes
+#: log entries looked at while looking for the active sequence, at most
+_LOG_WALK_BUDGET = 1 << 18
 _FIX_LOG = (
     "open and close it once in Hyper-V, or replay the log with "
     "'qemu-img check -r all FILE', then try again"
@@ -351,31 +353,31 @@ def _log_writes(
     return tuple(writes)
 
 
-def active_sequence(log: bytes, log_guid: uuid.UUID) -> list[LogEntry]:
+def active_sequence(log: bytes, log_guid: uuid.UUID, label: str) -> list[LogEntry]:
     """The entries to replay, oldest first; empty when no sequence is active.
 
-    Every run of valid entries, each following the one before it in the
-    circular log with the next sequence number, is a candidate; it is complete
-    when its last entry's tail names one of its entries.  The complete one
-    with the highest sequence number is active, replayed from that tail on.
+    The head is the valid entry with the highest sequence number whose tail
+    leads to it: from the entry at its tail, each next entry follows the one
+    before it in the circular log with the next sequence number, up to the
+    head.  A head whose chain breaks is passed over for the next highest.
     """
     entries = {off: e for off in range(0, len(log), LOG_SECTOR)
                if (e := parse_log_entry(log, off, log_guid)) is not None}
-    best: list[LogEntry] = []
-    for first in entries.values():
-        run = [first]
-        while len(run) <= len(entries):
+    budget = _LOG_WALK_BUDGET
+    for head in sorted(entries.values(), key=lambda e: e.sequence, reverse=True):
+        run = [entries[head.tail]] if head.tail in entries else []
+        while run and run[-1] is not head and run[-1].sequence < head.sequence:
+            budget -= 1
+            if budget < 0:
+                raise CorruptImage(f"{label}: VHDX log holds too many broken sequences")
             nxt = entries.get((run[-1].offset + run[-1].length) % len(log))
             if nxt is None or nxt.sequence != run[-1].sequence + 1:
+                run = []
                 break
             run.append(nxt)
-        offsets = [e.offset for e in run]
-        if run[-1].tail not in offsets:
-            continue
-        run = run[offsets.index(run[-1].tail) :]
-        if not best or run[-1].sequence > best[-1].sequence:
-            best = run
-    return best
+        if run and run[-1] is head:
+            return run
+    return []
 
 
 class ReplayedSource(ByteSource):
@@ -464,7 +466,7 @@ def replay_log(source: ByteSource, header: Header, label: str) -> ByteSource:
             f"than drivepipe replays in memory; {_FIX_LOG}"
         )
     log = source.pread_exact(header.log_offset, header.log_length, "VHDX log")
-    entries = active_sequence(log, header.log_guid)
+    entries = active_sequence(log, header.log_guid, label)
     if not entries:
         return source
     if entries[-1].flushed_file_offset > source.size:
