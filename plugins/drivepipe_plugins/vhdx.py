@@ -500,7 +500,8 @@ class VhdxImage(Source):
             raise ImageError(f"{label}: VHDX needs random access (it cannot be streamed)")
         if source.pread(0, 8) != VHDX_MAGIC:
             raise CorruptImage(f"{label}: not a VHDX file (no 'vhdxfile' at offset 0)")
-        self.creator = source.pread(8, 512).decode("utf-16-le", "replace").split("\0")[0]
+        creator = source.pread(8, 512).decode("utf-16-le", "replace").split("\0")[0]
+        self.creator = "".join(c for c in creator if c.isprintable())  # shown by inspect
         self.header = h = current_header(source, label)
         if h.version != 1:
             raise UnsupportedFormat(f"{label}: VHDX version {h.version} is not supported (1 is)")
