@@ -30,6 +30,8 @@ from fixtures.vhdx_writer import (
     FULLY_PRESENT,
     LOG_LENGTH,
     LOG_OFFSET,
+    LOGICAL_SECTOR_SIZE,
+    METADATA_GUID,
     PARTIALLY_PRESENT,
     ZERO,
     LogWrite,
@@ -325,6 +327,30 @@ def test_4096_byte_logical_sectors(tmp_path: Path) -> None:
                                 if isinstance(d, bytes)) - MiB
     finally:
         image.close()
+
+
+@needs_qemu
+def test_qemu_image_patched_to_4096_byte_sectors(tmp_path: Path) -> None:
+    # under 4096 blocks there is no bitmap entry with either sector size, so the BAT
+    # qemu wrote stays valid: only the metadata item changes (items carry no CRC)
+    raw = sparse_raw(tmp_path / "disk.raw", 20 * MiB, seed=13)
+    vhdx = tmp_path / "disk.vhdx"
+    qemu_img("convert", "-O", "vhdx", "-o", "block_size=1M", str(raw), str(vhdx))
+    expect = qemu_raw_hash(vhdx)
+    table = read_at(vhdx, 192 * KiB, 64 * KiB)
+    regions = {uuid.UUID(bytes_le=table[16 + 32 * i : 32 + 32 * i]):
+               struct.unpack_from("<Q", table, 32 + 32 * i)[0]
+               for i in range(struct.unpack_from("<I", table, 8)[0])}
+    meta = regions[METADATA_GUID]
+    items = read_at(vhdx, meta, 64 * KiB)
+    for i in range(struct.unpack_from("<H", items, 10)[0]):
+        entry = items[32 + 32 * i : 64 + 32 * i]
+        if uuid.UUID(bytes_le=entry[:16]) == LOGICAL_SECTOR_SIZE:
+            patch(vhdx, meta + struct.unpack_from("<I", entry, 16)[0], struct.pack("<I", 4096))
+    digest, image = decode_hash(vhdx)
+    assert image.details["logical_sector_size"] == 4096
+    assert image.details["chunk_ratio"] == 32768
+    assert digest == expect
 
 
 def test_4096_byte_sectors_with_256_mib_blocks(tmp_path: Path) -> None:
