@@ -1,7 +1,8 @@
 """VHDX uploads to the real local store: the drive holds the virtual disk.
 
 Direct and chunked (chunks read out of order through the VHDX's random access),
-each compared with ``qemu-img convert -O raw``; a differencing VHDX creates no drive.
+each compared with ``qemu-img convert -O raw``; a differencing VHDX, or one whose
+header is rewritten while it is sent, creates no drive.
 """
 
 from __future__ import annotations
@@ -9,18 +10,21 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import xxhash
-from fixtures.vhdx_writer import Vhdx
+from fixtures.vhdx_writer import Vhdx, header
 from sparse_files import write_sparse
 
 from drivepipe.cli import main
 
 MiB = 1 << 20
-pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None,
+needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                 reason="qemu-img not installed")
 
 
@@ -50,6 +54,7 @@ def make_vhdx(tmp_path: Path, opts: str) -> tuple[Path, bytes]:
     return vhdx, ref.read_bytes()
 
 
+@needs_qemu
 @pytest.mark.parametrize("mode", ["direct", "chunked"])
 @pytest.mark.parametrize("opts", ["subformat=dynamic,block_size=1M",
                                   "subformat=fixed,block_size=2M,block_state_zero=off"])
@@ -76,4 +81,33 @@ def test_differencing_vhdx_creates_no_drive(drive_store: Any, capfd: pytest.Capt
     code, out, err = upload(drive_store, capfd, monkeypatch, tmp_path, str(path))
     assert code == 3 and out == ""
     assert err.count("\n") == 1 and "differencing" in err
+    assert drive_store.store.list() == []
+
+
+def test_vhdx_rewritten_while_uploaded_creates_no_drive(
+        drive_store: Any, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    rng = random.Random(22)
+    blocks: dict[int, bytes | int] = {i: rng.randbytes(MiB) for i in range(24)}
+    path = Vhdx(size=24 * MiB, blocks=blocks).write(tmp_path / "live.vhdx")
+    # the store holds the request 1 s before reading its body; the sender blocks meanwhile
+    drive_store.faults.delay(1.0, match="/drives/upload")
+    rewritten = threading.Event()
+
+    def rewrite_when_the_request_arrived() -> None:
+        deadline = time.monotonic() + 30
+        while drive_store.faults.snapshot() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # what a hypervisor does first: a new header with a new file write GUID
+        with open(path, "r+b") as f:
+            f.seek(64 << 10)
+            f.write(header(12, file_write=uuid.UUID(int=7)))
+        rewritten.set()
+
+    threading.Thread(target=rewrite_when_the_request_arrived, daemon=True).start()
+    code, out, err = upload(drive_store, capfd, monkeypatch, tmp_path, "--read-size", "1M",
+                            "--queue-depth", "1", str(path))
+    assert rewritten.wait(30)
+    assert code == 3 and out == "", err
+    assert err.count("\n") == 1 and "changed while it was read" in err
     assert drive_store.store.list() == []
