@@ -171,7 +171,6 @@ def test_bad_read_size_is_a_usage_error(make_sparse: MakeImage, tmp_path: Path) 
 
 
 FOREIGN = {
-    "vhdx": (0, b"vhdxfile", "VHDX"),
     "vdi": (64, b"\x7f\x10\xda\xbe", "VDI"),
     "vhd-dynamic": (0, b"conectix", "VHD"),
 }

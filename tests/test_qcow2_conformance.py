@@ -171,7 +171,6 @@ def test_backing_file_is_refused(tmp_path: Path) -> None:
     [
         ("vpc", "", "VHD"),
         ("vpc", "subformat=fixed", "VHD"),
-        ("vhdx", "", "VHDX"),
         ("vdi", "", "VDI"),
     ],
 )

@@ -62,7 +62,6 @@ def test_empty_and_tiny_files_are_raw(tmp_path: Path) -> None:
 
 
 FOREIGN = [
-    ("vhdx", b"vhdxfile", 0, "VHDX"),
     ("vdi", b"\x7f\x10\xda\xbe", 64, "VDI"),
     ("vhd-dynamic", b"conectix", 0, "VHD (dynamic)"),
     ("qed", b"QED\x00", 0, "QED"),
