@@ -280,11 +280,12 @@ class BlockImage(Source):
 
     def jobs(self, start: int, end: int) -> Iterator[tuple[int, int, list[Piece]]]:
         """``(host_lo, host_hi, pieces)``: one host read of ``[host_lo, host_hi)`` that
-        serves the pieces (holes among them); ``host_lo == -1``: holes only."""
+        serves the pieces (holes among them); ``host_lo == -1``: holes only.  A read
+        carries at most ``read_size`` bytes of data, plus the gaps (bitmaps) between."""
         limit = self.read_size
         group: list[Piece] = []
         holes: list[Piece] = []
-        lo = hi = 0
+        lo = hi = data = 0
         for piece in self._host_split(self.pieces(start, end)):
             if piece[2] == HOLE:
                 if group:
@@ -293,11 +294,12 @@ class BlockImage(Source):
                     yield (-1, -1, [piece])
                 continue
             for guest, length, host in _cut(piece, limit):
-                if group and hi <= host <= hi + self.max_gap and host + length - lo <= limit:
+                if group and hi <= host <= hi + self.max_gap and data + length <= limit:
                     group.extend(holes)
                     group.append((guest, length, host))
                     holes = []
                     hi = host + length
+                    data += length
                     continue
                 if group:
                     yield (lo, hi, group)
@@ -306,6 +308,7 @@ class BlockImage(Source):
                 holes = []
                 group = [(guest, length, host)]
                 lo, hi = host, host + length
+                data = length
         if group:
             yield (lo, hi, group)
         for hole in holes:
