@@ -167,6 +167,13 @@ class VdiImage(BlockImage):
                     f"{label}: truncated: VDI block {last} at offset {end - self.stride} "
                     f"runs past the end ({source.size} bytes)"
                 )
+        if self.allocated * self.stride > max(0, source.size - off_data):
+            # more blocks mapped than the file holds: blocks shared (corrupt, and a way
+            # to make a small file stream a huge disk of repeated data)
+            raise CorruptImage(
+                f"{label}: VDI block map maps {self.allocated} blocks, the file holds "
+                f"{max(0, source.size - off_data) // self.stride}"
+            )
 
     def block_pieces(self, block: int) -> Iterator[Piece]:
         entry = self.map[block]

@@ -411,6 +411,12 @@ class DynamicVhd(BlockImage):
                 f"{label}: truncated: VHD block at offset {last * 512} runs past the end "
                 f"({source.size} bytes)"
             )
+        if self.allocated * record > source.size:
+            # blocks shared (corrupt, and a way to make a small file stream a huge disk)
+            raise CorruptImage(
+                f"{label}: VHD BAT maps {self.allocated} blocks, the file holds "
+                f"{source.size // record}"
+            )
 
     def block_pieces(self, block: int) -> Iterator[Piece]:
         base = block * self.block_size
