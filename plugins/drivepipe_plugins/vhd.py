@@ -325,16 +325,28 @@ class BlockImage(Source):
         end = min(offset + length, self.size)
         if offset >= end:
             return
+        hole_at = hole_len = 0
         for lo, hi, group in self.jobs(offset, end):
             if lo < 0:
-                yield Extent.hole(group[0][0], group[0][1])
+                guest, n, _ = group[0]
+                if hole_len and hole_at + hole_len == guest:
+                    hole_len += n
+                else:
+                    if hole_len:
+                        yield Extent.hole(hole_at, hole_len)
+                    hole_at, hole_len = guest, n
                 continue
+            if hole_len:
+                yield Extent.hole(hole_at, hole_len)
+                hole_len = 0
             buf = memoryview(self.source.pread_exact(lo, hi - lo, "data block"))
             for guest, n, host in group:
                 if host == HOLE:
                     yield Extent.hole(guest, n)
                 else:
                     yield from split_zeros(Extent(guest, n, buf[host - lo : host - lo + n]))
+        if hole_len:
+            yield Extent.hole(hole_at, hole_len)
 
     def close(self) -> None:
         """The byte source is closed by the input's ``resources``."""
