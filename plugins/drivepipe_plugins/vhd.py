@@ -22,9 +22,11 @@ disk is cut short at the CHS size, ours is not.  ``inspect`` shows both
 sizes (``current_size``, ``chs_size``).
 
 Fixed: the first ``currentSize`` bytes of the file are the disk; the footer
-is not part of it.  On a sequential source (a fixed VHD decoded from a
-compressor, opened with an explicit format) the disk is streamed and the
-footer behind it is checked before the disk's last byte is passed on.
+is not part of it.  On a sequential source (a stream with a known size) the
+disk is streamed and the footer behind it is checked before the disk's last
+byte is passed on.  Inside a compressor a fixed VHD is not recognised by its
+first bytes (its footer is at the end of the decoded stream): name it in the
+chain (``--format zstd,vhd``); the registry then gives it a random view.
 
 Dynamic: the dynamic header (``cxsparse``, its own checksum) gives the block
 size and the BAT (big-endian u32 sector offsets; 0xFFFFFFFF unallocated: a
