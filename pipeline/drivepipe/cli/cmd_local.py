@@ -24,6 +24,7 @@ from ._common import (
     ProgressOpt,
     QueueOpt,
     ReadSizeOpt,
+    SpoolDirOpt,
     ThreadsOpt,
     open_input,
 )
@@ -45,6 +46,7 @@ def convert(
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
+    spool_dir: SpoolDirOpt = None,
 ) -> None:
     """Convert an image to a sparse raw file (temp file, fsync, rename on success)."""
     check_target(dst, force=force)
@@ -52,7 +54,7 @@ def convert(
     with Reporter(stats, progress):
         # The sink first: if it refuses, no opened image is left unclosed.
         sink = SparseFileWriter(dst, force=force)
-        image = open_input(src, fmt, read_size, stats, threads)
+        image = open_input(src, fmt, read_size, stats, threads, spool_dir)
         run_pipeline(
             image.source, image.stages, sink, size=image.size, stats=stats,
             queue_depth=queue_depth,
@@ -66,11 +68,12 @@ def checksum_one(
     progress: str,
     queue_depth: int = LOCAL_QUEUE_DEPTH,
     threads: int = 2,
+    spool_dir: str | None = None,
 ) -> str:
     """The xxh3-128 hex digest of ``path``'s raw content."""
     stats = RunStats(title=f"checksum {path}")
     with Reporter(stats, progress):
-        image = open_input(path, fmt, read_size, stats, threads)
+        image = open_input(path, fmt, read_size, stats, threads, spool_dir)
         hasher = Xxh3Stage()
         # Reading/decoding in one thread, hashing in the other.
         run_pipeline(
@@ -88,11 +91,17 @@ def checksum(
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
+    spool_dir: SpoolDirOpt = None,
 ) -> None:
     """Print the xxh3-128 of each image's raw content, in xxh128sum's line format."""
     for path in srcs:
-        digest = checksum_one(path, fmt, read_size, progress, queue_depth, threads)
+        digest = checksum_one(
+            path, fmt, read_size, progress, queue_depth, threads, spool_dir
+        )
         typer.echo(f"{digest}  {path}")
+
+
+_SIZES = ("size", "file_size", "data_bytes", "hole_bytes", "spool_bytes")
 
 
 def scan_data(image: ImageInput) -> int:
@@ -117,9 +126,13 @@ def inspect(
         bool, typer.Option("--scan", help="Decode the image to count data bytes when the "
                            "format does not record them.")
     ] = False,
+    spool_dir: SpoolDirOpt = None,
 ) -> None:
-    """Show an image's format, raw size, and data vs hole bytes."""
-    image = open_input(src, fmt, "4M")
+    """Show an image's layers, raw size, and data vs hole bytes.
+
+    A compressed image whose inner format needs random reads is spooled to find
+    out (``spool_bytes`` says how much temporary space that took)."""
+    image = open_input(src, fmt, "4M", spool_dir=spool_dir)
     try:
         data = image.data_size
         if data is None and scan:
@@ -129,6 +142,7 @@ def inspect(
     info: dict[str, object] = {
         "path": src,
         "format": image.format,
+        "chain": image.chain,
         "size": image.size,
         "file_size": image.file_size,
         "data_bytes": data,
@@ -140,7 +154,9 @@ def inspect(
         return
     for key, value in info.items():
         shown = value
-        if key in ("size", "file_size", "data_bytes", "hole_bytes") and isinstance(value, int):
+        if key == "chain":
+            continue  # the format line shows it (xz > qcow2)
+        if key in _SIZES and isinstance(value, int):
             shown = f"{value} ({format_size(value)})"
         elif value is None:
             shown = "unknown (use --scan)"

@@ -24,13 +24,21 @@ from drivepipe_plugins.curl_upload import (
     direct_upload,
 )
 
-from .._errors import DrivepipeError, TransferError, UsageError
+from .._errors import DrivepipeError, ImageError, TransferError, UsageError
 from .._progress import Reporter, resolve_mode
 from .._sizes import format_size, parse_size
 from .._stage import ImageInput
 from .._stats import RunStats
 from ._app import app
-from ._common import FormatOpt, ProgressOpt, QueueOpt, ReadSizeOpt, ThreadsOpt, open_input
+from ._common import (
+    FormatOpt,
+    ProgressOpt,
+    QueueOpt,
+    ReadSizeOpt,
+    SpoolDirOpt,
+    ThreadsOpt,
+    open_input,
+)
 from ._net import (
     CacertOpt,
     Connection,
@@ -136,6 +144,7 @@ def upload(
     read_size: ReadSizeOpt = "4M",
     queue_depth: QueueOpt = 16,
     threads: ThreadsOpt = 2,
+    spool_dir: SpoolDirOpt = None,
     buffer: BufferOpt = "1M",
     chunked: ChunkedOpt = False,
     connections: ConnectionsOpt = 4,
@@ -162,7 +171,11 @@ def upload(
     try:
         stats = RunStats(title=f"upload {image}")
         with Reporter(stats, progress):
-            img = open_input(image, fmt, read_size, stats, threads)
+            img = open_input(image, fmt, read_size, stats, threads, spool_dir)
+            if img.size == 0:
+                img.close()
+                raise ImageError(f"{image}: the image is empty (0 bytes of disk); "
+                                 "there is nothing to upload")
             if chunked or resume:
                 result = send_chunked(img, conn, stats, chunk_size=chunk_size,
                                       connections=connections, resume=resume, journal=journal,
