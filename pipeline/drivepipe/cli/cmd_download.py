@@ -451,8 +451,8 @@ def download(
         finish(paths, force)
     if expected is None:
         note(f"no checksum to verify against; xxh128:{got.whole}  {paths.final}")
-    elif expected.length < probed.size:
+    elif expected.length is not None and expected.length < stats.total:
         note(f"{paths.final}: the first {expected.length} bytes verified against "
-             f"{expected.origin}; the other {probed.size - expected.length} bytes (the drive "
+             f"{expected.origin}; the other {stats.total - expected.length} bytes (the drive "
              "was grown past the uploaded image) are zeros, as checked")
     typer.echo(paths.final)
