@@ -50,7 +50,6 @@ from drivepipe._errors import (
     Cancelled,
     DrivepipeError,
     NetworkError,
-    OutputError,
     TransferError,
 )
 from drivepipe._http import (
@@ -63,7 +62,7 @@ from drivepipe._http import (
 )
 from drivepipe._stats import StageStats
 from drivepipe_plugins.download_journal import DownloadJournal, SourceIdentity, block_digest
-from drivepipe_plugins.sparse_write import SparseOutput, describe_os_error
+from drivepipe_plugins.sparse_write import SparseOutput, output_error
 
 #: libcurl hands us the body in pieces up to this size (fewer Python callbacks)
 RECV_BUFFER = 1 << 20
@@ -446,7 +445,7 @@ class BlockWriter:
                 data, offset = data[n:], offset + n
                 self.out.written += n
         except OSError as exc:
-            raise OutputError(describe_os_error(self.out.path, exc)) from exc
+            raise output_error(self.out.path, exc) from exc
 
 
 class _StopSignals:

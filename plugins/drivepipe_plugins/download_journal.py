@@ -26,8 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import xxhash
 
-from drivepipe._errors import OutputError
-from drivepipe_plugins.sparse_write import describe_os_error
+from drivepipe_plugins.sparse_write import output_error
 
 JOURNAL_VERSION = 1
 JOURNAL_SUFFIX = ".journal"
@@ -137,7 +136,9 @@ class DownloadJournal:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            raise OutputError(describe_os_error(path, exc)) from exc
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a full disk must not leave a half-written .tmp behind
+            raise output_error(path, exc) from exc
 
 
 def parse_journal(data: Any) -> DownloadJournal | None:

@@ -58,10 +58,16 @@ from drivepipe_plugins.download_verify import (
     expectation_from_meta,
     parse_expect,
 )
-from drivepipe_plugins.sparse_write import SparseOutput, check_target, publish
+from drivepipe_plugins.sparse_write import (
+    SparseOutput,
+    check_target,
+    free_bytes,
+    publish,
+    punch_hole,
+)
 
 from .._config import Endpoint, resolve_credentials, resolve_endpoint
-from .._errors import ConfigError, UsageError, VerifyError
+from .._errors import ConfigError, DiskFull, DrivepipeError, UsageError, VerifyError
 from .._http import UUID_RE, ApiClient, TlsOptions
 from .._progress import Reporter
 from .._sizes import format_size, parse_size
@@ -310,6 +316,7 @@ def fetch(
         out, journal, stale = open_part(paths, probed, target.url, block_size, stats, digester)
         hasher = PrefixHasher(paths.part, journal, digester, _phase_progress(stats)) \
             if digester is not None else None
+        warn_free_space(paths, journal, expected)
         try:
             if hasher is not None:
                 hasher.start()
@@ -320,6 +327,8 @@ def fetch(
             out.sync()
             stats.set_phase("verify")
             return journal, hasher.finish() if hasher is not None else None
+        except DiskFull as exc:
+            raise disk_full(paths, journal, out) from exc
         except SourceChanged as exc:
             if restart == MAX_RESTARTS:
                 raise
@@ -332,6 +341,40 @@ def fetch(
                 hasher.stop()
             out.close()
     raise AssertionError("unreachable")
+
+
+def warn_free_space(paths: Paths, journal: DownloadJournal,
+                    expected: Expectation | None) -> None:
+    """Say so when the bytes still to write may not fit (holes are not written, so a
+    sparse drive may fit all the same: a warning, not a refusal)."""
+    size = journal.identity.size
+    if expected is not None and expected.length is not None:
+        size = min(size, expected.length)  # past the uploaded image the drive is zeros
+    left = max(size - journal.done_bytes(), 0)
+    free = free_bytes(paths.part)
+    if free is not None and free < left:
+        note(f"{os.path.dirname(os.path.abspath(paths.part))}: {format_size(free)} free, "
+             f"up to {format_size(left)} still to write (holes take no room, so it may fit)")
+
+
+def disk_full(paths: Paths, journal: DownloadJournal, out: SparseOutput) -> DiskFull:
+    """The disk filled up: free the unfinished blocks' bytes so the journal can be saved,
+    save it, and say what is kept for the rerun."""
+    missing = [i for i in range(journal.block_count) if i not in journal.blocks]
+    for index in missing:
+        start, length = journal.block_span(index)
+        punch_hole(out.fd, start, length)
+    saved = ""
+    try:
+        journal.save(paths.journal)
+    except DrivepipeError as exc:
+        saved = f" (the journal could not be saved: {exc.one_line()})"
+    kept = journal.done_bytes()
+    return DiskFull(
+        f"{paths.part}: no space left on device; {format_size(kept)} of "
+        f"{format_size(journal.identity.size)} are kept{saved}: free space and run the "
+        "same command again to go on from there"
+    )
 
 
 def verify(

@@ -25,6 +25,7 @@ from drivepipe_plugins.curl_upload import (
 )
 
 from .._errors import DrivepipeError, ImageError, TransferError, UsageError
+from .._http import ApiClient
 from .._progress import Reporter, resolve_mode
 from .._sizes import format_size, parse_size
 from .._stage import ImageInput
@@ -177,7 +178,10 @@ def upload(
     conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http, tls)
     try:
         # A wrong password or endpoint shows now, not after a counting pass or a spool.
-        conn.api.get_json("drives/", {"limit": 1})
+        # On a connection of its own: libcurl re-sends a request that fails early on a
+        # reused connection, and a re-sent POST (initupload) would make a second drive.
+        with ApiClient(conn.endpoint, conn.creds, conn.tls) as check:
+            check.get_json("drives/", {"limit": 1})
         stats = RunStats(title=f"upload {image}")
         with Reporter(stats, progress):
             img = open_input(image, fmt, read_size, stats, threads, spool_dir)
