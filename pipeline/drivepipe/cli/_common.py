@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from .._errors import UsageError
+from .._progress import resolve_mode
 from .._registry import open_image
 from .._sizes import parse_size
 from .._stage import ImageInput, OpenOptions
@@ -15,20 +16,30 @@ from .._stats import RunStats
 FormatOpt = Annotated[
     str,
     typer.Option(
-        "--format", "-f",
+        "--format", "-f", metavar="FORMAT",
         help="Input format (auto, raw, qcow2, gzip, xz, zstd, bzip2); auto detects by magic bytes.",
     ),
 ]
+ProgressMode = Literal["auto", "rich", "plain", "json", "none"]
 ProgressOpt = Annotated[
-    str,
+    ProgressMode,
     typer.Option(
         "--progress",
-        help="auto (a live view on a terminal, else none), rich, plain, json (one object "
-        "per line on stderr), none.",
+        help="auto (a live view on a terminal, else none), rich, plain (a line every few "
+        "seconds), json (one object per line on stderr), none.",
     ),
 ]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress and no summary on stderr (errors "
+                       "and warnings still show).")
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="More detail: when stderr is not a terminal, "
+                       "plain progress lines and a summary with one line per stage.")
+]
 ReadSizeOpt = Annotated[
-    str, typer.Option("--read-size", help="Size of each disk read (e.g. 1M, 4M, 16M).")
+    str, typer.Option(
+        "--read-size", metavar="SIZE", help="Size of each disk read (e.g. 1M, 4M, 16M).")
 ]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace the output file if it already exists.")
@@ -64,12 +75,39 @@ def open_input(
             stats.phase_done = done
             stats.phase_total = total
 
-    if threads < 1:
-        raise UsageError("--threads must be at least 1")
-    options = OpenOptions(read_size=parse_size(read_size), on_phase=on_phase, threads=threads)
+    positive(threads, "--threads")
+    options = OpenOptions(read_size=positive_size(read_size, "--read-size"), on_phase=on_phase,
+                          threads=threads)
     image = open_image(path, fmt, options)
     if stats is not None:
         stats.phase = "transfer"
         stats.total = image.size
         stats.data_total = image.data_size
     return image
+
+
+def progress_mode(progress: str, quiet: bool, verbose: bool) -> str:
+    """The progress mode ``--progress``, ``-q`` and ``-v`` ask for together."""
+    if quiet and verbose:
+        raise UsageError("-q/--quiet and -v/--verbose contradict each other: pick one")
+    if quiet:
+        return "none"
+    if verbose and progress == "auto":
+        # a terminal gets the live view anyway; a log file gets lines instead of nothing
+        return "plain" if resolve_mode(progress) == "none" else "rich"
+    return resolve_mode(progress)
+
+
+def positive(value: int, option: str) -> int:
+    """``value`` if at least 1; else one line naming ``option``."""
+    if value < 1:
+        raise UsageError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+def positive_size(text: str, option: str) -> int:
+    """A size option that must be at least one byte (``--read-size 0`` makes no sense)."""
+    size = parse_size(text)
+    if size < 1:
+        raise UsageError(f"{option} must be at least 1 byte, got {text!r}")
+    return size

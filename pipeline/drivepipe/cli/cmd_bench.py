@@ -236,13 +236,15 @@ def bench(
     seconds: Annotated[float, typer.Option(
         "--seconds", help="Time budget of each measurement.")] = 3.0,
     limit: Annotated[str, typer.Option(
-        "--limit", help="Measure at most this many raw bytes of the image (e.g. 512M, 4G).")
+        "--limit", metavar="SIZE",
+        help="Measure at most this many raw bytes of the image (e.g. 512M, 4G).")
     ] = "1G",
     fmt: FormatOpt = "auto",
     read_size: ReadSizeOpt = "4M",
     queue_depth: QueueOpt = 16,
     buffer_size: Annotated[str, typer.Option(
-        "--buffer-size", help="libcurl upload buffer of the sends (16K to 2M).")] = "1M",
+        "--buffer-size", metavar="SIZE",
+        help="libcurl upload buffer of the sends (16K to 2M).")] = "1M",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Measure each stage alone and the whole pipeline; name the bottleneck and advise.

@@ -82,10 +82,12 @@ def make_images(work: str, size: int) -> tuple[str, str, int]:
 
 @app.command()
 def demo(
-    size: Annotated[str, typer.Option("--size", help="Virtual size of the sample disk.")] = "1G",
+    size: Annotated[str, typer.Option(
+        "--size", metavar="SIZE", help="Virtual size of the sample disk.")] = "1G",
     keep: Annotated[
         str | None,
-        typer.Option("--keep", help="Keep the store and the files in this directory.",
+        typer.Option(
+            "--keep", metavar="DIR", help="Keep the store and the files in this directory.",
                      show_default=False),
     ] = None,
     progress: ProgressOpt = "auto",

@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import sys
+from collections.abc import Callable, Iterable
 from typing import Annotated
 
 import typer
 
 from drivepipe_plugins.discard import DiscardSink
+from drivepipe_plugins.download_names import raw_name_for
 from drivepipe_plugins.sparse_write import SparseFileWriter, check_target
 from drivepipe_plugins.xxh3 import Xxh3Stage
 
+from .._errors import Cancelled, ConfigError, DrivepipeError, UsageError
 from .._extent import split_zeros
 from .._progress import Reporter
 from .._runner import run_pipeline
 from .._sizes import format_size
 from .._stage import ImageInput
 from .._stats import RunStats
+from .._sums import format_line, parse_lines
 from ._app import app
 from ._common import (
     ForceOpt,
     FormatOpt,
     ProgressOpt,
     QueueOpt,
+    QuietOpt,
     ReadSizeOpt,
     ThreadsOpt,
+    VerboseOpt,
     open_input,
+    positive,
+    positive_size,
+    progress_mode,
 )
 
 # Measured on a warm 1 GiB file (benchmarks/bench_local.py): 2 MiB reads with 8
@@ -37,19 +49,28 @@ LOCAL_QUEUE_DEPTH = 8
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="Input image (any supported format).")],
-    dst: Annotated[str, typer.Argument(help="Output raw image; written sparsely.")],
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Input image (any supported format).")],
+    dst: Annotated[str, typer.Argument(
+        metavar="DST", help="Output raw image, written sparsely.  A directory (existing, or "
+        "written with a trailing /) gets SRC's file name with its format extensions "
+        "replaced by .raw inside it: disk.qcow2.gz -> DIR/disk.raw.")],
     fmt: FormatOpt = "auto",
     force: ForceOpt = False,
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
 ) -> None:
     """Convert an image to a sparse raw file (temp file, fsync, rename on success)."""
+    mode = progress_mode(progress, quiet, verbose)
+    positive(queue_depth, "--queue-depth")
+    if dst.endswith(os.sep) or os.path.isdir(dst):
+        dst = os.path.join(dst, raw_name_for(src))
     check_target(dst, force=force)
     stats = RunStats(title=f"convert {src}")
-    with Reporter(stats, progress):
+    with Reporter(stats, mode):
         # The sink first: if it refuses, no opened image is left unclosed.
         sink = SparseFileWriter(dst, force=force)
         image = open_input(src, fmt, read_size, stats, threads)
@@ -82,17 +103,95 @@ def checksum_one(
 
 @app.command()
 def checksum(
-    srcs: Annotated[list[str], typer.Argument(help="Images to hash (raw content).")],
+    srcs: Annotated[list[str], typer.Argument(
+        metavar="PATH", help="Images to hash (raw content); with -c, lists to check.")],
+    check: Annotated[bool, typer.Option(
+        "--check", "-c", help="Each PATH is a list of HASH  NAME lines (xxh128sum's format, "
+        "- for stdin): hash each NAME and print NAME: OK or NAME: FAILED.")] = False,
     fmt: FormatOpt = "auto",
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
 ) -> None:
-    """Print the xxh3-128 of each image's raw content, in xxh128sum's line format."""
-    for path in srcs:
-        digest = checksum_one(path, fmt, read_size, progress, queue_depth, threads)
-        typer.echo(f"{digest}  {path}")
+    """Print the xxh3-128 of each image's raw content, in xxh128sum's line format.
+
+    A file that cannot be hashed gets one error line on stderr and the others are still
+    hashed; the exit code is then that of the first failure (7 if -c found a mismatch).
+    """
+    mode = progress_mode(progress, quiet, verbose)
+    positive(queue_depth, "--queue-depth")
+    positive(threads, "--threads")
+    positive_size(read_size, "--read-size")
+    digest = functools.partial(checksum_one, fmt=fmt, read_size=read_size, progress=mode,
+                               queue_depth=queue_depth, threads=threads)
+    code = check_lists(srcs, digest) if check else hash_each(srcs, digest)
+    if code:
+        raise typer.Exit(code)
+
+
+def _failed(exc: DrivepipeError) -> int:
+    """Report one file's failure on stderr; errors about the whole command go on up."""
+    if isinstance(exc, (Cancelled, UsageError, ConfigError)):
+        raise exc
+    typer.echo(f"drivepipe: error: {exc.one_line()}", err=True)
+    return exc.exit_code
+
+
+def hash_each(paths: Iterable[str], digest: Callable[[str], str]) -> int:
+    code = 0
+    for path in paths:
+        try:
+            typer.echo(format_line(digest(path), path))
+        except DrivepipeError as exc:
+            code = code or _failed(exc)
+    return code
+
+
+def check_lists(lists: Iterable[str], digest: Callable[[str], str]) -> int:
+    """``xxh128sum -c``: check every line of every list; the first failure's exit code."""
+    code = mismatched = malformed = 0
+    for listing in lists:
+        try:
+            lines = _read_list(listing)
+        except OSError as exc:
+            typer.echo(f"drivepipe: error: {listing}: cannot read: {exc.strerror or exc}",
+                       err=True)
+            code = code or 3
+            continue
+        entries = list(parse_lines(lines))
+        if not any(entries):
+            typer.echo(f"drivepipe: error: {listing}: no properly formatted checksum lines",
+                       err=True)
+            code = code or 1
+            continue
+        malformed += entries.count(None)
+        for entry in filter(None, entries):
+            try:
+                ok = digest(entry.name) == entry.digest
+            except DrivepipeError as exc:
+                code = code or _failed(exc)
+                typer.echo(f"{entry.name}: FAILED open or read")
+                continue
+            typer.echo(f"{entry.name}: {'OK' if ok else 'FAILED'}")
+            if not ok:
+                mismatched += 1
+                code = code or 7
+    if malformed:
+        typer.echo(f"drivepipe: warning: {malformed} line(s) improperly formatted", err=True)
+    if mismatched:
+        typer.echo(f"drivepipe: warning: {mismatched} computed checksum(s) did NOT match",
+                   err=True)
+    return code
+
+
+def _read_list(listing: str) -> list[str]:
+    if listing == "-":
+        return sys.stdin.readlines()
+    with open(listing, encoding="utf-8", errors="surrogateescape") as f:
+        return f.readlines()
 
 
 def scan_data(image: ImageInput) -> int:
