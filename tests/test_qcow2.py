@@ -22,6 +22,7 @@ from drivepipe._extent import ZERO_BLOCK
 from drivepipe._registry import detect, open_image
 from drivepipe._stage import OpenOptions
 from drivepipe_plugins.qcow2 import DATA, HOLE, Qcow2Image
+from drivepipe_plugins.sparse_read import SparseFileReader
 
 DRIVEPIPE = Path(sys.executable).parent / "drivepipe"
 DECODABLE = ["plain.qcow2", "v2.qcow2", "zlib.qcow2", "zstd.qcow2", "extl2.qcow2"]
@@ -99,11 +100,13 @@ def test_data_size_lies_between_the_nonzero_bytes_and_the_size(name: str) -> Non
 
 
 def test_extended_l2_fixture_has_partly_allocated_clusters() -> None:
-    image = Qcow2Image(str(FORMATS / "extl2.qcow2"), OpenOptions())
+    file = SparseFileReader(str(FORMATS / "extl2.qcow2"))
+    image = Qcow2Image(file, OpenOptions())
     try:
         pieces = list(image.pieces(0, image.size))
     finally:
         image.close()
+        file.close()
     sub = 16384 // 32
     assert any(kind == DATA and length == sub for kind, _, length, _, _ in pieces)
     assert any(kind == HOLE and length == sub for kind, _, length, _, _ in pieces)

@@ -28,7 +28,16 @@ import os
 import struct
 from collections.abc import Iterator
 
-from drivepipe import CorruptImage, Extent, ImageFormat, ImageInput, OpenOptions, Source, Stage
+from drivepipe import (
+    ByteSource,
+    CorruptImage,
+    Extent,
+    ImageFormat,
+    ImageInput,
+    OpenOptions,
+    Source,
+    Stage,
+)
 
 MAGIC = b"ZRLE\x00\x01"
 HEADER = struct.Struct(">6sQ")
@@ -37,17 +46,28 @@ ZEROS, DATA = 0, 1
 
 
 class ZrleSource(Source):
-    """Reads the records in order: data records as data extents, zero runs as holes."""
+    """Reads the records in order: data records as data extents, zero runs as holes.
+
+    It reads its bytes from a :class:`~drivepipe.ByteSource` (a file, or the
+    decoded output of an outer compressor: ``disk.zrle.xz`` works too), never
+    from a path.
+    """
 
     name = "zrle"
 
-    def __init__(self, path: str, read_size: int) -> None:
-        self.path = path
+    def __init__(self, file: ByteSource, read_size: int) -> None:
+        self.path = file.label
         self.read_size = read_size
-        self.file = open(path, "rb")  # noqa: SIM115 - kept open until close(), as a Source does
-        magic, self.size = HEADER.unpack(self.file.read(HEADER.size))
+        self.file = file
+        self.pos = HEADER.size
+        magic, self.size = HEADER.unpack(file.pread_exact(0, HEADER.size, "zrle header"))
         if magic != MAGIC:
-            raise CorruptImage(f"{path}: not a zrle file")
+            raise CorruptImage(f"{self.path}: not a zrle file")
+
+    def _read(self, n: int) -> bytes:
+        data = self.file.pread(self.pos, n)
+        self.pos += len(data)
+        return data
 
     def extents(self) -> Iterator[Extent]:
         pos = 0
@@ -60,7 +80,7 @@ class ZrleSource(Source):
             pos += length
 
     def _record(self, pos: int) -> tuple[int, int]:
-        head = self.file.read(RECORD.size)
+        head = self._read(RECORD.size)
         if len(head) != RECORD.size:
             raise CorruptImage(f"{self.path}: records end at {pos} of {self.size} bytes")
         kind, length = RECORD.unpack(head)
@@ -72,7 +92,7 @@ class ZrleSource(Source):
         """A data record in pieces of at most ``read_size`` bytes (bounded memory)."""
         end = pos + length
         while pos < end:
-            data = self.file.read(min(self.read_size, end - pos))
+            data = self._read(min(self.read_size, end - pos))
             if not data:
                 raise CorruptImage(f"{self.path}: truncated at image offset {pos}")
             yield Extent(pos, len(data), data)
@@ -86,13 +106,14 @@ class ZrleFormat(ImageFormat):
     name = "zrle"
     detect_order = 40  # before raw (1000), the fallback
 
-    def detect(self, head: bytes) -> bool:
+    def detect(self, head: bytes, source: ByteSource) -> bool:
         return head.startswith(MAGIC)
 
-    def open(self, path: str, options: OpenOptions) -> ImageInput:
-        source = ZrleSource(path, options.read_size)
-        return ImageInput(path=path, format=self.name, size=source.size, source=source,
-                          file_size=os.path.getsize(path))
+    def open(self, source: ByteSource, options: OpenOptions) -> ImageInput:
+        # the ZrleSource closes the byte source it reads: it owns it from here on
+        zrle = ZrleSource(source, options.read_size)
+        return ImageInput(path=source.label, format=self.name, size=zrle.size, source=zrle,
+                          file_size=source.size)
 
 
 class ZeroRunsStage(Stage):

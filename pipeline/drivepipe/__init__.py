@@ -22,9 +22,20 @@ from ._errors import (
     VerifyError,
 )
 from ._extent import ZERO, Extent, is_zero, split_zeros, zero_chunks
-from ._registry import detect, formats, open_image, stages
+from ._registry import detect, formats, open_image, open_source, stages
 from ._runner import Pipeline, run_pipeline
-from ._stage import ImageFormat, ImageInput, OpenOptions, RandomAccess, Sink, Source, Stage
+from ._stage import (
+    ByteSource,
+    CompressionFormat,
+    DecodedLayer,
+    ImageFormat,
+    ImageInput,
+    OpenOptions,
+    RandomAccess,
+    Sink,
+    Source,
+    Stage,
+)
 from ._stats import RunStats, StageStats
 
 __version__ = "0.1.0"
@@ -32,9 +43,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ZERO",
     "AuthError",
+    "ByteSource",
     "Cancelled",
+    "CompressionFormat",
     "ConfigError",
     "CorruptImage",
+    "DecodedLayer",
     "DrivepipeError",
     "Extent",
     "HTTPError",
@@ -61,6 +75,7 @@ __all__ = [
     "formats",
     "is_zero",
     "open_image",
+    "open_source",
     "run_pipeline",
     "split_zeros",
     "stages",

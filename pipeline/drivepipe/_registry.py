@@ -156,6 +156,6 @@ def open_source(
 
     If this raises, the caller still owns (and closes) ``source``.
     """
-    from ._nesting import open_layers
+    from ._nesting import open_layers  # noqa: PLC0415 - _nesting imports this module
 
     return open_layers(source, chain, options or OpenOptions(), 0)

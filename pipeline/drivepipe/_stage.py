@@ -39,8 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Protocol, TypeVar
 
-from ._errors import ImageError
-
+from ._errors import CorruptImage, ImageError
 from ._extent import Extent, split_zeros
 
 T = TypeVar("T")
@@ -133,8 +132,6 @@ class ByteSource(Source):
         """Exactly ``length`` bytes at ``offset`` or CorruptImage naming ``what``."""
         data = self.pread(offset, length) if offset >= 0 else b""
         if len(data) != length:
-            from ._errors import CorruptImage
-
             raise CorruptImage(
                 f"{self.label}: truncated: {what} at offset {offset} runs past the end "
                 f"({self.size} bytes)"
@@ -155,11 +152,12 @@ class ByteSource(Source):
         for lo, hi in ranges if ranges is not None else [(offset, end)]:
             if lo > pos:
                 yield Extent.hole(pos, lo - pos)
-            while lo < hi:
-                n = min(step - lo % step, hi - lo)
-                data = self.pread_exact(lo, n, "data")
-                yield from split_zeros(Extent(lo, n, data))
-                lo += n
+            at = lo
+            while at < hi:
+                n = min(step - at % step, hi - at)
+                data = self.pread_exact(at, n, "data")
+                yield from split_zeros(Extent(at, n, data))
+                at += n
             pos = max(pos, hi)
         if pos < end:
             yield Extent.hole(pos, end - pos)
@@ -286,8 +284,9 @@ class DecodedLayer(ABC):
         return None
 
     @abstractmethod
-    def stream(self, size: int, options: OpenOptions) -> tuple[Source, list[Stage]]:
-        """The decoded bytes as a Source and stages that produce exactly ``size`` bytes.
+    def stream(self, size: int | None, options: OpenOptions) -> tuple[Source, list[Stage]]:
+        """The decoded bytes as a Source and stages that produce exactly ``size`` bytes
+        (any number when ``size`` is None: the spool learns the size by decoding).
 
         The returned source may be the layer's input itself; closing it is the
         caller's business (through :class:`ImageInput`)."""

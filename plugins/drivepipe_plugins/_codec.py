@@ -1,6 +1,6 @@
 """Shared machinery for the stream decompressor formats (gzip, xz, zstd, bzip2).
 
-In: the compressed file's bytes as extents (from :class:`SparseFileReader`).
+In: the compressed bytes as extents (from a :class:`~drivepipe.ByteSource`).
 Out: the raw image as extents with offsets in the raw image, each at most one
 decompressor call's output (bounded by ``max_length``, so a decompression bomb
 costs time, never memory), all-zero blocks turned into holes.
@@ -11,39 +11,24 @@ input ends mid-stream; :class:`DecodeStage` turns those into one clear
 :class:`CorruptImage` line naming the file and the compressed offset.  The same
 decoder runs the *counting pass* (:func:`count_output`) that finds the exact
 raw size of formats that do not record it.
+
+:class:`StreamLayer` is the :class:`~drivepipe.DecodedLayer` of a compressor
+read front to back; :class:`IndexedSource` the random-access view of one whose
+blocks (xz) or frames (zstd) decode independently.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+import bisect
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
-from drivepipe._errors import CorruptImage, ImageError
+from drivepipe._errors import CorruptImage
 from drivepipe._extent import ZERO_VIEW, Buffer, Extent, split_zeros
-from drivepipe._stage import ImageInput, OpenOptions, PhaseCallback, Stage
-
-from .sparse_read import SparseFileReader
-
-T = TypeVar("T")
-
-
-def read_structure(path: str, walk: Callable[[int, int], T]) -> T:
-    """Open ``path`` and return ``walk(fd, file_size)``; OS errors become ImageError.
-
-    For the formats whose exact size comes from walking their own headers or
-    indexes (xz, zstd) before any byte is decoded.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
-    try:
-        return walk(fd, os.fstat(fd).st_size)
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
+from drivepipe._stage import ByteSource, DecodedLayer, OpenOptions, Source, Stage
 
 #: input handed to one decompressor call; small so that the copy a decompressor
 #: makes of the bytes after a stream's end (``unused_data``) stays cheap even
@@ -219,7 +204,7 @@ class DecodeStage(Stage):
     """Compressed bytes in, raw image extents out, exactly ``size`` bytes."""
 
     def __init__(
-        self, name: str, path: str, fmt: str, decoder: Decoder, size: int, out: int
+        self, name: str, path: str, fmt: str, decoder: Decoder, size: int | None, out: int
     ) -> None:
         self.name = name
         self.path = path
@@ -233,14 +218,14 @@ class DecodeStage(Stage):
         pos = 0
         for piece in _guarded(self.decoder(iter(feed), self.out), feed, self.path, self.fmt):
             n = len(piece)
-            if pos + n > self.size:
+            if self.size is not None and pos + n > self.size:
                 raise CorruptImage(
                     f"{self.path}: {self.fmt} stream decodes to more than the "
                     f"{self.size} bytes counted before streaming"
                 )
             yield from split_zeros(Extent(pos, n, piece))
             pos += n
-        if pos != self.size:
+        if self.size is not None and pos != self.size:
             raise CorruptImage(
                 f"{self.path}: {self.fmt} stream decoded to {pos} bytes, "
                 f"expected {self.size}"
@@ -249,7 +234,7 @@ class DecodeStage(Stage):
 
 def _guarded(
     pieces: Iterator[bytes], feed: CompressedFeed, path: str, fmt: str
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """Re-raise decoder failures as one CorruptImage line with the offset."""
     try:
         yield from pieces
@@ -263,61 +248,162 @@ def _guarded(
         ) from exc
 
 
-def file_chunks(
-    path: str, chunk: int, on_phase: PhaseCallback | None, phase: str
-) -> Iterator[Extent]:
-    """The file's bytes in ``chunk``-sized extents, reporting progress as ``phase``."""
-    reader = SparseFileReader(path, read_size=chunk)
-    try:
-        total = reader.size
-        for ext in reader.extents():
-            yield ext
-            if on_phase is not None:
-                on_phase(phase, ext.end, total)
-    finally:
-        reader.close()
+def source_chunks(source: ByteSource, on_phase: Callable[[str, int, int], None] | None,
+                  phase: str) -> Iterator[Extent]:
+    """The source's extents, reporting progress as ``phase``."""
+    total = source.size
+    for ext in source.extents():
+        yield ext
+        if on_phase is not None:
+            on_phase(phase, ext.end, total)
 
 
-def count_output(path: str, fmt: str, decoder: Decoder, options: OpenOptions) -> int:
-    """The counting pass: decode the whole file and return the raw size."""
-    feed = CompressedFeed(file_chunks(path, options.read_size, options.on_phase, "counting"))
+def count_output(source: ByteSource, fmt: str, decoder: Decoder, options: OpenOptions) -> int:
+    """The counting pass: decode the whole input and return the raw size."""
+    feed = CompressedFeed(source_chunks(source, options.on_phase, "counting"))
     total = 0
-    for piece in _guarded(decoder(iter(feed), COUNT_OUT), feed, path, fmt):
+    for piece in _guarded(decoder(iter(feed), COUNT_OUT), feed, source.label, fmt):
         total += len(piece)
     return total
 
 
-def open_compressed(
-    path: str,
-    fmt: str,
-    stage_name: str,
-    decoder: Decoder,
-    size: int,
-    options: OpenOptions,
-    details: dict[str, object],
-) -> ImageInput:
-    """The ImageInput of a compressed file: a file reader plus one decode stage."""
-    reader = SparseFileReader(
-        path, read_size=options.read_size, drop_cache_above=options.drop_cache_above
-    )
-    stage = DecodeStage(stage_name, path, fmt, decoder, size, out_size(options))
-    return ImageInput(
-        path=path,
-        format=fmt,
-        size=size,
-        source=reader,
-        stages=[stage],
-        file_size=reader.size,
-        details=details,
-    )
-
-
-def pread_exact(fd: int, length: int, offset: int, path: str, what: str) -> bytes:
-    """Read exactly ``length`` bytes or fail with CorruptImage naming ``what``."""
+def decoded_head(source: ByteSource, fmt: str, decoder: Decoder, length: int) -> bytes:
+    """The first ``length`` decoded bytes (decodes only as far as needed)."""
+    feed = CompressedFeed(source.extents())
+    out = bytearray()
+    pieces = _guarded(decoder(iter(feed), MIN_OUT), feed, source.label, fmt)
     try:
-        data = os.pread(fd, length, offset)
-    except OSError as exc:
-        raise ImageError(f"{path}: read error at {offset}: {exc.strerror}") from exc
-    if len(data) != length:
-        raise CorruptImage(f"{path}: truncated file: {what} at offset {offset} is past the end")
-    return data
+        for piece in pieces:
+            out += piece
+            if len(out) >= length:
+                break
+    finally:
+        pieces.close()
+    return bytes(out[:length])
+
+
+class StreamLayer(DecodedLayer):
+    """A compressor read front to back: a decode stage after its byte source."""
+
+    def __init__(
+        self,
+        source: ByteSource,
+        fmt: str,
+        stage_name: str,
+        decoder: Decoder,
+        details: dict[str, object],
+        known_size: int | None = None,
+    ) -> None:
+        self.source = source
+        self.format = fmt
+        self.stage_name = stage_name
+        self.decoder = decoder
+        self.details = details
+        self.known_size = known_size
+
+    def head(self, length: int = 4096) -> bytes:
+        return decoded_head(self.source, self.format, self.decoder, length)
+
+    def exact_size(self) -> int | None:
+        return self.known_size
+
+    def counted_size(self, options: OpenOptions) -> int:
+        self.known_size = count_output(self.source, self.format, self.decoder, options)
+        self.details["size_from"] = "counting pass"
+        return self.known_size
+
+    def stream(self, size: int | None, options: OpenOptions) -> tuple[Source, list[Stage]]:
+        stage = DecodeStage(
+            self.stage_name, self.source.label, self.format, self.decoder, size,
+            out_size(options),
+        )
+        return self.source, [stage]
+
+
+#: a block or frame decoded for random reads is at most this big (else: spool)
+INDEXED_MAX_BLOCK = 64 << 20
+#: decoded blocks kept for random reads, besides the ones being decoded
+_INDEXED_CACHE = 3
+
+
+class IndexedSource(ByteSource):
+    """Random reads of a decoded layer whose blocks decode independently.
+
+    ``blocks`` are ``(raw_offset, raw_size)`` in order, covering ``[0, size)``;
+    ``decode(i)`` returns block ``i``'s exact bytes (raising CorruptImage).  A
+    read decodes the blocks it touches, keeps the last few (an inner qcow2 reads
+    its tables and then mostly in order) and decodes the next block ahead in a
+    worker thread.  Memory: at most ``(cache + 2 x threads)`` blocks of at most
+    :data:`INDEXED_MAX_BLOCK` bytes each.
+    """
+
+    random = True
+
+    def __init__(
+        self,
+        label: str,
+        name: str,
+        blocks: list[tuple[int, int]],
+        decode: Callable[[int], bytes],
+        threads: int,
+    ) -> None:
+        self.label = label
+        self.name = name
+        self._starts = [b[0] for b in blocks]
+        self._sizes = [b[1] for b in blocks]
+        self.size = blocks[-1][0] + blocks[-1][1] if blocks else 0
+        self._decode = decode
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._pending: dict[int, Future[bytes]] = {}
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=name)
+
+    def _block(self, index: int) -> bytes:
+        future: Future[bytes] | None = None
+        with self._lock:
+            data = self._cache.get(index)
+            if data is not None:
+                self._cache.move_to_end(index)
+            else:
+                future = self._pending.get(index)
+                if future is None:
+                    future = self._pending[index] = self._pool.submit(self._decode, index)
+            ahead = index + 1
+            if ahead < len(self._starts) and ahead not in self._cache \
+                    and ahead not in self._pending:
+                self._pending[ahead] = self._pool.submit(self._decode, ahead)
+        if future is None:
+            assert data is not None
+            return data
+        try:
+            data = future.result()
+        finally:
+            with self._lock:
+                if self._pending.get(index) is future:
+                    del self._pending[index]
+        with self._lock:
+            self._cache[index] = data
+            self._cache.move_to_end(index)
+            while len(self._cache) > _INDEXED_CACHE:
+                self._cache.popitem(last=False)
+        return data
+
+    def pread(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        index = bisect.bisect_right(self._starts, offset) - 1
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            data = self._block(index)
+            start = self._starts[index]
+            piece = memoryview(data)[pos - start : min(end, start + len(data)) - start]
+            out += piece
+            pos += len(piece)
+            index += 1
+        return bytes(out)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._cache.clear()

@@ -13,9 +13,9 @@ from __future__ import annotations
 import bz2
 from collections.abc import Iterator
 
-from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
+from drivepipe._stage import ByteSource, CompressionFormat, DecodedLayer, OpenOptions
 
-from ._codec import StreamDecompressor, count_output, decode_streams, open_compressed
+from ._codec import StreamDecompressor, StreamLayer, decode_streams
 
 
 def _new_stream() -> StreamDecompressor:
@@ -27,16 +27,13 @@ def decode_bzip2(chunks: Iterator[memoryview], out: int) -> Iterator[bytes]:
     return decode_streams(chunks, out, _new_stream, (OSError, EOFError, ValueError))
 
 
-class Bzip2Format(ImageFormat):
+class Bzip2Format(CompressionFormat):
     name = "bzip2"
     detect_order = 20
 
-    def detect(self, head: bytes) -> bool:
+    def detect(self, head: bytes, source: ByteSource) -> bool:
         return len(head) >= 4 and head[:3] == b"BZh" and 0x31 <= head[3] <= 0x39
 
-    def open(self, path: str, options: OpenOptions) -> ImageInput:
-        size = count_output(path, self.name, decode_bzip2, options)
-        return open_compressed(
-            path, self.name, "bunzip2", decode_bzip2, size, options,
-            {"compression": "bzip2", "size_from": "counting pass"},
-        )
+    def open_layer(self, source: ByteSource, options: OpenOptions) -> DecodedLayer:
+        details: dict[str, object] = {"compression": "bzip2", "size_from": "counting pass"}
+        return StreamLayer(source, self.name, "bunzip2", decode_bzip2, details)

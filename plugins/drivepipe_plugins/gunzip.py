@@ -13,22 +13,15 @@ padding.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
 from typing import cast
 
 from isal import igzip_lib
 
-from drivepipe._errors import ImageError
-from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
+from drivepipe._stage import ByteSource, CompressionFormat, DecodedLayer, OpenOptions
 
-from ._codec import (
-    StreamDecompressor,
-    count_output,
-    decode_streams,
-    open_compressed,
-)
+from ._codec import StreamDecompressor, StreamLayer, decode_streams
 
 GZIP_MAGIC = b"\x1f\x8b"
 _FEXTRA = 0x04
@@ -66,42 +59,35 @@ def _bgzf_block_size(header: bytes) -> int | None:
     return None
 
 
-def bgzf_size(path: str) -> int | None:
+def bgzf_size(source: ByteSource) -> int | None:
     """Exact raw size of a BGZF file from its members' ISIZEs; None if not BGZF."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        end = os.fstat(fd).st_size
-        pos = total = 0
-        while pos < end:
-            block = _bgzf_block_size(os.pread(fd, 64, pos))
-            if block is None or block < _BGZF_HEADER + 8 or pos + block > end:
-                return None
-            (isize,) = struct.unpack("<I", os.pread(fd, 4, pos + block - 4))
-            if isize > _BGZF_MAX_BLOCK:
-                return None
-            total += isize
-            pos += block
-        return total if end else None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
+    if not source.random:
+        return None
+    end = source.size
+    pos = total = 0
+    while pos < end:
+        block = _bgzf_block_size(source.pread(pos, 64))
+        if block is None or block < _BGZF_HEADER + 8 or pos + block > end:
+            return None
+        (isize,) = struct.unpack("<I", source.pread(pos + block - 4, 4))
+        if isize > _BGZF_MAX_BLOCK:
+            return None
+        total += isize
+        pos += block
+    return total if end else None
 
 
-class GzipFormat(ImageFormat):
+class GzipFormat(CompressionFormat):
     name = "gzip"
     detect_order = 20
 
-    def detect(self, head: bytes) -> bool:
+    def detect(self, head: bytes, source: ByteSource) -> bool:
         return head[:2] == GZIP_MAGIC
 
-    def open(self, path: str, options: OpenOptions) -> ImageInput:
-        size = bgzf_size(path)
-        method = "bgzf member sizes"
-        if size is None:
-            size = count_output(path, self.name, decode_gzip, options)
-            method = "counting pass"
-        return open_compressed(
-            path, self.name, "gunzip", decode_gzip, size, options,
-            {"compression": "gzip", "size_from": method, "library": "isal.igzip_lib"},
-        )
+    def open_layer(self, source: ByteSource, options: OpenOptions) -> DecodedLayer:
+        size = bgzf_size(source)
+        details: dict[str, object] = {
+            "compression": "gzip", "library": "isal.igzip_lib",
+            "size_from": "bgzf member sizes" if size is not None else "counting pass",
+        }
+        return StreamLayer(source, self.name, "gunzip", decode_gzip, details, size)

@@ -25,9 +25,6 @@ decompress to exactly one cluster.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
 import struct
 import sys
 import threading
@@ -41,9 +38,9 @@ from typing import TypeAlias, cast
 import zstandard
 from isal import igzip_lib
 
-from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
+from drivepipe._errors import CorruptImage, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
-from drivepipe._stage import ImageFormat, ImageInput, OpenOptions, Source
+from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
 
 QCOW2_MAGIC = b"QFI\xfb"
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
@@ -249,27 +246,19 @@ class Qcow2Image(Source):
 
     name = "qcow2"
 
-    def __init__(self, path: str, options: OpenOptions) -> None:
-        self.path = path
+    def __init__(self, source: ByteSource, options: OpenOptions) -> None:
+        self.file = source
+        self.path = source.label
         self.read_size = max(4096, options.read_size)
         self.threads = max(1, options.threads)
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
-        try:
-            self._load()
-        except BaseException:
-            os.close(self.fd)
-            self.fd = -1
-            raise
+        self._load()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------
 
     def _load(self) -> None:
-        self.file_size = os.fstat(self.fd).st_size
+        self.file_size = self.file.size
         head = self._pread(0, 4096, what="header", exact=False)
         self.header = h = parse_header(head, self.path)
         backing = ""
@@ -285,17 +274,13 @@ class Qcow2Image(Source):
         l1_raw = self._pread(h.l1_table_offset, h.l1_needed * 8, what="L1 table")
         self.l1 = big_endian_u64(l1_raw)
         self.decoder = ClusterDecoder(h.compression_type, h.cluster_size)
-        self.host_holes = _probe_holes(self.fd)
         # compressed entry layout (qcow2.txt): offset bits, then sector count
         self._c_shift = 62 - (h.cluster_bits - 8)
         self._c_offset_mask = (1 << self._c_shift) - 1
         self._c_sectors_mask = (1 << (h.cluster_bits - 8)) - 1
 
     def _pread(self, offset: int, length: int, *, what: str, exact: bool = True) -> bytes:
-        try:
-            data = os.pread(self.fd, length, offset)
-        except OSError as exc:
-            raise ImageError(f"{self.path}: read error at {offset}: {exc.strerror}") from exc
+        data = self.file.pread(offset, length)
         if exact and len(data) != length:
             raise CorruptImage(
                 f"{self.path}: qcow2 {what} at offset {offset} runs past the end of file"
@@ -516,22 +501,11 @@ class Qcow2Image(Source):
         """Ranges of ``[lo, hi)`` that hold data in the host file (all of it if unknown)."""
         # A last cluster cut short by the end of file reads as zeros there, as in qemu.
         hi = min(hi, self.file_size)
-        if not self.host_holes:
+        ranges = self.file.data_ranges(lo, hi)
+        if ranges is None:
             yield lo, hi
             return
-        pos = lo
-        while pos < hi:
-            try:
-                start = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    return
-                raise
-            if start >= hi:
-                return
-            stop = min(os.lseek(self.fd, start, os.SEEK_HOLE), hi)
-            yield start, stop
-            pos = stop
+        yield from ranges
 
     def _decompress_batch(self, batch: list[Piece]) -> list[Extent]:
         lo = min(p[3] for p in batch)
@@ -632,9 +606,6 @@ class Qcow2Image(Source):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 #: the bits that must continue a data run: the offset, the compressed and zero flags
@@ -672,26 +643,18 @@ def _ready(item: Future[list[Extent]] | Extent) -> Iterator[Extent]:
         yield from item.result()
 
 
-def _probe_holes(fd: int) -> bool:
-    """True if the host filesystem answers SEEK_DATA (so host holes can be skipped)."""
-    with contextlib.suppress(OSError):
-        os.lseek(fd, 0, os.SEEK_DATA)
-        return True
-    return False
-
-
 class Qcow2Format(ImageFormat):
     name = "qcow2"
     detect_order = 10
 
-    def detect(self, head: bytes) -> bool:
+    def detect(self, head: bytes, source: ByteSource) -> bool:
         return head[:4] == QCOW2_MAGIC
 
-    def open(self, path: str, options: OpenOptions) -> ImageInput:
-        image = Qcow2Image(path, options)
+    def open(self, source: ByteSource, options: OpenOptions) -> ImageInput:
+        image = Qcow2Image(source, options)
         try:
             return ImageInput(
-                path=path,
+                path=source.label,
                 format=self.name,
                 size=image.size,
                 source=image,
@@ -699,6 +662,7 @@ class Qcow2Format(ImageFormat):
                 file_size=image.file_size,
                 random_access=image,
                 details=image.details(),
+                resources=[source],
             )
         except BaseException:
             image.close()

@@ -16,7 +16,6 @@ Refused: bad magic, CRC or index, padding not a multiple of 4.
 from __future__ import annotations
 
 import lzma
-import os
 import struct
 import zlib
 from collections import deque
@@ -24,17 +23,24 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from drivepipe._errors import CorruptImage, ImageError
+from drivepipe._errors import CorruptImage
 from drivepipe._extent import Extent, split_zeros
-from drivepipe._stage import ImageFormat, ImageInput, OpenOptions, Source
+from drivepipe._stage import (
+    ByteSource,
+    CompressionFormat,
+    DecodedLayer,
+    OpenOptions,
+    Source,
+    Stage,
+)
 
 from ._codec import (
+    INDEXED_MAX_BLOCK,
+    IndexedSource,
     StreamDecompressor,
+    StreamLayer,
     decode_streams,
-    open_compressed,
     out_size,
-    pread_exact,
-    read_structure,
 )
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -133,14 +139,14 @@ def _blocks(records: list[tuple[int, int]], stream_start: int, header: bytes) ->
 
 
 class _IndexWalker:
-    def __init__(self, fd: int, path: str, end: int) -> None:
-        self.fd, self.path, self.end = fd, path, end
+    def __init__(self, source: ByteSource) -> None:
+        self.source, self.path, self.end = source, source.label, source.size
 
     def bad(self, why: str, offset: int) -> CorruptImage:
         return CorruptImage(f"{self.path}: corrupt xz file: {why} at offset {offset}")
 
     def read(self, offset: int, length: int, why: str) -> bytes:
-        data = os.pread(self.fd, length, offset) if offset >= 0 else b""
+        data = self.source.pread(offset, length) if offset >= 0 else b""
         if len(data) != length:
             raise self.bad(f"{why} would start before the file", offset)
         return data
@@ -209,9 +215,9 @@ class _IndexWalker:
         return layout
 
 
-def xz_layout(path: str) -> XzLayout:
-    """Streams, blocks and the exact raw size of ``path`` from its indexes."""
-    return read_structure(path, lambda fd, size: _IndexWalker(fd, path, size).walk())
+def xz_layout(source: ByteSource) -> XzLayout:
+    """Streams, blocks and the exact raw size of ``source`` from its indexes."""
+    return _IndexWalker(source).walk()
 
 
 
@@ -247,17 +253,14 @@ class XzBlockSource(Source):
 
     name = "unxz"
 
-    def __init__(self, path: str, layout: XzLayout, options: OpenOptions) -> None:
+    def __init__(self, source: ByteSource, layout: XzLayout, options: OpenOptions) -> None:
         assert layout.block_list is not None
-        self.path = path
+        self.source = source
+        self.path = source.label
         self.blocks = layout.block_list
         self.size = layout.size
         self.threads = max(2, options.threads)
         self.out = out_size(options)
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageError(f"{path}: cannot open: {exc.strerror}") from exc
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="unxz")
 
     def extents(self) -> Iterator[Extent]:
@@ -274,35 +277,41 @@ class XzBlockSource(Source):
                 future.cancel()
 
     def _decode(self, block: XzBlock) -> list[Extent]:
-        data = pread_exact(self.fd, block.stored, block.offset, self.path, "xz block")
-        dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        stream = single_block_stream(block, data)
         out: list[Extent] = []
         pos = block.raw_offset
-        try:
-            piece = dec.decompress(stream, self.out)
-            while piece:
-                if pos + len(piece) > block.raw_offset + block.raw_size:
-                    raise lzma.LZMAError("block holds more data than its index says")
-                out.extend(split_zeros(Extent(pos, len(piece), piece)))
-                pos += len(piece)
-                piece = dec.decompress(b"", self.out) if not dec.eof else b""
-        except lzma.LZMAError as exc:
-            raise CorruptImage(
-                f"{self.path}: corrupt xz block at compressed offset {block.offset}: {exc}"
-            ) from exc
-        if not dec.eof or pos != block.raw_offset + block.raw_size:
-            raise CorruptImage(
-                f"{self.path}: xz block at compressed offset {block.offset} decodes to "
-                f"{pos - block.raw_offset} bytes, its index says {block.raw_size}"
-            )
+        for piece in decode_block(self.source, block, self.out):
+            out.extend(split_zeros(Extent(pos, len(piece), piece)))
+            pos += len(piece)
         return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+
+
+def decode_block(source: ByteSource, block: XzBlock, out: int) -> Iterator[bytes]:
+    """The decoded pieces of one block (at most ``out`` bytes each), checked against
+    the index's size."""
+    data = source.pread_exact(block.offset, block.stored, "xz block")
+    dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    stream = single_block_stream(block, data)
+    pos = 0
+    try:
+        piece = dec.decompress(stream, out)
+        while piece:
+            if pos + len(piece) > block.raw_size:
+                raise lzma.LZMAError("block holds more data than its index says")
+            yield piece
+            pos += len(piece)
+            piece = dec.decompress(b"", out) if not dec.eof else b""
+    except lzma.LZMAError as exc:
+        raise CorruptImage(
+            f"{source.label}: corrupt xz block at compressed offset {block.offset}: {exc}"
+        ) from exc
+    if not dec.eof or pos != block.raw_size:
+        raise CorruptImage(
+            f"{source.label}: xz block at compressed offset {block.offset} decodes to "
+            f"{pos} bytes, its index says {block.raw_size}"
+        )
 
 
 def parallel_ok(layout: XzLayout, options: OpenOptions) -> bool:
@@ -316,27 +325,62 @@ def parallel_ok(layout: XzLayout, options: OpenOptions) -> bool:
     )
 
 
-class XzFormat(ImageFormat):
-    name = "xz"
-    detect_order = 20
+class XzLayer(StreamLayer):
+    """An xz file: its size from the index; blocks decode in parallel and, when
+    there are several, answer random reads."""
 
-    def detect(self, head: bytes) -> bool:
-        return head[:6] == XZ_MAGIC
-
-    def open(self, path: str, options: OpenOptions) -> ImageInput:
-        layout = xz_layout(path)
+    def __init__(self, source: ByteSource, layout: XzLayout, options: OpenOptions) -> None:
         details: dict[str, object] = {
             "compression": "xz", "streams": layout.streams, "blocks": layout.blocks,
             "checks": ", ".join(layout.checks), "size_from": "xz index",
         }
-        if not parallel_ok(layout, options):
-            details["decoding"] = "sequential"
-            return open_compressed(
-                path, self.name, "unxz", decode_xz, layout.size, options, details
-            )
-        details["decoding"] = f"parallel blocks ({max(2, options.threads)} threads)"
-        source = XzBlockSource(path, layout, options)
-        return ImageInput(
-            path=path, format=self.name, size=layout.size, source=source,
-            file_size=os.fstat(source.fd).st_size, details=details,
+        super().__init__(source, "xz", "unxz", decode_xz, details, layout.size)
+        self.layout = layout
+
+    def stream(self, size: int | None, options: OpenOptions) -> tuple[Source, list[Stage]]:
+        if not parallel_ok(self.layout, options):
+            self.details["decoding"] = "sequential"
+            return super().stream(size, options)
+        self.details["decoding"] = f"parallel blocks ({max(2, options.threads)} threads)"
+        return XzBlockSource(self.source, self.layout, options), []
+
+    def head(self, length: int = 4096) -> bytes:
+        blocks = self.layout.block_list
+        if blocks and blocks[0].raw_size >= length:
+            out = bytearray()
+            for piece in decode_block(self.source, blocks[0], max(length, 64 << 10)):
+                out += piece
+                if len(out) >= length:
+                    break
+            return bytes(out[:length])
+        return super().head(length)
+
+    def random_view(self, options: OpenOptions) -> ByteSource | None:
+        blocks = self.layout.block_list
+        if not blocks or len(blocks) < 2 or max(b.raw_size for b in blocks) > INDEXED_MAX_BLOCK:
+            return None
+        source = self.source
+
+        def decode(index: int) -> bytes:
+            block = blocks[index]
+            return b"".join(decode_block(source, block, block.raw_size or 1))
+
+        self.details["random_access"] = f"by block ({len(blocks)} blocks)"
+        return IndexedSource(
+            f"{source.label} (decoded xz)", "unxz",
+            [(b.raw_offset, b.raw_size) for b in blocks], decode, options.threads,
         )
+
+
+class XzFormat(CompressionFormat):
+    name = "xz"
+    detect_order = 20
+
+    def detect(self, head: bytes, source: ByteSource) -> bool:
+        return head[:6] == XZ_MAGIC
+
+    def open_layer(self, source: ByteSource, options: OpenOptions) -> DecodedLayer:
+        if not source.random:
+            details: dict[str, object] = {"compression": "xz", "size_from": "counting pass"}
+            return StreamLayer(source, self.name, "unxz", decode_xz, details)
+        return XzLayer(source, xz_layout(source), options)

@@ -14,18 +14,17 @@ the end of the file (CorruptImage).
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, cast
 
 import zstandard
 
 from drivepipe._errors import CorruptImage, UnsupportedFormat
-from drivepipe._stage import ImageFormat, ImageInput, OpenOptions
+from drivepipe._stage import ByteSource, CompressionFormat, DecodedLayer, OpenOptions
 
-from ._codec import BadStream, count_output, open_compressed, read_structure
+from ._codec import INDEXED_MAX_BLOCK, BadStream, IndexedSource, StreamLayer
 
 ZSTD_MAGIC = 0xFD2FB528
 _SKIPPABLE_MIN = 0x184D2A50
@@ -34,6 +33,8 @@ _BLOCK_HEADER = 3
 _RESERVED_BLOCK = 3
 _RLE_BLOCK = 1
 _DICT_ID_BYTES = (0, 1, 2, 4)
+#: frames remembered for random access (each frame is one block of the view)
+_MAX_FRAME_LIST = 1 << 18
 
 
 def _is_skippable(magic: int) -> bool:
@@ -84,14 +85,16 @@ class FrameWalk:
     skippable: int = 0
     #: sum of Frame_Content_Size, None when a frame does not record it
     content_size: int | None = 0
+    #: (file offset, file end, content size or None) of every data frame
+    frame_list: list[tuple[int, int, int | None]] = field(default_factory=list)
 
 
 class _Walker:
-    def __init__(self, fd: int, path: str, end: int) -> None:
-        self.fd, self.path, self.end = fd, path, end
+    def __init__(self, source: ByteSource) -> None:
+        self.source, self.path, self.end = source, source.label, source.size
 
     def read(self, offset: int, length: int, what: str) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        data = self.source.pread(offset, length)
         if len(data) != length:
             raise CorruptImage(
                 f"{self.path}: truncated zstd stream at compressed offset {self.end} "
@@ -112,8 +115,11 @@ class _Walker:
                 continue
             if magic != ZSTD_MAGIC:
                 raise CorruptImage(f"{self.path}: not a zstd frame at compressed offset {pos}")
+            start = pos
             pos, fcs = self.frame(pos)
             found.frames += 1
+            if len(found.frame_list) < _MAX_FRAME_LIST:
+                found.frame_list.append((start, pos, fcs))
             if found.content_size is not None:
                 found.content_size = None if fcs is None else found.content_size + fcs
         if found.frames == 0:
@@ -162,32 +168,71 @@ class _Walker:
                 return pos
 
 
-def walk_frames(path: str) -> FrameWalk:
-    """Walk every frame of ``path`` (a few bytes read per block)."""
-    return read_structure(path, lambda fd, size: _Walker(fd, path, size).walk())
+def walk_frames(source: ByteSource) -> FrameWalk:
+    """Walk every frame of ``source`` (a few bytes read per block)."""
+    return _Walker(source).walk()
 
 
-class ZstdFormat(ImageFormat):
+class ZstdLayer(StreamLayer):
+    """A zstd file; several frames that record their sizes also read out of order."""
+
+    def __init__(self, source: ByteSource, walk: FrameWalk | None) -> None:
+        size = walk.content_size if walk is not None else None
+        details: dict[str, object] = {
+            "compression": "zstd",
+            "size_from": "frame content sizes" if size is not None else "counting pass",
+        }
+        if walk is not None:
+            details.update(frames=walk.frames, skippable_frames=walk.skippable)
+        super().__init__(source, "zstd", "unzstd", decode_zstd, details, size)
+        self.walk = walk
+
+    def random_view(self, options: OpenOptions) -> ByteSource | None:
+        walk = self.walk
+        if walk is None or walk.frames < 2 or len(walk.frame_list) != walk.frames:
+            return None
+        sizes = [fcs for _, _, fcs in walk.frame_list]
+        if any(s is None or s > INDEXED_MAX_BLOCK for s in sizes):
+            return None
+        frames = walk.frame_list
+        blocks: list[tuple[int, int]] = []
+        pos = 0
+        for _, _, fcs in frames:
+            assert fcs is not None
+            blocks.append((pos, fcs))
+            pos += fcs
+        label = f"{self.source.label} (decoded zstd)"
+
+        def decode(index: int) -> bytes:
+            start, end, fcs = frames[index]
+            data = self.source.pread_exact(start, end - start, "zstd frame")
+            try:
+                out = zstandard.ZstdDecompressor().decompress(data, max_output_size=fcs or 0)
+            except zstandard.ZstdError as exc:
+                raise CorruptImage(
+                    f"{self.source.label}: corrupt zstd frame at compressed offset {start}: "
+                    f"{exc}"
+                ) from exc
+            if len(out) != fcs:
+                raise CorruptImage(
+                    f"{self.source.label}: zstd frame at compressed offset {start} decodes "
+                    f"to {len(out)} bytes, its header says {fcs}"
+                )
+            return out
+
+        self.details["random_access"] = f"by frame ({walk.frames} frames)"
+        return IndexedSource(label, "unzstd", blocks, decode, options.threads)
+
+
+class ZstdFormat(CompressionFormat):
     name = "zstd"
     detect_order = 20
 
-    def detect(self, head: bytes) -> bool:
+    def detect(self, head: bytes, source: ByteSource) -> bool:
         if len(head) < 4:
             return False
         magic = int.from_bytes(head[:4], "little")
         return magic == ZSTD_MAGIC or _is_skippable(magic)
 
-    def open(self, path: str, options: OpenOptions) -> ImageInput:
-        walk = walk_frames(path)
-        size = walk.content_size
-        method = "frame content sizes"
-        if size is None:
-            size = count_output(path, self.name, decode_zstd, options)
-            method = "counting pass"
-        return open_compressed(
-            path, self.name, "unzstd", decode_zstd, size, options,
-            {
-                "compression": "zstd", "frames": walk.frames,
-                "skippable_frames": walk.skippable, "size_from": method,
-            },
-        )
+    def open_layer(self, source: ByteSource, options: OpenOptions) -> DecodedLayer:
+        return ZstdLayer(source, walk_frames(source) if source.random else None)

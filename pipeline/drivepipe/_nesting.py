@@ -1,0 +1,222 @@
+"""Nested images: decode layer after layer until the raw disk comes out.
+
+``disk.qcow2.xz`` is a qcow2 disk inside xz, not a raw disk: after an outer
+compressor the *decoded* bytes are detected by their magic exactly like a plain
+file's (never by the file name), up to :data:`~drivepipe._registry.MAX_DEPTH`
+layers.  What happens next depends on what is inside:
+
+- a raw disk streams through the compressor's decoder as before, its exact
+  size from the compressor's index or headers, else a counting pass;
+- a format that reads its input in order (another compressor's stream,
+  ``sequential`` formats) still needs its own random reads for sizes and
+  indexes, so like every other inner format it gets a random-access view:
+- the view is the compressor's own index when it has one (several xz blocks,
+  several zstd frames: a block is decoded when a read needs it), else a
+  *spool*: the decoded bytes written once into a sparse temporary file (all-zero
+  blocks never written), shown as the ``spooling`` phase, removed from its
+  directory the moment it is created so that nothing is left behind after
+  success, failure, Ctrl-C or even SIGKILL.
+
+The exact raw size is always known before the first byte flows: it is the
+innermost format's (qcow2's virtual size), however deep.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from ._errors import CorruptImage, ImageError, OutputError, UnsupportedFormat, UsageError
+from ._extent import Extent
+from ._registry import MAX_DEPTH, byte_sources, detect_source, get_format
+from ._stage import (
+    HEAD_SIZE,
+    ByteSource,
+    CompressionFormat,
+    DecodedLayer,
+    ImageFormat,
+    ImageInput,
+    OpenOptions,
+)
+
+T = TypeVar("T")
+
+#: a spool write is at most this big (the page cache takes slices better)
+_SPOOL_WRITE = 1 << 20
+
+
+def open_layers(
+    source: ByteSource, chain: list[str] | None, options: OpenOptions, depth: int
+) -> ImageInput:
+    """Open ``source`` as layer ``depth`` of an image; the result owns ``source``."""
+    if depth >= MAX_DEPTH:
+        raise UnsupportedFormat(
+            f"{source.label}: more than {MAX_DEPTH} nested layers; refusing to look deeper"
+        )
+    head = source.head(HEAD_SIZE)
+    named = chain[depth] if chain and depth < len(chain) else None
+    fmt = get_format(named) if named else detect_source(source, head)
+    if not isinstance(fmt, CompressionFormat):
+        return _open_flat(fmt, source, options)
+    layer = _guarded(fmt, source, lambda: fmt.open_layer(source, options))
+    try:
+        return _open_inside(fmt, layer, source, chain, options, depth)
+    except BaseException:
+        layer.close()
+        raise
+
+
+def _guarded(fmt: ImageFormat, source: ByteSource, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except (ImageError, UsageError, OutputError):
+        raise
+    except EOFError as exc:
+        raise CorruptImage(f"{source.label}: truncated {fmt.name} image") from exc
+
+
+def _open_flat(fmt: ImageFormat, source: ByteSource, options: OpenOptions) -> ImageInput:
+    return _guarded(fmt, source, lambda: fmt.open(source, options))
+
+
+def _open_inside(
+    fmt: CompressionFormat,
+    layer: DecodedLayer,
+    source: ByteSource,
+    chain: list[str] | None,
+    options: OpenOptions,
+    depth: int,
+) -> ImageInput:
+    inner_head = layer.head(HEAD_SIZE)
+    label = f"{source.label} (decoded {fmt.name})"
+    named = chain[depth + 1] if chain and depth + 1 < len(chain) else None
+    inner = get_format(named) if named else detect_source(_HeadOnly(label, inner_head))
+    if inner.name == "raw" or not inner_head:
+        return _stream_raw(fmt, layer, source, options)
+    view = layer.random_view(options)
+    spooled = 0
+    if view is None:
+        view = spool(layer, label, options)
+        spooled = view.size
+    try:
+        image = open_layers(view, chain, options, depth + 1)
+    except BaseException:
+        view.close()
+        raise
+    image.resources[:0] = [source, layer]
+    image.chain = [fmt.name, *image.chain]
+    image.format = " > ".join(image.chain)
+    image.file_size = source.size
+    image.details = {
+        **{f"{fmt.name}_{k}": v for k, v in layer.details.items()},
+        **image.details,
+        "spooled_bytes": spooled,
+    }
+    return image
+
+
+def _stream_raw(
+    fmt: CompressionFormat, layer: DecodedLayer, source: ByteSource, options: OpenOptions
+) -> ImageInput:
+    size = layer.exact_size()
+    if size is None:
+        size = layer.counted_size(options)
+    stream, stages = layer.stream(size, options)
+    return ImageInput(
+        path=source.label, format=fmt.name, size=size, source=stream, stages=stages,
+        file_size=source.size, details=dict(layer.details), chain=[fmt.name, "raw"],
+        resources=[source, layer],
+    )
+
+
+class _HeadOnly(ByteSource):
+    """The first bytes of a decoded stream, for detection only (no tail, no reads)."""
+
+    random = False
+
+    def __init__(self, label: str, head: bytes) -> None:
+        self.label = label
+        self._head = head
+        self.size = len(head)
+
+    def head(self, length: int = HEAD_SIZE) -> bytes:
+        return self._head[:length]
+
+    def extents(self) -> Iterator[Extent]:
+        raise ImageError(f"{self.label}: cannot be read here")
+
+
+def spool_dir(options: OpenOptions) -> str:
+    return options.spool_dir or tempfile.gettempdir()
+
+
+def spool(layer: DecodedLayer, label: str, options: OpenOptions) -> ByteSource:
+    """Decode ``layer`` once into an unlinked sparse temporary file; return it as a source."""
+    where = spool_dir(options)
+    hint = layer.exact_size()
+    try:
+        fd, path = tempfile.mkstemp(prefix=".drivepipe-spool-", suffix=".raw", dir=where)
+    except OSError as exc:
+        raise OutputError(
+            f"{where}: cannot create a spool file for {label}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        os.unlink(path)
+        _write_spool(fd, layer, hint, options, where, label)
+        return byte_sources()["file"](
+            label, fd=fd, read_size=options.read_size, label=label
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _write_spool(
+    fd: int, layer: DecodedLayer, hint: int | None, options: OpenOptions, where: str,
+    label: str,
+) -> int:
+    """Write the decoded bytes at their offsets, holes skipped; return the size."""
+    stream, stages = layer.stream(hint, options)
+    extents = stream.extents()
+    for stage in stages:
+        extents = stage.process(extents)
+    total = hint or 0
+    end = 0
+    on_phase = options.on_phase
+    try:
+        for ext in extents:
+            if ext.data is not None:
+                _pwrite_all(fd, ext, where, label, hint)
+            end = ext.end
+            if on_phase is not None:
+                on_phase("spooling", end, max(total, end))
+        os.ftruncate(fd, end)
+    finally:
+        for stage in stages:
+            stage.close()
+    return end
+
+
+def _pwrite_all(fd: int, ext: Extent, where: str, label: str, hint: int | None) -> None:
+    assert ext.data is not None
+    view = memoryview(ext.data)
+    pos = 0
+    while pos < len(view):
+        piece = view[pos : pos + _SPOOL_WRITE]
+        try:
+            n = os.pwrite(fd, piece, ext.offset + pos)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                need = f"up to {hint} bytes" if hint else "as much as the decoded data"
+                raise OutputError(
+                    f"{where}: no space left for the spool file of {label}: it needs "
+                    f"{need} (the {ext.offset + pos} bytes decoded so far did not fit); "
+                    "free space there or choose another spool directory"
+                ) from exc
+            raise OutputError(
+                f"{where}: cannot write the spool file of {label}: {exc.strerror}"
+            ) from exc
+        pos += n
