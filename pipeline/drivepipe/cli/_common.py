@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
 from .._errors import UsageError
-from .._progress import resolve_mode
+from .._progress import MODES, resolve_mode
 from .._registry import open_image
 from .._sizes import parse_size
 from .._stage import ImageInput, OpenOptions
@@ -20,11 +20,11 @@ FormatOpt = Annotated[
         help="Input format (auto, raw, qcow2, gzip, xz, zstd, bzip2); auto detects by magic bytes.",
     ),
 ]
-ProgressMode = Literal["auto", "rich", "plain", "json", "none"]
 ProgressOpt = Annotated[
-    ProgressMode,
+    str,
     typer.Option(
-        "--progress",
+        # Checked by resolve_mode (one line), not by a click Choice (a usage block).
+        "--progress", metavar="[" + "|".join(MODES) + "]",
         help="auto (a live view on a terminal, else none), rich, plain (a line every few "
         "seconds), json (one object per line on stderr), none.",
     ),

@@ -47,7 +47,7 @@ drives = group(
     "interrupted chunked uploads.  Without a command: the list.",
     invoke_without_command=True,
 )
-app.add_typer(drives)
+app.add_typer(drives, name="drives")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")]
@@ -79,7 +79,11 @@ def confirm(question: str, yes: bool) -> bool:
     if not sys.stdin.isatty():
         raise UsageError(f"{question.rstrip('?')}: refusing to delete without a terminal to "
                          "ask on; pass --yes")
-    return typer.confirm(question, default=False, err=True)
+    # Asked on stderr and read from stdin ourselves: click's prompt writes a space to
+    # stdout, which carries only UUIDs here.
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -168,17 +172,19 @@ def show(
         typer.echo(json.dumps(info, indent=2))
         return
     meta = info.pop("meta")
-    for key, value in info.items():
-        shown: Any = value
-        if key in ("size", "xxh128_size") and isinstance(value, int):
-            shown = f"{value} ({format_size(value)})"
-        elif isinstance(value, bool):
-            shown = "yes" if value else "no"
-        elif value is None:
-            shown = "-"
-        typer.echo(f"{key + ':':14}{shown}")
-    for key, value in sorted(meta.items()):
-        typer.echo(f"{'meta.' + key + ':':14}{value}")
+    rows = [(f"{key}:", shown_value(key, value)) for key, value in info.items()]
+    rows += [(f"meta.{key}:", value) for key, value in sorted(meta.items())]
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:{width}} {value}")
+
+
+def shown_value(key: str, value: Any) -> str:
+    if key in ("size", "xxh128_size") and isinstance(value, int):
+        return f"{value} ({format_size(value)})"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None else str(value)
 
 
 # --- rm ---------------------------------------------------------------------------------
