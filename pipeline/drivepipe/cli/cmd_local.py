@@ -146,7 +146,8 @@ def hash_each(paths: Iterable[str], digest: Callable[[str], str]) -> int:
         try:
             typer.echo(format_line(digest(path), path))
         except DrivepipeError as exc:
-            code = code or _failed(exc)
+            failure = _failed(exc)
+            code = code or failure
     return code
 
 
@@ -172,7 +173,8 @@ def check_lists(lists: Iterable[str], digest: Callable[[str], str]) -> int:
             try:
                 ok = digest(entry.name) == entry.digest
             except DrivepipeError as exc:
-                code = code or _failed(exc)
+                failure = _failed(exc)
+                code = code or failure
                 typer.echo(f"{entry.name}: FAILED open or read")
                 continue
             typer.echo(f"{entry.name}: {'OK' if ok else 'FAILED'}")
