@@ -358,3 +358,24 @@ def test_a_running_upload_is_shown_as_running_and_not_discarded(run: Run, tmp_pa
         assert code == 2
         one_error_line(err, "running right now")
     assert os.path.exists(journal.path) and run.store.store.get(uuid).status == "uploading"
+
+
+# --- --expect takes what xxh128sum prints -------------------------------------------------
+
+
+def test_download_expect_takes_the_bare_digest_xxh128sum_prints(
+        run: Run, tmp_path: Path, put_drive: Any) -> None:
+    data = os.urandom(50_000) + bytes(MiB - 50_000)  # exactly the store's minimum: no growth
+    uuid = put_drive(run.store, data)
+    digest = xxhash.xxh3_128_hexdigest(data)
+    out_file = tmp_path / "back.raw"
+    code, out, err = run("download", uuid, "-o", str(out_file), "--progress", "none",
+                         "--expect", digest)
+    assert (code, out) == (0, f"{out_file}\n"), err
+    assert out_file.read_bytes() == data
+    code, _, err = run("download", uuid, "-o", str(tmp_path / "bad.raw"), "--progress",
+                       "none", "--expect", "0" * 32)
+    assert code == 7, err
+    code, _, err = run("download", uuid, "--expect", "0" * 31)
+    assert code == 2
+    one_error_line(err, "32 hex digits")
