@@ -97,10 +97,10 @@ def _open_inside(
     if inner.name == "raw" or not inner_head:
         return _stream_raw(fmt, layer, source, options)
     view = layer.random_view(options)
-    spooled = 0
+    spooled: dict[str, object] = {}
     if view is None:
         view = spool(layer, label, options)
-        spooled = view.size
+        spooled = {"spool_dir": spool_dir(options), "spool_bytes": _allocated(view)}
     try:
         image = open_layers(view, chain, options, depth + 1)
     except BaseException:
@@ -108,12 +108,15 @@ def _open_inside(
         raise
     image.resources[:0] = [source, layer]
     image.chain = [fmt.name, *image.chain]
-    image.format = " > ".join(image.chain)
+    # "gzip > xz", as a raw disk inside one compressor is just "gzip"
+    shown = image.chain[:-1] if image.chain[-1] == "raw" else image.chain
+    image.format = " > ".join(shown)
     image.file_size = source.size
     image.details = {
-        **{f"{fmt.name}_{k}": v for k, v in layer.details.items()},
+        # the size is the inner format's, so how the layer would have sized itself is moot
+        **{f"{fmt.name}_{k}": v for k, v in layer.details.items() if k != "size_from"},
         **image.details,
-        "spooled_bytes": spooled,
+        **spooled,
     }
     return image
 
@@ -147,6 +150,15 @@ class _HeadOnly(ByteSource):
 
     def extents(self) -> Iterator[Extent]:
         raise ImageError(f"{self.label}: cannot be read here")
+
+
+def _allocated(source: ByteSource) -> int:
+    """Bytes the spool file takes on disk (its holes take none)."""
+    fd = getattr(source, "fd", -1)
+    try:
+        return os.fstat(fd).st_blocks * 512 if fd >= 0 else source.size
+    except OSError:
+        return source.size
 
 
 def spool_dir(options: OpenOptions) -> str:

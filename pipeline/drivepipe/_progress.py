@@ -149,11 +149,14 @@ def phase_line(stats: RunStats) -> str | None:
     """``gzip: counting 1.2 GiB of 3.0 GiB (40%)`` while a pre-pass runs, else None."""
     if stats.phase == "transfer":
         return None
+    notes = []
     if stats.phase_total:
-        pct = 100 * stats.phase_done / stats.phase_total
-        return (f"{stats.title}: {stats.phase} {format_size(stats.phase_done)} of "
-                f"{format_size(stats.phase_total)} ({pct:.0f}%)")
-    return f"{stats.title}: {stats.phase} {format_size(stats.phase_done)}"
+        notes.append(f"{100 * stats.phase_done / stats.phase_total:.0f}%")
+    if stats.phase_done:
+        notes.append(f"{format_size(int(stats.phase_rate))}/s")
+    of = f" of {format_size(stats.phase_total)}" if stats.phase_total else ""
+    tail = f" ({', '.join(notes)})" if notes else ""
+    return f"{stats.title}: {stats.phase} {format_size(stats.phase_done)}{of}{tail}"
 
 
 def headline(stats: RunStats) -> str:

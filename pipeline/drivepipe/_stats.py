@@ -86,9 +86,12 @@ class RunStats:
     finished: float | None = None
     #: filled by the runner when stages overlap: (current depth, max depth)
     queue_fill: tuple[int, int] | None = None
-    #: done/total of a phase that runs before streaming (counting pass)
+    #: done/total of a phase that runs before streaming (counting pass, spooling)
     phase_done: int = 0
     phase_total: int = 0
+    #: when the current pre-streaming phase started, and the phases seen so far
+    phase_started: float = field(default_factory=time.perf_counter)
+    phases: list[str] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
     #: raw bytes that are data (not holes), when the input knows it cheaply
     data_total: int | None = None
@@ -120,6 +123,22 @@ class RunStats:
         end = self.finished if self.finished is not None else time.perf_counter()
         return max(end - start, 0.0)
 
+    def set_phase(self, phase: str, done: int = 0, total: int = 0) -> None:
+        """Enter (or report progress in) a phase that runs before streaming."""
+        if phase != self.phase:
+            self.phase = phase
+            self.phase_started = time.perf_counter()
+            if phase != "transfer":
+                self.phases.append(phase)
+        self.phase_done = done
+        self.phase_total = total
+
+    @property
+    def phase_rate(self) -> float:
+        """Bytes a second of the current pre-streaming phase."""
+        elapsed = time.perf_counter() - self.phase_started
+        return self.phase_done / elapsed if elapsed > 0 else 0.0
+
     def add(self, name: str, kind: str = "stage") -> StageStats:
         stage = StageStats(name, kind)
         self.stages.append(stage)
@@ -145,6 +164,7 @@ class RunStats:
         return {
             "title": self.title,
             "phase": self.phase,
+            **({"phases": list(self.phases)} if self.phases else {}),
             "total": self.total,
             "done": self.done,
             "elapsed_s": round(self.elapsed, 6),

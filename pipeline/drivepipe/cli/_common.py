@@ -17,7 +17,9 @@ FormatOpt = Annotated[
     str,
     typer.Option(
         "--format", "-f", metavar="FORMAT",
-        help="Input format (auto, raw, qcow2, gzip, xz, zstd, bzip2); auto detects by magic bytes.",
+        help="Input format: auto (detect every layer by magic bytes), one format name "
+        "(the outer layer; what is inside is still detected), or a chain from the outside "
+        "in such as xz,qcow2 (raw, qcow2, gzip, xz, zstd, bzip2, ...).",
     ),
 ]
 ProgressOpt = Annotated[
@@ -64,23 +66,40 @@ ThreadsOpt = Annotated[
 ]
 
 
+SpoolDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--spool-dir", metavar="DIR",
+        help="Where a compressed image whose inner format needs random reads (qcow2 in "
+        "gzip, bzip2 or single-block xz) is decoded to first, as a sparse temporary file "
+        "removed at once; default: the system temp dir. Multi-block xz and multi-frame "
+        "zstd need no spool.",
+    ),
+]
+
+
 def open_input(
-    path: str, fmt: str, read_size: str, stats: RunStats | None = None, threads: int = 2
+    path: str,
+    fmt: str,
+    read_size: str,
+    stats: RunStats | None = None,
+    threads: int = 2,
+    spool_dir: str | None = None,
 ) -> ImageInput:
-    """Open an image with the CLI's options; a counting pass reports into ``stats``."""
+    """Open an image with the CLI's options; counting and spooling report into ``stats``."""
 
     def on_phase(phase: str, done: int, total: int) -> None:
         if stats is not None:
-            stats.phase = phase
-            stats.phase_done = done
-            stats.phase_total = total
+            stats.set_phase(phase, done, total)
 
     positive(threads, "--threads")
-    options = OpenOptions(read_size=positive_size(read_size, "--read-size"), on_phase=on_phase,
-                          threads=threads)
+    options = OpenOptions(
+        read_size=positive_size(read_size, "--read-size"), on_phase=on_phase, threads=threads,
+        spool_dir=spool_dir,
+    )
     image = open_image(path, fmt, options)
     if stats is not None:
-        stats.phase = "transfer"
+        stats.set_phase("transfer")
         stats.total = image.size
         stats.data_total = image.data_size
     return image

@@ -32,6 +32,7 @@ from ._common import (
     QueueOpt,
     QuietOpt,
     ReadSizeOpt,
+    SpoolDirOpt,
     ThreadsOpt,
     VerboseOpt,
     open_input,
@@ -62,6 +63,7 @@ def convert(
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
+    spool_dir: SpoolDirOpt = None,
 ) -> None:
     """Convert an image to a sparse raw file (temp file, fsync, rename on success)."""
     mode = progress_mode(progress, quiet, verbose)
@@ -73,7 +75,7 @@ def convert(
     with Reporter(stats, mode):
         # The sink first: if it refuses, no opened image is left unclosed.
         sink = SparseFileWriter(dst, force=force)
-        image = open_input(src, fmt, read_size, stats, threads)
+        image = open_input(src, fmt, read_size, stats, threads, spool_dir)
         run_pipeline(
             image.source, image.stages, sink, size=image.size, stats=stats,
             queue_depth=queue_depth,
@@ -87,11 +89,12 @@ def checksum_one(
     progress: str,
     queue_depth: int = LOCAL_QUEUE_DEPTH,
     threads: int = 2,
+    spool_dir: str | None = None,
 ) -> str:
     """The xxh3-128 hex digest of ``path``'s raw content."""
     stats = RunStats(title=f"checksum {path}")
     with Reporter(stats, progress):
-        image = open_input(path, fmt, read_size, stats, threads)
+        image = open_input(path, fmt, read_size, stats, threads, spool_dir)
         hasher = Xxh3Stage()
         # Reading/decoding in one thread, hashing in the other.
         run_pipeline(
@@ -115,6 +118,7 @@ def checksum(
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
+    spool_dir: SpoolDirOpt = None,
 ) -> None:
     """Print the xxh3-128 of each image's raw content, in xxh128sum's line format.
 
@@ -126,7 +130,8 @@ def checksum(
     positive(threads, "--threads")
     positive_size(read_size, "--read-size")
     digest = functools.partial(checksum_one, fmt=fmt, read_size=read_size, progress=mode,
-                               queue_depth=queue_depth, threads=threads)
+                               queue_depth=queue_depth, threads=threads,
+                               spool_dir=spool_dir)
     code = check_lists(srcs, digest) if check else hash_each(srcs, digest)
     if code:
         raise typer.Exit(code)
@@ -196,6 +201,9 @@ def _read_list(listing: str) -> list[str]:
         return f.readlines()
 
 
+_SIZES = ("size", "file_size", "data_bytes", "hole_bytes", "spool_bytes")
+
+
 def scan_data(image: ImageInput) -> int:
     """Count the raw image's data bytes by decoding it (zero blocks count as holes)."""
     stream = image.source.extents()
@@ -218,9 +226,13 @@ def inspect(
         bool, typer.Option("--scan", help="Decode the image to count data bytes when the "
                            "format does not record them.")
     ] = False,
+    spool_dir: SpoolDirOpt = None,
 ) -> None:
-    """Show an image's format, raw size, and data vs hole bytes."""
-    image = open_input(src, fmt, "4M")
+    """Show an image's layers, raw size, and data vs hole bytes.
+
+    A compressed image whose inner format needs random reads is spooled to find
+    out (``spool_bytes`` says how much temporary space that took)."""
+    image = open_input(src, fmt, "4M", spool_dir=spool_dir)
     try:
         data = image.data_size
         if data is None and scan:
@@ -230,6 +242,7 @@ def inspect(
     info: dict[str, object] = {
         "path": src,
         "format": image.format,
+        "chain": image.chain,
         "size": image.size,
         "file_size": image.file_size,
         "data_bytes": data,
@@ -241,7 +254,9 @@ def inspect(
         return
     for key, value in info.items():
         shown = value
-        if key in ("size", "file_size", "data_bytes", "hole_bytes") and isinstance(value, int):
+        if key == "chain":
+            continue  # the format line shows it (xz > qcow2)
+        if key in _SIZES and isinstance(value, int):
             shown = f"{value} ({format_size(value)})"
         elif value is None:
             shown = "unknown (use --scan)"

@@ -25,7 +25,7 @@ from drivepipe_plugins.curl_upload import (
 )
 
 from .._drives import META_DIGEST, META_SIZE, default_drive_name
-from .._errors import DrivepipeError, TransferError, UsageError
+from .._errors import DrivepipeError, ImageError, TransferError, UsageError
 from .._progress import Reporter
 from .._sizes import format_size, parse_size
 from .._stage import ImageInput
@@ -37,6 +37,7 @@ from ._common import (
     QueueOpt,
     QuietOpt,
     ReadSizeOpt,
+    SpoolDirOpt,
     ThreadsOpt,
     VerboseOpt,
     open_input,
@@ -153,6 +154,7 @@ def upload(
     read_size: ReadSizeOpt = "4M",
     queue_depth: QueueOpt = 16,
     threads: ThreadsOpt = 2,
+    spool_dir: SpoolDirOpt = None,
     buffer: BufferOpt = "1M",
     chunked: ChunkedOpt = False,
     connections: ConnectionsOpt = 4,
@@ -182,7 +184,11 @@ def upload(
     try:
         stats = RunStats(title=f"upload {image}")
         with Reporter(stats, mode):
-            img = open_input(image, fmt, read_size, stats, threads)
+            img = open_input(image, fmt, read_size, stats, threads, spool_dir)
+            if img.size == 0:
+                img.close()
+                raise ImageError(f"{image}: the image is empty (0 bytes of disk); "
+                                 "there is nothing to upload")
             if chunked or resume:
                 result = send_chunked(img, conn, stats, chunk_size=chunk_size,
                                       connections=connections, resume=resume, journal=journal,
