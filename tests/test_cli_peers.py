@@ -142,6 +142,31 @@ def test_nonsense_options_are_refused_in_one_line(
     assert not (tmp_path / "out.raw").exists()
 
 
+@pytest.mark.parametrize(("args", "word"), [
+    (("serve", "--port", "70000"), "--port must be between 0 and 65535"),
+    (("serve", "--idle-timeout", "0"), "--idle-timeout must be more than 0"),
+    (("serve", "--min-size", "2G", "--max-size", "1G"), "is more than --max-size"),
+    (("serve", "--max-size", "0"), "--max-size must be at least 1 byte"),
+    (("download", "http://127.0.0.1:9/x", "--range-size", "0"), "--range-size must be at"),
+    (("download", "http://127.0.0.1:9/x", "--connections", "0"), "--connections must be"),
+    (("download", "http://127.0.0.1:9/x", "-q", "-v"), "contradict"),
+    (("bench", "IMG", "--limit", "0"), "--limit must be at least 1 byte"),
+    (("bench", "IMG", "--queue-depth", "0"), "--queue-depth must be at least 1"),
+    (("drives", "wait", "12345678-1234-1234-1234-123456789abc", "--timeout", "-1"),
+     "--timeout must be 0 or more"),
+])
+def test_nonsense_options_of_other_commands_are_refused_in_one_line(
+        make_sparse: MakeImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        args: tuple[str, ...], word: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    img = str(make_sparse(MiB))
+    code, out, err = cli(*[img if a == "IMG" else a for a in args])
+    assert code == 2 and out == ""
+    one_error_line(err, word)
+    assert not (tmp_path / "store").exists()
+
+
 # --- checksum of many files ------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from .._sizes import parse_size
 from .._stage import ImageInput, OpenOptions, Sink, Source
 from .._stats import RunStats
 from ._app import app
-from ._common import FormatOpt, QueueOpt, ReadSizeOpt
+from ._common import FormatOpt, QueueOpt, ReadSizeOpt, positive, positive_size
 from ._net import CacertOpt, EndpointOpt, InsecureHttpOpt, UserOpt, connect
 from ._net import Connection as NetConnection
 
@@ -254,8 +254,9 @@ def bench(
     """
     if seconds <= 0:
         raise UsageError("--seconds must be more than 0")
-    budget = Budget(seconds=seconds, limit=max(parse_size(limit), 1))
-    options = OpenOptions(read_size=parse_size(read_size))
+    budget = Budget(seconds=seconds, limit=positive_size(limit, "--limit"))
+    options = OpenOptions(read_size=positive_size(read_size, "--read-size"))
+    positive(queue_depth, "--queue-depth")
     subject = subject_for(image, fmt, options, queue_depth)
     with contextlib.ExitStack() as stack:
         target = open_target(stack, endpoint, discard, user, cacert, insecure_http)

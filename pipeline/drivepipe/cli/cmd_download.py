@@ -66,7 +66,14 @@ from .._progress import Reporter
 from .._sizes import format_size, parse_size
 from .._stats import RunStats
 from ._app import app
-from ._common import ForceOpt, ProgressOpt, QuietOpt, VerboseOpt, progress_mode
+from ._common import (
+    ForceOpt,
+    ProgressOpt,
+    QuietOpt,
+    VerboseOpt,
+    positive_size,
+    progress_mode,
+)
 from ._net import (
     CacertOpt,
     DirectOpt,
@@ -370,7 +377,7 @@ def receive_options(
         raise UsageError(f"--connections must be between 1 and {MAX_CONNECTIONS}")
     if retries < 0:
         raise UsageError("--retries must be 0 or more")
-    ranged = max(block, parse_size(range_size) // block * block)
+    ranged = max(block, positive_size(range_size, "--range-size") // block * block)
     return ReceiveOptions(connections=connections, range_size=ranged, retries=retries,
                           checkpoint_interval=checkpoint, backoff_base=retry_delay)
 

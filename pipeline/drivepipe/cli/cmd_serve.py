@@ -24,6 +24,7 @@ from ..server import Fault, ServerConfig, StoreServer, make_context
 from ..server._config import DEFAULT_USERNAME, random_password
 from ..server._store import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 from ._app import app
+from ._common import positive_size
 
 
 def default_root() -> str:
@@ -50,10 +51,17 @@ def _config(
     password = os.environ.get("CLOUDSIGMA_PASSWORD") or None
     if tls_key and not tls_cert:
         raise UsageError("--tls-key needs --tls-cert")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {port}")
+    if idle_timeout <= 0:
+        raise UsageError("--idle-timeout must be more than 0 seconds")
+    smallest, largest = parse_size(min_size), positive_size(max_size, "--max-size")
+    if smallest > largest:
+        raise UsageError(f"--min-size {min_size} is more than --max-size {max_size}")
     config = ServerConfig(
         root=root, username=os.environ.get("CLOUDSIGMA_USERNAME") or DEFAULT_USERNAME,
         password=password or random_password(), host=host, port=port,
-        min_size=parse_size(min_size), max_size=parse_size(max_size),
+        min_size=smallest, max_size=largest,
         tls_cert=tls_cert, tls_key=tls_key, idle_timeout=idle_timeout,
     )
     if password is None:
