@@ -41,6 +41,8 @@ class DriveTimeout(TransferError):
 
 def default_drive_name(image_path: str) -> str:
     """A new drive's name: the image's file name (``/srv/disk.qcow2`` -> ``disk.qcow2``)."""
+    if image_path == "-":
+        return "stdin"
     return os.path.basename(image_path.rstrip("/")) or "drivepipe"
 
 
