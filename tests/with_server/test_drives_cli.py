@@ -214,6 +214,11 @@ def test_rm_without_a_terminal_refuses_in_one_line(run: Run, put_drive: Any) -> 
     assert code == 2 and out == ""
     one_error_line(err, "--yes", "terminal")
     assert run.store.store.get(uuid).uuid == uuid
+    # a typo among the UUIDs stops everything before anything is deleted
+    code, out, err = run("drives", "rm", "--yes", uuid, "not-a-uuid")
+    assert code == 2 and out == ""
+    one_error_line(err, "not a drive UUID")
+    assert run.store.store.get(uuid).uuid == uuid
 
 
 def test_rm_asks_on_a_terminal(run: Run, put_drive: Any) -> None:

@@ -19,6 +19,7 @@ import typer
 from .._drives import (
     Drive,
     PendingUpload,
+    check_uuid,
     delete_drive,
     discard_upload,
     find_pending,
@@ -202,6 +203,7 @@ def rm(
     insecure_http: InsecureHttpOpt = False,
 ) -> None:
     """Delete drives (asks first unless --yes); prints each deleted UUID."""
+    uuids = [check_uuid(uuid) for uuid in uuids]  # all of them, before deleting any
     code = 0
     with connection(endpoint, direct_endpoint, location, user, cacert, insecure_http) as conn:
         for uuid in uuids:
