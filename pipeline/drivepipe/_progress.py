@@ -153,7 +153,7 @@ def phase_line(stats: RunStats) -> str | None:
     if stats.phase_total:
         notes.append(f"{100 * stats.phase_done / stats.phase_total:.0f}%")
     if stats.phase_done:
-        notes.append(f"{format_size(int(stats.phase_rate))}/s")
+        notes.append(format_rate(stats.phase_rate))
     of = f" of {format_size(stats.phase_total)}" if stats.phase_total else ""
     tail = f" ({', '.join(notes)})" if notes else ""
     return f"{stats.title}: {stats.phase} {format_size(stats.phase_done)}{of}{tail}"

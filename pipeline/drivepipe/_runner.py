@@ -152,9 +152,10 @@ class Pipeline(Generic[T]):
             if producer is not None:
                 producer.start()
             sink_stats.started = time.perf_counter()
-            result = self.sink.consume(
-                self._count(exact_size(feed, self.size), sink_stats), self.size
-            )
+            checked = exact_size(feed, self.size)
+            if not self.sink.meter(sink_stats):
+                checked = self._count(checked, sink_stats)
+            result = self.sink.consume(checked, self.size)
             sink_stats.finished = time.perf_counter()
             return result
         except KeyboardInterrupt as exc:

@@ -32,4 +32,11 @@ def format_size(n: float) -> str:
 
 
 def format_rate(bps: float) -> str:
-    return f"{bps / 1e6:,.0f} MB/s" if bps >= 1e6 else f"{bps / 1e3:,.1f} kB/s"
+    """``1.2e9`` -> ``1.2 GB/s`` (decimal units, like curl and network links)."""
+    for unit, scale in (("TB/s", 1e12), ("GB/s", 1e9), ("MB/s", 1e6)):
+        if bps >= scale or (unit == "MB/s" and bps >= 1e5):
+            value = bps / scale
+            if unit == "TB/s" and value >= 1000:
+                return ">999 TB/s"
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{bps / 1e3:.1f} kB/s"

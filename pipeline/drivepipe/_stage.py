@@ -41,6 +41,7 @@ from typing import ClassVar, Generic, Protocol, TypeVar
 
 from ._errors import CorruptImage, ImageError
 from ._extent import Extent, split_zeros
+from ._stats import StageStats
 
 T = TypeVar("T")
 
@@ -84,6 +85,13 @@ class Sink(ABC, Generic[T]):
     @abstractmethod
     def consume(self, extents: Iterator[Extent], size: int) -> T:
         """Take every extent; return only when the result is durable."""
+
+    def meter(self, stats: StageStats) -> bool:
+        """Offer the sink its counters; True if it counts bytes itself as they really
+        leave (a sender counts what it hands to the socket, so a 1 TiB hole is not
+        "sent" the moment it is queued).  By default the runner counts each extent
+        as the sink takes it."""
+        return False
 
     def abort(self) -> None:
         """Undo partial work after a failure (remove temp files, cancel uploads)."""

@@ -321,9 +321,10 @@ class StreamLayer(DecodedLayer):
 
 
 #: a block or frame decoded for random reads is at most this big (else: spool)
-INDEXED_MAX_BLOCK = 64 << 20
-#: decoded blocks kept for random reads, besides the ones being decoded
-_INDEXED_CACHE = 3
+INDEXED_MAX_BLOCK = 32 << 20
+#: decoded blocks kept for random reads, besides the ones being decoded: the one
+#: being read and the one before (a read may straddle the boundary)
+_INDEXED_CACHE = 2
 
 
 class IndexedSource(ByteSource):
@@ -331,10 +332,10 @@ class IndexedSource(ByteSource):
 
     ``blocks`` are ``(raw_offset, raw_size)`` in order, covering ``[0, size)``;
     ``decode(i)`` returns block ``i``'s exact bytes (raising CorruptImage).  A
-    read decodes the blocks it touches, keeps the last few (an inner qcow2 reads
-    its tables and then mostly in order) and decodes the next block ahead in a
-    worker thread.  Memory: at most ``(cache + 2 x threads)`` blocks of at most
-    :data:`INDEXED_MAX_BLOCK` bytes each.
+    read decodes the blocks it touches, keeps the last two (an inner qcow2 reads
+    its tables and then mostly in order) and decodes the next ``threads`` blocks
+    ahead in worker threads (xz and zstd release the GIL).  Memory: at most
+    ``2 + 2 x threads`` blocks of at most :data:`INDEXED_MAX_BLOCK` bytes each.
     """
 
     random = True
@@ -356,6 +357,7 @@ class IndexedSource(ByteSource):
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._pending: dict[int, Future[bytes]] = {}
+        self._ahead = max(1, threads)
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=name)
 
     def _block(self, index: int) -> bytes:
@@ -368,10 +370,9 @@ class IndexedSource(ByteSource):
                 future = self._pending.get(index)
                 if future is None:
                     future = self._pending[index] = self._pool.submit(self._decode, index)
-            ahead = index + 1
-            if ahead < len(self._starts) and ahead not in self._cache \
-                    and ahead not in self._pending:
-                self._pending[ahead] = self._pool.submit(self._decode, ahead)
+            for ahead in range(index + 1, min(index + 1 + self._ahead, len(self._starts))):
+                if ahead not in self._cache and ahead not in self._pending:
+                    self._pending[ahead] = self._pool.submit(self._decode, ahead)
         if future is None:
             assert data is not None
             return data
@@ -393,6 +394,9 @@ class IndexedSource(ByteSource):
         if offset >= end:
             return b""
         index = bisect.bisect_right(self._starts, offset) - 1
+        start = self._starts[index]
+        if end <= start + self._sizes[index]:  # within one block: one copy
+            return self._block(index)[offset - start : end - start]
         out = bytearray()
         pos = offset
         while pos < end:

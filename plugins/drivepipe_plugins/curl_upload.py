@@ -49,7 +49,7 @@ from drivepipe._http import (
 )
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, Sink
-from drivepipe._stats import RunStats
+from drivepipe._stats import RunStats, StageStats
 
 from .xxh3 import Xxh3Stage
 
@@ -77,12 +77,19 @@ class BodyReader:
     ``error`` and the transfer aborted; the caller re-raises it.
     """
 
-    __slots__ = ("_extents", "_hole_left", "_interrupts", "_view", "error", "sent", "size")
+    __slots__ = ("_extents", "_hole_left", "_interrupts", "_view", "error", "sent", "size",
+                 "stats")
 
     def __init__(
-        self, extents: Iterator[Extent], size: int, interrupts: Interrupts | None = None
+        self,
+        extents: Iterator[Extent],
+        size: int,
+        interrupts: Interrupts | None = None,
+        stats: StageStats | None = None,
     ) -> None:
         self._extents = extents
+        #: counts what is handed to libcurl (at most its upload buffer ahead of the wire)
+        self.stats = stats
         self._interrupts = interrupts or Interrupts()
         self.size = size
         self.sent = 0
@@ -103,7 +110,8 @@ class BodyReader:
         while not self._view and not self._hole_left:
             self._advance()
         want = min(want, self.size - self.sent)  # never more than Content-Length
-        if self._hole_left:
+        hole = bool(self._hole_left)
+        if hole:
             n = min(want, self._hole_left, ZERO_SIZE)
             self._hole_left -= n
             chunk = ZERO_VIEW[:n]
@@ -111,6 +119,8 @@ class BodyReader:
             chunk = self._view[:want]
             self._view = self._view[len(chunk) :]
         self.sent += len(chunk)
+        if self.stats is not None:
+            self.stats.count(len(chunk), hole)
         if self.sent == self.size:
             # Confirm the stream really ends here before curl gets the last byte:
             # a request whose body is complete would create a drive.
@@ -217,10 +227,15 @@ class CurlUploadSink(Sink[str]):
         self.buffer_size = check_buffer_size(buffer_size)
         self.url = urljoin(endpoint.direct, UPLOAD_PATH)
         self._curl: pycurl.Curl | None = None
+        self._stats: StageStats | None = None
+
+    def meter(self, stats: StageStats) -> bool:
+        self._stats = stats
+        return True
 
     def consume(self, extents: Iterator[Extent], size: int) -> str:
         interrupts = Interrupts()
-        body = BodyReader(extents, size, interrupts)
+        body = BodyReader(extents, size, interrupts, self._stats)
         if size == 0:
             body.expect_end()
         c = self._curl = pycurl.Curl()

@@ -147,8 +147,12 @@ class SparseFileReader(ByteSource):
             yield 0, self.size
 
     def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"pread({offset}, {length})")
+        if offset >= self.size or length == 0:
+            return b""  # also keeps offsets past 2**63 (from corrupt tables) out of the kernel
         try:
-            return os.pread(self.fd, length, offset)
+            return os.pread(self.fd, min(length, self.size - offset), offset)
         except OSError as exc:
             raise ImageError(f"{self.label}: read error at {offset}: {exc.strerror}") from exc
 

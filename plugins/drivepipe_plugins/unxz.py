@@ -363,7 +363,8 @@ class XzLayer(StreamLayer):
 
         def decode(index: int) -> bytes:
             block = blocks[index]
-            return b"".join(decode_block(source, block, block.raw_size or 1))
+            pieces = list(decode_block(source, block, block.raw_size or 1))
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
         self.details["random_access"] = f"by block ({len(blocks)} blocks)"
         return IndexedSource(
