@@ -171,8 +171,6 @@ def test_bad_read_size_is_a_usage_error(make_sparse: MakeImage, tmp_path: Path) 
 
 
 FOREIGN = {
-    "vmdk": (0, b"KDMV\x01\x00\x00\x00", "VMDK"),
-    "vhdx": (0, b"vhdxfile", "VHDX"),
     "vdi": (64, b"\x7f\x10\xda\xbe", "VDI"),
     "vhd-dynamic": (0, b"conectix", "VHD"),
 }

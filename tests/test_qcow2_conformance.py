@@ -169,10 +169,8 @@ def test_backing_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("fmt", "opts", "label"),
     [
-        ("vmdk", "", "VMDK"),
         ("vpc", "", "VHD"),
         ("vpc", "subformat=fixed", "VHD"),
-        ("vhdx", "", "VHDX"),
         ("vdi", "", "VDI"),
     ],
 )

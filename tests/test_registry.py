@@ -62,9 +62,6 @@ def test_empty_and_tiny_files_are_raw(tmp_path: Path) -> None:
 
 
 FOREIGN = [
-    ("vmdk", b"KDMV", 0, "VMDK"),
-    ("vmdk-descriptor", b"# Disk DescriptorFile\n", 0, "VMDK descriptor"),
-    ("vhdx", b"vhdxfile", 0, "VHDX"),
     ("vdi", b"\x7f\x10\xda\xbe", 64, "VDI"),
     ("vhd-dynamic", b"conectix", 0, "VHD (dynamic)"),
     ("qed", b"QED\x00", 0, "QED"),

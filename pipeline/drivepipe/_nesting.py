@@ -49,16 +49,25 @@ _SPOOL_WRITE = 1 << 20
 
 
 def open_layers(
-    source: ByteSource, chain: list[str] | None, options: OpenOptions, depth: int
+    source: ByteSource,
+    chain: list[str] | None,
+    options: OpenOptions,
+    depth: int,
+    known: ImageFormat | None = None,
 ) -> ImageInput:
-    """Open ``source`` as layer ``depth`` of an image; the result owns ``source``."""
+    """Open ``source`` as layer ``depth`` of an image; the result owns ``source``.
+
+    ``known``: the format, when the layer outside already detected it from the
+    decoded head (it was announced through ``on_layer`` then)."""
     if depth >= MAX_DEPTH:
         raise UnsupportedFormat(
             f"{source.label}: more than {MAX_DEPTH} nested layers; refusing to look deeper"
         )
     head = source.head(HEAD_SIZE)
     named = chain[depth] if chain and depth < len(chain) else None
-    fmt = get_format(named) if named else detect_source(source, head)
+    fmt = known or (get_format(named) if named else detect_source(source, head))
+    if options.on_layer is not None and known is None:
+        options.on_layer(fmt.name)
     if not isinstance(fmt, CompressionFormat):
         return _open_flat(fmt, source, options)
     layer = _guarded(fmt, source, lambda: fmt.open_layer(source, options))
@@ -94,6 +103,8 @@ def _open_inside(
     label = f"{source.label} (decoded {fmt.name})"
     named = chain[depth + 1] if chain and depth + 1 < len(chain) else None
     inner = get_format(named) if named else detect_source(_HeadOnly(label, inner_head))
+    if options.on_layer is not None:
+        options.on_layer(inner.name)
     if inner.name == "raw" or not inner_head:
         return _stream_raw(fmt, layer, source, options)
     view = layer.random_view(options)
@@ -102,7 +113,7 @@ def _open_inside(
         view = spool(layer, label, options)
         spooled = {"spool_dir": spool_dir(options), "spool_bytes": _allocated(view)}
     try:
-        image = open_layers(view, chain, options, depth + 1)
+        image = open_layers(view, chain, options, depth + 1, inner)
     except BaseException:
         view.close()
         raise

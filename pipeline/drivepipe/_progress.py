@@ -149,6 +149,8 @@ def phase_line(stats: RunStats) -> str | None:
     """``gzip: counting 1.2 GiB of 3.0 GiB (40%)`` while a pre-pass runs, else None."""
     if stats.phase == "transfer":
         return None
+    if stats.phase == "opening":
+        return f"{stats.title}: opening"
     notes = []
     if stats.phase_total:
         notes.append(f"{100 * stats.phase_done / stats.phase_total:.0f}%")
@@ -252,6 +254,8 @@ class Reporter:
         default_interval = {"rich": 0.25, "plain": 2.0, "json": 1.0}.get(self.mode, 1.0)
         self.interval = interval if interval is not None else default_interval
         self._stop = threading.Event()
+        self._emit_lock = threading.Lock()
+        self._started = False
         self._thread: threading.Thread | None = None
         self._live: Live | None = None
         # Not a terminal (a log file, a pipe): wide enough that rows never wrap.
@@ -259,6 +263,8 @@ class Reporter:
         self.console = Console(file=self.stream, stderr=self.stream is sys.stderr, width=width)
 
     def __enter__(self) -> Reporter:
+        if self.mode == "json":
+            self.stats.on_phase_change = self._phase_changed
         if self.mode == "rich":
             self._live = Live(
                 render(self.stats), console=self.console, refresh_per_second=4, transient=True
@@ -278,6 +284,8 @@ class Reporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self.stats.on_phase_change == self._phase_changed:
+            self.stats.on_phase_change = None
         if self._live is not None:
             self._live.__exit__(exc_type, exc, tb)
         if self.stats.finished is None:
@@ -303,12 +311,25 @@ class Reporter:
     def _tick_json(self) -> None:
         self._emit_json({"event": "progress", **self._json_state()})
 
+    def _phase_changed(self, phase: str) -> None:
+        self._emit_json({"event": "phase", **self._json_state()})
+
+    def _start_event(self) -> dict[str, Any]:
+        st = self.stats
+        return {"event": "start", "title": st.title, "total": st.total,
+                "chain": list(st.chain), "phases": list(st.phases), "phase": st.phase}
+
     def _json_state(self) -> dict[str, Any]:
         eta = eta_seconds(self.stats)
         return {**self.stats.as_dict(), "eta_s": None if eta is None else round(eta, 1)}
 
     def _emit_json(self, event: dict[str, Any]) -> None:
-        print(json.dumps(event), file=self.stream, flush=True)
+        """One line per event; the first one is always ``start`` (see docs/progress-json.md)."""
+        with self._emit_lock:
+            if not self._started:
+                self._started = True
+                print(json.dumps(self._start_event()), file=self.stream, flush=True)
+            print(json.dumps(event), file=self.stream, flush=True)
 
     def summary(self, *, ok: bool) -> None:
         """The final table (rich/plain) or final object (json)."""

@@ -23,7 +23,6 @@ MAX_DEPTH = 4
 
 #: formats we recognise but do not decode: refused rather than sent as raw
 FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"vhdxfile", "VHDX"),
     (64, b"\x7f\x10\xda\xbe", "VDI"),
     (0, b"conectix", "VHD (dynamic)"),
     (0, b"QFI\xfb", "qcow"),  # only reached when the qcow2 plugin refused the version

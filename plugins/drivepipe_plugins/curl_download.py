@@ -515,7 +515,9 @@ class Receiver:
         self.dirty = False
         self.last_checkpoint = time.monotonic()
         self.save_seconds = 0.0
-        receive.extra.update(retries=0, relinks=0, connections=0)
+        # connections: the most that ran at once (what the summary reports);
+        # in_flight: how many run now
+        receive.extra.update(retries=0, relinks=0, connections=0, in_flight=0)
 
     # -- the loop --
 
@@ -570,7 +572,9 @@ class Receiver:
                 self.pending.append(span)
                 continue
             self._start(span)
-        self.receive.extra["connections"] = len(self.active)
+        extra = self.receive.extra
+        extra["in_flight"] = len(self.active)
+        extra["connections"] = max(extra.get("connections", 0), len(self.active))
 
     def _start(self, span: Span) -> None:
         start, _ = self.journal.block_span(span.first)

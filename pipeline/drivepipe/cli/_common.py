@@ -93,12 +93,18 @@ def open_input(
             stats.set_phase(phase, done, total)
 
     positive(threads, "--threads")
+
+    def on_layer(name: str) -> None:
+        if stats is not None:
+            stats.chain.append(name)
+
     options = OpenOptions(
         read_size=positive_size(read_size, "--read-size"), on_phase=on_phase, threads=threads,
-        spool_dir=spool_dir,
+        spool_dir=spool_dir, on_layer=on_layer,
     )
     image = open_image(path, fmt, options)
     if stats is not None:
+        stats.chain[:] = image.chain
         stats.set_phase("transfer")
         stats.total = image.size
         stats.data_total = image.data_size

@@ -263,11 +263,11 @@ def _has_validator(identity: SourceIdentity, paths: Paths) -> bool:
 
 def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats,
              digester: FileDigester | None) -> None:
-    stats.phase = "check"
+    stats.set_phase("check")
     bad = check_kept_blocks(paths.part, journal, _phase_progress(stats), digester)
     for index in bad:
         del journal.blocks[index]
-    stats.phase = "transfer"
+    stats.set_phase("transfer")
     kept = journal.done_bytes()
     extra = f", {len(bad)} damaged blocks will be fetched again" if bad else ""
     note(f"resuming {paths.part}: {format_size(kept)} of "
@@ -308,7 +308,7 @@ def fetch(
                      relink=lambda: probe_target(target, options), stale=stale,
                      on_stored=hasher.wake if hasher is not None else None).run()
             out.sync()
-            stats.phase = "verify"
+            stats.set_phase("verify")
             return journal, hasher.finish() if hasher is not None else None
         except SourceChanged as exc:
             if restart == MAX_RESTARTS:
@@ -330,7 +330,7 @@ def verify(
 ) -> FileDigest:
     """Check the .part's digest (hashed now unless ``early``); on a mismatch keep it and
     say which blocks are bad."""
-    stats.phase = "verify"
+    stats.set_phase("verify")
     got = early or digest_file(paths.part, expected.length if expected else None,
                                _phase_progress(stats))
     stats.result["xxh128"] = got.whole
