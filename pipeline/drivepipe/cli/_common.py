@@ -105,9 +105,9 @@ def open_input(
     image = open_image(path, fmt, options)
     if stats is not None:
         stats.chain[:] = image.chain
-        stats.set_phase("transfer")
         stats.total = image.size
         stats.data_total = image.data_size
+        stats.set_phase("transfer")
     return image
 
 

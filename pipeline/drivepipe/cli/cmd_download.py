@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -61,7 +62,7 @@ from drivepipe_plugins.sparse_write import SparseOutput, check_target, publish
 
 from .._config import Endpoint, resolve_credentials, resolve_endpoint
 from .._errors import ConfigError, UsageError, VerifyError
-from .._http import UUID_RE, TlsOptions
+from .._http import UUID_RE, ApiClient, TlsOptions
 from .._progress import Reporter
 from .._sizes import format_size, parse_size
 from .._stats import RunStats
@@ -79,11 +80,19 @@ from ._net import (
     DirectOpt,
     EndpointOpt,
     InsecureHttpOpt,
+    LimitRateOpt,
     LocationOpt,
+    StallOpt,
     UserOpt,
     connect,
+    transport,
 )
 
+#: ``{api}drives/UUID/download/`` (or the direct host's): a drive's own download URL
+DRIVE_URL_RE = re.compile(
+    r"/drives/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
+    r"/download/?$"
+)
 PART_SUFFIX = ".part"
 #: restarts after the source changed under a running download
 MAX_RESTARTS = 2
@@ -181,7 +190,19 @@ def resolve_target(
     ep = _optional_endpoint(endpoint, direct_endpoint, location)
     if ep is None or not ep.owns(source):
         return Target(source, Auth(), tls)
-    return Target(source, Auth(ep, resolve_credentials(ep, user)), tls)
+    creds = resolve_credentials(ep, user)
+    own = DRIVE_URL_RE.search(parts.path)
+    if own is None:
+        return Target(source, Auth(ep, creds), tls)
+    # The drive's own download URL: verified against its meta like a download by UUID.
+    uuid = own.group(1).lower()
+    api = ApiClient(ep, creds, tls)
+    try:
+        drive = api.drive(uuid)
+    finally:
+        api.close()
+    meta = drive.get("meta") if isinstance(drive.get("meta"), dict) else {}
+    return Target(source, Auth(ep, creds), tls, uuid, dict(meta or {}))
 
 
 def _optional_endpoint(
@@ -411,6 +432,8 @@ def download(
     user: UserOpt = None,
     cacert: CacertOpt = None,
     insecure_http: InsecureHttpOpt = False,
+    limit_rate: LimitRateOpt = None,
+    stall_timeout: StallOpt = 120.0,
 ) -> None:
     """Download a drive or URL into a verified sparse file; prints the file's path.
 
@@ -426,7 +449,7 @@ def download(
                               retry_delay)
     if expect:
         parse_expect(expect)  # a bad digest is refused before anything is fetched
-    tls = TlsOptions(cacert=cacert, insecure_http=insecure_http)
+    tls = transport(cacert, insecure_http, limit_rate, stall_timeout, connections)
     target = resolve_target(source, endpoint, direct_endpoint, location, user, tls)
     probed = probe_target(target, options)
     paths = Paths.for_target(output_path(output, probed, target.uuid))
@@ -442,4 +465,8 @@ def download(
         finish(paths, force)
     if expected is None:
         note(f"no checksum to verify against; xxh128:{got.whole}  {paths.final}")
+    elif expected.length is not None and expected.length < stats.total:
+        note(f"{paths.final}: the first {expected.length} bytes verified against "
+             f"{expected.origin}; the other {stats.total - expected.length} bytes (the drive "
+             "was grown past the uploaded image) are zeros, as checked")
     typer.echo(paths.final)

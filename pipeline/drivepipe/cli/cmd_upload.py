@@ -51,9 +51,12 @@ from ._net import (
     DirectOpt,
     EndpointOpt,
     InsecureHttpOpt,
+    LimitRateOpt,
     LocationOpt,
+    StallOpt,
     UserOpt,
     connect,
+    transport,
 )
 
 NameOpt = Annotated[
@@ -167,6 +170,8 @@ def upload(
     user: UserOpt = None,
     cacert: CacertOpt = None,
     insecure_http: InsecureHttpOpt = False,
+    limit_rate: LimitRateOpt = None,
+    stall_timeout: StallOpt = 120.0,
 ) -> None:
     """Upload an image as a new drive; prints the drive's UUID and nothing else."""
     # Every option is checked before a password prompt or a long counting pass.
@@ -180,8 +185,12 @@ def upload(
     name = name if name is not None else default_drive_name(image)
     if journal and not (chunked or resume):
         raise UsageError("--journal belongs to a chunked upload: add --chunked")
-    conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http)
+    tls = transport(cacert, insecure_http, limit_rate, stall_timeout,
+                    connections if chunked or resume else 1)
+    conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http, tls)
     try:
+        # A wrong password or endpoint shows now, not after a counting pass or a spool.
+        conn.api.get_json("drives/", {"limit": 1})
         stats = RunStats(title=f"upload {image}")
         with Reporter(stats, mode):
             img = open_input(image, fmt, read_size, stats, threads, spool_dir)
