@@ -155,8 +155,12 @@ def test_digest_file_matches_xxh128sum_prefix_and_tail(make_sparse: MakeImage,
 
 def test_expectations() -> None:
     assert parse_expect("xxh128:" + "AB" * 16).digest == "ab" * 16
-    with pytest.raises(Exception, match="xxh128:<32 hex digits>"):
-        parse_expect("sha256:00")
+    # the bare digest xxh128sum prints is accepted as it is
+    assert parse_expect("CD" * 16).digest == "cd" * 16
+    assert parse_expect("  " + "ef" * 16 + "\n").digest == "ef" * 16
+    for bad in ("sha256:00", "ab" * 15, "ab" * 17, "xxh128:" + "zz" * 16, "md5:" + "ab" * 16):
+        with pytest.raises(Exception, match="32 hex digits"):
+            parse_expect(bad)
     meta = {"drivepipe_xxh128": "cd" * 16, "drivepipe_size": "100"}
     found = expectation_from_meta(meta, 1000)
     assert found is not None and found.length == 100 and found.digest == "cd" * 16

@@ -14,28 +14,38 @@ from .._sizes import parse_size
 
 EndpointOpt = Annotated[
     str | None,
-    typer.Option("--endpoint", help="API base URL ending in /api/2.0/ (env DRIVEPIPE_ENDPOINT, "
-                 "or api_endpoint in ~/.cloudsigma.conf).", show_default=False),
+    typer.Option(
+        "--endpoint", metavar="URL",
+        help="API base URL ending in /api/2.0/ (env DRIVEPIPE_ENDPOINT, "
+        "or api_endpoint in ~/.cloudsigma.conf).", show_default=False),
 ]
 DirectOpt = Annotated[
     str | None,
-    typer.Option("--direct-endpoint", help="Base URL of the direct (bytes) host, if it differs "
-                 "from the API host.", show_default=False),
+    typer.Option(
+        "--direct-endpoint", metavar="URL",
+        help="Base URL of the direct (bytes) host, if it differs "
+        "from the API host.", show_default=False),
 ]
 LocationOpt = Annotated[
     str | None,
-    typer.Option("--location", help="CloudSigma location code (zrh, sjc, ...); the direct host "
-                 "comes from GET /locations/.", show_default=False),
+    typer.Option(
+        "--location", metavar="CODE",
+        help="CloudSigma location code (zrh, sjc, ...); the direct host "
+        "comes from GET /locations/.", show_default=False),
 ]
 UserOpt = Annotated[
     str | None,
-    typer.Option("--user", help="Account e-mail (env CLOUDSIGMA_USERNAME). The password is "
-                 "never taken from the command line: CLOUDSIGMA_PASSWORD, ~/.cloudsigma.conf, "
-                 "~/.netrc, or a prompt.", show_default=False),
+    typer.Option(
+        "--user", metavar="EMAIL",
+        help="Account e-mail (env CLOUDSIGMA_USERNAME). The password is "
+        "never taken from the command line: CLOUDSIGMA_PASSWORD, ~/.cloudsigma.conf, "
+        "~/.netrc, or a prompt.", show_default=False),
 ]
 CacertOpt = Annotated[
     str | None,
-    typer.Option("--cacert", help="PEM file of the CA that signed the server's certificate.",
+    typer.Option(
+        "--cacert", metavar="PATH",
+        help="PEM file of the CA that signed the server's certificate.",
                  show_default=False),
 ]
 LimitRateOpt = Annotated[
@@ -52,7 +62,7 @@ StallOpt = Annotated[
 InsecureHttpOpt = Annotated[
     bool,
     typer.Option("--insecure-http", help="Allow sending the password over plain http to a "
-                 "non-loopback host."),
+        "non-loopback host."),
 ]
 
 

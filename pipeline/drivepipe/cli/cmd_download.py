@@ -73,7 +73,14 @@ from .._progress import Reporter
 from .._sizes import format_size, parse_size
 from .._stats import RunStats
 from ._app import app
-from ._common import ForceOpt, ProgressOpt
+from ._common import (
+    ForceOpt,
+    ProgressOpt,
+    QuietOpt,
+    VerboseOpt,
+    positive_size,
+    progress_mode,
+)
 from ._net import (
     CacertOpt,
     DirectOpt,
@@ -98,7 +105,8 @@ MAX_RESTARTS = 2
 MAX_CONNECTIONS = 64
 
 OutputOpt = Annotated[
-    str | None, typer.Option("--output", "-o", help="Output file, or a directory to put it "
+    str | None, typer.Option(
+        "--output", "-o", metavar="PATH", help="Output file, or a directory to put it "
                              "in (default: the name the server gives, sanitized, in the "
                              "current directory).",
                              show_default=False)
@@ -107,14 +115,17 @@ ConnectionsOpt = Annotated[
     int, typer.Option("--connections", help="Parallel connections (ranged requests).")
 ]
 RangeSizeOpt = Annotated[
-    str, typer.Option("--range-size", help="Bytes asked for per ranged request (e.g. 32M).")
+    str, typer.Option(
+        "--range-size", metavar="SIZE", help="Bytes asked for per ranged request (e.g. 32M).")
 ]
 BlockSizeOpt = Annotated[
-    str, typer.Option("--block-size", help="Resume granularity: each block of this size is "
+    str, typer.Option(
+        "--block-size", metavar="SIZE", help="Resume granularity: each block of this size is "
                       "journaled with its own digest.")
 ]
 ExpectOpt = Annotated[
-    str | None, typer.Option("--expect", help="Expected digest, xxh128:<32 hex>; default: the "
+    str | None, typer.Option("--expect", metavar="DIGEST", help="Expected xxh3-128 digest: "
+                             "the 32 hex digits xxh128sum prints, or xxh128:HEX; default: the "
                              "drive's meta, if our upload stored one.", show_default=False)
 ]
 RetriesOpt = Annotated[
@@ -430,7 +441,7 @@ def receive_options(
         raise UsageError(f"--connections must be between 1 and {MAX_CONNECTIONS}")
     if retries < 0:
         raise UsageError("--retries must be 0 or more")
-    ranged = max(block, parse_size(range_size) // block * block)
+    ranged = max(block, positive_size(range_size, "--range-size") // block * block)
     return ReceiveOptions(connections=connections, range_size=ranged, retries=retries,
                           checkpoint_interval=checkpoint, backoff_base=retry_delay)
 
@@ -453,6 +464,8 @@ def download(
     block_size: BlockSizeOpt = "4M",
     retries: RetriesOpt = 8,
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     checkpoint_interval: CheckpointOpt = 1.0,
     retry_delay: BackoffOpt = 0.5,
     hash_early: HashEarlyOpt = True,
@@ -473,6 +486,7 @@ def download(
     to NAME.  Stdout carries only NAME.  A checksum mismatch exits 7 and keeps
     NAME.part.
     """
+    mode = progress_mode(progress, quiet, verbose)
     block = block_size_option(block_size)
     options = receive_options(connections, range_size, block, retries, checkpoint_interval,
                               retry_delay)
@@ -487,7 +501,7 @@ def download(
     stats = RunStats(title=f"download {paths.final}", total=probed.size)
     stats.add("receive", "source")
     stats.add("write", "sink")
-    with Reporter(stats, progress):
+    with Reporter(stats, mode):
         journal, early = fetch(target, probed, paths, block, options, stats, expected,
                                hash_early)
         got = verify(paths, journal, expected, stats, early)
