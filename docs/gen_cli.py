@@ -50,24 +50,37 @@ def help_text(*args: str) -> str:
 
 
 def commands() -> list[tuple[str, str]]:
-    """(name, one-line help) of every command, in ``drivepipe --help`` order."""
+    """(name, one-line help) of every command, in ``drivepipe --help`` order.
+
+    A group's commands follow it, named with the group: ``drives``, ``drives list``...
+    """
     group = typer.main.get_command(app)
     ctx = typer.Context(group, info_name="drivepipe")
     listed: list[tuple[str, str]] = []
     for name in group.list_commands(ctx):  # type: ignore[attr-defined]  # a click Group
         cmd = group.get_command(ctx, name)  # type: ignore[attr-defined]
         listed.append((name, one_line(cmd.get_short_help_str(limit=300))))
+        if hasattr(cmd, "list_commands"):  # a group: drivepipe NAME SUB
+            sub_ctx = typer.Context(cmd, info_name=name, parent=ctx)
+            for sub in cmd.list_commands(sub_ctx):
+                sub_cmd = cmd.get_command(sub_ctx, sub)
+                listed.append((f"{name} {sub}", one_line(sub_cmd.get_short_help_str(limit=300))))
     return listed
+
+
+def anchor(name: str) -> str:
+    return "drivepipe-" + name.replace(" ", "-")
 
 
 def render() -> str:
     listed = commands()
     lines = [HEADER, "```", help_text().rstrip(), "```", ""]
     lines += ["| command | what it does |", "|---|---|"]
-    lines += [f"| [`{name}`](#drivepipe-{name}) | {short} |" for name, short in listed]
+    lines += [f"| [`{name}`](#{anchor(name)}) | {short} |" for name, short in listed]
     lines.append("")
     for name, _ in listed:
-        lines += [f"## drivepipe {name}", "", "```", help_text(name).rstrip(), "```", ""]
+        lines += [f"## drivepipe {name}", "", "```", help_text(*name.split()).rstrip(), "```",
+                  ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

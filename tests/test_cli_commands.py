@@ -12,11 +12,18 @@ def test_command_table_matches_what_the_modules_register() -> None:
     app = load_commands()
     registered = {cmd.name or (cmd.callback.__name__ if cmd.callback else "")
                   for cmd in app.registered_commands}
-    assert registered == set(COMMAND_MODULES)
+    groups = {info.name or "" for info in app.registered_groups}  # drivepipe drives ...
+    assert registered | groups == set(COMMAND_MODULES)
     for cmd in app.registered_commands:
         assert cmd.callback is not None
         name = cmd.name or cmd.callback.__name__
         assert cmd.callback.__module__.endswith("." + COMMAND_MODULES[name])
+    for info in app.registered_groups:
+        sub = info.typer_instance
+        assert sub is not None and sub.registered_callback is not None
+        callback = sub.registered_callback.callback
+        assert callback is not None
+        assert callback.__module__.endswith("." + COMMAND_MODULES[info.name or ""])
 
 
 def test_running_a_local_command_does_not_import_the_network_side() -> None:

@@ -94,12 +94,21 @@ def test_identity_must_match_exactly() -> None:
 
 
 def test_source_key_hides_query_secrets_but_tells_queries_apart() -> None:
-    a = source_key("https://user@h:8443/d/x/?expires=1&sig=SECRET")
-    b = source_key("https://h:8443/d/x/?expires=1&sig=OTHER")
+    a = source_key("https://user@h:8443/d/x/?part=1&token2=SECRET")
+    b = source_key("https://h:8443/d/x/?part=1&token2=OTHER")
     assert "SECRET" not in a and "user" not in a
     assert a.startswith("https://h:8443/d/x/?sha256=")
     assert a != b
     assert source_key("http://h/a") == "http://h/a"
+
+
+def test_a_fresh_signed_link_to_the_same_object_has_the_same_key() -> None:
+    old = source_key("https://h/direct/u/download/?expires=100&sig=AAA")
+    new = source_key("https://h/direct/u/download/?sig=BBB&expires=200")
+    assert old == new == "https://h/direct/u/download/"
+    s3 = "https://b.s3/k?X-Amz-Date=1&X-Amz-Signature=abc&versionId=7"
+    assert source_key(s3) == source_key(s3.replace("abc", "def").replace("=1", "=2"))
+    assert source_key(s3) != source_key(s3.replace("versionId=7", "versionId=8"))
 
 
 def test_missing_spans_group_and_cut_runs() -> None:
@@ -146,8 +155,12 @@ def test_digest_file_matches_xxh128sum_prefix_and_tail(make_sparse: MakeImage,
 
 def test_expectations() -> None:
     assert parse_expect("xxh128:" + "AB" * 16).digest == "ab" * 16
-    with pytest.raises(Exception, match="xxh128:<32 hex digits>"):
-        parse_expect("sha256:00")
+    # the bare digest xxh128sum prints is accepted as it is
+    assert parse_expect("CD" * 16).digest == "cd" * 16
+    assert parse_expect("  " + "ef" * 16 + "\n").digest == "ef" * 16
+    for bad in ("sha256:00", "ab" * 15, "ab" * 17, "xxh128:" + "zz" * 16, "md5:" + "ab" * 16):
+        with pytest.raises(Exception, match="32 hex digits"):
+            parse_expect(bad)
     meta = {"drivepipe_xxh128": "cd" * 16, "drivepipe_size": "100"}
     found = expectation_from_meta(meta, 1000)
     assert found is not None and found.length == 100 and found.digest == "cd" * 16

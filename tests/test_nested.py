@@ -247,3 +247,29 @@ def test_full_spool_dir_is_one_line_naming_it(images: dict[str, Nested],
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_fixed_vhd_inside_a_compressor_is_never_sent_as_raw(tmp_path: Path) -> None:
+    # a fixed VHD is raw data plus a footer: from the head it looks raw
+    vhd = tmp_path / "f.vhd"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on",
+        str(write_disk(tmp_path / "d.raw")), str(vhd))
+    digest = xxhash.xxh3_128_hexdigest((tmp_path / "d.raw").read_bytes())
+    # several frames: the tail is read through the index and the VHD found up front
+    code, out, err = cli("checksum", "--progress", "none",
+                         str(compress(vhd, "zstN", tmp_path / "f.vhd.zstN")))
+    assert code == 0, err
+    assert out.split()[0] == digest
+    # one stream: the footer is caught before the last bytes leave, in one line
+    for kind in ("gz", "zst", "xz1"):
+        packed = compress(vhd, kind, tmp_path / f"f.vhd.{kind}")
+        dst = tmp_path / "out.raw"
+        code, _, err = cli("convert", "--progress", "none", str(packed), str(dst))
+        assert code == 3, err
+        assert err.count("\n") == 1 and "ends in a vhd footer" in err
+        assert not dst.exists()
+        outer = {"gz": "gzip", "zst": "zstd", "xz1": "xz"}[kind]
+        code, out, err = cli("checksum", "--progress", "none", "--spool-dir", str(tmp_path),
+                             "-f", f"{outer},vhd", str(packed))
+        assert code == 0, err
+        assert out.split()[0] == digest

@@ -76,6 +76,7 @@ def hand_stats(*, data_total: int | None) -> RunStats:
     """A run 4 s in: 1 GiB of 4 GiB done, 256 MiB of it data."""
     stats = RunStats(title="upload x", total=4 << 30, data_total=data_total)
     stats.started = stats.transfer_started = time.perf_counter() - 4.0
+    stats.phase = "transfer"
     src = stats.add("read", "source")
     sink = stats.add("send", "sink")
     for st in (src, sink):
@@ -159,7 +160,8 @@ def test_json_mode_ends_with_one_summary_object(tmp_path: Path) -> None:
     events = [json.loads(line) for line in text.splitlines()]
     assert [e["event"] for e in events].count("summary") == 1
     assert events[-1]["event"] == "summary"
-    assert all(e["event"] == "progress" for e in events[:-1])
+    assert events[0]["event"] == "start"
+    assert all(e["event"] in ("progress", "phase") for e in events[1:-1])
     final = events[-1]
     assert final["ok"] is True
     assert final["done"] == final["total"] == 64 << 20

@@ -169,11 +169,8 @@ def test_backing_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("fmt", "opts", "label"),
     [
-        ("vmdk", "", "VMDK"),
-        ("vpc", "", "VHD"),
-        ("vpc", "subformat=fixed", "VHD"),
-        ("vhdx", "", "VHDX"),
-        ("vdi", "", "VDI"),
+        ("qed", "", "QED"),
+        ("qcow", "", "qcow2 version 1"),
     ],
 )
 def test_formats_we_do_not_decode_are_refused(

@@ -12,6 +12,7 @@ translated once, where they cross into drivepipe, with ``raise X(...) from exc``
     │   └── CorruptImage                      truncated, corrupt or lying input
     ├── SizeMismatch                exit 4   a stream produced more or fewer bytes than announced
     ├── OutputError                 exit 5   target exists, disk full, cannot write
+    │   └── DiskFull                          no space left (or over quota) on the output's disk
     ├── TransferError               exit 6   the network side
     │   ├── NetworkError                      connection refused, reset, timeout, TLS
     │   └── HTTPError                         an HTTP error answer
@@ -61,6 +62,10 @@ class SizeMismatch(DrivepipeError):
 
 class OutputError(DrivepipeError):
     exit_code = 5
+
+
+class DiskFull(OutputError):
+    pass
 
 
 class TransferError(DrivepipeError):

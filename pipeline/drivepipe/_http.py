@@ -20,7 +20,7 @@ import random
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -70,6 +70,14 @@ class TlsOptions:
     connect_timeout: float = 30.0
     #: abort a transfer that moves fewer than 1 byte/s for this long
     stall_timeout: float = 120.0
+    #: bytes a second at most, per transfer (libcurl's MAX_SEND/RECV_SPEED); 0: no cap
+    limit_rate: int = 0
+
+    def shared(self, connections: int) -> TlsOptions:
+        """The same policy with ``limit_rate`` split over ``connections`` transfers."""
+        if not self.limit_rate or connections <= 1:
+            return self
+        return replace(self, limit_rate=max(1, self.limit_rate // connections))
 
 
 @dataclass
@@ -148,6 +156,8 @@ def configure(
     c.setopt(pycurl.CONNECTTIMEOUT_MS, int(tls.connect_timeout * 1000))
     c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
     c.setopt(pycurl.LOW_SPEED_TIME, max(1, int(tls.stall_timeout)))
+    c.setopt(pycurl.MAX_SEND_SPEED_LARGE, tls.limit_rate)
+    c.setopt(pycurl.MAX_RECV_SPEED_LARGE, tls.limit_rate)
     c.setopt(pycurl.SSL_VERIFYPEER, 1)
     c.setopt(pycurl.SSL_VERIFYHOST, 2)
     if tls.cacert:

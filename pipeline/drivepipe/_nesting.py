@@ -40,25 +40,37 @@ from ._stage import (
     ImageFormat,
     ImageInput,
     OpenOptions,
+    Stage,
 )
 
 T = TypeVar("T")
 
+#: the tail of a raw disk from a compressor checked for a format's footer (VHD: 512)
+TAIL_CHECK = 512
 #: a spool write is at most this big (the page cache takes slices better)
 _SPOOL_WRITE = 1 << 20
 
 
 def open_layers(
-    source: ByteSource, chain: list[str] | None, options: OpenOptions, depth: int
+    source: ByteSource,
+    chain: list[str] | None,
+    options: OpenOptions,
+    depth: int,
+    known: ImageFormat | None = None,
 ) -> ImageInput:
-    """Open ``source`` as layer ``depth`` of an image; the result owns ``source``."""
+    """Open ``source`` as layer ``depth`` of an image; the result owns ``source``.
+
+    ``known``: the format, when the layer outside already detected it from the
+    decoded head (it was announced through ``on_layer`` then)."""
     if depth >= MAX_DEPTH:
         raise UnsupportedFormat(
             f"{source.label}: more than {MAX_DEPTH} nested layers; refusing to look deeper"
         )
     head = source.head(HEAD_SIZE)
     named = chain[depth] if chain and depth < len(chain) else None
-    fmt = get_format(named) if named else detect_source(source, head)
+    fmt = known or (get_format(named) if named else detect_source(source, head))
+    if options.on_layer is not None and known is None:
+        options.on_layer(fmt.name)
     if not isinstance(fmt, CompressionFormat):
         return _open_flat(fmt, source, options)
     layer = _guarded(fmt, source, lambda: fmt.open_layer(source, options))
@@ -94,15 +106,31 @@ def _open_inside(
     label = f"{source.label} (decoded {fmt.name})"
     named = chain[depth + 1] if chain and depth + 1 < len(chain) else None
     inner = get_format(named) if named else detect_source(_HeadOnly(label, inner_head))
+    view = None
+    if inner.name == "raw" and inner_head and not named:
+        # Formats found by a footer (a fixed VHD) look raw from the head: an indexed
+        # layer can show its tail now; a streamed one is checked as its end goes by.
+        view = layer.random_view(options)
+        if view is not None:
+            inner = detect_source(_HeadAndTail(label, inner_head, view))
+            if inner.name == "raw":
+                view.close()
+                view = None
+    if options.on_layer is not None:
+        options.on_layer(inner.name)
     if inner.name == "raw" or not inner_head:
-        return _stream_raw(fmt, layer, source, options)
-    view = layer.random_view(options)
+        image = _stream_raw(fmt, layer, source, options)
+        if not named and inner_head:
+            image.stages.append(TailGuard(label, inner_head, f"{fmt.name}"))
+        return image
+    if view is None:
+        view = layer.random_view(options)
     spooled: dict[str, object] = {}
     if view is None:
         view = spool(layer, label, options)
         spooled = {"spool_dir": spool_dir(options), "spool_bytes": _allocated(view)}
     try:
-        image = open_layers(view, chain, options, depth + 1)
+        image = open_layers(view, chain, options, depth + 1, inner)
     except BaseException:
         view.close()
         raise
@@ -135,18 +163,78 @@ def _stream_raw(
     )
 
 
+class _HeadAndTail(ByteSource):
+    """A decoded layer's head, and its tail through its random view, for detection."""
+
+    def __init__(self, label: str, head: bytes, view: ByteSource) -> None:
+        self.label = label
+        self._head = head
+        self._view = view
+        self.size = view.size
+
+    def head(self, length: int = HEAD_SIZE) -> bytes:
+        return self._head[:length]
+
+    def tail(self, length: int) -> bytes | None:
+        return self._view.tail(length)
+
+    def extents(self) -> Iterator[Extent]:
+        raise ImageError(f"{self.label}: cannot be read here")
+
+
+class TailGuard(Stage):
+    """Holds back the last :data:`TAIL_CHECK` bytes of a raw disk streamed out of a
+    compressor, and refuses them if they are the footer of a format (a fixed VHD is
+    raw data plus a 512-byte footer: sent as raw, the drive would be one sector too
+    big and hold the footer).  Failing before the last byte means no drive."""
+
+    name = "tail-check"
+
+    def __init__(self, label: str, head: bytes, outer: str) -> None:
+        self.label = label
+        self.head = head
+        self.outer = outer
+
+    def process(self, upstream: Iterator[Extent]) -> Iterator[Extent]:
+        held: list[Extent] = []
+        held_bytes = 0
+        for ext in upstream:
+            held.append(ext)
+            held_bytes += ext.length
+            while held and held_bytes - held[0].length >= TAIL_CHECK:
+                first = held.pop(0)
+                held_bytes -= first.length
+                yield first
+        tail = b"".join(
+            bytes(e.data) if e.data is not None else bytes(e.length) for e in held
+        )[-TAIL_CHECK:]
+        found = detect_source(_HeadOnly(self.label, self.head, tail))
+        if found.name != "raw":
+            raise UnsupportedFormat(
+                f"{self.label}: ends in a {found.name} footer, so it is a {found.name} image "
+                f"inside {self.outer}, not a raw disk; pass --format {self.outer},{found.name}"
+            )
+        yield from held
+
+
 class _HeadOnly(ByteSource):
     """The first bytes of a decoded stream, for detection only (no tail, no reads)."""
 
     random = False
 
-    def __init__(self, label: str, head: bytes) -> None:
+    def __init__(self, label: str, head: bytes, tail: bytes | None = None) -> None:
         self.label = label
         self._head = head
+        self._tail = tail
         self.size = len(head)
 
     def head(self, length: int = HEAD_SIZE) -> bytes:
         return self._head[:length]
+
+    def tail(self, length: int) -> bytes | None:
+        if self._tail is None or len(self._tail) < length:
+            return None
+        return self._tail[-length:]
 
     def extents(self) -> Iterator[Extent]:
         raise ImageError(f"{self.label}: cannot be read here")

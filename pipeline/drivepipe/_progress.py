@@ -120,28 +120,43 @@ _COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
     ("stage", "left"), ("bytes", "right"), ("data", "right"), ("holes", "right"),
     ("rate", "right"), ("time", "right"), ("queue in", "right"), ("", "left"),
 )
+#: below this many columns the table drops "holes" (bytes - data) and folds the
+#: queue into the notes, so that every row fits in 80 columns
+WIDE = 100
+#: a part busy for less than this has no meaningful rate (a reader that skipped a
+#: 1 TiB hole in a millisecond is not "1,000 TB/s")
+_MIN_BUSY = 0.01
 
 
-def stage_table(stats: RunStats) -> Table:
+def rate_text(st: StageStats) -> str:
+    return format_rate(st.data_rate) if st.busy >= _MIN_BUSY else "-"
+
+
+def stage_table(stats: RunStats, width: int = LOG_WIDTH) -> Table:
     """One row per part: bytes, data/holes, throughput, share of wall time, queue."""
+    wide = width >= WIDE
     table = Table(box=None, pad_edge=False, show_edge=False)
-    for name, justify in _COLUMNS:
+    columns = _COLUMNS if wide else tuple(c for c in _COLUMNS if c[0] not in ("holes",
+                                                                              "queue in"))
+    for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)
     neck = _marked(stats)
     wall = max(stats.transfer_elapsed, 1e-9)  # a counting pass is not any stage's time
     for st in stats.stages:
-        notes = " ".join(t for t in (BOTTLENECK_MARK if st is neck else "", extra_text(st)) if t)
-        table.add_row(
-            st.name,
-            format_size(st.bytes),
-            format_size(st.data_bytes),
-            format_size(st.hole_bytes),
-            format_rate(st.data_rate),
-            f"{100 * st.busy / wall:.0f}%",
-            queue_text(stats, st),
-            notes,
-            style="bold" if st is neck else None,
-        )
+        mark = (BOTTLENECK_MARK if wide else "◀") if st is neck else ""
+        queue = queue_text(stats, st)
+        folded = ""
+        if queue and not wide:  # "q 16/16" while running, "q ~64%" (the average) after
+            folded = "q " + (queue.split()[0] if stats.queue_fill else queue.replace("avg ", "~"))
+        notes = " ".join(t for t in (mark, folded, extra_text(st)) if t)
+        cells = [st.name, format_size(st.bytes), format_size(st.data_bytes)]
+        if wide:
+            cells.append(format_size(st.hole_bytes))
+        cells += [rate_text(st), f"{100 * st.busy / wall:.0f}%"]
+        if wide:
+            cells.append(queue)
+        cells.append(notes)
+        table.add_row(*cells, style="bold" if st is neck else None)
     return table
 
 
@@ -149,6 +164,8 @@ def phase_line(stats: RunStats) -> str | None:
     """``gzip: counting 1.2 GiB of 3.0 GiB (40%)`` while a pre-pass runs, else None."""
     if stats.phase == "transfer":
         return None
+    if stats.phase == "opening":
+        return f"{stats.title}: opening"
     notes = []
     if stats.phase_total:
         notes.append(f"{100 * stats.phase_done / stats.phase_total:.0f}%")
@@ -164,27 +181,40 @@ def headline(stats: RunStats) -> str:
     phase = phase_line(stats)
     if phase is not None:
         return phase
+    return f"{progress_text(stats)}{detail_text(stats)}"
+
+
+def progress_text(stats: RunStats, title: bool = True) -> str:
+    """``upload x: 1.0 GiB of 4.0 GiB (25%), 120 MB/s, ETA 30s`` (without ``upload x: ``
+    when ``title`` is False)."""
     if not stats.stages and not stats.total:
         return f"{stats.title}: opening"
     total = stats.total
     done = stats.done
-    last = stats.stages[-1] if stats.stages else None
     pct = 100 * done / total if total else 100.0
     elapsed = stats.transfer_elapsed
     rate = done / elapsed if elapsed > 0 else 0.0
-    split = ""
-    if last is not None:
-        split = (f" [data {format_size(last.data_bytes)}, "
-                 f"zeros {format_size(last.hole_bytes)}]")
     eta = eta_seconds(stats)
     eta_text = f", ETA {format_duration(eta)}" if eta is not None else ""
-    queue = ""
+    lead = f"{stats.title}: " if title else ""
+    return (f"{lead}{format_size(done)} of {format_size(total)} ({pct:.0f}%), "
+            f"{format_rate(rate)}{eta_text}")
+
+
+def detail_text(stats: RunStats, sep: str = " ") -> str:
+    """``[data 1.0 GiB, zeros 3.0 GiB], reader 40 MiB ahead, queue 16/16``"""
+    last = stats.stages[-1] if stats.stages else None
+    if last is None:
+        return ""
+    parts = [f"[data {format_size(last.data_bytes)}, zeros {format_size(last.hole_bytes)}]"]
+    first = stats.stages[0]
+    ahead = first.bytes - last.bytes
+    if first is not last and ahead > 0 and last.bytes < stats.total:
+        # what is read but not yet sent (queued, in buffers): shown as what it is
+        parts.append(f"reader {format_size(ahead)} ahead")
     if stats.queue_fill is not None:
-        queue = f", queue {stats.queue_fill[0]}/{stats.queue_fill[1]}"
-    return (
-        f"{stats.title}: {format_size(done)} of {format_size(total)} ({pct:.0f}%){split}, "
-        f"{format_rate(rate)}{eta_text}{queue}"
-    )
+        parts.append(f"queue {stats.queue_fill[0]}/{stats.queue_fill[1]}")
+    return sep + ", ".join(parts)
 
 
 def format_duration(seconds: float) -> str:
@@ -213,7 +243,7 @@ def summary_line(stats: RunStats, *, ok: bool) -> str:
 
 def plain_stage_line(stats: RunStats, st: StageStats) -> str:
     wall = max(stats.transfer_elapsed, 1e-9)
-    parts = [f"  {st.name}: {format_size(st.bytes)} at {format_rate(st.data_rate)}",
+    parts = [f"  {st.name}: {format_size(st.bytes)} at {rate_text(st)}",
              f"busy {st.busy:.2f}s ({100 * st.busy / wall:.0f}%)"]
     queue = queue_text(stats, st)
     if queue:
@@ -226,13 +256,35 @@ def plain_stage_line(stats: RunStats, st: StageStats) -> str:
     return ", ".join(parts)
 
 
-def render(stats: RunStats) -> RenderableType:
-    """The live view: headline, a bar of bytes (or of the phase), the stage table."""
+def render(stats: RunStats, width: int = LOG_WIDTH) -> RenderableType:
+    """The live view: headline, a bar of bytes (or of the phase), the stage table.
+
+    Under :data:`WIDE` columns the headline folds into two lines and the table
+    drops its widest columns, so nothing wraps at 80 columns."""
+    bar_width = max(10, min(50, width - 2))
     if stats.phase != "transfer":
-        bar = ProgressBar(total=max(stats.phase_total, 1), completed=stats.phase_done, width=50)
+        bar = ProgressBar(total=max(stats.phase_total, 1), completed=stats.phase_done,
+                          width=bar_width)
+        head: list[RenderableType] = [Text(headline(stats), overflow="ellipsis", no_wrap=True)]
     else:
-        bar = ProgressBar(total=max(stats.total, 1), completed=stats.done, width=50)
-    return Group(Text(headline(stats)), bar, stage_table(stats))
+        bar = ProgressBar(total=max(stats.total, 1), completed=stats.done, width=bar_width)
+        text = headline(stats)
+        if len(text) <= width:
+            head = [Text(text)]
+        else:  # fold: the title (cut at its start: the file name is at the end), then
+            # the numbers, then the details, each on its own line
+            title = stats.title + ":"
+            if len(title) > width:
+                title = "…" + title[len(title) - width + 1 :]
+            lines = [progress_text(stats, title=False), detail_text(stats).strip()]
+            if len(progress_text(stats)) <= width:
+                lines = [progress_text(stats), lines[1]]
+            else:
+                lines.insert(0, title)
+            head = [Text(line, overflow="ellipsis", no_wrap=True) for line in lines]
+    # a ProgressBar ends without a newline: the empty Text ends its line, so the
+    # table's header starts on a line of its own
+    return Group(*head, bar, Text(""), stage_table(stats, width))
 
 
 class Reporter:
@@ -252,6 +304,8 @@ class Reporter:
         default_interval = {"rich": 0.25, "plain": 2.0, "json": 1.0}.get(self.mode, 1.0)
         self.interval = interval if interval is not None else default_interval
         self._stop = threading.Event()
+        self._emit_lock = threading.Lock()
+        self._started = False
         self._thread: threading.Thread | None = None
         self._live: Live | None = None
         # Not a terminal (a log file, a pipe): wide enough that rows never wrap.
@@ -259,9 +313,12 @@ class Reporter:
         self.console = Console(file=self.stream, stderr=self.stream is sys.stderr, width=width)
 
     def __enter__(self) -> Reporter:
+        if self.mode == "json":
+            self.stats.on_phase_change = self._phase_changed
         if self.mode == "rich":
             self._live = Live(
-                render(self.stats), console=self.console, refresh_per_second=4, transient=True
+                render(self.stats, self.console.width), console=self.console,
+                refresh_per_second=4, transient=True,
             )
             self._live.__enter__()
         if self.mode != "none":
@@ -278,6 +335,8 @@ class Reporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self.stats.on_phase_change == self._phase_changed:
+            self.stats.on_phase_change = None
         if self._live is not None:
             self._live.__exit__(exc_type, exc, tb)
         if self.stats.finished is None:
@@ -295,7 +354,7 @@ class Reporter:
 
     def _tick_rich(self) -> None:
         if self._live is not None:
-            self._live.update(render(self.stats))
+            self._live.update(render(self.stats, self.console.width))
 
     def _tick_plain(self) -> None:
         print(headline(self.stats), file=self.stream, flush=True)
@@ -303,12 +362,25 @@ class Reporter:
     def _tick_json(self) -> None:
         self._emit_json({"event": "progress", **self._json_state()})
 
+    def _phase_changed(self, phase: str) -> None:
+        self._emit_json({"event": "phase", **self._json_state()})
+
+    def _start_event(self) -> dict[str, Any]:
+        st = self.stats
+        return {"event": "start", "title": st.title, "total": st.total,
+                "chain": list(st.chain), "phases": list(st.phases), "phase": st.phase}
+
     def _json_state(self) -> dict[str, Any]:
         eta = eta_seconds(self.stats)
         return {**self.stats.as_dict(), "eta_s": None if eta is None else round(eta, 1)}
 
     def _emit_json(self, event: dict[str, Any]) -> None:
-        print(json.dumps(event), file=self.stream, flush=True)
+        """One line per event; the first one is always ``start`` (see docs/progress-json.md)."""
+        with self._emit_lock:
+            if not self._started:
+                self._started = True
+                print(json.dumps(self._start_event()), file=self.stream, flush=True)
+            print(json.dumps(event), file=self.stream, flush=True)
 
     def summary(self, *, ok: bool) -> None:
         """The final table (rich/plain) or final object (json)."""
@@ -324,7 +396,7 @@ class Reporter:
                 print(plain_stage_line(self.stats, st), file=self.stream, flush=True)
             return
         self.console.print(line)
-        self.console.print(stage_table(self.stats))
+        self.console.print(stage_table(self.stats, self.console.width))
 
 
 def now() -> float:

@@ -23,9 +23,6 @@ MAX_DEPTH = 4
 
 #: formats we recognise but do not decode: refused rather than sent as raw
 FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"vhdxfile", "VHDX"),
-    (64, b"\x7f\x10\xda\xbe", "VDI"),
-    (0, b"conectix", "VHD (dynamic)"),
     (0, b"QFI\xfb", "qcow"),  # only reached when the qcow2 plugin refused the version
     (0, b"QED\x00", "QED"),
 )
@@ -66,14 +63,9 @@ def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:
 
 def foreign_format(source: ByteSource, head: bytes) -> str | None:
     """Name of a format we recognise but refuse, or None."""
-    names = set(formats())
     for offset, magic, name in FOREIGN_MAGIC:
         if head[offset : offset + len(magic)] == magic:
             return name
-    if "vpc" not in names and "vhd" not in names:
-        tail = source.tail(512)
-        if tail is not None and tail[:8] == b"conectix":
-            return "VHD (fixed)"
     return None
 
 

@@ -149,6 +149,7 @@ class Pipeline(Generic[T]):
     ) -> T:
         try:
             self.stats.transfer_started = time.perf_counter()
+            self.stats.set_phase("transfer")
             if producer is not None:
                 producer.start()
             sink_stats.started = time.perf_counter()

@@ -199,6 +199,9 @@ class OpenOptions:
     #: where decoded layers that an inner format must read out of order are spooled
     #: (None: the system temp directory)
     spool_dir: str | None = None
+    #: called with each layer's format name as it is detected, outside in, before
+    #: that layer does any long work (a counting pass, a spool)
+    on_layer: Callable[[str], None] | None = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ thread per counter; readers (the display) only read, so no locks are needed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,9 @@ class RunStats:
 
     title: str
     total: int = 0
-    phase: str = "transfer"
+    #: "opening" until the runner starts streaming ("transfer"); "counting",
+    #: "spooling", "check", "verify" in between where a command has them
+    phase: str = "opening"
     stages: list[StageStats] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
@@ -92,6 +95,10 @@ class RunStats:
     #: when the current pre-streaming phase started, and the phases seen so far
     phase_started: float = field(default_factory=time.perf_counter)
     phases: list[str] = field(default_factory=list)
+    #: the input's formats from the outside in, as they are detected
+    chain: list[str] = field(default_factory=list)
+    #: called (from the thread that changed it) with the new phase name
+    on_phase_change: Callable[[str], None] | None = None
     result: dict[str, Any] = field(default_factory=dict)
     #: raw bytes that are data (not holes), when the input knows it cheaply
     data_total: int | None = None
@@ -125,13 +132,16 @@ class RunStats:
 
     def set_phase(self, phase: str, done: int = 0, total: int = 0) -> None:
         """Enter (or report progress in) a phase that runs before streaming."""
-        if phase != self.phase:
+        changed = phase != self.phase
+        if changed:
             self.phase = phase
             self.phase_started = time.perf_counter()
             if phase != "transfer":
                 self.phases.append(phase)
         self.phase_done = done
         self.phase_total = total
+        if changed and self.on_phase_change is not None:
+            self.on_phase_change(phase)
 
     @property
     def phase_rate(self) -> float:
@@ -164,7 +174,10 @@ class RunStats:
         return {
             "title": self.title,
             "phase": self.phase,
-            **({"phases": list(self.phases)} if self.phases else {}),
+            "phases": list(self.phases),
+            "phase_done": self.phase_done,
+            "phase_total": self.phase_total,
+            "chain": list(self.chain),
             "total": self.total,
             "done": self.done,
             "elapsed_s": round(self.elapsed, 6),

@@ -50,7 +50,6 @@ from drivepipe._errors import (
     Cancelled,
     DrivepipeError,
     NetworkError,
-    OutputError,
     TransferError,
 )
 from drivepipe._http import (
@@ -63,7 +62,7 @@ from drivepipe._http import (
 )
 from drivepipe._stats import StageStats
 from drivepipe_plugins.download_journal import DownloadJournal, SourceIdentity, block_digest
-from drivepipe_plugins.sparse_write import SparseOutput, describe_os_error
+from drivepipe_plugins.sparse_write import SparseOutput, output_error
 
 #: libcurl hands us the body in pieces up to this size (fewer Python callbacks)
 RECV_BUFFER = 1 << 20
@@ -446,7 +445,7 @@ class BlockWriter:
                 data, offset = data[n:], offset + n
                 self.out.written += n
         except OSError as exc:
-            raise OutputError(describe_os_error(self.out.path, exc)) from exc
+            raise output_error(self.out.path, exc) from exc
 
 
 class _StopSignals:
@@ -515,7 +514,9 @@ class Receiver:
         self.dirty = False
         self.last_checkpoint = time.monotonic()
         self.save_seconds = 0.0
-        receive.extra.update(retries=0, relinks=0, connections=0)
+        # connections: the most that ran at once (what the summary reports);
+        # in_flight: how many run now
+        receive.extra.update(retries=0, relinks=0, connections=0, in_flight=0)
 
     # -- the loop --
 
@@ -570,7 +571,9 @@ class Receiver:
                 self.pending.append(span)
                 continue
             self._start(span)
-        self.receive.extra["connections"] = len(self.active)
+        extra = self.receive.extra
+        extra["in_flight"] = len(self.active)
+        extra["connections"] = max(extra.get("connections", 0), len(self.active))
 
     def _start(self, span: Span) -> None:
         start, _ = self.journal.block_span(span.first)

@@ -22,12 +22,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import xxhash
 
-from drivepipe._errors import OutputError
-from drivepipe_plugins.sparse_write import describe_os_error
+from drivepipe_plugins.sparse_write import output_error
 
 JOURNAL_VERSION = 1
 JOURNAL_SUFFIX = ".journal"
@@ -39,15 +38,33 @@ def block_digest(data: bytes | bytearray | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+#: query parameters of signed links (ours, S3, GCS, Azure SAS): a fresh link to the same
+#: object differs only in these, so they are not part of what identifies the source
+_SIGNING_PARAMS = frozenset({
+    "expires", "sig", "signature", "token", "x-amz-algorithm", "x-amz-credential",
+    "x-amz-date", "x-amz-expires", "x-amz-signature", "x-amz-signedheaders",
+    "x-amz-security-token", "x-goog-algorithm", "x-goog-credential", "x-goog-date",
+    "x-goog-expires", "x-goog-signature", "x-goog-signedheaders", "awsaccesskeyid",
+    "googleaccessid", "se", "sp", "spr", "sr", "st", "sv", "skoid", "sktid",
+})
+
+
 def source_key(url: str) -> str:
-    """A stable, secret-free name for ``url``: origin and path, plus a hash of the rest."""
+    """A stable, secret-free name for ``url``: origin and path, plus a hash of the rest.
+
+    Signing parameters (``expires``, ``sig``, ``X-Amz-Signature``, ...) are left out:
+    a fresh signed link to the same drive resumes the same ``.part`` (the size and
+    the ETag/Last-Modified validators still have to match).
+    """
     parts = urlsplit(url)
     shown = f"{parts.scheme}://{parts.hostname or ''}"
     if parts.port:
         shown += f":{parts.port}"
     shown += parts.path
-    if parts.query:
-        shown += "?sha256=" + hashlib.sha256(parts.query.encode()).hexdigest()[:32]
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if k.lower() not in _SIGNING_PARAMS]
+    if kept:
+        shown += "?sha256=" + hashlib.sha256(urlencode(sorted(kept)).encode()).hexdigest()[:32]
     return shown
 
 
@@ -119,7 +136,9 @@ class DownloadJournal:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            raise OutputError(describe_os_error(path, exc)) from exc
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a full disk must not leave a half-written .tmp behind
+            raise output_error(path, exc) from exc
 
 
 def parse_journal(data: Any) -> DownloadJournal | None:

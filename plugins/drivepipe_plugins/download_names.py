@@ -10,6 +10,7 @@ safe left.  The last resort is ``download``.
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from typing import TYPE_CHECKING
@@ -68,3 +69,29 @@ def default_filename(probed: ProbeResult, fallback: str | None) -> str:
         if safe:
             return safe
     return "download"
+
+
+#: extensions of the formats drivepipe reads; ``convert SRC DIR/`` strips them
+FORMAT_EXTENSIONS = frozenset({
+    "gz", "gzip", "xz", "zst", "zstd", "bz2", "qcow2", "qcow", "raw", "img", "vmdk", "vhd",
+    "vhdx", "vdi",
+})
+
+
+def raw_name_for(src: str) -> str:
+    """The name ``convert SRC DIR/`` gives its output inside DIR.
+
+    SRC's base name with every trailing format extension stripped (``.qcow2``,
+    ``.gz``, ``.img``, ... see :data:`FORMAT_EXTENSIONS`, any case), then ``.raw``:
+    ``/srv/disk.qcow2.gz`` -> ``disk.raw``, ``web.img.xz`` -> ``web.raw``,
+    ``backup.2024`` -> ``backup.2024.raw``.  Nothing left (``.qcow2``, ``-``):
+    ``image.raw``.
+    """
+    stem = os.path.basename(src.rstrip("/"))
+    while "." in stem:
+        head, _, ext = stem.rpartition(".")
+        if ext.lower() not in FORMAT_EXTENSIONS:
+            break
+        stem = head
+    safe = sanitize_filename(stem)
+    return f"{safe if safe and safe != '-' else 'image'}.raw"

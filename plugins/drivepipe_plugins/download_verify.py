@@ -28,7 +28,8 @@ from drivepipe._extent import Extent, is_zero, zero_chunks
 from drivepipe_plugins.download_journal import DownloadJournal
 from drivepipe_plugins.sparse_read import SparseFileReader
 
-_EXPECT_RE = re.compile(r"^(?:xxh128|xxh3-128|xxh3_128):([0-9a-fA-F]{32})$")
+#: ``xxh128:HEX`` (also ``xxh3-128:``/``xxh3_128:``), or the bare digest ``xxh128sum`` prints
+_EXPECT_RE = re.compile(r"^(?:(?:xxh128|xxh3-128|xxh3_128):)?([0-9a-fA-F]{32})$")
 
 #: ``(bytes_done, bytes_total)`` while hashing
 Progress = Callable[[int, int], None]
@@ -46,7 +47,8 @@ class Expectation:
 def parse_expect(text: str) -> Expectation:
     m = _EXPECT_RE.match(text.strip())
     if not m:
-        raise UsageError(f"--expect must look like xxh128:<32 hex digits>, got {text!r}")
+        raise UsageError(f"--expect must be 32 hex digits (as xxh128sum prints them), optionally "
+                         f"prefixed xxh128:, got {text!r}")
     return Expectation(m.group(1).lower())
 
 

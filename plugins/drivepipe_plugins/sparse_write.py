@@ -6,6 +6,11 @@ the input's zeros were written data), fsyncs, and only then puts it under the
 target name.  Refuses to replace an existing target unless ``force``; on any
 failure the temporary file is removed and the target is untouched.
 
+The temporary file has no name where the filesystem allows it (``O_TMPFILE``,
+linked under the target name at the end), so a killed convert leaves nothing
+behind; elsewhere it is ``.NAME.XXXX.part``, locked while written, and the next
+run removes the ones whose writer is gone.
+
 :class:`SparseOutput` is the random-access half (``write_at``) that the
 downloader uses for ranges arriving out of order.
 """
@@ -13,18 +18,40 @@ downloader uses for ranges arriving out of order.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
 
-from drivepipe._errors import OutputError
+from drivepipe._errors import DiskFull, OutputError
 from drivepipe._extent import ZERO_BLOCK, Buffer, Extent, split_zeros
 from drivepipe._stage import Sink
 
 #: largest single pwrite: measured on a busy host, 2 MiB writes into the page cache
 #: took 1-3x longer (and more system time) than the same bytes in 128-256 KiB calls
 WRITE_SLICE = 256 << 10
+#: fallocate(2) modes
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02
+
+
+def output_error(path: str, exc: OSError) -> OutputError:
+    """The OutputError for ``exc``: DiskFull when the disk is full or over quota."""
+    cls = DiskFull if exc.errno in (errno.ENOSPC, errno.EDQUOT) else OutputError
+    return cls(describe_os_error(path, exc))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free ``[offset, offset+length)`` of the file (it reads as zeros); False if refused."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    except (OSError, AttributeError):
+        return False
+    return int(fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length)) == 0
 
 
 def describe_os_error(path: str, exc: OSError) -> str:
@@ -55,17 +82,63 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def free_bytes(path: str) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem of ``path``'s directory."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(path: str, needed: int | None, what: str) -> None:
+    """Refuse in one line when ``needed`` bytes certainly do not fit beside ``path``."""
+    free = free_bytes(path)
+    if needed is None or free is None or needed <= free:
+        return
+    where = os.path.dirname(os.path.abspath(path))
+    raise OutputError(
+        f"{where}: {free} bytes free, but {what} needs {needed} bytes written "
+        "(holes take none); free space or write elsewhere"
+    )
+
+
+def remove_stale_parts(target: str) -> list[str]:
+    """Remove ``.NAME.*.part`` files of ``target`` that no running writer holds."""
+    directory = os.path.dirname(os.path.abspath(target))
+    name = glob.escape(os.path.basename(target))
+    pattern = os.path.join(glob.escape(directory), f".{name}.*.part")
+    removed = []
+    for path in glob.glob(pattern):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer holds it
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
 class SparseOutput:
     """A file being written sparsely at ``path``; zero blocks are never written."""
 
-    def __init__(self, path: str, size: int, *, block: int = ZERO_BLOCK, create: bool = True):
+    def __init__(self, path: str, size: int, *, block: int = ZERO_BLOCK, create: bool = True,
+                 fd: int | None = None):
         self.path = path
         self.size = size
         self.block = block
         self.written = 0
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
-            self.fd = os.open(path, flags, 0o644)
+            self.fd = os.open(path, flags, 0o644) if fd is None else fd
             if os.fstat(self.fd).st_size != size:
                 os.ftruncate(self.fd, size)
         except OSError as exc:
@@ -101,13 +174,13 @@ class SparseOutput:
                 offset += n
                 self.written += n
         except OSError as exc:
-            raise OutputError(describe_os_error(self.path, exc)) from exc
+            raise output_error(self.path, exc) from exc
 
     def sync(self) -> None:
         try:
             os.fsync(self.fd)
         except OSError as exc:
-            raise OutputError(describe_os_error(self.path, exc)) from exc
+            raise output_error(self.path, exc) from exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -154,18 +227,7 @@ class SparseFileWriter(Sink[str]):
         check_target(target, force=force)
 
     def consume(self, extents: Iterator[Extent], size: int) -> str:
-        directory = os.path.dirname(os.path.abspath(self.target))
-        base = os.path.basename(self.target)
-        try:
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
-            # mkstemp makes the file 0600; the output is an ordinary file (0666 - umask).
-            os.fchmod(fd, 0o666 & ~_umask())
-        except OSError as exc:
-            raise OutputError(describe_os_error(self.target, exc)) from exc
-        finally:
-            if self._tmp is not None:
-                os.close(fd)
-        self._out = SparseOutput(self._tmp, size, create=False)
+        self._out = self._open(size)
         window = self.writeback_window if self.sync else 0
         flushed = 0
         for ext in extents:
@@ -175,10 +237,65 @@ class SparseFileWriter(Sink[str]):
                 flushed = ext.end
         if self.sync:
             self._out.sync()
-        self._out.close()
-        publish(self._tmp, self.target, force=self.force)
-        self._tmp = None
+        if self._tmp is None:
+            self._link_unnamed(self._out.fd)
+            self._out.close()
+        else:
+            self._out.close()
+            publish(self._tmp, self.target, force=self.force)
+            self._tmp = None
         return self.target
+
+    def _open(self, size: int) -> SparseOutput:
+        """An unnamed file in the target's directory, else a locked ``.NAME.XXXX.part``."""
+        directory = os.path.dirname(os.path.abspath(self.target))
+        mode = 0o666 & ~_umask()
+        if os.path.isdir("/proc/self/fd"):
+            try:
+                fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise OutputError(describe_os_error(self.target, exc)) from exc
+            else:
+                os.fchmod(fd, mode)
+                return SparseOutput(self.target, size, fd=fd)
+        remove_stale_parts(self.target)
+        base = os.path.basename(self.target)
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".part", dir=directory)
+            # mkstemp makes the file 0600; the output is an ordinary file (0666 - umask).
+            os.fchmod(fd, mode)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held while written: not stale to others
+        except OSError as exc:
+            raise OutputError(describe_os_error(self.target, exc)) from exc
+        return SparseOutput(self._tmp, size, fd=fd)
+
+    def _link_unnamed(self, fd: int) -> None:
+        """Give the finished unnamed file the target's name (never replacing without force)."""
+        source = f"/proc/self/fd/{fd}"
+        directory = os.path.dirname(os.path.abspath(self.target))
+        name = os.path.basename(self.target)
+        try:
+            dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OutputError(describe_os_error(self.target, exc)) from exc
+        try:
+            # a dir fd makes CPython call linkat(AT_SYMLINK_FOLLOW): plain link() would
+            # link the /proc symlink itself
+            if not self.force:
+                os.link(source, name, dst_dir_fd=dirfd, follow_symlinks=True)
+            else:
+                tmp = f".{name}.{os.getpid()}.{fd}.link"
+                os.link(source, tmp, dst_dir_fd=dirfd, follow_symlinks=True)
+                os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            os.fsync(dirfd)
+        except FileExistsError as exc:
+            raise OutputError(f"{self.target}: already exists (use --force to replace it)") \
+                from exc
+        except OSError as exc:
+            raise OutputError(describe_os_error(self.target, exc)) from exc
+        finally:
+            os.close(dirfd)
 
     def abort(self) -> None:
         if self._out is not None:

@@ -22,17 +22,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import xxhash
 from batch_support import make_raw
 
 import drivepipe
-from drivepipe.jobs import ConnectionBudget, LocalExecutor, Settings, load_plan
+from drivepipe.jobs import (
+    Access,
+    ConnectionBudget,
+    Item,
+    LocalExecutor,
+    Settings,
+    load_plan,
+    local,
+    transfer,
+)
 from drivepipe.server import RunningServer
 
 KiB = 1 << 10
 CHUNK = 64 * KiB
 DRIVEPIPE = str(Path(sys.executable).with_name("drivepipe"))
+SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "progress.schema.json").read_text())
 
 
 @pytest.fixture
@@ -292,7 +303,10 @@ def test_a_failing_item_is_reported_and_the_others_succeed(
         assert "404" in errors["nodrive"] or "not found" in errors["nodrive"].lower()
         assert "Traceback" not in run.stderr
         events = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+        for event in events:
+            jsonschema.validate(event, SCHEMA)
         assert {e["key"] for e in events if e["event"] == "failed"} == {"broken", "nodrive"}
+        assert events[-1]["event"] == "batch" and events[-1]["counts"]["failed"] == 2
         assert "2 of 5 items did not finish" in run.stderr.splitlines()[-1]
         assert account.password not in run.stderr + run.stdout + report_file.read_text()
 
@@ -428,3 +442,43 @@ def test_a_download_cut_off_resumes_from_its_part_file_in_the_next_run(
     assert 0 < result.bytes < len(data)  # only the blocks the first run lacked
     assert (tmp_path / "disk.raw").read_bytes()[:len(data)] == data
     assert not journal.exists()
+
+
+def test_the_rate_budget_caps_the_whole_batch(
+    account: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raws = [tmp_path / f"r{n}.raw" for n in range(6)]
+    for raw in raws:
+        raw.write_bytes(os.urandom(256 * KiB))
+    plan = write_plan(tmp_path / "plan.jsonl", [
+        {"op": "upload", "image": str(raw), "key": f"r{n}", "chunked": n % 2 == 1}
+        for n, raw in enumerate(raws)])
+    running: dict[str, int] = {}
+    peaks: list[int] = []
+    caps: list[int] = []
+    lock = threading.Lock()
+    real_capped, real_attempt = transfer.capped, local.attempt_item
+
+    def watch_caps(access: Access, item: Item, settings: Settings) -> Access:
+        capped = real_capped(access, item, settings)
+        caps.append(capped.tls.limit_rate * (settings.connections if item.chunked else 1))
+        return capped
+
+    def watch_items(task: Any, settings: Settings, *args: Any) -> Any:
+        with lock:
+            running[task.item.key] = settings.limit_rate
+            peaks.append(sum(running.values()))
+        try:
+            return real_attempt(task, settings, *args)
+        finally:
+            with lock:
+                del running[task.item.key]
+
+    monkeypatch.setattr(transfer, "capped", watch_caps)
+    monkeypatch.setattr(local, "attempt_item", watch_items)
+    report = drivepipe.batch(str(plan), jobs=4, limit_rate=4 << 20,
+                             settings=settings_for(account))
+    assert report.ok
+    assert max(peaks) <= 4 << 20 and len(caps) == 6
+    # each item's connections together get its share: a quarter while four run
+    assert all(0 < cap <= 1 << 20 for cap in caps), caps

@@ -9,7 +9,9 @@ connections dropped mid-body, bodies cut short).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -18,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 import xxhash
@@ -260,3 +263,89 @@ def test_wrong_password_is_one_line(
     err = capsys.readouterr().err
     assert "authentication refused" in err and "wrong-password" not in err
     assert list(cli_env.iterdir()) == []
+
+
+def test_grown_drive_says_what_was_verified(
+    drive_store: RunningServer, put_drive: PutDrive, cli_env: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = random.Random(3).randbytes(300_000)
+    uuid = put_drive(drive_store, data)
+    set_meta(drive_store, uuid, data)
+    size = drive_store.store.get(uuid).size
+    assert download(drive_store, uuid, "-o", "g.img") == 0
+    err = capsys.readouterr().err
+    assert f"the first {len(data)} bytes verified against the drive's meta" in err
+    assert f"the other {size - len(data)} bytes" in err and "are zeros" in err
+
+
+def test_the_drives_own_api_url_is_verified_against_its_meta(
+    drive_store: RunningServer, put_drive: PutDrive, cli_env: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    src = sparse_image(tmp_path / "src.raw", 4 * MiB, seed=4)
+    uuid = put_drive(drive_store, src)
+    wrong = bytearray(src.read_bytes())
+    wrong[5] ^= 1
+    set_meta(drive_store, uuid, bytes(wrong))  # meta that the bytes cannot match
+    url = f"{drive_store.base_url}drives/{uuid}/download/"
+    assert download(drive_store, url, "-o", "by-url.img") == 7
+    assert "drive's meta" in capsys.readouterr().err
+    set_meta(drive_store, uuid, src.read_bytes())
+    assert download(drive_store, url, "-o", "by-url.img") == 0
+    err = capsys.readouterr().err
+    assert "no checksum" not in err
+    assert (cli_env / "by-url.img").read_bytes() == src.read_bytes()
+
+
+def test_a_fresh_signed_link_resumes_the_same_part(
+    drive_store: RunningServer, put_drive: PutDrive, cli_env: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    size, block = 8 * MiB, 512 << 10
+    src = sparse_image(tmp_path / "src.raw", size, seed=9, pieces=20)
+    uuid = put_drive(drive_store, src)
+
+    def signed_link() -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", drive_store.port, timeout=10)
+        auth = base64.b64encode(f"{drive_store.username}:{drive_store.password}".encode())
+        conn.request("GET", f"/api/2.0/drives/{uuid}/download/",
+                     headers={"Authorization": f"Basic {auth.decode()}"})
+        resp = conn.getresponse()
+        assert resp.status == 302
+        location = resp.getheader("Location") or ""
+        conn.close()
+        return urljoin(drive_store.base_url, location)
+
+    first = signed_link()
+    out = cli_env / "s.img"
+    drive_store.faults.delay(0.15, count=0, match="/direct/")  # slow enough to kill midway
+    args = ["-o", str(out), "--block-size", "512K", "--range-size", "512K",
+            "--connections", "1", "--endpoint", drive_store.base_url]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from drivepipe.cli import console_main; console_main()",
+         "download", first, *args, "--progress", "none", "--checkpoint-interval", "0.1"],
+        cwd=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = cli_env / "s.img.part.journal"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if len(json.loads(journal.read_text())["blocks"]) >= 3:
+                break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    kept = len(json.loads(journal.read_text())["blocks"])
+    assert 0 < kept < size // block
+    drive_store.faults.clear()
+    time.sleep(1.1)  # the next link expires a second later: its query differs
+    second = signed_link()
+    assert second != first
+    capsys.readouterr()
+    assert main(["download", second, *args, "--progress", "json"]) == 0
+    err = capsys.readouterr().err
+    assert "starting over" not in err
+    summary = [json.loads(line) for line in err.splitlines() if line.startswith("{")][-1]
+    assert summary["event"] == "summary"
+    assert summary["stages"][-1]["kept"] == kept * block
+    assert out.read_bytes() == src.read_bytes()

@@ -67,6 +67,10 @@ def test_pagination(drive_store: RunningServer, client: Api, put_drive: PutDrive
     assert [d["uuid"] for d in everything["objects"]] == uuids
     assert everything["meta"]["total_count"] == 5
     assert all(d["status"] == "unmounted" for d in everything["objects"])
+    # the short list carries each drive's status, as the real API's does (docs:
+    # response_drive_list); the detailed one everything
+    assert set(page["objects"][0]) == {"uuid", "resource_uri", "owner", "status"}
+    assert page["objects"][0]["status"] == "unmounted"
     past_end = client.call("GET", "drives/?offset=10").json
     assert past_end["objects"] == [] and past_end["meta"]["total_count"] == 5
     assert client.call("GET", "drives/?limit=-1").status == 400
@@ -136,6 +140,12 @@ def test_put_grows_the_drive(drive_store: RunningServer, client: Api, put_drive:
 def test_delete(drive_store: RunningServer, client: Api, put_drive: PutDrive) -> None:
     uuid = put_drive(drive_store, b"abc")
     raw = drive_store.store.raw_path(uuid)
+    for listing in ("drives/", "drives/detail/", f"drives/{uuid}/"):
+        assert client.call("GET", listing, auth=False).status == 401
+    assert client.call("DELETE", f"drives/{uuid}/", auth=False).status == 401
+    wrong = {"Authorization": client.auth_header(password="wrong")}
+    assert client.call("DELETE", f"drives/{uuid}/", auth=False, headers=wrong).status == 401
+    assert os.path.exists(raw)
     answer = client.call("DELETE", f"drives/{uuid}/")
     assert answer.status == 204 and answer.body == b""
     assert client.call("GET", f"drives/{uuid}/").status == 404

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from drivepipe._errors import ConfigError
 from drivepipe.server import RunningServer
 
 MakeStore = Callable[..., RunningServer]
@@ -194,3 +195,45 @@ def test_full_disk_is_a_503_and_leaves_nothing(
     assert "no space" in second.json[0]["error_message"]
     assert [d.uuid for d in server.store.list()] == [first.body.decode().strip()]
     assert os.listdir(server.store.incoming_dir) == []
+
+
+def test_a_second_store_on_the_same_root_is_refused_and_wipes_nothing(
+        make_drive_store: MakeStore) -> None:
+    first = make_drive_store()
+    arriving = first.store.begin_direct(3000)  # an upload in progress on the first store
+    arriving.write(os.urandom(1000))
+    root = first.root
+    held = rf"in use by another drivepipe store \(pid {os.getpid()}\)"
+    with pytest.raises(ConfigError, match=held):
+        make_drive_store(root=root)
+    assert os.path.exists(arriving.tmp)
+    arriving.write(os.urandom(2000))
+    uuid = arriving.finish().uuid
+    assert first.store.get(uuid).image_size == 3000
+    first.restart()  # the same server lets go of the root and takes it again
+    assert first.store.get(uuid).uuid == uuid
+    first.stop()
+    second = make_drive_store(root=root)  # free once the first one stopped
+    assert [r.uuid for r in second.store.list()] == [uuid]
+
+
+def test_a_second_serve_command_on_the_same_root_exits_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "CLOUDSIGMA_USERNAME": "me@example.com", "CLOUDSIGMA_PASSWORD": "pw1"}
+    proc, url = start_serve(tmp_path / "store", env)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-c", "from drivepipe.cli import console_main; console_main()",
+             "serve", "--root", str(tmp_path / "store"), "--port", "0", "--quiet"],
+            capture_output=True, text=True, env=env, timeout=30, check=False)
+        assert second.returncode == 2 and second.stdout == ""
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert second.stderr.startswith("drivepipe: error: ")
+        assert f"in use by another drivepipe store (pid {proc.pid})" in second.stderr
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(b"GET /api/2.0/capabilities/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(12) == b"HTTP/1.1 401"  # the first one still serves
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

@@ -526,7 +526,8 @@ def test_request_head_on_the_wire(drive_store: Any, tmp_path: Path,
 @pytest.mark.parametrize(
     "args",
     [["--progress", "fancy"], ["--connections", "0"], ["--chunk-size", "big"],
-     ["--journal", "j.json"]],
+     ["--journal", "j.json"], ["--chunked", "--chunk-size", "0"], ["--queue-depth", "0"],
+     ["--threads", "0"], ["--read-size", "0"], ["-q", "-v"]],
 )
 def test_bad_options_refused_before_anything_happens(cli: CliRun, drive_store: Any,
                                                      tmp_path: Path, args: list[str]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nested_images import Nested, build, compress, needs_tools
+from nested_images import Nested, build, compress, needs_tools, run, write_disk
 
 from drivepipe.cli import main
 
@@ -82,3 +82,24 @@ def test_truncated_inner_image_creates_no_drive(images: dict[str, Nested], kind:
     assert code == 3 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
     assert drive_store.store.list() == []
+
+
+def test_fixed_vhd_inside_gzip_creates_no_drive(drive_store: Any,
+                                                capfd: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    raw = write_disk(tmp_path / "d.raw")
+    vhd = tmp_path / "f.vhd"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on",
+        str(raw), str(vhd))
+    packed = compress(vhd, "gz", tmp_path / "f.vhd.gz")
+    code, out, err = upload(drive_store, capfd, monkeypatch, tmp_path, str(packed))
+    assert code == 3 and out == "" and "ends in a vhd footer" in err
+    assert drive_store.store.list() == []
+    code, out, err = upload(drive_store, capfd, monkeypatch, tmp_path, "-f", "gzip,vhd",
+                            "--spool-dir", str(tmp_path), str(packed))
+    assert code == 0, err
+    rec = drive_store.store.get(out.strip())
+    assert rec.size == raw.stat().st_size
+    with open(drive_store.store.raw_path(out.strip()), "rb") as f:
+        assert f.read() == raw.read_bytes()

@@ -32,6 +32,8 @@ COMMAND_MODULES: dict[str, str] = {
     "convert": "cmd_local",
     "demo": "cmd_demo",
     "download": "cmd_download",
+    # the drives group: drives, drives list/show/rm/wait/uploads
+    "drives": "cmd_drives",
     "inspect": "cmd_local",
     "serve": "cmd_serve",
     "upload": "cmd_upload",

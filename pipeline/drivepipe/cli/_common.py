@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from .._errors import UsageError
+from .._progress import MODES, resolve_mode
 from .._registry import open_image
 from .._sizes import parse_size
 from .._stage import ImageInput, OpenOptions
@@ -15,7 +16,7 @@ from .._stats import RunStats
 FormatOpt = Annotated[
     str,
     typer.Option(
-        "--format", "-f",
+        "--format", "-f", metavar="FORMAT",
         help="Input format: auto (detect every layer by magic bytes), one format name "
         "(the outer layer; what is inside is still detected), or a chain from the outside "
         "in such as xz,qcow2 (raw, qcow2, gzip, xz, zstd, bzip2, ...).",
@@ -24,13 +25,23 @@ FormatOpt = Annotated[
 ProgressOpt = Annotated[
     str,
     typer.Option(
-        "--progress",
-        help="auto (a live view on a terminal, else none), rich, plain, json (one object "
-        "per line on stderr), none.",
+        # Checked by resolve_mode (one line), not by a click Choice (a usage block).
+        "--progress", metavar="[" + "|".join(MODES) + "]",
+        help="auto (a live view on a terminal, else none), rich, plain (a line every few "
+        "seconds), json (one object per line on stderr), none.",
     ),
 ]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress and no summary on stderr (errors "
+                       "and warnings still show).")
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="More detail: when stderr is not a terminal, "
+                       "plain progress lines and a summary with one line per stage.")
+]
 ReadSizeOpt = Annotated[
-    str, typer.Option("--read-size", help="Size of each disk read (e.g. 1M, 4M, 16M).")
+    str, typer.Option(
+        "--read-size", metavar="SIZE", help="Size of each disk read (e.g. 1M, 4M, 16M).")
 ]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace the output file if it already exists.")
@@ -81,15 +92,47 @@ def open_input(
         if stats is not None:
             stats.set_phase(phase, done, total)
 
-    if threads < 1:
-        raise UsageError("--threads must be at least 1")
+    positive(threads, "--threads")
+
+    def on_layer(name: str) -> None:
+        if stats is not None:
+            stats.chain.append(name)
+
     options = OpenOptions(
-        read_size=parse_size(read_size), on_phase=on_phase, threads=threads,
-        spool_dir=spool_dir,
+        read_size=positive_size(read_size, "--read-size"), on_phase=on_phase, threads=threads,
+        spool_dir=spool_dir, on_layer=on_layer,
     )
     image = open_image(path, fmt, options)
     if stats is not None:
-        stats.set_phase("transfer")
+        stats.chain[:] = image.chain
         stats.total = image.size
         stats.data_total = image.data_size
+        stats.set_phase("transfer")
     return image
+
+
+def progress_mode(progress: str, quiet: bool, verbose: bool) -> str:
+    """The progress mode ``--progress``, ``-q`` and ``-v`` ask for together."""
+    if quiet and verbose:
+        raise UsageError("-q/--quiet and -v/--verbose contradict each other: pick one")
+    if quiet:
+        return "none"
+    if verbose and progress == "auto":
+        # a terminal gets the live view anyway; a log file gets lines instead of nothing
+        return "plain" if resolve_mode(progress) == "none" else "rich"
+    return resolve_mode(progress)
+
+
+def positive(value: int, option: str) -> int:
+    """``value`` if at least 1; else one line naming ``option``."""
+    if value < 1:
+        raise UsageError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+def positive_size(text: str, option: str) -> int:
+    """A size option that must be at least one byte (``--read-size 0`` makes no sense)."""
+    size = parse_size(text)
+    if size < 1:
+        raise UsageError(f"{option} must be at least 1 byte, got {text!r}")
+    return size

@@ -8,38 +8,61 @@ from typing import Annotated
 import typer
 
 from .._config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
+from .._errors import UsageError
 from .._http import ApiClient, TlsOptions
+from .._sizes import parse_size
 
 EndpointOpt = Annotated[
     str | None,
-    typer.Option("--endpoint", help="API base URL ending in /api/2.0/ (env DRIVEPIPE_ENDPOINT, "
-                 "or api_endpoint in ~/.cloudsigma.conf).", show_default=False),
+    typer.Option(
+        "--endpoint", metavar="URL",
+        help="API base URL ending in /api/2.0/ (env DRIVEPIPE_ENDPOINT, "
+        "or api_endpoint in ~/.cloudsigma.conf).", show_default=False),
 ]
 DirectOpt = Annotated[
     str | None,
-    typer.Option("--direct-endpoint", help="Base URL of the direct (bytes) host, if it differs "
-                 "from the API host.", show_default=False),
+    typer.Option(
+        "--direct-endpoint", metavar="URL",
+        help="Base URL of the direct (bytes) host, if it differs "
+        "from the API host.", show_default=False),
 ]
 LocationOpt = Annotated[
     str | None,
-    typer.Option("--location", help="CloudSigma location code (zrh, sjc, ...); the direct host "
-                 "comes from GET /locations/.", show_default=False),
+    typer.Option(
+        "--location", metavar="CODE",
+        help="CloudSigma location code (zrh, sjc, ...); the direct host "
+        "comes from GET /locations/.", show_default=False),
 ]
 UserOpt = Annotated[
     str | None,
-    typer.Option("--user", help="Account e-mail (env CLOUDSIGMA_USERNAME). The password is "
-                 "never taken from the command line: CLOUDSIGMA_PASSWORD, ~/.cloudsigma.conf, "
-                 "~/.netrc, or a prompt.", show_default=False),
+    typer.Option(
+        "--user", metavar="EMAIL",
+        help="Account e-mail (env CLOUDSIGMA_USERNAME). The password is "
+        "never taken from the command line: CLOUDSIGMA_PASSWORD, ~/.cloudsigma.conf, "
+        "~/.netrc, or a prompt.", show_default=False),
 ]
 CacertOpt = Annotated[
     str | None,
-    typer.Option("--cacert", help="PEM file of the CA that signed the server's certificate.",
+    typer.Option(
+        "--cacert", metavar="PATH",
+        help="PEM file of the CA that signed the server's certificate.",
                  show_default=False),
+]
+LimitRateOpt = Annotated[
+    str | None,
+    typer.Option("--limit-rate", metavar="RATE", help="Bytes a second at most, over all "
+                 "connections, as curl's --limit-rate (50M: 50 MiB/s).", show_default=False),
+]
+StallOpt = Annotated[
+    float,
+    typer.Option("--stall-timeout", metavar="SECONDS", help="A connection that moves no byte "
+                 "for this long is cut, retried where the transfer can be, else the command "
+                 "fails in one line."),
 ]
 InsecureHttpOpt = Annotated[
     bool,
     typer.Option("--insecure-http", help="Allow sending the password over plain http to a "
-                 "non-loopback host."),
+        "non-loopback host."),
 ]
 
 
@@ -54,6 +77,24 @@ class Connection:
         self.api.close()
 
 
+def transport(
+    cacert: str | None,
+    insecure_http: bool,
+    limit_rate: str | None = None,
+    stall_timeout: float = 120.0,
+    connections: int = 1,
+) -> TlsOptions:
+    """The transport policy from the options; ``--limit-rate`` split over ``connections``."""
+    rate = parse_size(limit_rate) if limit_rate else 0
+    if limit_rate and rate <= 0:
+        raise UsageError("--limit-rate must be more than 0 bytes a second")
+    if stall_timeout < 1:
+        raise UsageError("--stall-timeout must be at least 1 second")
+    tls = TlsOptions(cacert=cacert, insecure_http=insecure_http, limit_rate=rate,
+                     stall_timeout=stall_timeout)
+    return tls.shared(connections)
+
+
 def connect(
     endpoint: str | None,
     direct_endpoint: str | None,
@@ -61,11 +102,12 @@ def connect(
     user: str | None,
     cacert: str | None,
     insecure_http: bool,
+    tls: TlsOptions | None = None,
 ) -> Connection:
     """Resolve endpoint and credentials from the options, env and config files."""
     ep = resolve_endpoint(endpoint, direct_endpoint, location)
     creds = resolve_credentials(ep, user)
-    tls = TlsOptions(cacert=cacert, insecure_http=insecure_http)
+    tls = tls or TlsOptions(cacert=cacert, insecure_http=insecure_http)
     api = ApiClient(ep, creds, tls)
     ep = api.resolve_direct()
     return Connection(ep, creds, tls, api)

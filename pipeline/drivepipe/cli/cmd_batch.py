@@ -5,10 +5,11 @@ guide).  The state goes to ``PLAN.state.json`` (``--state``): run the same
 command again after a crash or a failure, and it skips what finished (checked
 against the drive's meta or the output file), resumes what was interrupted
 and retries what failed.  ``--jobs N`` items run at once on this machine,
-sharing ``--connections`` in total; ``--engine dask --scheduler URL`` runs
-them on a Dask cluster instead.  Stdout gets the table of results; stderr the
-live view (or ``--progress json`` events) and the closing line.  The exit code
-is 0 only when every item succeeded.
+sharing ``--connections`` and ``--limit-rate`` in total; ``--engine dask
+--scheduler URL`` runs them on a Dask cluster instead (there both are per
+item).  Stdout gets the table of results; stderr the live view (or
+``--progress json`` events, the last one ``batch``) and the closing line.  The
+exit code is 0 only when every item succeeded.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from ..jobs.transfer import Access
 from ._app import app
 from ._batch_view import BatchView, closing_line, report_table
 from ._common import ProgressOpt, ReadSizeOpt, SpoolDirOpt, ThreadsOpt
-from ._net import CacertOpt, DirectOpt, EndpointOpt, InsecureHttpOpt, LocationOpt, UserOpt
+from ._net import (
+    CacertOpt,
+    DirectOpt,
+    EndpointOpt,
+    InsecureHttpOpt,
+    LimitRateOpt,
+    LocationOpt,
+    UserOpt,
+)
 
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Items run at once (local engine).")]
 ConnectionsOpt = Annotated[
@@ -63,11 +72,11 @@ JournalDirOpt = Annotated[
 
 
 def make_executor(engine: str, jobs: int, connections: int | None,
-                  scheduler: str | None, access: Access | None) -> Executor:
+                  scheduler: str | None, access: Access | None, limit_rate: int) -> Executor:
     if engine == "local":
         if scheduler:
             raise UsageError("--scheduler belongs to --engine dask")
-        return LocalExecutor(jobs, connections, access)
+        return LocalExecutor(jobs, connections, access, limit_rate)
     if engine == "dask":
         from ..jobs.dask_engine import DaskExecutor  # noqa: PLC0415 - optional extra
 
@@ -89,6 +98,7 @@ def batch(
     plan: Annotated[str, typer.Argument(help="Plan file: JSON lines, one transfer per line.")],
     jobs: JobsOpt = 4,
     connections: ConnectionsOpt = None,
+    limit_rate: LimitRateOpt = None,
     state: StateOpt = None,
     report: ReportOpt = None,
     progress: ProgressOpt = "auto",
@@ -113,21 +123,29 @@ def batch(
         raise UsageError("--retries must be 0 or more")
     if connections is not None and connections < 1:
         raise UsageError("--connections must be at least 1")
+    rate = parse_size(limit_rate) if limit_rate else 0
+    if limit_rate and rate <= 0:
+        raise UsageError("--limit-rate must be more than 0 bytes a second")
     settings = Settings(
         endpoint=endpoint, direct_endpoint=direct_endpoint, location=location, user=user,
         cacert=cacert, insecure_http=insecure_http, chunk_size=parse_size(chunk_size),
         read_size=parse_size(read_size), threads=threads, spool_dir=spool_dir,
         journal_dir=os.path.abspath(journal_dir) if journal_dir else "",
+        # on Dask each item gets the whole rate (each worker has its own link)
+        limit_rate=rate if engine == "dask" else 0,
     )
     loaded = load_plan(plan)
     # Locally the account is resolved (a prompt, if any) once, before the first item;
     # Dask workers read it from their own environment.
     access = Access.resolve(settings) if engine == "local" and loaded.items else None
-    executor = make_executor(engine, jobs, connections, scheduler, access)
+    executor = make_executor(engine, jobs, connections, scheduler, access, rate)
     view = BatchView(len(loaded), mode)
     with view:
         result = run_batch(loaded, executor, settings, state_path=state,
                            on_event=view.on_event, retries=retries)
+        view.on_event({"event": "batch", "ok": result.ok, "interrupted": result.interrupted,
+                       "counts": result.counts, "seconds": round(result.seconds, 3),
+                       "state": result.state_path})
     if report:
         write_report(report, result)
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(

@@ -39,7 +39,7 @@ from .._sizes import parse_size
 from .._stage import ImageInput, OpenOptions, Sink, Source
 from .._stats import RunStats
 from ._app import app
-from ._common import FormatOpt, QueueOpt, ReadSizeOpt
+from ._common import FormatOpt, QueueOpt, ReadSizeOpt, positive, positive_size
 from ._net import CacertOpt, EndpointOpt, InsecureHttpOpt, UserOpt, connect
 from ._net import Connection as NetConnection
 
@@ -236,13 +236,15 @@ def bench(
     seconds: Annotated[float, typer.Option(
         "--seconds", help="Time budget of each measurement.")] = 3.0,
     limit: Annotated[str, typer.Option(
-        "--limit", help="Measure at most this many raw bytes of the image (e.g. 512M, 4G).")
+        "--limit", metavar="SIZE",
+        help="Measure at most this many raw bytes of the image (e.g. 512M, 4G).")
     ] = "1G",
     fmt: FormatOpt = "auto",
     read_size: ReadSizeOpt = "4M",
     queue_depth: QueueOpt = 16,
     buffer_size: Annotated[str, typer.Option(
-        "--buffer-size", help="libcurl upload buffer of the sends (16K to 2M).")] = "1M",
+        "--buffer-size", metavar="SIZE",
+        help="libcurl upload buffer of the sends (16K to 2M).")] = "1M",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Measure each stage alone and the whole pipeline; name the bottleneck and advise.
@@ -252,8 +254,9 @@ def bench(
     """
     if seconds <= 0:
         raise UsageError("--seconds must be more than 0")
-    budget = Budget(seconds=seconds, limit=max(parse_size(limit), 1))
-    options = OpenOptions(read_size=parse_size(read_size))
+    budget = Budget(seconds=seconds, limit=positive_size(limit, "--limit"))
+    options = OpenOptions(read_size=positive_size(read_size, "--read-size"))
+    positive(queue_depth, "--queue-depth")
     subject = subject_for(image, fmt, options, queue_depth)
     with contextlib.ExitStack() as stack:
         target = open_target(stack, endpoint, discard, user, cacert, insecure_http)

@@ -26,7 +26,7 @@ from .._sample import make_sample_raw, write_qcow2
 from .._sizes import format_size, parse_size
 from ..server import serve_in_thread
 from ._app import app
-from ._common import ProgressOpt
+from ._common import ProgressOpt, QuietOpt, VerboseOpt, progress_mode
 
 DEMO_USER = "demo@drivepipe.invalid"
 
@@ -82,15 +82,20 @@ def make_images(work: str, size: int) -> tuple[str, str, int]:
 
 @app.command()
 def demo(
-    size: Annotated[str, typer.Option("--size", help="Virtual size of the sample disk.")] = "1G",
+    size: Annotated[str, typer.Option(
+        "--size", metavar="SIZE", help="Virtual size of the sample disk.")] = "1G",
     keep: Annotated[
         str | None,
-        typer.Option("--keep", help="Keep the store and the files in this directory.",
-                     show_default=False),
+        typer.Option(
+            "--keep", metavar="DIR", help="Keep the store and the files in this directory.",
+            show_default=False),
     ] = None,
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Upload a sample qcow2 to a local drive store and download it back, verified."""
+    progress = progress_mode(progress, quiet, verbose)
     nbytes = parse_size(size)
     with contextlib.ExitStack() as stack:
         work = keep or stack.enter_context(tempfile.TemporaryDirectory(prefix="drivepipe-demo-"))

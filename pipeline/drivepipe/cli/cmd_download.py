@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -58,33 +59,55 @@ from drivepipe_plugins.download_verify import (
     expectation_from_meta,
     parse_expect,
 )
-from drivepipe_plugins.sparse_write import SparseOutput, check_target, publish
+from drivepipe_plugins.sparse_write import (
+    SparseOutput,
+    check_target,
+    free_bytes,
+    publish,
+    punch_hole,
+)
 
 from .._config import Endpoint, resolve_credentials, resolve_endpoint
-from .._errors import ConfigError, UsageError, VerifyError
-from .._http import UUID_RE, TlsOptions
+from .._errors import ConfigError, DiskFull, DrivepipeError, UsageError, VerifyError
+from .._http import UUID_RE, ApiClient, TlsOptions
 from .._progress import Reporter
 from .._sizes import format_size, parse_size
 from .._stats import RunStats
 from ._app import app
-from ._common import ForceOpt, ProgressOpt
+from ._common import (
+    ForceOpt,
+    ProgressOpt,
+    QuietOpt,
+    VerboseOpt,
+    positive_size,
+    progress_mode,
+)
 from ._net import (
     CacertOpt,
     DirectOpt,
     EndpointOpt,
     InsecureHttpOpt,
+    LimitRateOpt,
     LocationOpt,
+    StallOpt,
     UserOpt,
     connect,
+    transport,
 )
 
+#: ``{api}drives/UUID/download/`` (or the direct host's): a drive's own download URL
+DRIVE_URL_RE = re.compile(
+    r"/drives/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})"
+    r"/download/?$"
+)
 PART_SUFFIX = ".part"
 #: restarts after the source changed under a running download
 MAX_RESTARTS = 2
 MAX_CONNECTIONS = 64
 
 OutputOpt = Annotated[
-    str | None, typer.Option("--output", "-o", help="Output file, or a directory to put it "
+    str | None, typer.Option(
+        "--output", "-o", metavar="PATH", help="Output file, or a directory to put it "
                              "in (default: the name the server gives, sanitized, in the "
                              "current directory).",
                              show_default=False)
@@ -93,14 +116,17 @@ ConnectionsOpt = Annotated[
     int, typer.Option("--connections", help="Parallel connections (ranged requests).")
 ]
 RangeSizeOpt = Annotated[
-    str, typer.Option("--range-size", help="Bytes asked for per ranged request (e.g. 32M).")
+    str, typer.Option(
+        "--range-size", metavar="SIZE", help="Bytes asked for per ranged request (e.g. 32M).")
 ]
 BlockSizeOpt = Annotated[
-    str, typer.Option("--block-size", help="Resume granularity: each block of this size is "
+    str, typer.Option(
+        "--block-size", metavar="SIZE", help="Resume granularity: each block of this size is "
                       "journaled with its own digest.")
 ]
 ExpectOpt = Annotated[
-    str | None, typer.Option("--expect", help="Expected digest, xxh128:<32 hex>; default: the "
+    str | None, typer.Option("--expect", metavar="DIGEST", help="Expected xxh3-128 digest: "
+                             "the 32 hex digits xxh128sum prints, or xxh128:HEX; default: the "
                              "drive's meta, if our upload stored one.", show_default=False)
 ]
 RetriesOpt = Annotated[
@@ -171,7 +197,19 @@ def resolve_target(
     ep = _optional_endpoint(endpoint, direct_endpoint, location)
     if ep is None or not ep.owns(source):
         return Target(source, Auth(), tls)
-    return Target(source, Auth(ep, resolve_credentials(ep, user)), tls)
+    creds = resolve_credentials(ep, user)
+    own = DRIVE_URL_RE.search(parts.path)
+    if own is None:
+        return Target(source, Auth(ep, creds), tls)
+    # The drive's own download URL: verified against its meta like a download by UUID.
+    uuid = own.group(1).lower()
+    api = ApiClient(ep, creds, tls)
+    try:
+        drive = api.drive(uuid)
+    finally:
+        api.close()
+    meta = drive.get("meta") if isinstance(drive.get("meta"), dict) else {}
+    return Target(source, Auth(ep, creds), tls, uuid, dict(meta or {}))
 
 
 def _optional_endpoint(
@@ -258,11 +296,11 @@ def _has_validator(identity: SourceIdentity, paths: Paths, notify: Notify = note
 
 def _recheck(paths: Paths, journal: DownloadJournal, stats: RunStats,
              digester: FileDigester | None, notify: Notify = note) -> None:
-    stats.phase = "check"
+    stats.set_phase("check")
     bad = check_kept_blocks(paths.part, journal, _phase_progress(stats), digester)
     for index in bad:
         del journal.blocks[index]
-    stats.phase = "transfer"
+    stats.set_phase("transfer")
     kept = journal.done_bytes()
     extra = f", {len(bad)} damaged blocks will be fetched again" if bad else ""
     notify(f"resuming {paths.part}: {format_size(kept)} of "
@@ -296,6 +334,7 @@ def fetch(
                                         notify)
         hasher = PrefixHasher(paths.part, journal, digester, _phase_progress(stats)) \
             if digester is not None else None
+        warn_free_space(paths, journal, expected, notify)
         try:
             if hasher is not None:
                 hasher.start()
@@ -304,8 +343,10 @@ def fetch(
                      relink=lambda: probe_target(target, options), stale=stale,
                      on_stored=hasher.wake if hasher is not None else None).run()
             out.sync()
-            stats.phase = "verify"
+            stats.set_phase("verify")
             return journal, hasher.finish() if hasher is not None else None
+        except DiskFull as exc:
+            raise disk_full(paths, journal, out) from exc
         except SourceChanged as exc:
             if restart == MAX_RESTARTS:
                 raise
@@ -320,13 +361,47 @@ def fetch(
     raise AssertionError("unreachable")
 
 
+def warn_free_space(paths: Paths, journal: DownloadJournal,
+                    expected: Expectation | None, notify: Notify = note) -> None:
+    """Say so when the bytes still to write may not fit (holes are not written, so a
+    sparse drive may fit all the same: a warning, not a refusal)."""
+    size = journal.identity.size
+    if expected is not None and expected.length is not None:
+        size = min(size, expected.length)  # past the uploaded image the drive is zeros
+    left = max(size - journal.done_bytes(), 0)
+    free = free_bytes(paths.part)
+    if free is not None and free < left:
+        notify(f"{os.path.dirname(os.path.abspath(paths.part))}: {format_size(free)} free, "
+               f"up to {format_size(left)} still to write (holes take no room, so it may fit)")
+
+
+def disk_full(paths: Paths, journal: DownloadJournal, out: SparseOutput) -> DiskFull:
+    """The disk filled up: free the unfinished blocks' bytes so the journal can be saved,
+    save it, and say what is kept for the rerun."""
+    missing = [i for i in range(journal.block_count) if i not in journal.blocks]
+    for index in missing:
+        start, length = journal.block_span(index)
+        punch_hole(out.fd, start, length)
+    saved = ""
+    try:
+        journal.save(paths.journal)
+    except DrivepipeError as exc:
+        saved = f" (the journal could not be saved: {exc.one_line()})"
+    kept = journal.done_bytes()
+    return DiskFull(
+        f"{paths.part}: no space left on device; {format_size(kept)} of "
+        f"{format_size(journal.identity.size)} are kept{saved}: free space and run the "
+        "same command again to go on from there"
+    )
+
+
 def verify(
     paths: Paths, journal: DownloadJournal, expected: Expectation | None, stats: RunStats,
     early: FileDigest | None = None,
 ) -> FileDigest:
     """Check the .part's digest (hashed now unless ``early``); on a mismatch keep it and
     say which blocks are bad."""
-    stats.phase = "verify"
+    stats.set_phase("verify")
     got = early or digest_file(paths.part, expected.length if expected else None,
                                _phase_progress(stats))
     stats.result["xxh128"] = got.whole
@@ -373,7 +448,7 @@ def receive_options(
         raise UsageError(f"--connections must be between 1 and {MAX_CONNECTIONS}")
     if retries < 0:
         raise UsageError("--retries must be 0 or more")
-    ranged = max(block, parse_size(range_size) // block * block)
+    ranged = max(block, positive_size(range_size, "--range-size") // block * block)
     return ReceiveOptions(connections=connections, range_size=ranged, retries=retries,
                           checkpoint_interval=checkpoint, backoff_base=retry_delay)
 
@@ -396,6 +471,8 @@ def download(
     block_size: BlockSizeOpt = "4M",
     retries: RetriesOpt = 8,
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     checkpoint_interval: CheckpointOpt = 1.0,
     retry_delay: BackoffOpt = 0.5,
     hash_early: HashEarlyOpt = True,
@@ -405,6 +482,8 @@ def download(
     user: UserOpt = None,
     cacert: CacertOpt = None,
     insecure_http: InsecureHttpOpt = False,
+    limit_rate: LimitRateOpt = None,
+    stall_timeout: StallOpt = 120.0,
 ) -> None:
     """Download a drive or URL into a verified sparse file; prints the file's path.
 
@@ -414,12 +493,13 @@ def download(
     to NAME.  Stdout carries only NAME.  A checksum mismatch exits 7 and keeps
     NAME.part.
     """
+    mode = progress_mode(progress, quiet, verbose)
     block = block_size_option(block_size)
     options = receive_options(connections, range_size, block, retries, checkpoint_interval,
                               retry_delay)
     if expect:
         parse_expect(expect)  # a bad digest is refused before anything is fetched
-    tls = TlsOptions(cacert=cacert, insecure_http=insecure_http)
+    tls = transport(cacert, insecure_http, limit_rate, stall_timeout, connections)
     target = resolve_target(source, endpoint, direct_endpoint, location, user, tls)
     probed = probe_target(target, options)
     paths = Paths.for_target(output_path(output, probed, target.uuid))
@@ -428,11 +508,15 @@ def download(
     stats = RunStats(title=f"download {paths.final}", total=probed.size)
     stats.add("receive", "source")
     stats.add("write", "sink")
-    with Reporter(stats, progress):
+    with Reporter(stats, mode):
         journal, early = fetch(target, probed, paths, block, options, stats, expected,
                                hash_early)
         got = verify(paths, journal, expected, stats, early)
         finish(paths, force)
     if expected is None:
         note(f"no checksum to verify against; xxh128:{got.whole}  {paths.final}")
+    elif expected.length is not None and expected.length < stats.total:
+        note(f"{paths.final}: the first {expected.length} bytes verified against "
+             f"{expected.origin}; the other {stats.total - expected.length} bytes (the drive "
+             "was grown past the uploaded image) are zeros, as checked")
     typer.echo(paths.final)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from typing import Annotated
 
 import typer
 
 from drivepipe_plugins.discard import DiscardSink
+from drivepipe_plugins.download_names import raw_name_for
 from drivepipe_plugins.sparse_write import SparseFileWriter, check_target
 from drivepipe_plugins.xxh3 import Xxh3Stage
 
@@ -18,15 +21,21 @@ from .._sizes import format_size
 from .._stage import ImageInput
 from .._stats import RunStats
 from ._app import app
+from ._checklist import check_lists, hash_each
 from ._common import (
     ForceOpt,
     FormatOpt,
     ProgressOpt,
     QueueOpt,
+    QuietOpt,
     ReadSizeOpt,
     SpoolDirOpt,
     ThreadsOpt,
+    VerboseOpt,
     open_input,
+    positive,
+    positive_size,
+    progress_mode,
 )
 
 # Measured on a warm 1 GiB file (benchmarks/bench_local.py): 2 MiB reads with 8
@@ -38,20 +47,29 @@ LOCAL_QUEUE_DEPTH = 8
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="Input image (any supported format).")],
-    dst: Annotated[str, typer.Argument(help="Output raw image; written sparsely.")],
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Input image (any supported format).")],
+    dst: Annotated[str, typer.Argument(
+        metavar="DST", help="Output raw image, written sparsely.  A directory (existing, or "
+        "written with a trailing /) gets SRC's file name with its format extensions "
+        "replaced by .raw inside it: disk.qcow2.gz -> DIR/disk.raw.")],
     fmt: FormatOpt = "auto",
     force: ForceOpt = False,
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
 ) -> None:
     """Convert an image to a sparse raw file (temp file, fsync, rename on success)."""
+    mode = progress_mode(progress, quiet, verbose)
+    positive(queue_depth, "--queue-depth")
+    if dst.endswith(os.sep) or os.path.isdir(dst):
+        dst = os.path.join(dst, raw_name_for(src))
     check_target(dst, force=force)
     stats = RunStats(title=f"convert {src}")
-    with Reporter(stats, progress):
+    with Reporter(stats, mode):
         # The sink first: if it refuses, no opened image is left unclosed.
         sink = SparseFileWriter(dst, force=force)
         image = open_input(src, fmt, read_size, stats, threads, spool_dir)
@@ -85,20 +103,35 @@ def checksum_one(
 
 @app.command()
 def checksum(
-    srcs: Annotated[list[str], typer.Argument(help="Images to hash (raw content).")],
+    srcs: Annotated[list[str], typer.Argument(
+        metavar="PATH", help="Images to hash (raw content); with -c, lists to check.")],
+    check: Annotated[bool, typer.Option(
+        "--check", "-c", help="Each PATH is a list of HASH  NAME lines (xxh128sum's format, "
+        "- for stdin): hash each NAME and print NAME: OK or NAME: FAILED.")] = False,
     fmt: FormatOpt = "auto",
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     read_size: ReadSizeOpt = LOCAL_READ_SIZE,
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
 ) -> None:
-    """Print the xxh3-128 of each image's raw content, in xxh128sum's line format."""
-    for path in srcs:
-        digest = checksum_one(
-            path, fmt, read_size, progress, queue_depth, threads, spool_dir
-        )
-        typer.echo(f"{digest}  {path}")
+    """Print the xxh3-128 of each image's raw content, in xxh128sum's line format.
+
+    A file that cannot be hashed gets one error line on stderr and the others are still
+    hashed; the exit code is then that of the first failure (7 if -c found a mismatch).
+    """
+    mode = progress_mode(progress, quiet, verbose)
+    positive(queue_depth, "--queue-depth")
+    positive(threads, "--threads")
+    positive_size(read_size, "--read-size")
+    digest = functools.partial(checksum_one, fmt=fmt, read_size=read_size, progress=mode,
+                               queue_depth=queue_depth, threads=threads,
+                               spool_dir=spool_dir)
+    code = check_lists(srcs, digest) if check else hash_each(srcs, digest)
+    if code:
+        raise typer.Exit(code)
 
 
 _SIZES = ("size", "file_size", "data_bytes", "hole_bytes", "spool_bytes")

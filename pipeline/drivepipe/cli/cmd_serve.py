@@ -24,6 +24,7 @@ from ..server import Fault, ServerConfig, StoreServer, make_context
 from ..server._config import DEFAULT_USERNAME, random_password
 from ..server._store import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 from ._app import app
+from ._common import positive_size
 
 
 def default_root() -> str:
@@ -50,10 +51,17 @@ def _config(
     password = os.environ.get("CLOUDSIGMA_PASSWORD") or None
     if tls_key and not tls_cert:
         raise UsageError("--tls-key needs --tls-cert")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {port}")
+    if idle_timeout <= 0:
+        raise UsageError("--idle-timeout must be more than 0 seconds")
+    smallest, largest = parse_size(min_size), positive_size(max_size, "--max-size")
+    if smallest > largest:
+        raise UsageError(f"--min-size {min_size} is more than --max-size {max_size}")
     config = ServerConfig(
         root=root, username=os.environ.get("CLOUDSIGMA_USERNAME") or DEFAULT_USERNAME,
         password=password or random_password(), host=host, port=port,
-        min_size=parse_size(min_size), max_size=parse_size(max_size),
+        min_size=smallest, max_size=largest,
         tls_cert=tls_cert, tls_key=tls_key, idle_timeout=idle_timeout,
     )
     if password is None:
@@ -73,38 +81,52 @@ def _stop(signum: int, frame: object) -> None:
 @app.command()
 def serve(
     root: Annotated[
-        str | None, typer.Option("--root", help="Directory of the drives (created if missing).")
+        str | None, typer.Option(
+            "--root", metavar="DIR", help="Directory of the drives (created if missing).")
     ] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        "--host", metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port; 0 picks a free one.")] = 8765,
     min_size: Annotated[
-        str, typer.Option("--min-size", help="Smaller uploads are grown to this size.")
+        str, typer.Option(
+            "--min-size", metavar="SIZE", help="Smaller uploads are grown to this size.")
     ] = f"{DEFAULT_MIN_SIZE >> 20}M",
     max_size: Annotated[
-        str, typer.Option("--max-size", help="Largest drive accepted.")
+        str, typer.Option("--max-size", metavar="SIZE", help="Largest drive accepted.")
     ] = str(DEFAULT_MAX_SIZE),
     tls_cert: Annotated[
-        str | None, typer.Option("--tls-cert", help="Serve HTTPS with this PEM certificate.")
+        str | None, typer.Option(
+            "--tls-cert", metavar="PATH", help="Serve HTTPS with this PEM certificate.")
     ] = None,
     tls_key: Annotated[
-        str | None, typer.Option("--tls-key", help="Private key of --tls-cert (PEM).")
+        str | None, typer.Option(
+            "--tls-key", metavar="PATH", help="Private key of --tls-cert (PEM).")
     ] = None,
     idle_timeout: Annotated[
         float, typer.Option("--idle-timeout", help="Close connections silent this long (s).")
     ] = 60.0,
     fault: Annotated[
         list[str] | None,
-        typer.Option("--fault", help='Inject a fault, as JSON: {"kind": "status", "count": 2}.'),
+        typer.Option(
+            "--fault", metavar="JSON",
+            help='Inject a fault, as JSON: {"kind": "status", "count": 2}.'),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No request log on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No request log on stderr.")
+                     ] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also log what the request log leaves out (connections "
+        "that fail, TLS handshakes).")] = False,
 ) -> None:
     """Run the local drive store (a CloudSigma-compatible upload/download API)."""
     faults = _faults(fault or [])
     config = _config(
         root or default_root(), host, port, min_size, max_size, tls_cert, tls_key, idle_timeout
     )
+    if quiet and verbose:
+        raise UsageError("-q/--quiet and -v/--verbose contradict each other: pick one")
     if not quiet:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        level = logging.DEBUG if verbose else logging.INFO
+        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
         server = StoreServer(make_context(config))
     except OSError as exc:

@@ -24,8 +24,10 @@ from drivepipe_plugins.curl_upload import (
     direct_upload,
 )
 
+from .._drives import META_DIGEST, META_SIZE, default_drive_name
 from .._errors import DrivepipeError, ImageError, TransferError, UsageError
-from .._progress import Reporter, resolve_mode
+from .._http import ApiClient
+from .._progress import Reporter
 from .._sizes import format_size, parse_size
 from .._stage import ImageInput
 from .._stats import RunStats
@@ -34,10 +36,15 @@ from ._common import (
     FormatOpt,
     ProgressOpt,
     QueueOpt,
+    QuietOpt,
     ReadSizeOpt,
     SpoolDirOpt,
     ThreadsOpt,
+    VerboseOpt,
     open_input,
+    positive,
+    positive_size,
+    progress_mode,
 )
 from ._net import (
     CacertOpt,
@@ -45,23 +52,25 @@ from ._net import (
     DirectOpt,
     EndpointOpt,
     InsecureHttpOpt,
+    LimitRateOpt,
     LocationOpt,
+    StallOpt,
     UserOpt,
     connect,
+    transport,
 )
 
-META_DIGEST = "drivepipe_xxh128"
-META_SIZE = "drivepipe_size"
-
 NameOpt = Annotated[
-    str | None, typer.Option("--name", help="Name of the new drive.", show_default=False)
+    str | None, typer.Option(
+        "--name", metavar="NAME", help="Name of the new drive (default: the image's file name).",
+                     show_default=False)
 ]
 NoMetaOpt = Annotated[
     bool, typer.Option("--no-meta", help=f"Do not store {META_DIGEST}/{META_SIZE} in the "
                        "drive's meta.")
 ]
 BufferOpt = Annotated[
-    str, typer.Option("--buffer-size", help="libcurl upload buffer (16K to 2M).")
+    str, typer.Option("--buffer-size", metavar="SIZE", help="libcurl upload buffer (16K to 2M).")
 ]
 ChunkedOpt = Annotated[
     bool, typer.Option("--chunked", help="Resumable upload in chunks over several connections.")
@@ -70,14 +79,17 @@ ConnectionsOpt = Annotated[
     int, typer.Option("--connections", help="Parallel connections of a chunked upload.")
 ]
 ChunkSizeOpt = Annotated[
-    str, typer.Option("--chunk-size", help="Chunk size of a chunked upload (e.g. 8M, 64M, 1G).")
+    str, typer.Option(
+        "--chunk-size", metavar="SIZE", help="Chunk size of a chunked upload (e.g. 8M, 64M, 1G).")
 ]
 ResumeOpt = Annotated[
-    str | None, typer.Option("--resume", help="Resume the chunked upload into this drive UUID.",
+    str | None, typer.Option(
+        "--resume", metavar="UUID", help="Resume the chunked upload into this drive UUID.",
                              show_default=False)
 ]
 JournalOpt = Annotated[
-    str | None, typer.Option("--journal", help="Journal file of a chunked upload (default: "
+    str | None, typer.Option(
+        "--journal", metavar="PATH", help="Journal file of a chunked upload (default: "
                              "under $XDG_CACHE_HOME/drivepipe/uploads, keyed by image and "
                              "endpoint).", show_default=False)
 ]
@@ -141,6 +153,8 @@ def upload(
     name: NameOpt = None,
     no_meta: NoMetaOpt = False,
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     read_size: ReadSizeOpt = "4M",
     queue_depth: QueueOpt = 16,
     threads: ThreadsOpt = 2,
@@ -157,20 +171,32 @@ def upload(
     user: UserOpt = None,
     cacert: CacertOpt = None,
     insecure_http: InsecureHttpOpt = False,
+    limit_rate: LimitRateOpt = None,
+    stall_timeout: StallOpt = 120.0,
 ) -> None:
     """Upload an image as a new drive; prints the drive's UUID and nothing else."""
     # Every option is checked before a password prompt or a long counting pass.
     direct = DirectOptions(buffer_size=buffer_size(buffer), queue_depth=queue_depth)
-    resolve_mode(progress)
-    if connections < 1:
-        raise UsageError("--connections must be at least 1")
-    parse_size(chunk_size)
+    mode = progress_mode(progress, quiet, verbose)
+    positive(connections, "--connections")
+    positive(queue_depth, "--queue-depth")
+    positive(threads, "--threads")
+    positive_size(read_size, "--read-size")
+    positive_size(chunk_size, "--chunk-size")
+    name = name if name is not None else default_drive_name(image)
     if journal and not (chunked or resume):
         raise UsageError("--journal belongs to a chunked upload: add --chunked")
-    conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http)
+    tls = transport(cacert, insecure_http, limit_rate, stall_timeout,
+                    connections if chunked or resume else 1)
+    conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http, tls)
     try:
+        # A wrong password or endpoint shows now, not after a counting pass or a spool.
+        # On a connection of its own: libcurl re-sends a request that fails early on a
+        # reused connection, and a re-sent POST (initupload) would make a second drive.
+        with ApiClient(conn.endpoint, conn.creds, conn.tls) as check:
+            check.get_json("drives/", {"limit": 1})
         stats = RunStats(title=f"upload {image}")
-        with Reporter(stats, progress):
+        with Reporter(stats, mode):
             img = open_input(image, fmt, read_size, stats, threads, spool_dir)
             if img.size == 0:
                 img.close()

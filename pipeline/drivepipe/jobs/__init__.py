@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .batch import BatchReport, Executor, Task, attempt_item, run_batch
-from .local import ConnectionBudget, LocalExecutor
+from .local import Budget, ConnectionBudget, LocalExecutor
 from .plan import Item, Plan, PlanError, item_key, load_plan, parse_plan
 from .state import StateFile, default_state_path
 from .transfer import Access, Event, ItemResult, OnEvent, Settings, execute_item
@@ -37,6 +37,7 @@ def batch(
     state: str | None = None,
     settings: Settings | None = None,
     connections: int | None = None,
+    limit_rate: int = 0,
     retries: int = 1,
     on_event: OnEvent | None = None,
 ) -> BatchReport:
@@ -44,10 +45,11 @@ def batch(
 
     ``state`` defaults to ``PLAN.state.json`` beside a plan file (required for a
     plan given as dicts).  ``executor`` defaults to :class:`LocalExecutor` with
-    ``jobs`` threads sharing ``connections`` (default 4 per job).
+    ``jobs`` threads sharing ``connections`` (default 4 per job) and ``limit_rate``
+    bytes a second (0: no cap).
     """
     resolved = as_plan(plan)
-    runner = executor or LocalExecutor(jobs, connections)
+    runner = executor or LocalExecutor(jobs, connections, limit_rate=limit_rate)
     return run_batch(resolved, runner, settings, state_path=state, on_event=on_event,
                      retries=retries)
 
@@ -55,6 +57,7 @@ def batch(
 __all__ = [
     "Access",
     "BatchReport",
+    "Budget",
     "ConnectionBudget",
     "Event",
     "Executor",

@@ -1,11 +1,15 @@
-"""Run a batch on this machine: ``jobs`` worker threads and one connection budget.
+"""Run a batch on this machine: ``jobs`` worker threads, a connection and a rate budget.
 
 The budget is the total number of connections the batch may hold at once
 (``connections``).  A direct upload holds one; a chunked upload or a
 download gets a share, ``total // min(jobs, items not yet finished)``, at
 least one, never more than is free: so N transfers do not starve each other,
 and the last items of a batch get the connections the finished ones gave
-back.  An item waits until at least one connection is free.
+back.  An item waits until at least one connection is free.  The rate budget
+(``limit_rate``, bytes a second for the whole batch) is shared the same way:
+each item gets ``limit_rate // min(jobs, items not yet finished)`` of what is
+free, spread over its connections (libcurl's MAX_SEND/RECV_SPEED per handle),
+so the running items together never pass it.
 
 The endpoint and the credentials are resolved once, before the first item
 (a password prompt happens once), and shared by the items; each item opens
@@ -26,19 +30,19 @@ from .batch import OnResult, Task, attempt_item
 from .transfer import Access, ItemResult, OnEvent, Settings
 
 
-class ConnectionBudget:
-    """A pool of ``total`` connections handed out in shares (see the module docstring)."""
+class Budget:
+    """A pool of ``total`` units (connections, bytes a second) handed out in shares."""
 
-    def __init__(self, total: int, jobs: int) -> None:
+    def __init__(self, total: int, jobs: int, what: str = "--connections") -> None:
         if total < 1:
-            raise UsageError("--connections must be at least 1")
+            raise UsageError(f"{what} must be at least 1")
         self.total = total
         self.jobs = jobs
         self.free = total
         self._cond = threading.Condition()
 
     def acquire(self, want: int | None, unfinished: int) -> int:
-        """Take ``want`` connections (None: a fair share); blocks until one is free."""
+        """Take ``want`` units (None: a fair share); blocks until one is free."""
         with self._cond:
             self._cond.wait_for(lambda: self.free > 0)
             share = max(1, self.total // max(1, min(self.jobs, unfinished)))
@@ -52,15 +56,21 @@ class ConnectionBudget:
             self._cond.notify_all()
 
 
+#: the connection budget's name from before the rate budget shared its class
+ConnectionBudget = Budget
+
+
 class LocalExecutor:
-    """Threads on this machine; ``connections`` total (default 4 per job)."""
+    """Threads on this machine; ``connections`` total (default 4 per job), and
+    ``limit_rate`` bytes a second in total when given."""
 
     def __init__(self, jobs: int = 4, connections: int | None = None,
-                 access: Access | None = None) -> None:
+                 access: Access | None = None, limit_rate: int = 0) -> None:
         if jobs < 1:
             raise UsageError("--jobs must be at least 1")
         self.jobs = jobs
-        self.budget = ConnectionBudget(connections or 4 * jobs, jobs)
+        self.budget = Budget(connections or 4 * jobs, jobs)
+        self.rates = Budget(limit_rate, jobs, "--limit-rate") if limit_rate else None
         self.access = access
         #: the most connections held at once (for tests and the report)
         self.peak = 0
@@ -88,13 +98,16 @@ class LocalExecutor:
                 with lock:
                     left = unfinished[0]
                 grant = self.budget.acquire(1 if one else None, left)
+                rate = self.rates.acquire(None, left) if self.rates else 0
                 with lock:
                     self.peak = max(self.peak, self.budget.total - self.budget.free)
                 try:
-                    mine = replace(settings, connections=grant)
+                    mine = replace(settings, connections=grant, limit_rate=rate)
                     results.put(attempt_item(task, mine, on_event, access))
                 finally:
                     self.budget.release(grant)
+                    if self.rates:
+                        self.rates.release(rate)
                     with lock:
                         unfinished[0] -= 1
 

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -74,6 +74,9 @@ class Settings:
     #: download: bytes per ranged request and per journaled block
     range_size: int = 32 << 20
     block_size: int = 4 << 20
+    #: bytes a second of this item, split over its connections (0: no cap); the local
+    #: executor sets each item's share of the batch's ``--limit-rate``
+    limit_rate: int = 0
     #: attempts without progress before a download range or an upload chunk gives up,
     #: and the first delay between them (seconds, doubling)
     retries: int = 8
@@ -166,7 +169,7 @@ def execute_item(
     stats = RunStats(title=item.label)
     try:
         with _ticker(item, stats, emit, settings.progress_interval):
-            access = access or Access.resolve(settings)
+            access = capped(access or Access.resolve(settings), item, settings)
             if not _still_done(item, previous, access, result):
                 if item.op == "upload":
                     _upload(item, settings, access, stats, result)
@@ -185,6 +188,15 @@ def execute_item(
     result.seconds = round(time.monotonic() - started, 3)
     result.finished_at = _now()
     return result
+
+
+def capped(access: Access, item: Item, settings: Settings) -> Access:
+    """``access`` with the item's rate cap, shared by the connections it opens."""
+    if not settings.limit_rate:
+        return access
+    spread = settings.connections if item.chunked or item.op == "download" else 1
+    tls = replace(access.tls, limit_rate=settings.limit_rate).shared(spread)
+    return replace(access, tls=tls)
 
 
 def _now() -> str:

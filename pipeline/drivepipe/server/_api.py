@@ -119,7 +119,9 @@ class ApiViews(HandlerBase):
         records = self.ctx.store.list()
         page = records[offset : offset + limit] if limit else records[offset:]
         owner = self._owner()
-        objects = [drive_json(r, owner) if detail else drive_ref(r, owner) for r in page]
+        # The short list names each drive and its status, as the real API's does.
+        objects = [drive_json(r, owner) if detail else {**drive_ref(r, owner), "status": r.status}
+                   for r in page]
         meta = {"limit": limit, "offset": offset, "total_count": len(records)}
         self.reply_json(200, {"meta": meta, "objects": objects})
 

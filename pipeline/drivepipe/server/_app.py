@@ -32,8 +32,13 @@ log = logging.getLogger("drivepipe.server")
 
 
 def make_context(config: ServerConfig, faults: Faults | None = None) -> StoreContext:
+    """The store (holding its root's lock: close it, or the server made of it) and the rest."""
     store = DriveStore(config.root, min_size=config.min_size, max_size=config.max_size)
-    signer = Signer(load_secret(os.path.join(store.root, "secret")))
+    try:
+        signer = Signer(load_secret(os.path.join(store.root, "secret")))
+    except BaseException:
+        store.close()
+        raise
     return StoreContext(config, store, signer, faults or Faults())
 
 
@@ -60,9 +65,18 @@ class StoreServer(ThreadingHTTPServer):
         config = context.config
         if ":" in config.host:
             self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), StoreHandler)
+        try:
+            super().__init__((config.host, config.port), StoreHandler)
+        except BaseException:
+            context.store.close()  # the root is free again when no server came of it
+            raise
         if config.tls_cert:
-            tls = tls_context(config.tls_cert, config.tls_key)
+            try:
+                tls = tls_context(config.tls_cert, config.tls_key)
+            except BaseException:
+                self.server_close()
+                context.store.close()
+                raise
             # The handshake runs in the connection's thread (StoreHandler.setup).
             self.socket = tls.wrap_socket(
                 self.socket, server_side=True, do_handshake_on_connect=False
@@ -104,9 +118,10 @@ class StoreServer(ThreadingHTTPServer):
         super().shutdown_request(request)
 
     def close(self) -> None:
-        """Stop accepting, cut open connections, wait for their handlers to end."""
+        """Stop accepting, cut open connections, wait for their handlers; free the root."""
         self.cut_connections()
         self.server_close()
+        self.context.store.close()
 
     def cut_connections(self) -> None:
         """Shut every open connection down (their threads then end)."""

@@ -6,6 +6,7 @@ Layout under ``root``::
     drives/<uuid>.json   its record, replaced atomically (temp file, fsync, rename)
     incoming/            direct uploads still arriving; emptied when a store opens
     secret               the key of signed links (see ``_signing``)
+    lock                 flock'ed (and holding the pid) while a store has the root open
 
 What goes in: direct uploads (:meth:`DriveStore.begin_direct`: sequential
 bytes of an exact size; the drive exists only once :meth:`Incoming.finish`
@@ -15,8 +16,13 @@ record updates and deletions.  What comes out: copies of records, open file
 descriptors to serve downloads from.  Images smaller than ``min_size`` are
 grown to it when their upload completes.
 
-One server per root: opening a store removes what a crash left (unfinished
-direct uploads, data files without a record, half-written records).
+One server per root: opening a store takes an exclusive ``flock`` on
+``root/lock`` for as long as it is open (:meth:`DriveStore.close` releases it,
+so does the death of the process), and refuses with one line
+(:class:`~drivepipe._errors.ConfigError`) if another store holds it; only then
+does it remove what a crash left (unfinished direct uploads, data files
+without a record, half-written records), which would otherwise be the uploads
+in progress of the store already running there.
 
 Refused (as :class:`ApiError`): unknown drives (404), sizes outside
 ``[1, max_size]``, chunk numbers outside the upload, a chunk size that changes
@@ -31,6 +37,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from drivepipe._errors import ConfigError
 from drivepipe._extent import Buffer, Extent, split_zeros
 from drivepipe_plugins.sparse_write import fsync_dir
 
@@ -197,6 +205,26 @@ def _grow(fd: int, rec: DriveRecord, min_size: int) -> None:
 # --- the store ---------------------------------------------------------------
 
 
+def lock_root(root: str) -> int:
+    """An fd holding the exclusive flock on ``root/lock``; ConfigError if another has it."""
+    path = os.path.join(root, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise ConfigError(f"{root} is in use by another drivepipe store{who}; stop it first "
+                          "or serve another --root") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+
 class DriveStore:
     """Drives under ``root``; safe to use from many threads at once."""
 
@@ -208,14 +236,26 @@ class DriveStore:
         self.max_size = max_size
         self.drives_dir = os.path.join(self.root, "drives")
         self.incoming_dir = os.path.join(self.root, "incoming")
-        os.makedirs(self.drives_dir, exist_ok=True)
-        os.makedirs(self.incoming_dir, exist_ok=True)
+        os.makedirs(self.root, exist_ok=True)
+        self._root_lock = lock_root(self.root)
+        try:
+            os.makedirs(self.drives_dir, exist_ok=True)
+            os.makedirs(self.incoming_dir, exist_ok=True)
+        except BaseException:
+            self.close()
+            raise
         self._lock = threading.Lock()
         self._records: dict[str, DriveRecord] = {}
         self._drive_locks: dict[str, threading.Lock] = {}
         self._receiving: dict[tuple[str, int], int] = {}
         self._sweep_incoming()
         self._load()
+
+    def close(self) -> None:
+        """Release the root (another store may open it); idempotent."""
+        if self._root_lock >= 0:
+            os.close(self._root_lock)
+            self._root_lock = -1
 
     # paths and loading
 

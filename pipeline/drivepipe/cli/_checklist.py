@@ -1,0 +1,82 @@
+"""Rendering ``checksum`` of many files: one line per result, errors carried past.
+
+``hash_each`` prints xxh128sum lines; ``check_lists`` is ``xxh128sum -c``
+(lists parsed by :mod:`drivepipe._sums`).  A file that fails gets one error line
+on stderr and the others go on; errors about the whole command (usage,
+configuration, Ctrl-C) still end it at once.  Both return the exit code of the
+first failure, 0 if none.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+
+import typer
+
+from .._errors import Cancelled, ConfigError, DrivepipeError, UsageError
+from .._sums import format_line, parse_lines
+
+
+def _failed(exc: DrivepipeError) -> int:
+    """Report one file's failure on stderr; errors about the whole command go on up."""
+    if isinstance(exc, (Cancelled, UsageError, ConfigError)):
+        raise exc
+    typer.echo(f"drivepipe: error: {exc.one_line()}", err=True)
+    return exc.exit_code
+
+
+def hash_each(paths: Iterable[str], digest: Callable[[str], str]) -> int:
+    code = 0
+    for path in paths:
+        try:
+            typer.echo(format_line(digest(path), path))
+        except DrivepipeError as exc:
+            failure = _failed(exc)
+            code = code or failure
+    return code
+
+
+def check_lists(lists: Iterable[str], digest: Callable[[str], str]) -> int:
+    """``xxh128sum -c``: check every line of every list; the first failure's exit code."""
+    code = mismatched = malformed = 0
+    for listing in lists:
+        try:
+            lines = _read_list(listing)
+        except OSError as exc:
+            typer.echo(f"drivepipe: error: {listing}: cannot read: {exc.strerror or exc}",
+                       err=True)
+            code = code or 3
+            continue
+        entries = list(parse_lines(lines))
+        if not any(entries):
+            typer.echo(f"drivepipe: error: {listing}: no properly formatted checksum lines",
+                       err=True)
+            code = code or 1
+            continue
+        malformed += entries.count(None)
+        for entry in filter(None, entries):
+            try:
+                ok = digest(entry.name) == entry.digest
+            except DrivepipeError as exc:
+                failure = _failed(exc)
+                code = code or failure
+                typer.echo(f"{entry.name}: FAILED open or read")
+                continue
+            typer.echo(f"{entry.name}: {'OK' if ok else 'FAILED'}")
+            if not ok:
+                mismatched += 1
+                code = code or 7
+    if malformed:
+        typer.echo(f"drivepipe: warning: {malformed} line(s) improperly formatted", err=True)
+    if mismatched:
+        typer.echo(f"drivepipe: warning: {mismatched} computed checksum(s) did NOT match",
+                   err=True)
+    return code
+
+
+def _read_list(listing: str) -> list[str]:
+    if listing == "-":
+        return sys.stdin.readlines()
+    with open(listing, encoding="utf-8", errors="surrogateescape") as f:
+        return f.readlines()
