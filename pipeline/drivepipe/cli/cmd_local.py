@@ -11,7 +11,7 @@ import typer
 
 from drivepipe_plugins.discard import DiscardSink
 from drivepipe_plugins.download_names import raw_name_for
-from drivepipe_plugins.sparse_write import SparseFileWriter, check_target
+from drivepipe_plugins.sparse_write import SparseFileWriter, check_free_space, check_target
 from drivepipe_plugins.xxh3 import Xxh3Stage
 
 from .._extent import split_zeros
@@ -73,6 +73,13 @@ def convert(
         # The sink first: if it refuses, no opened image is left unclosed.
         sink = SparseFileWriter(dst, force=force)
         image = open_input(src, fmt, read_size, stats, threads, spool_dir)
+        try:
+            # the data bytes the input knows of are what will be written: if they
+            # cannot fit, say so now rather than at the end
+            check_free_space(dst, image.data_size, f"the disk in {src}")
+        except BaseException:
+            image.close()
+            raise
         run_pipeline(
             image.source, image.stages, sink, size=image.size, stats=stats,
             queue_depth=queue_depth,
