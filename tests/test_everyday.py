@@ -161,3 +161,51 @@ def test_convert_that_cannot_fit_says_so_before_writing(tmp_path: Path) -> None:
         assert (small / "s.raw").read_bytes() == sparse.read_bytes()
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_dash_is_standard_input_and_output_everywhere(tmp_path: Path) -> None:
+    raw = tmp_path / "d.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.write(os.urandom(MiB))
+        f.seek(5 * MiB)
+        f.write(os.urandom(MiB))
+    digest = subprocess.run([DRIVEPIPE, "checksum", "--progress", "none", str(raw)],
+                            capture_output=True, text=True, check=True).stdout.split()[0]
+    packed = subprocess.run(["gzip", "-c", str(raw)], capture_output=True, check=True).stdout
+    # checksum of a pipe (spooled), and of a redirected file (read in place)
+    proc = subprocess.run([DRIVEPIPE, "checksum", "--progress", "none", "-"], input=packed,
+                          capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode() == f"{digest}  -\n"
+    with open(raw, "rb") as redirected:
+        proc = subprocess.run([DRIVEPIPE, "checksum", "--progress", "none", "-"],
+                              stdin=redirected, capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode() == f"{digest}  -\n"
+    # convert - -: from a pipe to a pipe, every byte in order
+    proc = subprocess.run([DRIVEPIPE, "convert", "--progress", "none", "-", "-"], input=packed,
+                          capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == raw.read_bytes()
+    # convert FILE - into a file: sparse, like any other output
+    out = tmp_path / "o.raw"
+    with open(out, "wb") as f:
+        subprocess.run([DRIVEPIPE, "convert", "--progress", "none", str(raw), "-"], stdout=f,
+                       check=True)
+    assert out.read_bytes() == raw.read_bytes()
+    assert out.stat().st_blocks * 512 < 4 * MiB
+    assert not (tmp_path / "-").exists() and not Path("-").exists()
+    # a reader that goes away is one line
+    proc = subprocess.run(f"{DRIVEPIPE} convert {raw} - | head -c 10 > /dev/null; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 5
+    assert "the reading end of the pipe was closed" in proc.stderr
+
+
+def test_download_to_standard_output_is_refused_in_one_line() -> None:
+    code, out, err = cli("download", "00000000-0000-4000-8000-000000000000", "-o", "-",
+                         "--endpoint", "http://127.0.0.1:9/api/2.0/")
+    assert code == 2 and out == ""
+    one_line(err, "standard output")
