@@ -209,3 +209,15 @@ def test_download_to_standard_output_is_refused_in_one_line() -> None:
                          "--endpoint", "http://127.0.0.1:9/api/2.0/")
     assert code == 2 and out == ""
     one_line(err, "standard output")
+
+
+def test_shell_completion_completes_commands_and_options() -> None:
+    env = {**os.environ, "_DRIVEPIPE_COMPLETE": "complete_bash"}
+    for words, cword, want in (("drivepipe up", "1", "upload"),
+                               ("drivepipe upload --lim", "2", "--limit-rate")):
+        proc = subprocess.run([DRIVEPIPE], env={**env, "COMP_WORDS": words, "COMP_CWORD": cword},
+                              capture_output=True, text=True, check=False, timeout=60)
+        assert want in proc.stdout.split(), (words, proc)
+    script = subprocess.run([DRIVEPIPE, "--show-completion", "bash"], capture_output=True,
+                            text=True, check=True, timeout=60).stdout
+    assert "_drivepipe_completion" in script

@@ -132,3 +132,30 @@ def test_a_full_disk_keeps_what_arrived_and_the_rerun_goes_on(
         assert out.read_bytes()[: len(data)] == data
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["raw", "gz", "xz", "zst", "qcow2"])
+def test_an_empty_image_is_refused_locally(drive_store: RunningServer, env: Path,
+                                           capfd: pytest.CaptureFixture[str],
+                                           kind: str) -> None:
+    import shutil  # noqa: PLC0415 - only this test needs the tools
+
+    path = env / f"empty.{kind}"
+    tool = {"gz": ["gzip", "-c"], "xz": ["xz", "-c"], "zst": ["zstd", "-q", "-c"]}.get(kind)
+    if kind == "raw":
+        path.write_bytes(b"")
+    elif kind == "qcow2":
+        if shutil.which("qemu-img") is None:
+            pytest.skip("needs qemu-img")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "0"], check=True)
+    else:
+        assert tool is not None
+        if shutil.which(tool[0]) is None:
+            pytest.skip(f"needs {tool[0]}")
+        path.write_bytes(subprocess.run(tool, input=b"", capture_output=True,
+                                        check=True).stdout)
+    code = main(["upload", "--endpoint", drive_store.base_url, "--progress", "none", str(path)])
+    err = capfd.readouterr().err
+    assert code == 3, err
+    assert err.count("\n") == 1 and "empty" in err
+    assert drive_store.store.list() == []
