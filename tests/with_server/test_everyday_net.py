@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tmpfs import needs_root, resize, small_tmpfs
 
 from drivepipe.cli import main
 from drivepipe.server import RunningServer
@@ -94,18 +95,12 @@ def test_a_stalled_download_is_cut_and_fails_in_one_line(
     assert not (env / "s.img").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@needs_root
 def test_a_full_disk_keeps_what_arrived_and_the_rerun_goes_on(
     drive_store: RunningServer, put_drive: Any, env: Path,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    small = env / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)],
-                             check=False, capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
-    try:
+    with small_tmpfs(env / "small", "3m") as small:
         data = os.urandom(5 * MiB)
         uuid = put_drive(drive_store, data)
         out = small / "d.img"
@@ -123,15 +118,13 @@ def test_a_full_disk_keeps_what_arrived_and_the_rerun_goes_on(
         assert kept > 0
         assert not list(small.glob("*.tmp"))
         # more room: the rerun fetches only what is missing and verifies
-        subprocess.run(["mount", "-o", "remount,size=16m", str(small)], check=True)
+        resize(small, "16m")
         assert main([*args[:4], "--progress", "json", *args[6:]]) == 0
         err = capfd.readouterr().err
         assert f"resuming {out}.part:" in err
         summary = [json.loads(x) for x in err.splitlines() if x.startswith("{")][-1]
         assert summary["stages"][-1]["kept"] == kept * 256 * 1024
         assert out.read_bytes()[: len(data)] == data
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 @pytest.mark.parametrize("kind", ["raw", "gz", "xz", "zst", "qcow2"])
