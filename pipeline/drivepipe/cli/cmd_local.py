@@ -24,6 +24,7 @@ from .._stats import RunStats
 from ._app import app
 from ._checklist import check_lists, hash_each
 from ._common import (
+    DiskOpt,
     ForceOpt,
     FormatOpt,
     ProgressOpt,
@@ -66,6 +67,7 @@ def convert(
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
+    disk: DiskOpt = None,
 ) -> None:
     """Convert an image to a sparse raw file (temp file, fsync, rename on success)."""
     mode = progress_mode(progress, quiet, verbose)
@@ -79,7 +81,7 @@ def convert(
     with Reporter(stats, mode):
         # The sink first: if it refuses, no opened image is left unclosed.
         sink: Sink[str] = StreamWriter(1) if to_stdout else SparseFileWriter(dst, force=force)
-        image = open_input(src, fmt, read_size, stats, threads, spool_dir)
+        image = open_input(src, fmt, read_size, stats, threads, spool_dir, disk)
         try:
             # the data bytes the input knows of are what will be written: if they
             # cannot fit, say so now rather than at the end
@@ -102,11 +104,12 @@ def checksum_one(
     queue_depth: int = LOCAL_QUEUE_DEPTH,
     threads: int = 2,
     spool_dir: str | None = None,
+    disk: str | None = None,
 ) -> str:
     """The xxh3-128 hex digest of ``path``'s raw content."""
     stats = RunStats(title=f"checksum {path}")
     with Reporter(stats, progress):
-        image = open_input(path, fmt, read_size, stats, threads, spool_dir)
+        image = open_input(path, fmt, read_size, stats, threads, spool_dir, disk)
         hasher = Xxh3Stage()
         # Reading/decoding in one thread, hashing in the other.
         run_pipeline(
@@ -131,6 +134,7 @@ def checksum(
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
+    disk: DiskOpt = None,
 ) -> None:
     """Print the xxh3-128 of each image's raw content, in xxh128sum's line format.
 
@@ -143,7 +147,7 @@ def checksum(
     positive_size(read_size, "--read-size")
     digest = functools.partial(checksum_one, fmt=fmt, read_size=read_size, progress=mode,
                                queue_depth=queue_depth, threads=threads,
-                               spool_dir=spool_dir)
+                               spool_dir=spool_dir, disk=disk)
     code = check_lists(srcs, digest) if check else hash_each(srcs, digest)
     if code:
         raise typer.Exit(code)
@@ -175,12 +179,15 @@ def inspect(
                            "format does not record them.")
     ] = False,
     spool_dir: SpoolDirOpt = None,
+    disk: DiskOpt = None,
 ) -> None:
     """Show an image's layers, raw size, and data vs hole bytes.
 
     A compressed image whose inner format needs random reads is spooled to find
     out (``spool_bytes`` says how much temporary space that took)."""
-    image = open_input(src, fmt, "4M", spool_dir=spool_dir)
+    # an image of several disks (an OVA) shows its first unless told: its details
+    # list them all
+    image = open_input(src, fmt, "4M", spool_dir=spool_dir, disk=disk or "1")
     try:
         data = image.data_size
         if data is None and scan:
