@@ -7,10 +7,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import random
 import tarfile
 import tracemalloc
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -481,3 +483,29 @@ def test_raw_disk_inside(tmp_path: Path) -> None:
     image = open_ova(path)
     assert image.chain == ["ova", "raw"] and image.format == "ova"
     assert content(image) == raw
+
+
+def test_disk_option_on_the_cli(tmp_path: Path) -> None:
+    def cli(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(list(args))
+        return code, out.getvalue(), err.getvalue()
+
+    raws = [disk_raw(6), disk_raw(7)]
+    path = build_ova(tmp_path, [(f"disk{i}.vmdk", vmdk_bytes(tmp_path, r, f"e{i}"))
+                                for i, r in enumerate(raws, 1)])
+    code, _, err = cli("checksum", "--progress", "none", str(path))
+    assert code == 3 and "2 disks" in err and "--disk" in err
+    for choice, raw in (("1", raws[0]), ("disk2.vmdk", raws[1]), ("vmdisk2", raws[1])):
+        code, out, err = cli("checksum", "--progress", "none", "--disk", choice, str(path))
+        assert code == 0, err
+        assert out.split()[0] == xxhash.xxh3_128_hexdigest(raw)
+    code, out, err = cli("inspect", "--json", str(path))
+    assert code == 0, err
+    info = json.loads(out)
+    assert len(info["ova_disks"]) == 2 and info["ova_disk"] == "vmdisk1"
+    code, out, err = cli("convert", "--progress", "none", "--disk", "2", str(path),
+                         str(tmp_path / "two.raw"))
+    assert code == 0, err
+    assert (tmp_path / "two.raw").read_bytes()[: len(raws[1])] == raws[1]

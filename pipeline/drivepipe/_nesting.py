@@ -40,6 +40,7 @@ from ._stage import (
     ImageFormat,
     ImageInput,
     OpenOptions,
+    Source,
     Stage,
 )
 
@@ -253,10 +254,22 @@ def spool_dir(options: OpenOptions) -> str:
     return options.spool_dir or tempfile.gettempdir()
 
 
+def spool_stream(source: Source, label: str, options: OpenOptions) -> ByteSource:
+    """Read a stream (standard input as a pipe) once into an unlinked sparse spool file."""
+    return _spool(source, [], None, label, options)
+
+
 def spool(layer: DecodedLayer, label: str, options: OpenOptions) -> ByteSource:
     """Decode ``layer`` once into an unlinked sparse temporary file; return it as a source."""
-    where = spool_dir(options)
     hint = layer.exact_size()
+    stream, stages = layer.stream(hint, options)
+    return _spool(stream, stages, hint, label, options)
+
+
+def _spool(
+    stream: Source, stages: list[Stage], hint: int | None, label: str, options: OpenOptions
+) -> ByteSource:
+    where = spool_dir(options)
     try:
         fd, path = tempfile.mkstemp(prefix=".drivepipe-spool-", suffix=".raw", dir=where)
     except OSError as exc:
@@ -265,7 +278,7 @@ def spool(layer: DecodedLayer, label: str, options: OpenOptions) -> ByteSource:
         ) from exc
     try:
         os.unlink(path)
-        _write_spool(fd, layer, hint, options, where, label)
+        _write_spool(fd, stream, stages, hint, options, where, label)
         return byte_sources()["file"](
             label, fd=fd, read_size=options.read_size, label=label
         )
@@ -275,11 +288,10 @@ def spool(layer: DecodedLayer, label: str, options: OpenOptions) -> ByteSource:
 
 
 def _write_spool(
-    fd: int, layer: DecodedLayer, hint: int | None, options: OpenOptions, where: str,
-    label: str,
+    fd: int, stream: Source, stages: list[Stage], hint: int | None, options: OpenOptions,
+    where: str, label: str,
 ) -> int:
     """Write the decoded bytes at their offsets, holes skipped; return the size."""
-    stream, stages = layer.stream(hint, options)
     extents = stream.extents()
     for stage in stages:
         extents = stage.process(extents)

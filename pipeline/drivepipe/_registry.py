@@ -8,16 +8,21 @@ asks each format in ``detect_order``; never the file name.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 from functools import cache
 from importlib.metadata import entry_points
 
-from ._errors import UnsupportedFormat, UsageError
+from ._errors import ImageError, UnsupportedFormat, UsageError
 from ._stage import HEAD_SIZE, ByteSource, ImageFormat, ImageInput, OpenOptions, Stage
 
 FORMATS_GROUP = "drivepipe.formats"
 STAGES_GROUP = "drivepipe.stages"
 SOURCES_GROUP = "drivepipe.sources"
+#: the path that means standard input (and, as an output, standard output)
+STDIN = "-"
+STDIN_LABEL = "standard input"
 #: layers of a nested image at most (gzip of xz of qcow2 is three)
 MAX_DEPTH = 4
 
@@ -59,6 +64,29 @@ def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:
     opts = options or OpenOptions()
     cls = byte_sources()["file"]
     return cls(path, read_size=opts.read_size, drop_cache_above=opts.drop_cache_above)
+
+
+def open_stdin(options: OpenOptions) -> ByteSource:
+    """Standard input as a byte source: read in place when it is a file or a device
+    (``< disk.img``), else (a pipe) read once into a sparse spool file, since every
+    format needs its exact size, and most need random reads, before the first byte
+    is sent."""
+    from ._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
+
+    fd = os.dup(0)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise ImageError(f"standard input: {exc.strerror}") from exc
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return byte_sources()["file"](STDIN_LABEL, fd=fd, read_size=options.read_size,
+                                      label=STDIN_LABEL)
+    pipe = byte_sources()["pipe"](fd, STDIN_LABEL, options.read_size)
+    try:
+        return spool_stream(pipe, STDIN_LABEL, options)
+    finally:
+        pipe.close()
 
 
 def foreign_format(source: ByteSource, head: bytes) -> str | None:
@@ -129,7 +157,7 @@ def open_image(
     """
     chain = parse_chain(format)
     opts = options or OpenOptions()
-    source = open_file(path, opts)
+    source = open_stdin(opts) if path == STDIN else open_file(path, opts)
     try:
         image = open_source(source, chain, opts)
     except BaseException:

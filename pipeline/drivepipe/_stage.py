@@ -199,6 +199,9 @@ class OpenOptions:
     #: where decoded layers that an inner format must read out of order are spooled
     #: (None: the system temp directory)
     spool_dir: str | None = None
+    #: which disk of an image that holds several (an OVA): its id, file name or
+    #: 1-based number; None: the only one (several are refused, listed)
+    disk: str | None = None
     #: called with each layer's format name as it is detected, outside in, before
     #: that layer does any long work (a counting pass, a spool)
     on_layer: Callable[[str], None] | None = None

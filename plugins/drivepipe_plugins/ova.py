@@ -556,7 +556,7 @@ class OvaFormat(ImageFormat):
         ))
 
     def open(self, source: ByteSource, options: OpenOptions) -> ImageInput:
-        return open_ova_disk(source, options, None)
+        return open_ova_disk(source, options, options.disk)
 
 
 def describe(source: ByteSource) -> list[str]:

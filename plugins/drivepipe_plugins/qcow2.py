@@ -29,10 +29,9 @@ import struct
 import sys
 import threading
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeAlias, cast
 
 import zstandard
@@ -41,6 +40,8 @@ from isal import igzip_lib
 from drivepipe._errors import CorruptImage, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
+
+from ._parallel import Job, LazyPool, in_order
 
 QCOW2_MAGIC = b"QFI\xfb"
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
@@ -252,8 +253,7 @@ class Qcow2Image(Source):
         self.read_size = max(4096, options.read_size)
         self.threads = max(1, options.threads)
         self._load()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        self._pool = LazyPool(self.threads, "qcow2")
 
     # -- opening ---------------------------------------------------------------------
 
@@ -452,32 +452,15 @@ class Qcow2Image(Source):
         """The raw image's extents covering ``[offset, offset+length)``, in order."""
         end = min(offset + length, self.size)
         if offset >= end:
-            return
-        pool = self._executor()
-        inflight: deque[Future[list[Extent]] | Extent] = deque()
-        max_inflight = 2 * self.threads + 2
-        try:
-            for job in self.jobs(offset, end):
-                if isinstance(job, tuple) and job[0] == HOLE:
-                    inflight.append(Extent.hole(job[1], job[2]))
-                else:
-                    inflight.append(pool.submit(self._run_job, job))
-                while len(inflight) > max_inflight or (
-                    inflight and isinstance(inflight[0], Extent)
-                ):
-                    yield from _ready(inflight.popleft())
-            while inflight:
-                yield from _ready(inflight.popleft())
-        finally:
-            for item in inflight:
-                if isinstance(item, Future):
-                    item.cancel()
+            return iter(())
+        return in_order(self._work(offset, end), self._pool)
 
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="qcow2")
-            return self._pool
+    def _work(self, offset: int, end: int) -> Iterator[Job]:
+        for job in self.jobs(offset, end):
+            if isinstance(job, tuple) and job[0] == HOLE:
+                yield Extent.hole(job[1], job[2])
+            else:
+                yield partial(self._run_job, job)
 
     def _run_job(self, job: Piece | list[Piece]) -> list[Extent]:
         if isinstance(job, list):
@@ -603,9 +586,7 @@ class Qcow2Image(Source):
         }
 
     def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown()
 
 
 #: the bits that must continue a data run: the offset, the compressed and zero flags
@@ -634,13 +615,6 @@ def _cut(piece: Piece, limit: int) -> Iterator[Piece]:
         return
     for pos in range(0, length, limit):
         yield (kind, guest + pos, min(limit, length - pos), host + pos, 0)
-
-
-def _ready(item: Future[list[Extent]] | Extent) -> Iterator[Extent]:
-    if isinstance(item, Extent):
-        yield item
-    else:
-        yield from item.result()
 
 
 class Qcow2Format(ImageFormat):

@@ -18,10 +18,9 @@ from __future__ import annotations
 import lzma
 import struct
 import zlib
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from drivepipe._errors import CorruptImage
 from drivepipe._extent import Extent, split_zeros
@@ -42,6 +41,7 @@ from ._codec import (
     decode_streams,
     out_size,
 )
+from ._parallel import LazyPool, in_order
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"
@@ -261,20 +261,11 @@ class XzBlockSource(Source):
         self.size = layout.size
         self.threads = max(2, options.threads)
         self.out = out_size(options)
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="unxz")
+        self._pool = LazyPool(self.threads, "unxz")
 
     def extents(self) -> Iterator[Extent]:
-        inflight: deque[Future[list[Extent]]] = deque()
-        try:
-            for block in self.blocks:
-                inflight.append(self._pool.submit(self._decode, block))
-                if len(inflight) >= 2 * self.threads:
-                    yield from inflight.popleft().result()
-            while inflight:
-                yield from inflight.popleft().result()
-        finally:
-            for future in inflight:
-                future.cancel()
+        jobs = (partial(self._decode, block) for block in self.blocks)
+        return in_order(jobs, self._pool, 2 * self.threads)
 
     def _decode(self, block: XzBlock) -> list[Extent]:
         out: list[Extent] = []
@@ -285,7 +276,7 @@ class XzBlockSource(Source):
         return out
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown()
 
 
 def decode_block(source: ByteSource, block: XzBlock, out: int) -> Iterator[bytes]:

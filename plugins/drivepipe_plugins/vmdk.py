@@ -37,11 +37,8 @@ import os
 import re
 import struct
 import sys
-import threading
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeAlias, cast
 
@@ -51,6 +48,8 @@ from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
 from drivepipe._registry import open_file
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
+
+from ._parallel import Job, LazyPool, in_order
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
@@ -89,7 +88,6 @@ HOLE, DATA, COMPRESSED = 0, 1, 2
 Piece = tuple[int, int, int, int, int]
 Table: TypeAlias = "array[int]"
 #: a job: an extent ready now, or work for the pool that returns extents
-Job = Extent | Callable[[], list[Extent]]
 
 
 # -- headers -----------------------------------------------------------------------
@@ -587,8 +585,7 @@ class VmdkImage(Source):
         self.size = sum(p.length for p in parts)
         self.threads = max(1, options.threads)
         self.read_size = max(4096, options.read_size)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        self._pool = LazyPool(self.threads, "vmdk")
 
     def extents(self) -> Iterator[Extent]:
         return self.read_range(0, self.size)
@@ -597,22 +594,7 @@ class VmdkImage(Source):
         end = min(offset + length, self.size)
         if offset >= end:
             return
-        inflight: deque[Future[list[Extent]] | Extent] = deque()
-        limit = 2 * self.threads + 2
-        try:
-            for job in self._jobs(offset, end):
-                if isinstance(job, Extent):
-                    inflight.append(job)
-                else:
-                    inflight.append(self._executor().submit(job))
-                while len(inflight) > limit or (inflight and isinstance(inflight[0], Extent)):
-                    yield from _ready(inflight.popleft())
-            while inflight:
-                yield from _ready(inflight.popleft())
-        finally:
-            for item in inflight:
-                if isinstance(item, Future):
-                    item.cancel()
+        yield from in_order(self._jobs(offset, end), self._pool)
 
     def _jobs(self, offset: int, end: int) -> Iterator[Job]:
         for part in self.parts:
@@ -627,12 +609,6 @@ class VmdkImage(Source):
                     yield Extent(ext.offset + shift, ext.length, ext.data)
             else:
                 yield Extent.hole(lo, hi - lo)
-
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vmdk")
-            return self._pool
 
     def data_size(self) -> int | None:
         total = 0
@@ -650,16 +626,7 @@ class VmdkImage(Source):
         return total
 
     def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _ready(item: Future[list[Extent]] | Extent) -> Iterator[Extent]:
-    if isinstance(item, Extent):
-        yield item
-    else:
-        yield from item.result()
+        self._pool.shutdown()
 
 
 # -- opening -----------------------------------------------------------------------

@@ -66,6 +66,15 @@ ThreadsOpt = Annotated[
 ]
 
 
+DiskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--disk", metavar="NAME|N",
+        help="The disk to take from an image that holds several (an OVA): its id, file "
+        "name or number (1 is the first); inspect lists them.",
+        show_default=False,
+    ),
+]
 SpoolDirOpt = Annotated[
     str | None,
     typer.Option(
@@ -85,6 +94,7 @@ def open_input(
     stats: RunStats | None = None,
     threads: int = 2,
     spool_dir: str | None = None,
+    disk: str | None = None,
 ) -> ImageInput:
     """Open an image with the CLI's options; counting and spooling report into ``stats``."""
 
@@ -100,7 +110,7 @@ def open_input(
 
     options = OpenOptions(
         read_size=positive_size(read_size, "--read-size"), on_phase=on_phase, threads=threads,
-        spool_dir=spool_dir, on_layer=on_layer,
+        spool_dir=spool_dir, on_layer=on_layer, disk=disk,
     )
     image = open_image(path, fmt, options)
     if stats is not None:

@@ -85,7 +85,10 @@ def transport(
     connections: int = 1,
 ) -> TlsOptions:
     """The transport policy from the options; ``--limit-rate`` split over ``connections``."""
-    rate = parse_size(limit_rate) if limit_rate else 0
+    try:
+        rate = parse_size(limit_rate) if limit_rate else 0
+    except UsageError as exc:
+        raise UsageError(f"--limit-rate: {exc}") from None
     if limit_rate and rate <= 0:
         raise UsageError("--limit-rate must be more than 0 bytes a second")
     if stall_timeout < 1:

@@ -494,6 +494,11 @@ def download(
     NAME.part.
     """
     mode = progress_mode(progress, quiet, verbose)
+    if output == "-":
+        # "-" is standard output everywhere else; a download verifies and publishes a
+        # file (resumable, never half-written under its name), which a pipe cannot be
+        raise UsageError("-o - (standard output) is not supported for downloads yet: give a "
+                         "file or directory, or pipe `drivepipe convert FILE -` after it")
     block = block_size_option(block_size)
     options = receive_options(connections, range_size, block, retries, checkpoint_interval,
                               retry_delay)

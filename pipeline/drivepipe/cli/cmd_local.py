@@ -11,18 +11,20 @@ import typer
 
 from drivepipe_plugins.discard import DiscardSink
 from drivepipe_plugins.download_names import raw_name_for
-from drivepipe_plugins.sparse_write import SparseFileWriter, check_target
+from drivepipe_plugins.sparse_write import SparseFileWriter, check_free_space, check_target
+from drivepipe_plugins.stream_write import StreamWriter
 from drivepipe_plugins.xxh3 import Xxh3Stage
 
 from .._extent import split_zeros
 from .._progress import Reporter
 from .._runner import run_pipeline
 from .._sizes import format_size
-from .._stage import ImageInput
+from .._stage import ImageInput, Sink
 from .._stats import RunStats
 from ._app import app
 from ._checklist import check_lists, hash_each
 from ._common import (
+    DiskOpt,
     ForceOpt,
     FormatOpt,
     ProgressOpt,
@@ -42,14 +44,18 @@ from ._common import (
 # in flight beat 4 MiB x 16; the smaller set of buffers stays in cache and is
 # recycled by malloc instead of faulting in fresh pages (16 MiB queued at most).
 LOCAL_READ_SIZE = "2M"
+#: ``-`` as an output: standard output (as an input it is standard input, everywhere)
+STDOUT = "-"
 LOCAL_QUEUE_DEPTH = 8
 
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(metavar="SRC", help="Input image (any supported format).")],
+    src: Annotated[str, typer.Argument(
+        metavar="SRC", help="Input image (any supported format); - reads standard input.")],
     dst: Annotated[str, typer.Argument(
-        metavar="DST", help="Output raw image, written sparsely.  A directory (existing, or "
+        metavar="DST", help="Output raw image, written sparsely; - writes the raw bytes to "
+        "standard output, in order (holes as zeros on a pipe).  A directory (existing, or "
         "written with a trailing /) gets SRC's file name with its format extensions "
         "replaced by .raw inside it: disk.qcow2.gz -> DIR/disk.raw.")],
     fmt: FormatOpt = "auto",
@@ -61,18 +67,29 @@ def convert(
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
+    disk: DiskOpt = None,
 ) -> None:
     """Convert an image to a sparse raw file (temp file, fsync, rename on success)."""
     mode = progress_mode(progress, quiet, verbose)
     positive(queue_depth, "--queue-depth")
-    if dst.endswith(os.sep) or os.path.isdir(dst):
+    to_stdout = dst == STDOUT
+    if not to_stdout and (dst.endswith(os.sep) or os.path.isdir(dst)):
         dst = os.path.join(dst, raw_name_for(src))
-    check_target(dst, force=force)
+    if not to_stdout:
+        check_target(dst, force=force)
     stats = RunStats(title=f"convert {src}")
     with Reporter(stats, mode):
         # The sink first: if it refuses, no opened image is left unclosed.
-        sink = SparseFileWriter(dst, force=force)
-        image = open_input(src, fmt, read_size, stats, threads, spool_dir)
+        sink: Sink[str] = StreamWriter(1) if to_stdout else SparseFileWriter(dst, force=force)
+        image = open_input(src, fmt, read_size, stats, threads, spool_dir, disk)
+        try:
+            # the data bytes the input knows of are what will be written: if they
+            # cannot fit, say so now rather than at the end
+            if not to_stdout:
+                check_free_space(dst, image.data_size, f"the disk in {src}")
+        except BaseException:
+            image.close()
+            raise
         run_pipeline(
             image.source, image.stages, sink, size=image.size, stats=stats,
             queue_depth=queue_depth,
@@ -87,11 +104,12 @@ def checksum_one(
     queue_depth: int = LOCAL_QUEUE_DEPTH,
     threads: int = 2,
     spool_dir: str | None = None,
+    disk: str | None = None,
 ) -> str:
     """The xxh3-128 hex digest of ``path``'s raw content."""
     stats = RunStats(title=f"checksum {path}")
     with Reporter(stats, progress):
-        image = open_input(path, fmt, read_size, stats, threads, spool_dir)
+        image = open_input(path, fmt, read_size, stats, threads, spool_dir, disk)
         hasher = Xxh3Stage()
         # Reading/decoding in one thread, hashing in the other.
         run_pipeline(
@@ -116,6 +134,7 @@ def checksum(
     queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
+    disk: DiskOpt = None,
 ) -> None:
     """Print the xxh3-128 of each image's raw content, in xxh128sum's line format.
 
@@ -128,7 +147,7 @@ def checksum(
     positive_size(read_size, "--read-size")
     digest = functools.partial(checksum_one, fmt=fmt, read_size=read_size, progress=mode,
                                queue_depth=queue_depth, threads=threads,
-                               spool_dir=spool_dir)
+                               spool_dir=spool_dir, disk=disk)
     code = check_lists(srcs, digest) if check else hash_each(srcs, digest)
     if code:
         raise typer.Exit(code)
@@ -160,12 +179,15 @@ def inspect(
                            "format does not record them.")
     ] = False,
     spool_dir: SpoolDirOpt = None,
+    disk: DiskOpt = None,
 ) -> None:
     """Show an image's layers, raw size, and data vs hole bytes.
 
     A compressed image whose inner format needs random reads is spooled to find
     out (``spool_bytes`` says how much temporary space that took)."""
-    image = open_input(src, fmt, "4M", spool_dir=spool_dir)
+    # an image of several disks (an OVA) shows its first unless told: its details
+    # list them all
+    image = open_input(src, fmt, "4M", spool_dir=spool_dir, disk=disk or "1")
     try:
         data = image.data_size
         if data is None and scan:

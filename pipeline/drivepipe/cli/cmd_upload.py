@@ -33,6 +33,7 @@ from .._stage import ImageInput
 from .._stats import RunStats
 from ._app import app
 from ._common import (
+    DiskOpt,
     FormatOpt,
     ProgressOpt,
     QueueOpt,
@@ -159,6 +160,7 @@ def upload(
     queue_depth: QueueOpt = 16,
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
+    disk: DiskOpt = None,
     buffer: BufferOpt = "1M",
     chunked: ChunkedOpt = False,
     connections: ConnectionsOpt = 4,
@@ -197,7 +199,7 @@ def upload(
             check.get_json("drives/", {"limit": 1})
         stats = RunStats(title=f"upload {image}")
         with Reporter(stats, mode):
-            img = open_input(image, fmt, read_size, stats, threads, spool_dir)
+            img = open_input(image, fmt, read_size, stats, threads, spool_dir, disk)
             if img.size == 0:
                 img.close()
                 raise ImageError(f"{image}: the image is empty (0 bytes of disk); "
