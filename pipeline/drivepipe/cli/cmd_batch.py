@@ -23,13 +23,20 @@ import typer
 from rich.console import Console
 
 from .._errors import Cancelled, DrivepipeError, OutputError, UsageError
-from .._progress import resolve_mode
 from .._sizes import parse_size
 from ..jobs import BatchReport, Executor, LocalExecutor, Settings, load_plan, run_batch
 from ..jobs.transfer import Access
 from ._app import app
 from ._batch_view import BatchView, closing_line, report_table
-from ._common import ProgressOpt, ReadSizeOpt, SpoolDirOpt, ThreadsOpt
+from ._common import (
+    ProgressOpt,
+    QuietOpt,
+    ReadSizeOpt,
+    SpoolDirOpt,
+    ThreadsOpt,
+    VerboseOpt,
+    progress_mode,
+)
 from ._net import (
     CacertOpt,
     DirectOpt,
@@ -37,37 +44,50 @@ from ._net import (
     InsecureHttpOpt,
     LimitRateOpt,
     LocationOpt,
+    StallOpt,
     UserOpt,
 )
 
-JobsOpt = Annotated[int, typer.Option("--jobs", "-j", help="Items run at once (local engine).")]
+JobsOpt = Annotated[
+    int, typer.Option("--jobs", "-j", metavar="N", help="Items run at once (local engine).")
+]
 ConnectionsOpt = Annotated[
-    int | None, typer.Option("--connections", help="Connections of the whole batch, shared "
-                             "by the running items (default: 4 per job; on Dask: per item).",
-                             show_default=False)
+    int | None,
+    typer.Option("--connections", metavar="N", help="Connections of the whole batch, shared "
+                 "by the running items (default: 4 per job; on Dask: per item).",
+                 show_default=False),
 ]
 StateOpt = Annotated[
-    str | None, typer.Option("--state", help="State file (default: PLAN.state.json).",
-                             show_default=False)
+    str | None,
+    typer.Option("--state", metavar="PATH", help="State file (default: PLAN.state.json).",
+                 show_default=False),
 ]
 ReportOpt = Annotated[
-    str | None, typer.Option("--report", help="Write every item's result, digest, time and "
-                             "error to this JSON file.", show_default=False)
+    str | None,
+    typer.Option("--report", metavar="PATH", help="Write every item's result, digest, time "
+                 "and error to this JSON file.", show_default=False),
 ]
-EngineOpt = Annotated[str, typer.Option("--engine", help="local (threads here) or dask.")]
+EngineOpt = Annotated[
+    str, typer.Option("--engine", metavar="[local|dask]", help="local (threads here) or dask.")
+]
 SchedulerOpt = Annotated[
-    str | None, typer.Option("--scheduler", help="Dask scheduler address, tcp://HOST:8786.",
-                             show_default=False)
+    str | None,
+    typer.Option("--scheduler", metavar="ADDRESS", help="Dask scheduler address, "
+                 "tcp://HOST:8786.", show_default=False),
 ]
 RetriesOpt = Annotated[
-    int, typer.Option("--retries", help="Attempts more for an item that failed on the "
-                      "network side, in this run.")
+    int,
+    typer.Option("--retries", metavar="N", help="Attempts more for an item that failed on "
+                 "the network side, in this run."),
 ]
-ChunkSizeOpt = Annotated[str, typer.Option("--chunk-size", help="Chunk size of chunked uploads.")]
+ChunkSizeOpt = Annotated[
+    str, typer.Option("--chunk-size", metavar="SIZE", help="Chunk size of chunked uploads.")
+]
 JournalDirOpt = Annotated[
-    str | None, typer.Option("--journal-dir", help="Where chunked uploads keep their "
-                             "journals (default: STATE.journals; on Dask a path the workers "
-                             "see).", show_default=False)
+    str | None,
+    typer.Option("--journal-dir", metavar="DIR", help="Where chunked uploads keep their "
+                 "journals (default: STATE.journals; on Dask a path the workers see).",
+                 show_default=False),
 ]
 
 
@@ -99,9 +119,12 @@ def batch(
     jobs: JobsOpt = 4,
     connections: ConnectionsOpt = None,
     limit_rate: LimitRateOpt = None,
+    stall_timeout: StallOpt = 120.0,
     state: StateOpt = None,
     report: ReportOpt = None,
     progress: ProgressOpt = "auto",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
     engine: EngineOpt = "local",
     scheduler: SchedulerOpt = None,
     retries: RetriesOpt = 1,
@@ -118,11 +141,13 @@ def batch(
     insecure_http: InsecureHttpOpt = False,
 ) -> None:
     """Run a plan of uploads and downloads; rerun it to finish what did not."""
-    mode = resolve_mode(progress)
+    mode = progress_mode(progress, quiet, verbose)
     if retries < 0:
         raise UsageError("--retries must be 0 or more")
     if connections is not None and connections < 1:
         raise UsageError("--connections must be at least 1")
+    if stall_timeout < 1:
+        raise UsageError("--stall-timeout must be at least 1 second")
     rate = parse_size(limit_rate) if limit_rate else 0
     if limit_rate and rate <= 0:
         raise UsageError("--limit-rate must be more than 0 bytes a second")
@@ -130,6 +155,7 @@ def batch(
         endpoint=endpoint, direct_endpoint=direct_endpoint, location=location, user=user,
         cacert=cacert, insecure_http=insecure_http, chunk_size=parse_size(chunk_size),
         read_size=parse_size(read_size), threads=threads, spool_dir=spool_dir,
+        stall_timeout=stall_timeout,
         journal_dir=os.path.abspath(journal_dir) if journal_dir else "",
         # on Dask each item gets the whole rate (each worker has its own link)
         limit_rate=rate if engine == "dask" else 0,
@@ -150,7 +176,8 @@ def batch(
         write_report(report, result)
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(
         report_table(result), highlight=False)
-    typer.echo(f"drivepipe: {closing_line(result)}", err=True)
+    if not quiet:
+        typer.echo(f"drivepipe: {closing_line(result)}", err=True)
     if result.interrupted:
         raise Cancelled(f"interrupted with {result.counts.get('not-run', 0)} items not run; "
                         "rerun the same command to continue")

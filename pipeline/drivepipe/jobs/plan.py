@@ -33,6 +33,7 @@ from typing import Any, Final
 
 import xxhash
 
+from .._drives import default_drive_name
 from .._errors import UsageError
 from .._http import UUID_RE
 
@@ -143,7 +144,7 @@ def parse_item(obj: Any, base: str, where: str, line: int = 0) -> Item:
     common = _placement(obj, where)
     if op == "upload":
         image = os.path.join(base, _text(obj, "image", where))
-        name = _text(obj, "name", where, os.path.basename(image))
+        name = _text(obj, "name", where, default_drive_name(image))
         source, target = os.path.abspath(image), name
         extra: dict[str, Any] = {
             "meta": _meta(obj.get("meta", {}), where),

@@ -35,6 +35,7 @@ from drivepipe_plugins.curl_upload import DirectOptions, direct_upload
 from drivepipe_plugins.download_verify import digest_file
 
 from .._config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
+from .._drives import META_DIGEST, META_SIZE
 from .._errors import DrivepipeError, HTTPError, ImageError, TransferError
 from .._http import ApiClient, TlsOptions
 from .._stage import ImageInput
@@ -43,8 +44,7 @@ from ..cli._common import open_input
 from ..cli._net import Connection
 from .plan import Item
 
-META_DIGEST: Final = "drivepipe_xxh128"
-META_SIZE: Final = "drivepipe_size"
+#: the batch's own meta field, beside the upload command's digest and size
 META_KEY: Final = "drivepipe_batch_key"
 
 Event = dict[str, Any]
@@ -74,6 +74,8 @@ class Settings:
     #: download: bytes per ranged request and per journaled block
     range_size: int = 32 << 20
     block_size: int = 4 << 20
+    #: seconds without a byte moving before a connection is cut (the CLI's --stall-timeout)
+    stall_timeout: float = 120.0
     #: bytes a second of this item, split over its connections (0: no cap); the local
     #: executor sets each item's share of the batch's ``--limit-rate``
     limit_rate: int = 0
@@ -96,7 +98,8 @@ class Access:
         """From the settings, the environment and config files, like the CLI."""
         ep = resolve_endpoint(settings.endpoint, settings.direct_endpoint, settings.location)
         creds = resolve_credentials(ep, settings.user)
-        tls = TlsOptions(cacert=settings.cacert, insecure_http=settings.insecure_http)
+        tls = TlsOptions(cacert=settings.cacert, insecure_http=settings.insecure_http,
+                         stall_timeout=settings.stall_timeout)
         with ApiClient(ep, creds, tls) as api:
             ep = api.resolve_direct()
         return cls(ep, creds, tls)
