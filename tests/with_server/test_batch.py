@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -482,3 +483,24 @@ def test_the_rate_budget_caps_the_whole_batch(
     assert max(peaks) <= 4 << 20 and len(caps) == 6
     # each item's connections together get its share: a quarter while four run
     assert all(0 < cap <= 1 << 20 for cap in caps), caps
+
+
+def test_a_download_by_url_on_the_endpoint_is_verified_like_one_by_uuid(
+    account: RunningServer, tmp_path: Path, put_drive: Callable[[RunningServer, bytes], str]
+) -> None:
+    images = build_images(tmp_path / "images", 1)
+    plan = write_plan(tmp_path / "up.jsonl", upload_items(images))
+    uuid = drivepipe.batch(str(plan), jobs=1, settings=settings_for(account)).results[0].uuid
+    raw = next(iter(images.values())).read_bytes()
+    url = f"{account.base_url}drives/{uuid}/download/"
+    plan = write_plan(tmp_path / "down.jsonl", [
+        {"op": "download", "url": url, "output": "by-url.raw", "key": "u"}])
+    report = drivepipe.batch(str(plan), jobs=1, settings=settings_for(account))
+    assert report.ok, report.results[0].error
+    assert (tmp_path / "by-url.raw").read_bytes()[:len(raw)] == raw
+    assert not any("no checksum" in note for note in report.results[0].notes)
+    for bad, words in ((f"http://user:pw@{url.split('//')[1]}", "user or password"),
+                       ("ftp://host/x", "http(s) URL")):
+        write_plan(tmp_path / "bad.jsonl", [{"op": "download", "url": bad, "output": "x"}])
+        with pytest.raises(drivepipe.UsageError, match=re.escape(words)):
+            load_plan(str(tmp_path / "bad.jsonl"))

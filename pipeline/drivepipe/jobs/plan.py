@@ -10,9 +10,10 @@ In: text with one JSON object per line (blank lines and lines starting with
 Upload fields: ``image`` (required; relative paths are taken from the plan's
 directory), ``name`` (default: the image's file name), ``meta`` (string values
 merged into the drive's meta), ``chunked`` (resumable chunked upload),
-``format`` (default ``auto``).  Download fields: ``drive`` (a UUID, required),
-``output`` (a file path, required), ``force`` (replace an existing file).  Any
-item: ``key`` (a stable name; default a hash of op, source and target),
+``format`` (default ``auto``).  Download fields: ``drive`` (a UUID) or ``url``
+(http(s); the account is only sent to the endpoint's own hosts), ``output`` (a
+file path, required), ``force`` (replace an existing file).  Any item:
+``key`` (a stable name; default a hash of op, source and target),
 ``resources`` (Dask worker resources, e.g. ``{"host-a": 1}``) and ``workers``
 (Dask worker addresses or names) to place the item on the machine that holds
 its data.
@@ -30,6 +31,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import xxhash
 
@@ -41,7 +43,7 @@ OPS: Final = ("upload", "download")
 _COMMON: Final = frozenset({"op", "key", "resources", "workers"})
 _FIELDS: Final = {
     "upload": _COMMON | {"image", "name", "meta", "chunked", "format"},
-    "download": _COMMON | {"drive", "output", "force"},
+    "download": _COMMON | {"drive", "url", "output", "force"},
 }
 #: keys end up in file names (journals) and Dask task keys: keep them plain
 KEY_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -152,10 +154,7 @@ def parse_item(obj: Any, base: str, where: str, line: int = 0) -> Item:
             "format": _text(obj, "format", where, "auto"),
         }
     else:
-        drive = _text(obj, "drive", where).lower()
-        if not UUID_RE.match(drive):
-            raise PlanError(f"{where}: drive must be a drive UUID, got {drive!r}")
-        source = drive
+        source = _download_source(obj, where)
         target = os.path.abspath(os.path.join(base, _text(obj, "output", where)))
         extra = {"force": _flag(obj, "force", where)}
     key = obj.get("key")
@@ -165,6 +164,26 @@ def parse_item(obj: Any, base: str, where: str, line: int = 0) -> Item:
         raise PlanError(f"{where}: key must be 1-128 letters, digits, '.', '_' or '-' "
                         f"(starting with a letter or digit), got {key!r}")
     return Item(key=key, op=op, source=source, target=target, line=line, **common, **extra)
+
+
+def _download_source(obj: Mapping[str, Any], where: str) -> str:
+    """A drive UUID (lower case) or an http(s) URL without credentials in it."""
+    if ("drive" in obj) == ("url" in obj):
+        raise PlanError(f"{where}: download needs either 'drive' (a UUID) or 'url'")
+    if "drive" in obj:
+        drive = _text(obj, "drive", where).lower()
+        if not UUID_RE.match(drive):
+            raise PlanError(f"{where}: drive must be a drive UUID, got {drive!r}")
+        return drive
+    url = _text(obj, "url", where)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PlanError(f"{where}: url must be an http(s) URL")
+    if "@" in parts.netloc:
+        # it would end up in the state file, the report and error lines
+        raise PlanError(f"{where}: the url must not hold a user or password; the account "
+                        "comes from the environment or the config file")
+    return url
 
 
 def _text(obj: Mapping[str, Any], name: str, where: str, default: str | None = None) -> str:

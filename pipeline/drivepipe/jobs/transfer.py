@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from drivepipe_plugins.curl_upload import DirectOptions, direct_upload
 from drivepipe_plugins.download_verify import digest_file
@@ -37,7 +38,7 @@ from drivepipe_plugins.download_verify import digest_file
 from .._config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
 from .._drives import META_DIGEST, META_SIZE
 from .._errors import DrivepipeError, HTTPError, ImageError, TransferError
-from .._http import ApiClient, TlsOptions
+from .._http import UUID_RE, ApiClient, TlsOptions
 from .._stage import ImageInput
 from .._stats import RunStats
 from ..cli._common import open_input
@@ -363,17 +364,11 @@ def _download(
     item: Item, settings: Settings, access: Access, stats: RunStats, result: ItemResult
 ) -> None:
     # The steps of ``drivepipe download UUID -o PATH``, with its notes kept in the result.
-    from drivepipe_plugins.curl_download import Auth  # noqa: PLC0415
     from drivepipe_plugins.sparse_write import check_target  # noqa: PLC0415
 
     from ..cli import cmd_download as dl  # noqa: PLC0415 - the download steps live there
 
-    with ApiClient(access.endpoint, access.creds, access.tls) as api:
-        drive = api.drive(item.source)
-        url = api.url(f"drives/{item.source}/download/", direct=True)
-    meta = drive.get("meta") if isinstance(drive.get("meta"), dict) else {}
-    target = dl.Target(url, Auth(access.endpoint, access.creds), access.tls, item.source,
-                       dict(meta or {}))
+    target = _target(item.source, access)
     options = dl.receive_options(settings.connections, str(settings.range_size),
                                  settings.block_size, settings.retries, 1.0,
                                  settings.retry_delay)
@@ -391,8 +386,33 @@ def _download(
     got = dl.verify(paths, journal, expected, stats, early)
     dl.finish(paths, item.force)
     if expected is None:
-        result.notes.append(f"drive {item.source} holds no checksum to verify against")
+        result.notes.append(f"{item.source}: no checksum to verify against")
     st = os.stat(paths.final)
     result.output, result.xxh128, result.size = paths.final, got.whole, st.st_size
     result.mtime_ns = st.st_mtime_ns
     result.bytes = stats.stages[0].bytes
+
+
+def _target(source: str, access: Access) -> Any:
+    """Where a download's bytes come from, as ``drivepipe download SOURCE`` finds it: a
+    drive by UUID (with its meta), or a URL (credentials only on the endpoint's origin;
+    a drive's own download URL is verified against its meta too)."""
+    from drivepipe_plugins.curl_download import Auth  # noqa: PLC0415
+
+    from ..cli import cmd_download as dl  # noqa: PLC0415
+
+    uuid: str | None = source if UUID_RE.match(source) else None
+    if uuid is None:
+        if not access.endpoint.owns(source):
+            return dl.Target(source, Auth(), access.tls)
+        own = dl.DRIVE_URL_RE.search(urlsplit(source).path)
+        uuid = own.group(1).lower() if own else None
+    meta: dict[str, Any] = {}
+    with ApiClient(access.endpoint, access.creds, access.tls) as api:
+        if uuid is not None:
+            drive = api.drive(uuid)
+            found = drive.get("meta")
+            meta = dict(found) if isinstance(found, dict) else {}
+        url = source if not UUID_RE.match(source) else \
+            api.url(f"drives/{uuid}/download/", direct=True)
+    return dl.Target(url, Auth(access.endpoint, access.creds), access.tls, uuid, meta)
