@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import subprocess
@@ -232,9 +233,20 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 def test_disk_full_is_one_line_and_leaves_nothing(
     small_tmpfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    data = random.Random(2).randbytes(6 * MiB)
     src = tmp_path / "big.raw"
-    src.write_bytes(random.Random(2).randbytes(6 * MiB))
+    src.write_bytes(data)
+    # a raw file says how much data it holds: refused before anything is written
     code = main(["convert", "--progress", "none", str(src), str(small_tmpfs / "out.raw")])
+    err = capsys.readouterr().err
+    assert code == 5
+    assert err.count("\n") == 1
+    assert err.startswith("drivepipe: error: ") and "bytes free" in err
+    assert list(small_tmpfs.iterdir()) == []
+    # a gzip stream does not: the disk fills up while writing, and nothing is left
+    packed = tmp_path / "big.raw.gz"
+    packed.write_bytes(gzip.compress(data, 1))
+    code = main(["convert", "--progress", "none", str(packed), str(small_tmpfs / "out.raw")])
     err = capsys.readouterr().err
     assert code == 5
     assert err.count("\n") == 1
