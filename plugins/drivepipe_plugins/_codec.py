@@ -333,9 +333,11 @@ class IndexedSource(ByteSource):
     ``blocks`` are ``(raw_offset, raw_size)`` in order, covering ``[0, size)``;
     ``decode(i)`` returns block ``i``'s exact bytes (raising CorruptImage).  A
     read decodes the blocks it touches, keeps the last two (an inner qcow2 reads
-    its tables and then mostly in order) and decodes the next ``threads`` blocks
-    ahead in worker threads (xz and zstd release the GIL).  Memory: at most
-    ``2 + 2 x threads`` blocks of at most :data:`INDEXED_MAX_BLOCK` bytes each.
+    its tables and then mostly in order) and decodes the next block ahead in a
+    worker thread (xz and zstd release the GIL), so two blocks decode at once
+    while the reader copies out of a third.  Memory: about four blocks of at most
+    :data:`INDEXED_MAX_BLOCK` bytes (measured: 2 GiB of qcow2 in xz -T2, 24 MiB
+    blocks: see benchmarks/RESULTS.md).
     """
 
     random = True
@@ -345,7 +347,7 @@ class IndexedSource(ByteSource):
         label: str,
         name: str,
         blocks: list[tuple[int, int]],
-        decode: Callable[[int], bytes],
+        decode: Callable[[int], Buffer],
         threads: int,
     ) -> None:
         self.label = label
@@ -355,13 +357,14 @@ class IndexedSource(ByteSource):
         self.size = blocks[-1][0] + blocks[-1][1] if blocks else 0
         self._decode = decode
         self._lock = threading.Lock()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._pending: dict[int, Future[bytes]] = {}
-        self._ahead = max(1, threads)
+        self._cache: OrderedDict[int, Buffer] = OrderedDict()
+        self._pending: dict[int, Future[Buffer]] = {}
+        # one block ahead: with the two kept, at most four blocks are alive at once
+        self._ahead = 1
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=name)
 
-    def _block(self, index: int) -> bytes:
-        future: Future[bytes] | None = None
+    def _block(self, index: int) -> Buffer:
+        future: Future[Buffer] | None = None
         with self._lock:
             data = self._cache.get(index)
             if data is not None:
@@ -396,7 +399,7 @@ class IndexedSource(ByteSource):
         index = bisect.bisect_right(self._starts, offset) - 1
         start = self._starts[index]
         if end <= start + self._sizes[index]:  # within one block: one copy
-            return self._block(index)[offset - start : end - start]
+            return bytes(memoryview(self._block(index))[offset - start : end - start])
         out = bytearray()
         pos = offset
         while pos < end:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from drivepipe._errors import CorruptImage
-from drivepipe._extent import Extent, split_zeros
+from drivepipe._extent import Buffer, Extent, split_zeros
 from drivepipe._stage import (
     ByteSource,
     CompressionFormat,
@@ -230,15 +230,16 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def single_block_stream(block: XzBlock, data: bytes) -> bytes:
-    """A complete xz stream holding just ``block``, so it decodes on its own."""
+def single_block_stream(block: XzBlock, data: Buffer) -> list[Buffer]:
+    """A complete xz stream holding just ``block``, so it decodes on its own: the
+    stream header, the block's bytes as they are (not copied) and index + footer."""
     index = bytearray(b"\0" + _varint(1) + _varint(block.unpadded) + _varint(block.raw_size))
     index += bytes(-len(index) % 4)
     index += struct.pack("<I", zlib.crc32(index))
     flags = block.stream_header[6:8]
     tail = struct.pack("<I", len(index) // 4 - 1) + flags
     footer = struct.pack("<I", zlib.crc32(tail)) + tail + FOOTER_MAGIC
-    return block.stream_header + data + bytes(index) + footer
+    return [block.stream_header, data, bytes(index) + footer]
 
 
 class XzBlockSource(Source):
@@ -284,16 +285,19 @@ def decode_block(source: ByteSource, block: XzBlock, out: int) -> Iterator[bytes
     the index's size."""
     data = source.pread_exact(block.offset, block.stored, "xz block")
     dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-    stream = single_block_stream(block, data)
     pos = 0
     try:
-        piece = dec.decompress(stream, out)
-        while piece:
-            if pos + len(piece) > block.raw_size:
-                raise lzma.LZMAError("block holds more data than its index says")
-            yield piece
-            pos += len(piece)
-            piece = dec.decompress(b"", out) if not dec.eof else b""
+        for part in _slices(single_block_stream(block, memoryview(data))):
+            # small input slices: what a decompress() call leaves unread is copied
+            # inside the decompressor, and a whole block's remainder is megabytes
+            piece = dec.decompress(part, out)
+            while piece:
+                if pos + len(piece) > block.raw_size:
+                    raise lzma.LZMAError("block holds more data than its index says")
+                yield piece
+                pos += len(piece)
+                piece = dec.decompress(b"", out) if not dec.eof and not dec.needs_input \
+                    else b""
     except lzma.LZMAError as exc:
         raise CorruptImage(
             f"{source.label}: corrupt xz block at compressed offset {block.offset}: {exc}"
@@ -303,6 +307,13 @@ def decode_block(source: ByteSource, block: XzBlock, out: int) -> Iterator[bytes
             f"{source.label}: xz block at compressed offset {block.offset} decodes to "
             f"{pos} bytes, its index says {block.raw_size}"
         )
+
+
+def _slices(parts: list[Buffer], size: int = 256 << 10) -> Iterator[memoryview]:
+    for part in parts:
+        view = memoryview(part)
+        for pos in range(0, len(view), size):
+            yield view[pos : pos + size]
 
 
 def parallel_ok(layout: XzLayout, options: OpenOptions) -> bool:
@@ -352,10 +363,16 @@ class XzLayer(StreamLayer):
             return None
         source = self.source
 
-        def decode(index: int) -> bytes:
+        def decode(index: int) -> Buffer:
+            # 1 MiB pieces into one buffer: a whole block in one call would briefly
+            # need it twice (the decoder's output blocks, then the joined bytes)
             block = blocks[index]
-            pieces = list(decode_block(source, block, block.raw_size or 1))
-            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            buf = bytearray(block.raw_size)
+            pos = 0
+            for piece in decode_block(source, block, 1 << 20):
+                buf[pos : pos + len(piece)] = piece
+                pos += len(piece)
+            return buf
 
         self.details["random_access"] = f"by block ({len(blocks)} blocks)"
         return IndexedSource(
