@@ -11,6 +11,8 @@ exit code; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import pkgutil
 import sys
@@ -97,7 +99,21 @@ def _show_warning(
     print(f"drivepipe: warning: {message}", file=file or sys.stderr, flush=True)
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Ask glibc for at most ``arenas`` malloc arenas (like MALLOC_ARENA_MAX=2).
+
+    Decoder threads each free multi-MiB buffers in an arena of their own, and the
+    fragments add up: measured on 1 GiB of qcow2 in 24 MiB xz blocks, peak RSS 273
+    MiB with glibc's default (8 per core), 222 MiB with 2, no slower.  The command
+    line only: a library must not change its host process's allocator.  Best effort.
+    """
+    m_arena_max = -8
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_arena_max, arenas)
+
+
 def console_main() -> None:
+    _limit_malloc_arenas()
     warnings.showwarning = _show_warning
     sys.exit(main())
 
