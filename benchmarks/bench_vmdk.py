@@ -5,7 +5,9 @@ output; qemu-img does not).
 Makes a sparse raw image (default 2 GiB, half of it data, the same mix of random
 and text-like blocks as the decoder benchmark), has qemu-img write it as each
 subformat, and prints one markdown table: seconds, raw MB/s, the ratio ours /
-theirs (below 1.00x drivepipe is faster), and peak RSS.
+theirs (below 1.00x drivepipe is faster), and peak RSS.  With ``--upload`` it
+also times the one-step upload to a local drive store on disk against
+``qemu-img convert -O raw`` then ``curl --upload-file``.
 
     python benchmarks/bench_vmdk.py --size 2G --repeat 2 --threads 2
 """
@@ -21,11 +23,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import drivepipe_command, markdown_table, parse_size, time_command, tool, warm_cache
+from _util import (
+    drivepipe_command,
+    markdown_table,
+    parse_size,
+    remove,
+    time_command,
+    tool,
+    warm_cache,
+)
 from bench_decoders import HEADERS, Row, fresh, make_image, shell
+from bench_upload import curl_argv, running_store, throwaway_account
 
 
-def bench(raw: Path, work: Path, repeat: int, threads: int) -> list[Row]:
+def bench(raw: Path, work: Path, repeat: int, threads: int, upload: bool = False) -> list[Row]:
     qemu = tool("qemu-img")
     dp = drivepipe_command()
     size = raw.stat().st_size
@@ -44,8 +55,29 @@ def bench(raw: Path, work: Path, repeat: int, threads: int) -> list[Row]:
         theirs = time_command(shell(f"{qemu} convert -O raw {image} {out} && sync {out}"),
                               repeat=repeat, before=fresh(out))
         rows.append(Row(f"vmdk {sub} convert", size, ours, theirs, "qemu-img ... && sync"))
+        if upload:
+            rows.append(bench_upload(image, work, repeat, threads, sub, size))
         image.unlink()
     return rows
+
+
+def bench_upload(image: Path, work: Path, repeat: int, threads: int, sub: str,
+                 size: int) -> Row:
+    """One-step upload vs qemu-img to a raw file, then curl, against the local store."""
+    password, netrc = throwaway_account(work)
+    with running_store(work / "store", password, netrc) as store:
+        def clean() -> None:
+            store.delete_drives()
+            remove(work / "tmp.raw")
+
+        ours = time_command([drivepipe_command(), "upload", "--progress", "none", "--threads",
+                             str(threads), "--endpoint", store.base_url, str(image)],
+                            repeat=repeat, before=clean)
+        tmp = work / "tmp.raw"
+        two = shell(f"{tool('qemu-img')} convert -O raw {image} {tmp} && "
+                    + " ".join(curl_argv(store, tmp)) + " > /dev/null")
+        theirs = time_command(two, repeat=repeat, before=clean)
+    return Row(f"vmdk {sub} upload", size, ours, theirs, "qemu-img to raw + curl")
 
 
 def main() -> None:
@@ -54,12 +86,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--upload", action="store_true",
+                        help="also time the one-step upload against qemu-img + curl")
     args = parser.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench-vmdk-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         raw = make_image(work / "half.raw", args.size, 0.5)
-        rows = bench(raw, work, args.repeat, args.threads)
+        rows = bench(raw, work, args.repeat, args.threads, args.upload)
         print(markdown_table(HEADERS, [r.cells() for r in rows]))
     finally:
         if args.dir is None:
