@@ -25,6 +25,9 @@ import xxhash
 from nested_images import MiB, Nested, build, compress, needs_tools, run, write_disk
 from tmpfs import needs_root, small_tmpfs
 
+from drivepipe._errors import UnsupportedFormat
+from drivepipe._extent import Extent
+from drivepipe._nesting import TailGuard
 from drivepipe.cli import main
 
 pytestmark = needs_tools
@@ -268,3 +271,20 @@ def test_fixed_vhd_inside_a_compressor_is_never_sent_as_raw(tmp_path: Path) -> N
                              "-f", f"{outer},vhd", str(packed))
         assert code == 0, err
         assert out.split()[0] == digest
+
+
+def test_the_tail_check_reads_only_the_tail_of_a_huge_final_hole(tmp_path: Path) -> None:
+    # 16 GiB of which all but the first MiB is a hole, in xz: the footer check must
+    # look at the last 512 bytes, not materialise the hole
+
+    size = 16 << 30
+    stream = [Extent(0, MiB, os.urandom(MiB)), Extent.hole(MiB, size - MiB)]
+    out = list(TailGuard("x", b"", "xz").process(iter(stream)))
+    assert [e.length for e in out] == [MiB, size - MiB]
+    # a VHD footer's magic in the last sector: refused after everything but the tail
+    vhd_tail = Extent(MiB, 512, b"conectix" + bytes(504))
+    passed = []
+    with pytest.raises(UnsupportedFormat, match="ends in a vhd footer"):
+        for ext in TailGuard("x", b"", "xz").process(iter([stream[0], vhd_tail])):
+            passed.append(ext)
+    assert sum(e.length for e in passed) == MiB

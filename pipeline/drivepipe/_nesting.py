@@ -206,9 +206,7 @@ class TailGuard(Stage):
                 first = held.pop(0)
                 held_bytes -= first.length
                 yield first
-        tail = b"".join(
-            bytes(e.data) if e.data is not None else bytes(e.length) for e in held
-        )[-TAIL_CHECK:]
+        tail = _last_bytes(held, TAIL_CHECK)
         found = detect_source(_HeadOnly(self.label, self.head, tail))
         if found.name != "raw":
             raise UnsupportedFormat(
@@ -216,6 +214,22 @@ class TailGuard(Stage):
                 f"inside {self.outer}, not a raw disk; pass --format {self.outer},{found.name}"
             )
         yield from held
+
+
+def _last_bytes(extents: list[Extent], count: int) -> bytes:
+    """The last ``count`` bytes of ``extents`` (a hole of any length costs nothing)."""
+    parts: list[bytes] = []
+    need = count
+    for ext in reversed(extents):
+        if need <= 0:
+            break
+        take = min(need, ext.length)
+        if ext.data is None:
+            parts.append(bytes(take))
+        else:
+            parts.append(bytes(memoryview(ext.data)[ext.length - take :]))
+        need -= take
+    return b"".join(reversed(parts))
 
 
 class _HeadOnly(ByteSource):
