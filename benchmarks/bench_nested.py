@@ -19,6 +19,7 @@ and the same with gzip / gunzip.  Prints a markdown table: seconds, ratio
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,15 +85,19 @@ def run(work: Path, size: int, repeat: int) -> None:
         for label, (path, _, unpack) in packed.items():
             ours, theirs = Timing("drivepipe"), Timing("three steps")
             tmp_q, tmp_raw = work / "tmp.qcow2", work / "tmp.raw"
+            # the three steps must all succeed (an exit status that hid a failed curl
+            # would time a shorter job); the temporary files go between runs, untimed
             two_step = shell(
                 f"{unpack} {path} > {tmp_q} && {qemu} convert -O raw {tmp_q} {tmp_raw} && "
-                + " ".join(curl_argv(store, tmp_raw)) + f" > /dev/null; rm -f {tmp_q} {tmp_raw}"
+                + shlex.join(curl_argv(store, tmp_raw)) + " > /dev/null"
             )
             one_step = [drivepipe_command(), "upload", str(path), "--endpoint", store.base_url,
                         "--progress", "none", "--spool-dir", str(work)]
             for _ in range(repeat):  # alternately, so both see the same machine
                 for timing, cmd in ((ours, one_step), (theirs, two_step)):
                     store.delete_drives()
+                    remove(tmp_q)
+                    remove(tmp_raw)
                     settle()
                     usage = run_measured(cmd)
                     timing.seconds.append(usage.wall)

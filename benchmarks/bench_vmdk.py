@@ -15,6 +15,7 @@ also times the one-step upload to a local drive store on disk against
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def bench_upload(image: Path, work: Path, repeat: int, threads: int, sub: str,
                             repeat=repeat, before=clean)
         tmp = work / "tmp.raw"
         two = shell(f"{tool('qemu-img')} convert -O raw {image} {tmp} && "
-                    + " ".join(curl_argv(store, tmp)) + " > /dev/null")
+                    + shlex.join(curl_argv(store, tmp)) + " > /dev/null")
         theirs = time_command(two, repeat=repeat, before=clean)
     return Row(f"vmdk {sub} upload", size, ours, theirs, "qemu-img to raw + curl")
 
