@@ -42,6 +42,7 @@ from ._stage import (
     OpenOptions,
     Source,
     Stage,
+    raw_inside,
 )
 
 T = TypeVar("T")
@@ -108,21 +109,23 @@ def _open_inside(
     named = chain[depth + 1] if chain and depth + 1 < len(chain) else None
     inner = get_format(named) if named else detect_source(_HeadOnly(label, inner_head))
     view = None
+    tail_checked = False
     if inner.name == "raw" and inner_head and not named:
         # Formats found by a footer (a fixed VHD) look raw from the head: an indexed
         # layer can show its tail now; a streamed one is checked as its end goes by.
         view = layer.random_view(options)
         if view is not None:
-            inner = detect_source(_HeadAndTail(label, inner_head, view))
+            tail_checked = True
+            inner = detect_source(_HeadOnly(label, inner_head, view.tail(TAIL_CHECK)))
             if inner.name == "raw":
                 view.close()
                 view = None
     if options.on_layer is not None:
         options.on_layer(inner.name)
     if inner.name == "raw" or not inner_head:
-        image = _stream_raw(fmt, layer, source, options)
-        if not named and inner_head:
-            image.stages.append(TailGuard(label, inner_head, f"{fmt.name}"))
+        image = raw_inside(fmt.name, layer, source, options)
+        if not named and inner_head and not tail_checked:
+            image.stages.append(TailGuard(label, inner_head, fmt.name))
         return image
     if view is None:
         view = layer.random_view(options)
@@ -148,39 +151,6 @@ def _open_inside(
         **spooled,
     }
     return image
-
-
-def _stream_raw(
-    fmt: CompressionFormat, layer: DecodedLayer, source: ByteSource, options: OpenOptions
-) -> ImageInput:
-    size = layer.exact_size()
-    if size is None:
-        size = layer.counted_size(options)
-    stream, stages = layer.stream(size, options)
-    return ImageInput(
-        path=source.label, format=fmt.name, size=size, source=stream, stages=stages,
-        file_size=source.size, details=dict(layer.details), chain=[fmt.name, "raw"],
-        resources=[source, layer],
-    )
-
-
-class _HeadAndTail(ByteSource):
-    """A decoded layer's head, and its tail through its random view, for detection."""
-
-    def __init__(self, label: str, head: bytes, view: ByteSource) -> None:
-        self.label = label
-        self._head = head
-        self._view = view
-        self.size = view.size
-
-    def head(self, length: int = HEAD_SIZE) -> bytes:
-        return self._head[:length]
-
-    def tail(self, length: int) -> bytes | None:
-        return self._view.tail(length)
-
-    def extents(self) -> Iterator[Extent]:
-        raise ImageError(f"{self.label}: cannot be read here")
 
 
 class TailGuard(Stage):

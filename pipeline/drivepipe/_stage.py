@@ -325,14 +325,23 @@ class CompressionFormat(ImageFormat):
     def open(self, source: ByteSource, options: OpenOptions) -> ImageInput:
         layer = self.open_layer(source, options)
         try:
-            size = layer.exact_size()
-            if size is None:
-                size = layer.counted_size(options)
-            stream, stages = layer.stream(size, options)
+            return raw_inside(self.name, layer, source, options)
         except BaseException:
             layer.close()
             raise
-        return ImageInput(
-            path=source.label, format=self.name, size=size, source=stream, stages=stages,
-            file_size=source.size, details=dict(layer.details), resources=[source, layer],
-        )
+
+
+def raw_inside(
+    fmt: str, layer: DecodedLayer, source: ByteSource, options: OpenOptions
+) -> ImageInput:
+    """A raw disk inside ``layer``: its exact size (index, headers, else a counting
+    pass), streamed through the layer's decoder; the input owns ``source`` and ``layer``."""
+    size = layer.exact_size()
+    if size is None:
+        size = layer.counted_size(options)
+    stream, stages = layer.stream(size, options)
+    return ImageInput(
+        path=source.label, format=fmt, size=size, source=stream, stages=stages,
+        file_size=source.size, details=dict(layer.details), chain=[fmt, "raw"],
+        resources=[source, layer],
+    )
