@@ -51,7 +51,7 @@ from _util import (
 )
 
 from drivepipe.server import RunningServer, serve_in_thread
-from drivepipe_plugins.sparse_read import SparseFileReader
+from drivepipe_plugins.sources.file import SparseFileReader
 
 USER = "bench@example.com"
 

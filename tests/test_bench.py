@@ -35,7 +35,7 @@ from drivepipe._bench import (
 from drivepipe._extent import Extent
 from drivepipe._stage import ImageInput, OpenOptions, Sink, Stage
 from drivepipe.cli import main
-from drivepipe_plugins.sparse_read import SparseFileReader
+from drivepipe_plugins.sources.file import SparseFileReader
 
 MiB = 1 << 20
 DELAY = 0.04

@@ -23,8 +23,8 @@ import xxhash
 from sparse_files import MakeImage
 
 from drivepipe import __version__
+from drivepipe._names import raw_name_for
 from drivepipe.cli import load_commands, main
-from drivepipe_plugins.download_names import raw_name_for
 
 MiB = 1 << 20
 XXH128SUM = shutil.which("xxh128sum")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from drivepipe._config import (
+from drivepipe._errors import ConfigError
+from drivepipe.cloudsigma.config import (
     Credentials,
     Endpoint,
     InsecureConfigWarning,
@@ -20,7 +21,6 @@ from drivepipe._config import (
     resolve_credentials,
     resolve_endpoint,
 )
-from drivepipe._errors import ConfigError
 
 SECRET = "s3cr#t-Pa55"
 EP = Endpoint("https://api.example.test/api/2.0/", "https://direct.example.test/api/2.0/")

@@ -28,7 +28,7 @@ import xxhash
 from drivepipe import _registry
 from drivepipe._runner import run_pipeline
 from drivepipe.cli import main
-from drivepipe_plugins.discard import DiscardSink
+from drivepipe_plugins.targets.discard import DiscardSink
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

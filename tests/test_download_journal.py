@@ -14,17 +14,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from drivepipe_plugins.curl_download import backoff_delay, missing_spans, retry_after
-from drivepipe_plugins.download_journal import (
-    DownloadJournal,
-    SourceIdentity,
-    block_digest,
-    load_journal,
-    parse_journal,
-    remove_journal,
-    source_key,
-)
-from drivepipe_plugins.download_verify import (
+from drivepipe._verify import (
     FileDigester,
     PrefixHasher,
     blocks_with_data,
@@ -34,6 +24,16 @@ from drivepipe_plugins.download_verify import (
     expectation_from_meta,
     parse_expect,
 )
+from drivepipe.resume.download_journal import (
+    DownloadJournal,
+    SourceIdentity,
+    block_digest,
+    load_journal,
+    parse_journal,
+    remove_journal,
+    source_key,
+)
+from drivepipe_plugins.sources.receiver import backoff_delay, missing_spans, retry_after
 
 MiB = 1 << 20
 #: the ``make_sparse`` fixture of tests/conftest.py (not imported: ``conftest`` is

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivepipe_plugins.curl_download import ProbeResult
-from drivepipe_plugins.download_names import (
+from drivepipe._names import (
     default_filename,
     disposition_filename,
     sanitize_filename,
 )
+from drivepipe_plugins.sources.receiver import ProbeResult
 
 
 @pytest.mark.parametrize(("header", "name"), [

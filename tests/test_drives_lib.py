@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from drivepipe._drives import Drive, check_uuid, default_drive_name
 from drivepipe._errors import TransferError, UsageError
+from drivepipe.cloudsigma.drives import Drive, check_uuid, default_drive_name
 
 UUID = "3e511b71-5dde-4798-90ff-f199be28860e"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from tmpfs import needs_root, small_tmpfs
 
+from drivepipe._files import remove_stale_parts
 from drivepipe.cli import main
-from drivepipe_plugins.sparse_write import remove_stale_parts
 
 DRIVEPIPE = str(Path(sys.executable).with_name("drivepipe"))
 MiB = 1 << 20

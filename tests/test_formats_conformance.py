@@ -25,9 +25,9 @@ from drivepipe._extent import ZERO
 from drivepipe._registry import open_image
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import OpenOptions
-from drivepipe_plugins.discard import DiscardSink
-from drivepipe_plugins.sparse_read import SparseFileReader
-from drivepipe_plugins.xxh3 import Xxh3Stage
+from drivepipe_plugins.sources.file import SparseFileReader
+from drivepipe_plugins.stages.xxh3 import Xxh3Stage
+from drivepipe_plugins.targets.discard import DiscardSink
 
 #: the ``make_sparse`` fixture of tests/conftest.py (not imported: another conftest.py
 #: in a subdirectory can shadow the module name when the whole suite is collected)

@@ -21,9 +21,9 @@ from isal import isal_zlib
 from drivepipe._errors import CorruptImage, UnsupportedFormat
 from drivepipe._registry import detect, open_image
 from drivepipe._stage import OpenOptions
-from drivepipe_plugins._codec import DecodeStage
-from drivepipe_plugins.gunzip import decode_gzip
-from drivepipe_plugins.sparse_read import SparseFileReader
+from drivepipe_plugins.formats._codec import DecodeStage
+from drivepipe_plugins.formats.gzip import decode_gzip
+from drivepipe_plugins.sources.file import SparseFileReader
 
 STREAMS = {
     "multi.gz": ("gzip", "counting pass"),

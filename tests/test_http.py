@@ -8,8 +8,8 @@ import pycurl
 import pytest
 
 from drivepipe import AuthError, ConfigError, HTTPError, TransferError
-from drivepipe._config import Credentials, Endpoint, normalize_base
-from drivepipe._http import (
+from drivepipe.cloudsigma.config import Credentials, Endpoint, normalize_base
+from drivepipe.transport.http import (
     Response,
     TlsOptions,
     check_auth_transport,

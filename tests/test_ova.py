@@ -26,8 +26,8 @@ from store_servers import store_factory
 from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._stage import ImageInput, OpenOptions
 from drivepipe.cli import main
-from drivepipe_plugins.ova import OvaFormat, open_ova_disk
-from drivepipe_plugins.sparse_read import SparseFileReader
+from drivepipe_plugins.formats.ova import OvaFormat, open_ova_disk
+from drivepipe_plugins.sources.file import SparseFileReader
 
 MiB = 1 << 20
 

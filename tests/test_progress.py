@@ -31,9 +31,9 @@ from drivepipe._progress import (
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import Stage
 from drivepipe._stats import RunStats
-from drivepipe_plugins.discard import DiscardSink
-from drivepipe_plugins.sparse_read import SparseFileReader
-from drivepipe_plugins.xxh3 import Xxh3Stage
+from drivepipe_plugins.sources.file import SparseFileReader
+from drivepipe_plugins.stages.xxh3 import Xxh3Stage
+from drivepipe_plugins.targets.discard import DiscardSink
 
 
 class SleepyStage(Stage):

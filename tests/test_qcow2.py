@@ -21,8 +21,8 @@ from drivepipe._errors import CorruptImage, UnsupportedFormat
 from drivepipe._extent import ZERO_BLOCK
 from drivepipe._registry import detect, open_image
 from drivepipe._stage import OpenOptions
-from drivepipe_plugins.qcow2 import DATA, HOLE, Qcow2Image
-from drivepipe_plugins.sparse_read import SparseFileReader
+from drivepipe_plugins.formats.qcow2 import DATA, HOLE, Qcow2Image
+from drivepipe_plugins.sources.file import SparseFileReader
 
 DRIVEPIPE = Path(sys.executable).parent / "drivepipe"
 DECODABLE = ["plain.qcow2", "v2.qcow2", "zlib.qcow2", "zstd.qcow2", "extl2.qcow2"]

@@ -19,8 +19,8 @@ from drivepipe._registry import (
     stages,
 )
 from drivepipe._stage import ImageFormat, Stage
-from drivepipe_plugins.raw import RawFormat
-from drivepipe_plugins.xxh3 import Xxh3Stage
+from drivepipe_plugins.formats.raw import RawFormat
+from drivepipe_plugins.stages.xxh3 import Xxh3Stage
 
 
 def image(tmp_path: Path, name: str, head: bytes, offset: int = 0, size: int = 64 << 10) -> Path:

@@ -22,7 +22,7 @@ from drivepipe._errors import ImageError
 from drivepipe._extent import ZERO_BLOCK, Extent, is_zero
 from drivepipe._registry import open_image
 from drivepipe._stage import OpenOptions
-from drivepipe_plugins.sparse_read import SparseFileReader, data_ranges
+from drivepipe_plugins.sources.file import SparseFileReader, data_ranges
 
 MiB = 1 << 20
 

@@ -14,11 +14,12 @@ import pytest
 
 from drivepipe._errors import Cancelled, OutputError
 from drivepipe._extent import ZERO_BLOCK, Extent, is_zero
+from drivepipe._files import SparseOutput
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import Source, Stage
 from drivepipe.cli import main
-from drivepipe_plugins.sparse_read import SparseFileReader
-from drivepipe_plugins.sparse_write import SparseFileWriter, SparseOutput
+from drivepipe_plugins.sources.file import SparseFileReader
+from drivepipe_plugins.targets.sparse_file import SparseFileWriter
 
 MiB = 1 << 20
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from drivepipe._errors import ImageError, OutputError
-from drivepipe_plugins.upload_journal import (
+from drivepipe.resume.upload_journal import (
     HEAD_BYTES,
     ImageIdentity,
     JournalError,
@@ -140,7 +140,7 @@ def test_lock_refuses_a_second_upload_of_the_same_journal(tmp_path: Path) -> Non
 
 def test_lock_held_by_a_killed_process_is_released(tmp_path: Path) -> None:
     path = str(tmp_path / "journal.json")
-    child = ("import os, sys; from drivepipe_plugins.upload_journal import JournalLock; "
+    child = ("import os, sys; from drivepipe.resume.upload_journal import JournalLock; "
              "JournalLock(sys.argv[1]).__enter__(); os.kill(os.getpid(), 9)")
     died = subprocess.run([sys.executable, "-c", child, path], check=False)
     assert died.returncode == -9 and os.path.exists(path + ".lock")

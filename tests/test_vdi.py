@@ -30,8 +30,8 @@ from test_vhd import (
 
 from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._stage import OpenOptions
-from drivepipe_plugins.sparse_read import SparseFileReader
-from drivepipe_plugins.vdi import BLOCK_FREE, BLOCK_ZERO, VdiFormat
+from drivepipe_plugins.formats.vdi import BLOCK_FREE, BLOCK_ZERO, VdiFormat
+from drivepipe_plugins.sources.file import SparseFileReader
 
 #: over 4 GiB, not a multiple of the 1 MiB block
 ODD_SIZE = 4 * (1 << 30) + 3 * MiB + 7 * 512

@@ -23,8 +23,7 @@ from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._extent import Extent, zero_chunks
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
 from drivepipe.cli import main
-from drivepipe_plugins.sparse_read import SparseFileReader
-from drivepipe_plugins.vhd import (
+from drivepipe_plugins.formats.vhd import (
     BAT_FREE,
     FOOTER_SIZE,
     VhdFormat,
@@ -32,6 +31,7 @@ from drivepipe_plugins.vhd import (
     parse_footer,
     vhd_checksum,
 )
+from drivepipe_plugins.sources.file import SparseFileReader
 
 QEMU_IMG = shutil.which("qemu-img")
 needs_qemu = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img not installed")

@@ -52,8 +52,8 @@ from drivepipe._extent import Extent
 from drivepipe._registry import FOREIGN_MAGIC
 from drivepipe._stage import ImageInput, OpenOptions
 from drivepipe.cli import main
-from drivepipe_plugins.sparse_read import SparseFileReader
-from drivepipe_plugins.vhdx import VhdxFormat, VhdxImage
+from drivepipe_plugins.formats.vhdx import VhdxFormat, VhdxImage
+from drivepipe_plugins.sources.file import SparseFileReader
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")

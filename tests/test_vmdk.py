@@ -28,9 +28,9 @@ from drivepipe._extent import Extent, zero_chunks
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, OpenOptions
 from drivepipe.cli import main
-from drivepipe_plugins.sparse_read import SparseFileReader
-from drivepipe_plugins.sparse_write import SparseFileWriter
-from drivepipe_plugins.vmdk import VmdkFormat, looks_like_descriptor
+from drivepipe_plugins.formats.vmdk import VmdkFormat, looks_like_descriptor
+from drivepipe_plugins.sources.file import SparseFileReader
+from drivepipe_plugins.targets.sparse_file import SparseFileWriter
 
 HAVE_QEMU = shutil.which("qemu-img") is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img not installed")

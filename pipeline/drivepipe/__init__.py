@@ -7,7 +7,7 @@ entry points.
 
 from typing import TYPE_CHECKING, Any
 
-from ._errors import (
+from drivepipe._errors import (
     AuthError,
     Cancelled,
     ConfigError,
@@ -24,10 +24,10 @@ from ._errors import (
     UsageError,
     VerifyError,
 )
-from ._extent import ZERO, Extent, is_zero, split_zeros, zero_chunks
-from ._registry import detect, formats, open_image, open_source, stages
-from ._runner import Pipeline, run_pipeline
-from ._stage import (
+from drivepipe._extent import ZERO, Extent, is_zero, split_zeros, zero_chunks
+from drivepipe._registry import detect, formats, open_image, open_source, stages
+from drivepipe._runner import Pipeline, run_pipeline
+from drivepipe._stage import (
     ByteSource,
     CompressionFormat,
     DecodedLayer,
@@ -39,17 +39,17 @@ from ._stage import (
     Source,
     Stage,
 )
-from ._stats import RunStats, StageStats
+from drivepipe._stats import RunStats, StageStats
 
 if TYPE_CHECKING:
-    from .jobs import BatchReport, PlanLike
+    from drivepipe.jobs import BatchReport, PlanLike
 
 __version__ = "0.1.0"
 
 
 def batch(plan: "PlanLike", **options: Any) -> "BatchReport":
     """Run a batch of transfers: see :func:`drivepipe.jobs.batch` (imported when used)."""
-    from .jobs import batch as run_batch  # noqa: PLC0415 - keeps `import drivepipe` light
+    from drivepipe.jobs import batch as run_batch  # noqa: PLC0415 - keeps `import drivepipe` light
 
     return run_batch(plan, **options)
 

@@ -39,16 +39,14 @@ from typing import Any
 
 import zstandard
 
-from drivepipe_plugins.discard import DiscardSink
-from drivepipe_plugins.sparse_read import SparseFileReader
-from drivepipe_plugins.xxh3 import Xxh3Stage
-
-from ._errors import ImageError
-from ._extent import Extent
-from ._runner import metered, run_pipeline
-from ._sizes import format_rate, format_size
-from ._stage import ImageInput, OpenOptions, Sink, Source, Stage
-from ._stats import RunStats, StageStats
+from drivepipe._errors import ImageError
+from drivepipe._extent import Extent
+from drivepipe._registry import byte_source, target
+from drivepipe._registry import stage as plugin_stage
+from drivepipe._runner import metered, run_pipeline
+from drivepipe._sizes import format_rate, format_size
+from drivepipe._stage import ImageInput, OpenOptions, Sink, Source, Stage
+from drivepipe._stats import RunStats, StageStats
 
 MiB = 1 << 20
 #: decoded data kept to measure how fast zstd would decode the same bytes
@@ -286,7 +284,7 @@ def measure_read(subject: Subject, budget: Budget, read_size: int, scale: float)
 
     ``scale`` turns file bytes into raw bytes (see :func:`expansion`).
     """
-    reader = SparseFileReader(subject.path, read_size=read_size)
+    reader = byte_source("file")(subject.path, read_size=read_size)
     file_limit = max(1, int(budget.limit / scale))
     try:
         t0 = time.perf_counter()
@@ -338,7 +336,7 @@ def _decode_pass(image: ImageInput, budget: Budget) -> Decoded:
     feed, last = _metered_chain(image, stats)
     hash_stats = stats.add("xxh3")
     hash_stats.upstream = last
-    hashed = metered(Xxh3Stage().process(take(feed, budget.limit,
+    hashed = metered(plugin_stage("xxh3")().process(take(feed, budget.limit,
                                               time.perf_counter() + budget.seconds)), hash_stats)
     layout: list[Piece] = []
     sample = bytearray()
@@ -350,7 +348,7 @@ def _decode_pass(image: ImageInput, budget: Budget) -> Decoded:
             if len(sample) < SAMPLE_SIZE:
                 sample += memoryview(ext.data)[: SAMPLE_SIZE - len(sample)]
     raw = sum(p.length for p in layout)
-    decodes = bool(image.stages) or not isinstance(image.source, SparseFileReader)
+    decodes = bool(image.stages) or not isinstance(image.source, byte_source("file"))  # type: ignore[arg-type]
     return Decoded(raw, last.inclusive, hash_stats.busy, layout, bytes(sample), data,
                    image.format, image.size, decodes)
 
@@ -404,7 +402,7 @@ def measure_pipeline(
     image = subject.open(subject.options)
     stats = RunStats(title="bench pipeline")
     try:
-        stages = [*image.stages, Window(size), Xxh3Stage()]
+        stages = [*image.stages, Window(size), plugin_stage("xxh3")()]
         run_pipeline(image.source, stages, make_sink(size), size=size, stats=stats,
                      queue_depth=queue_depth)
     finally:
@@ -521,7 +519,7 @@ def advise_send(
     subject: Subject, decoded: Decoded, send: Measure, measured: list[Measure]
 ) -> list[Advice]:
     out: list[Advice] = []
-    current = subject.make_sink or (lambda _size: DiscardSink())
+    current = subject.make_sink or (lambda _size: target("discard")())
     for variant in subject.send_variants:
         before, after = a_b(_send_rate(current, decoded, send),
                             _variant_rate(variant, decoded, send))
@@ -627,7 +625,7 @@ def _measure_alone(
         stages.append(decode)
     stages.append(Measure("hash", "hash (xxh3-128)", decoded.raw_bytes,
                           max(decoded.hash_seconds, 1e-9)))
-    make_sink = subject.make_sink or (lambda _size: DiscardSink())
+    make_sink = subject.make_sink or (lambda _size: target("discard")())
     say(f"send alone ({subject.sink_label})")
     send = send_window(make_sink, decoded, budget, f"send ({subject.sink_label})")
     stages.append(send)

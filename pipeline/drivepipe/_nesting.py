@@ -29,10 +29,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from ._errors import CorruptImage, ImageError, OutputError, UnsupportedFormat, UsageError
-from ._extent import Extent
-from ._registry import MAX_DEPTH, byte_sources, detect_source, get_format
-from ._stage import (
+from drivepipe._errors import CorruptImage, ImageError, OutputError, UnsupportedFormat, UsageError
+from drivepipe._extent import Extent
+from drivepipe._registry import MAX_DEPTH, byte_sources, detect_source, get_format
+from drivepipe._stage import (
     HEAD_SIZE,
     ByteSource,
     CompressionFormat,

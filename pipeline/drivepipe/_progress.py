@@ -42,9 +42,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from ._errors import UsageError
-from ._sizes import format_rate, format_size
-from ._stats import RunStats, StageStats
+from drivepipe._errors import UsageError
+from drivepipe._sizes import format_rate, format_size
+from drivepipe._stats import RunStats, StageStats
 
 Mode = Literal["auto", "rich", "plain", "json", "none"]
 MODES: tuple[str, ...] = ("auto", "rich", "plain", "json", "none")

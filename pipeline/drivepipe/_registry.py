@@ -1,9 +1,11 @@
 """Finds plugins through entry points and picks the format of an image.
 
-Formats live in the ``drivepipe.formats`` entry-point group and stages in
-``drivepipe.stages``; drivepipe's own plugins are declared there by its
-``pyproject.toml`` like anybody else's.  Detection reads the first 4 KiB and
-asks each format in ``detect_order``; never the file name.
+Four kinds of plugin, one entry-point group each: formats (``drivepipe.formats``),
+stages (``drivepipe.stages``), byte sources (``drivepipe.sources``) and targets
+(``drivepipe.targets``).  drivepipe's own plugins are declared there by its
+``pyproject.toml`` like anybody else's, and the engine reaches them only through
+this module: no engine module imports ``drivepipe_plugins``.  Detection reads the
+first 4 KiB and asks each format in ``detect_order``; never the file name.
 """
 
 from __future__ import annotations
@@ -13,13 +15,23 @@ import stat
 from collections.abc import Callable
 from functools import cache
 from importlib.metadata import entry_points
+from typing import Any
 
-from ._errors import ImageError, UnsupportedFormat, UsageError
-from ._stage import HEAD_SIZE, ByteSource, ImageFormat, ImageInput, OpenOptions, Stage
+from drivepipe._errors import ImageError, UnsupportedFormat, UsageError
+from drivepipe._stage import (
+    HEAD_SIZE,
+    ByteSource,
+    ImageFormat,
+    ImageInput,
+    OpenOptions,
+    Sink,
+    Stage,
+)
 
 FORMATS_GROUP = "drivepipe.formats"
 STAGES_GROUP = "drivepipe.stages"
 SOURCES_GROUP = "drivepipe.sources"
+TARGETS_GROUP = "drivepipe.targets"
 #: the path that means standard input (and, as an output, standard output)
 STDIN = "-"
 STDIN_LABEL = "standard input"
@@ -59,6 +71,41 @@ def byte_sources() -> dict[str, Callable[..., ByteSource]]:
     return {ep.name: ep.load() for ep in entry_points(group=SOURCES_GROUP)}
 
 
+@cache
+def targets() -> dict[str, type[Sink[Any]]]:
+    """Every installed target (a :class:`Sink` class), by entry-point name."""
+    found: dict[str, type[Sink[Any]]] = {}
+    for ep in entry_points(group=TARGETS_GROUP):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Sink)):
+            raise TypeError(f"entry point {ep.name!r} is not a Sink class")
+        found[ep.name] = cls
+    return found
+
+
+def _plugin(kind: str, table: dict[str, Any], name: str) -> Any:
+    try:
+        return table[name]
+    except KeyError:
+        known = ", ".join(sorted(table)) or "none"
+        raise UsageError(f"no {kind} named {name!r} is installed (known: {known})") from None
+
+
+def target(name: str) -> type[Sink[Any]]:
+    """The target class registered as ``name`` (``file``, ``drive``, ``stdout``, ...)."""
+    return _plugin("target", targets(), name)  # type: ignore[no-any-return]
+
+
+def stage(name: str) -> type[Stage]:
+    """The stage class registered as ``name`` (``xxh3``, ...)."""
+    return _plugin("stage", stages(), name)  # type: ignore[no-any-return]
+
+
+def byte_source(name: str) -> Callable[..., ByteSource]:
+    """The byte source factory registered as ``name`` (``file``, ``pipe``, ...)."""
+    return _plugin("source", byte_sources(), name)  # type: ignore[no-any-return]
+
+
 def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:
     """The ``file`` byte source of ``path`` (a regular file or a block device)."""
     opts = options or OpenOptions()
@@ -71,7 +118,7 @@ def open_stdin(options: OpenOptions) -> ByteSource:
     (``< disk.img``), else (a pipe) read once into a sparse spool file, since every
     format needs its exact size, and most need random reads, before the first byte
     is sent."""
-    from ._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
+    from drivepipe._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
 
     fd = os.dup(0)
     try:
@@ -174,6 +221,6 @@ def open_source(
 
     If this raises, the caller still owns (and closes) ``source``.
     """
-    from ._nesting import open_layers  # noqa: PLC0415 - _nesting imports this module
+    from drivepipe._nesting import open_layers  # noqa: PLC0415 - _nesting imports this module
 
     return open_layers(source, chain, options or OpenOptions(), 0)

@@ -15,10 +15,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
-from ._errors import Cancelled, SizeMismatch
-from ._extent import Extent
-from ._stage import Sink, Source, Stage
-from ._stats import RunStats, StageStats
+from drivepipe._errors import Cancelled, SizeMismatch
+from drivepipe._extent import Extent
+from drivepipe._stage import Sink, Source, Stage
+from drivepipe._stats import RunStats, StageStats
 
 T = TypeVar("T")
 

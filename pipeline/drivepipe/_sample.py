@@ -16,7 +16,7 @@ import random
 import struct
 import zlib
 
-from ._extent import is_zero
+from drivepipe._extent import is_zero
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS

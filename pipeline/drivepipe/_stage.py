@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Protocol, TypeVar
 
-from ._errors import CorruptImage, ImageError
-from ._extent import Extent, split_zeros
-from ._stats import StageStats
+from drivepipe._errors import CorruptImage, ImageError
+from drivepipe._extent import Extent, split_zeros
+from drivepipe._stats import StageStats
 
 T = TypeVar("T")
 

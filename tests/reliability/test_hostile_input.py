@@ -43,7 +43,7 @@ from drivepipe._registry import open_image
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import OpenOptions
 from drivepipe.server import RunningServer
-from drivepipe_plugins.discard import DiscardSink
+from drivepipe_plugins.targets.discard import DiscardSink
 
 FORMATS = Path(__file__).resolve().parents[1] / "fixtures" / "formats"
 QCOW2_FIXTURES = ["plain.qcow2", "v2.qcow2", "zlib.qcow2", "zstd.qcow2", "extl2.qcow2",
@@ -264,7 +264,7 @@ from drivepipe._errors import DrivepipeError
 from drivepipe._registry import open_image
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import OpenOptions
-from drivepipe_plugins.discard import DiscardSink
+from drivepipe_plugins.targets.discard import DiscardSink
 def status_kib(field):
     # VmHWM is this process image's own peak; ru_maxrss would include the parent's
     # RSS at fork time (Linux carries the high-water mark across exec)

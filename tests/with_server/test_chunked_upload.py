@@ -23,22 +23,22 @@ import pytest
 import xxhash
 from fixtures.make_fixtures import disk_image, stream_image
 
-from drivepipe._config import Credentials, Endpoint
 from drivepipe._errors import AuthError, DrivepipeError, TransferError
-from drivepipe._http import ApiClient, TlsOptions
 from drivepipe._registry import formats, open_image
 from drivepipe._stats import RunStats
-from drivepipe.cli._net import Connection
+from drivepipe.cloudsigma.config import Credentials, Endpoint
+from drivepipe.cloudsigma.connection import Connection
+from drivepipe.resume.upload_journal import ImageIdentity, UploadJournal, default_journal_path
 from drivepipe.server import RunningServer
 from drivepipe.server._handler import StoreHandler
-from drivepipe_plugins.chunked_upload import (
+from drivepipe.transport.http import ApiClient, TlsOptions
+from drivepipe_plugins.targets.drive_chunked import (
     ChunkedOptions,
     ChunkedResult,
     ChunkPlan,
     ResumeRefused,
     chunked_upload,
 )
-from drivepipe_plugins.upload_journal import ImageIdentity, UploadJournal, default_journal_path
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
 KiB = 1 << 10

@@ -20,13 +20,13 @@ import pytest
 import xxhash
 
 from drivepipe.cli import main
-from drivepipe.server import RunningServer
-from drivepipe_plugins.upload_journal import (
+from drivepipe.resume.upload_journal import (
     ImageIdentity,
     JournalLock,
     UploadJournal,
     default_journal_path,
 )
+from drivepipe.server import RunningServer
 
 MiB = 1 << 20
 

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 import xxhash
 
-from drivepipe._config import Credentials, Endpoint
 from drivepipe._errors import CorruptImage, SizeMismatch
 from drivepipe._extent import ZERO, Extent, is_zero
-from drivepipe._http import ApiClient, TlsOptions
 from drivepipe._stage import ImageInput, Source
 from drivepipe.cli import main
-from drivepipe_plugins.curl_upload import CurlUploadSink, direct_upload
+from drivepipe.cloudsigma.config import Credentials, Endpoint
+from drivepipe.transport.http import ApiClient, TlsOptions
+from drivepipe_plugins.targets.drive_upload import CurlUploadSink, direct_upload
 
 MiB = 1 << 20
 

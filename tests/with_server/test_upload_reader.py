@@ -15,7 +15,7 @@ import pytest
 
 from drivepipe._errors import CorruptImage, SizeMismatch
 from drivepipe._extent import ZERO, ZERO_SIZE, Extent
-from drivepipe_plugins.curl_upload import BodyReader, Interrupts
+from drivepipe_plugins.targets.drive_upload import BodyReader, Interrupts
 
 ABORT = 0x10000000  # CURL_READFUNC_ABORT
 

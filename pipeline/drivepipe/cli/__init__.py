@@ -23,8 +23,8 @@ from typing import TextIO
 import typer
 from typer.models import CommandInfo
 
-from .._errors import Cancelled, DrivepipeError
-from . import _app
+from drivepipe._errors import Cancelled, DrivepipeError
+from drivepipe.cli import _app
 
 #: command name -> the module that registers it
 COMMAND_MODULES: dict[str, str] = {

@@ -20,7 +20,7 @@ from typer import _click as click  # typer vendors click; its Context is click's
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from typer.models import CommandFunctionType
 
-from .. import __version__
+from drivepipe import __version__
 
 HELP_NAMES = ["-h", "--help"]
 CONTEXT: dict[str, Any] = {"help_option_names": HELP_NAMES}

@@ -24,8 +24,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .._sizes import format_rate, format_size
-from ..jobs import BatchReport
+from drivepipe._sizes import format_rate, format_size
+from drivepipe.jobs import BatchReport
 
 LOG_WIDTH = 160
 #: running items shown one per row under the batch line

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 
 import typer
 
-from .._errors import Cancelled, ConfigError, DrivepipeError, UsageError
-from .._sums import format_line, parse_lines
+from drivepipe._errors import Cancelled, ConfigError, DrivepipeError, UsageError
+from drivepipe._sums import format_line, parse_lines
 
 
 def _failed(exc: DrivepipeError) -> int:

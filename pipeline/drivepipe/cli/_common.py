@@ -6,12 +6,12 @@ from typing import Annotated
 
 import typer
 
-from .._errors import UsageError
-from .._progress import MODES, resolve_mode
-from .._registry import open_image
-from .._sizes import parse_size
-from .._stage import ImageInput, OpenOptions
-from .._stats import RunStats
+from drivepipe._errors import UsageError
+from drivepipe._progress import MODES, resolve_mode
+from drivepipe._registry import open_image
+from drivepipe._sizes import parse_size
+from drivepipe._stage import ImageInput, OpenOptions
+from drivepipe._stats import RunStats
 
 FormatOpt = Annotated[
     str,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 import typer
 
-from .._config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
-from .._errors import UsageError
-from .._http import ApiClient, TlsOptions
-from .._sizes import parse_size
+from drivepipe._errors import UsageError
+from drivepipe._sizes import parse_size
+from drivepipe.cloudsigma.connection import Connection, connect
+from drivepipe.transport.http import TlsOptions
 
 EndpointOpt = Annotated[
     str | None,
@@ -66,17 +65,6 @@ InsecureHttpOpt = Annotated[
 ]
 
 
-@dataclass
-class Connection:
-    endpoint: Endpoint
-    creds: Credentials
-    tls: TlsOptions
-    api: ApiClient
-
-    def close(self) -> None:
-        self.api.close()
-
-
 def transport(
     cacert: str | None,
     insecure_http: bool,
@@ -98,19 +86,4 @@ def transport(
     return tls.shared(connections)
 
 
-def connect(
-    endpoint: str | None,
-    direct_endpoint: str | None,
-    location: str | None,
-    user: str | None,
-    cacert: str | None,
-    insecure_http: bool,
-    tls: TlsOptions | None = None,
-) -> Connection:
-    """Resolve endpoint and credentials from the options, env and config files."""
-    ep = resolve_endpoint(endpoint, direct_endpoint, location)
-    creds = resolve_credentials(ep, user)
-    tls = tls or TlsOptions(cacert=cacert, insecure_http=insecure_http)
-    api = ApiClient(ep, creds, tls)
-    ep = api.resolve_direct()
-    return Connection(ep, creds, tls, api)
+__all__ = ["Connection", "connect", "transport"]

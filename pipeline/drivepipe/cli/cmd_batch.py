@@ -22,13 +22,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .._errors import Cancelled, DrivepipeError, OutputError, UsageError
-from .._sizes import parse_size
-from ..jobs import BatchReport, Executor, LocalExecutor, Settings, load_plan, run_batch
-from ..jobs.transfer import Access
-from ._app import app
-from ._batch_view import BatchView, closing_line, report_table
-from ._common import (
+from drivepipe._errors import Cancelled, DrivepipeError, OutputError, UsageError
+from drivepipe._sizes import parse_size
+from drivepipe.cli._app import app
+from drivepipe.cli._batch_view import BatchView, closing_line, report_table
+from drivepipe.cli._common import (
     ProgressOpt,
     QuietOpt,
     ReadSizeOpt,
@@ -37,7 +35,7 @@ from ._common import (
     VerboseOpt,
     progress_mode,
 )
-from ._net import (
+from drivepipe.cli._net import (
     CacertOpt,
     DirectOpt,
     EndpointOpt,
@@ -47,6 +45,8 @@ from ._net import (
     StallOpt,
     UserOpt,
 )
+from drivepipe.jobs import BatchReport, Executor, LocalExecutor, Settings, load_plan, run_batch
+from drivepipe.jobs.transfer import Access
 
 JobsOpt = Annotated[
     int, typer.Option("--jobs", "-j", metavar="N", help="Items run at once (local engine).")
@@ -98,7 +98,7 @@ def make_executor(engine: str, jobs: int, connections: int | None,
             raise UsageError("--scheduler belongs to --engine dask")
         return LocalExecutor(jobs, connections, access, limit_rate)
     if engine == "dask":
-        from ..jobs.dask_engine import DaskExecutor  # noqa: PLC0415 - optional extra
+        from drivepipe.jobs.dask_engine import DaskExecutor  # noqa: PLC0415 - optional extra
 
         return DaskExecutor(scheduler, connections=connections)
     raise UsageError(f"--engine must be local or dask, got {engine!r}")

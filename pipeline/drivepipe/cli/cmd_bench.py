@@ -26,22 +26,25 @@ from typing import Annotated
 
 import typer
 
-from drivepipe_plugins.chunked_upload import ChunkedOptions, chunked_upload
-from drivepipe_plugins.curl_upload import DEFAULT_BUFFER_SIZE, MAX_BUFFER_SIZE, CurlUploadSink
-
-from .._bench import Budget, SendVariant, SinkFactory, Subject, report_lines, run_bench
-from .._config import Credentials, Endpoint
-from .._errors import TransferError, UsageError
-from .._extent import Extent
-from .._http import ApiClient, TlsOptions
-from .._registry import open_image
-from .._sizes import parse_size
-from .._stage import ImageInput, OpenOptions, Sink, Source
-from .._stats import RunStats
-from ._app import app
-from ._common import FormatOpt, QueueOpt, ReadSizeOpt, positive, positive_size
-from ._net import CacertOpt, EndpointOpt, InsecureHttpOpt, UserOpt, connect
-from ._net import Connection as NetConnection
+from drivepipe._bench import Budget, SendVariant, SinkFactory, Subject, report_lines, run_bench
+from drivepipe._errors import TransferError, UsageError
+from drivepipe._extent import Extent
+from drivepipe._registry import open_image
+from drivepipe._sizes import parse_size
+from drivepipe._stage import ImageInput, OpenOptions, Sink, Source
+from drivepipe._stats import RunStats
+from drivepipe.cli._app import app
+from drivepipe.cli._common import FormatOpt, QueueOpt, ReadSizeOpt, positive, positive_size
+from drivepipe.cli._net import CacertOpt, EndpointOpt, InsecureHttpOpt, UserOpt, connect
+from drivepipe.cli._net import Connection as NetConnection
+from drivepipe.cloudsigma.config import Credentials, Endpoint
+from drivepipe.transport.http import ApiClient, TlsOptions
+from drivepipe_plugins.targets.drive_chunked import ChunkedOptions, chunked_upload
+from drivepipe_plugins.targets.drive_upload import (
+    DEFAULT_BUFFER_SIZE,
+    MAX_BUFFER_SIZE,
+    CurlUploadSink,
+)
 
 #: the upload buffer tried when the network limits (libcurl's largest; the default is 1M)
 BIGGER_BUFFER = MAX_BUFFER_SIZE

@@ -21,12 +21,12 @@ from typing import Annotated
 
 import typer
 
-from .._errors import DrivepipeError, VerifyError
-from .._sample import make_sample_raw, write_qcow2
-from .._sizes import format_size, parse_size
-from ..server import serve_in_thread
-from ._app import app
-from ._common import ProgressOpt, QuietOpt, VerboseOpt, progress_mode
+from drivepipe._errors import DrivepipeError, VerifyError
+from drivepipe._sample import make_sample_raw, write_qcow2
+from drivepipe._sizes import format_size, parse_size
+from drivepipe.cli._app import app
+from drivepipe.cli._common import ProgressOpt, QuietOpt, VerboseOpt, progress_mode
+from drivepipe.server import serve_in_thread
 
 DEMO_USER = "demo@drivepipe.invalid"
 
@@ -56,7 +56,7 @@ def demo_account(base_url: str, password: str) -> Iterator[None]:
 def run_step(args: list[str]) -> tuple[str, float]:
     """Run one drivepipe command in-process; returns its stdout and seconds."""
     # The package imports this module while it is being built: import at call time.
-    from . import main  # noqa: PLC0415
+    from drivepipe.cli import main  # noqa: PLC0415
 
     out = io.StringIO()
     t0 = time.perf_counter()

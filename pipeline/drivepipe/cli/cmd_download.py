@@ -29,24 +29,19 @@ from urllib.parse import urlsplit
 
 import typer
 
-from drivepipe_plugins.curl_download import (
-    Auth,
-    ProbeResult,
-    ReceiveOptions,
-    Receiver,
-    SourceChanged,
-    probe,
+from drivepipe._errors import ConfigError, DiskFull, DrivepipeError, UsageError, VerifyError
+from drivepipe._files import (
+    SparseOutput,
+    check_target,
+    free_bytes,
+    publish,
+    punch_hole,
 )
-from drivepipe_plugins.download_journal import (
-    JOURNAL_SUFFIX,
-    DownloadJournal,
-    SourceIdentity,
-    load_journal,
-    remove_journal,
-    source_key,
-)
-from drivepipe_plugins.download_names import default_filename
-from drivepipe_plugins.download_verify import (
+from drivepipe._names import default_filename
+from drivepipe._progress import Reporter
+from drivepipe._sizes import format_size, parse_size
+from drivepipe._stats import RunStats
+from drivepipe._verify import (
     Expectation,
     FileDigest,
     FileDigester,
@@ -59,22 +54,8 @@ from drivepipe_plugins.download_verify import (
     expectation_from_meta,
     parse_expect,
 )
-from drivepipe_plugins.sparse_write import (
-    SparseOutput,
-    check_target,
-    free_bytes,
-    publish,
-    punch_hole,
-)
-
-from .._config import Endpoint, resolve_credentials, resolve_endpoint
-from .._errors import ConfigError, DiskFull, DrivepipeError, UsageError, VerifyError
-from .._http import UUID_RE, ApiClient, TlsOptions
-from .._progress import Reporter
-from .._sizes import format_size, parse_size
-from .._stats import RunStats
-from ._app import app
-from ._common import (
+from drivepipe.cli._app import app
+from drivepipe.cli._common import (
     ForceOpt,
     ProgressOpt,
     QuietOpt,
@@ -82,7 +63,7 @@ from ._common import (
     positive_size,
     progress_mode,
 )
-from ._net import (
+from drivepipe.cli._net import (
     CacertOpt,
     DirectOpt,
     EndpointOpt,
@@ -93,6 +74,24 @@ from ._net import (
     UserOpt,
     connect,
     transport,
+)
+from drivepipe.cloudsigma.config import Endpoint, resolve_credentials, resolve_endpoint
+from drivepipe.resume.download_journal import (
+    JOURNAL_SUFFIX,
+    DownloadJournal,
+    SourceIdentity,
+    load_journal,
+    remove_journal,
+    source_key,
+)
+from drivepipe.transport.http import UUID_RE, ApiClient, TlsOptions
+from drivepipe_plugins.sources.receiver import (
+    Auth,
+    ProbeResult,
+    ReceiveOptions,
+    Receiver,
+    SourceChanged,
+    probe,
 )
 
 #: ``{api}drives/UUID/download/`` (or the direct host's): a drive's own download URL

@@ -1,6 +1,6 @@
 """``drivepipe drives``: see, inspect, delete and wait for drives; interrupted uploads.
 
-Parse, call :mod:`drivepipe._drives`, render.  Lists go to stdout as aligned
+Parse, call :mod:`drivepipe.cloudsigma.drives`, render.  Lists go to stdout as aligned
 columns (``--json``: one JSON document); notes and questions go to stderr.
 ``rm`` and ``uploads --discard`` ask before they delete unless ``--yes``; with
 no terminal to ask on they refuse.
@@ -16,7 +16,20 @@ from typing import Annotated, Any
 
 import typer
 
-from .._drives import (
+from drivepipe._errors import DrivepipeError, UsageError
+from drivepipe._sizes import format_size
+from drivepipe.cli._app import app, group
+from drivepipe.cli._net import (
+    CacertOpt,
+    Connection,
+    DirectOpt,
+    EndpointOpt,
+    InsecureHttpOpt,
+    LocationOpt,
+    UserOpt,
+    connect,
+)
+from drivepipe.cloudsigma.drives import (
     Drive,
     PendingUpload,
     check_uuid,
@@ -27,19 +40,6 @@ from .._drives import (
     list_drives,
     pending_uploads,
     wait_ready,
-)
-from .._errors import DrivepipeError, UsageError
-from .._sizes import format_size
-from ._app import app, group
-from ._net import (
-    CacertOpt,
-    Connection,
-    DirectOpt,
-    EndpointOpt,
-    InsecureHttpOpt,
-    LocationOpt,
-    UserOpt,
-    connect,
 )
 
 drives = group(

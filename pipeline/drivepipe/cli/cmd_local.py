@@ -5,25 +5,23 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from drivepipe_plugins.discard import DiscardSink
-from drivepipe_plugins.download_names import raw_name_for
-from drivepipe_plugins.sparse_write import SparseFileWriter, check_free_space, check_target
-from drivepipe_plugins.stream_write import StreamWriter
-from drivepipe_plugins.xxh3 import Xxh3Stage
-
-from .._extent import split_zeros
-from .._progress import Reporter
-from .._runner import run_pipeline
-from .._sizes import format_size
-from .._stage import ImageInput, Sink
-from .._stats import RunStats
-from ._app import app
-from ._checklist import check_lists, hash_each
-from ._common import (
+from drivepipe._extent import split_zeros
+from drivepipe._files import check_free_space, check_target
+from drivepipe._names import raw_name_for
+from drivepipe._progress import Reporter
+from drivepipe._registry import stage as plugin_stage
+from drivepipe._registry import target
+from drivepipe._runner import run_pipeline
+from drivepipe._sizes import format_size
+from drivepipe._stage import ImageInput, Sink
+from drivepipe._stats import RunStats
+from drivepipe.cli._app import app
+from drivepipe.cli._checklist import check_lists, hash_each
+from drivepipe.cli._common import (
     DiskOpt,
     ForceOpt,
     FormatOpt,
@@ -80,7 +78,8 @@ def convert(
     stats = RunStats(title=f"convert {src}")
     with Reporter(stats, mode):
         # The sink first: if it refuses, no opened image is left unclosed.
-        sink: Sink[str] = StreamWriter(1) if to_stdout else SparseFileWriter(dst, force=force)
+        make: Any = target("stdout" if to_stdout else "file")
+        sink: Sink[str] = make(1) if to_stdout else make(dst, force=force)
         image = open_input(src, fmt, read_size, stats, threads, spool_dir, disk)
         try:
             # the data bytes the input knows of are what will be written: if they
@@ -110,13 +109,13 @@ def checksum_one(
     stats = RunStats(title=f"checksum {path}")
     with Reporter(stats, progress):
         image = open_input(path, fmt, read_size, stats, threads, spool_dir, disk)
-        hasher = Xxh3Stage()
+        hasher: Any = plugin_stage("xxh3")()
         # Reading/decoding in one thread, hashing in the other.
         run_pipeline(
-            image.source, [*image.stages, hasher], DiscardSink(), size=image.size,
+            image.source, [*image.stages, hasher], target("discard")(), size=image.size,
             stats=stats, split=len(image.stages), queue_depth=queue_depth,
         )
-    return hasher.hexdigest()
+    return str(hasher.hexdigest())
 
 
 @app.command()

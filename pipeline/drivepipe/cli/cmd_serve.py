@@ -18,13 +18,13 @@ from typing import Annotated
 
 import typer
 
-from .._errors import ConfigError, UsageError
-from .._sizes import parse_size
-from ..server import Fault, ServerConfig, StoreServer, make_context
-from ..server._config import DEFAULT_USERNAME, random_password
-from ..server._store import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
-from ._app import app
-from ._common import positive_size
+from drivepipe._errors import ConfigError, UsageError
+from drivepipe._sizes import parse_size
+from drivepipe.cli._app import app
+from drivepipe.cli._common import positive_size
+from drivepipe.server import Fault, ServerConfig, StoreServer, make_context
+from drivepipe.server._config import DEFAULT_USERNAME, random_password
+from drivepipe.server._store import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 
 
 def default_root() -> str:

@@ -16,23 +16,13 @@ from typing import Annotated
 
 import typer
 
-from drivepipe_plugins.curl_upload import (
-    MAX_BUFFER_SIZE,
-    MIN_BUFFER_SIZE,
-    DirectOptions,
-    UploadResult,
-    direct_upload,
-)
-
-from .._drives import META_DIGEST, META_SIZE, default_drive_name
-from .._errors import DrivepipeError, ImageError, TransferError, UsageError
-from .._http import ApiClient
-from .._progress import Reporter
-from .._sizes import format_size, parse_size
-from .._stage import ImageInput
-from .._stats import RunStats
-from ._app import app
-from ._common import (
+from drivepipe._errors import DrivepipeError, ImageError, TransferError, UsageError
+from drivepipe._progress import Reporter
+from drivepipe._sizes import format_size, parse_size
+from drivepipe._stage import ImageInput
+from drivepipe._stats import RunStats
+from drivepipe.cli._app import app
+from drivepipe.cli._common import (
     DiskOpt,
     FormatOpt,
     ProgressOpt,
@@ -47,7 +37,7 @@ from ._common import (
     positive_size,
     progress_mode,
 )
-from ._net import (
+from drivepipe.cli._net import (
     CacertOpt,
     Connection,
     DirectOpt,
@@ -59,6 +49,15 @@ from ._net import (
     UserOpt,
     connect,
     transport,
+)
+from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE, default_drive_name
+from drivepipe.transport.http import ApiClient
+from drivepipe_plugins.targets.drive_upload import (
+    MAX_BUFFER_SIZE,
+    MIN_BUFFER_SIZE,
+    DirectOptions,
+    UploadResult,
+    direct_upload,
 )
 
 NameOpt = Annotated[
@@ -118,7 +117,7 @@ def send_chunked(
     """Delegate to the resumable chunked sender (imported only when asked for)."""
     try:
         # Imported here: the chunked sender is only loaded with --chunked/--resume.
-        from drivepipe_plugins.chunked_upload import (  # noqa: PLC0415
+        from drivepipe_plugins.targets.drive_chunked import (  # noqa: PLC0415
             ChunkedOptions,
             chunked_upload,
         )

@@ -11,11 +11,11 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .batch import BatchReport, Executor, Task, attempt_item, run_batch
-from .local import Budget, ConnectionBudget, LocalExecutor
-from .plan import Item, Plan, PlanError, item_key, load_plan, parse_plan
-from .state import StateFile, default_state_path
-from .transfer import Access, Event, ItemResult, OnEvent, Settings, execute_item
+from drivepipe.jobs.batch import BatchReport, Executor, Task, attempt_item, run_batch
+from drivepipe.jobs.local import Budget, ConnectionBudget, LocalExecutor
+from drivepipe.jobs.plan import Item, Plan, PlanError, item_key, load_plan, parse_plan
+from drivepipe.jobs.state import StateFile, default_state_path
+from drivepipe.jobs.transfer import Access, Event, ItemResult, OnEvent, Settings, execute_item
 
 PlanLike = str | os.PathLike[str] | Plan | Iterable[Mapping[str, Any]]
 

@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .plan import Item, Plan
-from .state import StateFile, default_state_path
-from .transfer import Access, Event, ItemResult, OnEvent, Settings, execute_item
+from drivepipe.jobs.plan import Item, Plan
+from drivepipe.jobs.state import StateFile, default_state_path
+from drivepipe.jobs.transfer import Access, Event, ItemResult, OnEvent, Settings, execute_item
 
 OnResult = Callable[[ItemResult], None]
 

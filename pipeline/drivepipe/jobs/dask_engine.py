@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from .._errors import UsageError
-from .batch import OnResult, Task, attempt_item
-from .transfer import Access, ItemResult, OnEvent, Settings
+from drivepipe._errors import UsageError
+from drivepipe.jobs.batch import OnResult, Task, attempt_item
+from drivepipe.jobs.transfer import Access, ItemResult, OnEvent, Settings
 
 _ACCESS: dict[Settings, Access] = {}
 _ACCESS_LOCK = threading.Lock()

@@ -25,9 +25,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .._errors import UsageError
-from .batch import OnResult, Task, attempt_item
-from .transfer import Access, ItemResult, OnEvent, Settings
+from drivepipe._errors import UsageError
+from drivepipe.jobs.batch import OnResult, Task, attempt_item
+from drivepipe.jobs.transfer import Access, ItemResult, OnEvent, Settings
 
 
 class Budget:

@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 
 import xxhash
 
-from .._drives import default_drive_name
-from .._errors import UsageError
-from .._http import UUID_RE
+from drivepipe._errors import UsageError
+from drivepipe.cloudsigma.drives import default_drive_name
+from drivepipe.transport.http import UUID_RE
 
 OPS: Final = ("upload", "download")
 _COMMON: Final = frozenset({"op", "key", "resources", "workers"})

@@ -24,7 +24,7 @@ import threading
 from types import TracebackType
 from typing import Any, Final
 
-from .._errors import OutputError, UsageError
+from drivepipe._errors import OutputError, UsageError
 
 VERSION: Final = 1
 STATE_SUFFIX: Final = ".state.json"

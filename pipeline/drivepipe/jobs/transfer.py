@@ -32,18 +32,17 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from drivepipe_plugins.curl_upload import DirectOptions, direct_upload
-from drivepipe_plugins.download_verify import digest_file
-
-from .._config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
-from .._drives import META_DIGEST, META_SIZE
-from .._errors import DrivepipeError, HTTPError, ImageError, TransferError
-from .._http import UUID_RE, ApiClient, TlsOptions
-from .._stage import ImageInput
-from .._stats import RunStats
-from ..cli._common import open_input
-from ..cli._net import Connection
-from .plan import Item
+from drivepipe._errors import DrivepipeError, HTTPError, ImageError, TransferError
+from drivepipe._stage import ImageInput
+from drivepipe._stats import RunStats
+from drivepipe._verify import digest_file
+from drivepipe.cli._common import open_input
+from drivepipe.cloudsigma.config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
+from drivepipe.cloudsigma.connection import Connection
+from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE
+from drivepipe.jobs.plan import Item
+from drivepipe.transport.http import UUID_RE, ApiClient, TlsOptions
+from drivepipe_plugins.targets.drive_upload import DirectOptions, direct_upload
 
 #: the batch's own meta field, beside the upload command's digest and size
 META_KEY: Final = "drivepipe_batch_key"
@@ -106,7 +105,7 @@ class Access:
         return cls(ep, creds, tls)
 
     def connection(self) -> Connection:
-        """A fresh :class:`~drivepipe.cli._net.Connection` (one per item: handles are
+        """A fresh :class:`~drivepipe.cloudsigma.connection.Connection` (one per item: handles are
         not shared between threads)."""
         return Connection(self.endpoint, self.creds, self.tls,
                           ApiClient(self.endpoint, self.creds, self.tls))
@@ -343,7 +342,7 @@ def _chunked(
     item: Item, settings: Settings, image: ImageInput, conn: Connection, stats: RunStats,
     result: ItemResult,
 ) -> tuple[str, str, int]:
-    from drivepipe_plugins.chunked_upload import (  # noqa: PLC0415 - loaded when used
+    from drivepipe_plugins.targets.drive_chunked import (  # noqa: PLC0415 - loaded when used
         ChunkedOptions,
         chunked_upload,
     )
@@ -364,9 +363,8 @@ def _download(
     item: Item, settings: Settings, access: Access, stats: RunStats, result: ItemResult
 ) -> None:
     # The steps of ``drivepipe download UUID -o PATH``, with its notes kept in the result.
-    from drivepipe_plugins.sparse_write import check_target  # noqa: PLC0415
-
-    from ..cli import cmd_download as dl  # noqa: PLC0415 - the download steps live there
+    from drivepipe._files import check_target  # noqa: PLC0415
+    from drivepipe.cli import cmd_download as dl  # noqa: PLC0415 - the download steps live there
 
     target = _target(item.source, access)
     options = dl.receive_options(settings.connections, str(settings.range_size),
@@ -397,9 +395,8 @@ def _target(source: str, access: Access) -> Any:
     """Where a download's bytes come from, as ``drivepipe download SOURCE`` finds it: a
     drive by UUID (with its meta), or a URL (credentials only on the endpoint's origin;
     a drive's own download URL is verified against its meta too)."""
-    from drivepipe_plugins.curl_download import Auth  # noqa: PLC0415
-
-    from ..cli import cmd_download as dl  # noqa: PLC0415
+    from drivepipe.cli import cmd_download as dl  # noqa: PLC0415
+    from drivepipe_plugins.sources.receiver import Auth  # noqa: PLC0415
 
     uuid: str | None = source if UUID_RE.match(source) else None
     if uuid is None:

@@ -21,11 +21,11 @@ Python API::
         srv.restart()                      # same root and port, fresh process state
 """
 
-from ._app import RunningServer, StoreServer, make_context, serve_in_thread
-from ._config import ServerConfig, StoreContext
-from ._errors import ApiError
-from ._faults import Fault, Faults
-from ._store import (
+from drivepipe.server._app import RunningServer, StoreServer, make_context, serve_in_thread
+from drivepipe.server._config import ServerConfig, StoreContext
+from drivepipe.server._errors import ApiError
+from drivepipe.server._faults import Fault, Faults
+from drivepipe.server._store import (
     DEFAULT_MAX_SIZE,
     DEFAULT_MIN_SIZE,
     DriveRecord,

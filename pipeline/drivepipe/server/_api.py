@@ -13,10 +13,10 @@ from __future__ import annotations
 import uuid as uuidlib
 from typing import Any, Final
 
-from ._errors import ApiError, validation
-from ._faults import Fault
-from ._http import HandlerBase
-from ._store import DOWNLOADABLE, MEDIA, DriveRecord
+from drivepipe.server._errors import ApiError, validation
+from drivepipe.server._faults import Fault
+from drivepipe.server._http import HandlerBase
+from drivepipe.server._store import DOWNLOADABLE, MEDIA, DriveRecord
 
 DEFAULT_LIMIT: Final = 20
 META_KEY_MAX: Final = 32

@@ -22,11 +22,11 @@ from socketserver import TCPServer
 from types import TracebackType
 from typing import Any
 
-from ._config import ServerConfig, StoreContext
-from ._faults import Faults
-from ._handler import StoreHandler
-from ._signing import Signer, load_secret
-from ._store import DriveStore
+from drivepipe.server._config import ServerConfig, StoreContext
+from drivepipe.server._faults import Faults
+from drivepipe.server._handler import StoreHandler
+from drivepipe.server._signing import Signer, load_secret
+from drivepipe.server._store import DriveStore
 
 log = logging.getLogger("drivepipe.server")
 

@@ -16,7 +16,7 @@ import socket
 import ssl
 from types import TracebackType
 
-from ._http import ClientGone
+from drivepipe.server._http import ClientGone
 
 
 class BodyReader:

@@ -6,9 +6,9 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 
-from ._faults import Faults
-from ._signing import Signer
-from ._store import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, DriveStore
+from drivepipe.server._faults import Faults
+from drivepipe.server._signing import Signer
+from drivepipe.server._store import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, DriveStore
 
 DEFAULT_USERNAME = "drivepipe@localhost"
 

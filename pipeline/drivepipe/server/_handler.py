@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from ._api import ApiViews
-from ._errors import ApiError, notexist
-from ._http import ClientGone
-from ._transfer import TransferViews
+from drivepipe.server._api import ApiViews
+from drivepipe.server._errors import ApiError, notexist
+from drivepipe.server._http import ClientGone
+from drivepipe.server._transfer import TransferViews
 
 _HEX: Final = "[0-9a-fA-F]"
 _UUID: Final = f"(?P<uuid>{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})"

@@ -30,8 +30,8 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from ._config import StoreContext
-from ._errors import ApiError, validation
+from drivepipe.server._config import StoreContext
+from drivepipe.server._errors import ApiError, validation
 
 log = logging.getLogger("drivepipe.server")
 

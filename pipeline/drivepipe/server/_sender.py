@@ -17,9 +17,8 @@ import ssl
 from typing import Final
 
 from drivepipe._extent import ZERO_VIEW
-
-from ._http import ClientGone
-from ._ranges import segments
+from drivepipe.server._http import ClientGone
+from drivepipe.server._ranges import segments
 
 #: Spans at least this long are sent on their own; shorter ones are gathered.
 DIRECT_MIN: Final = 64 << 10

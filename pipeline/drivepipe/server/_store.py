@@ -50,10 +50,9 @@ from typing import Any, Final
 
 from drivepipe._errors import ConfigError
 from drivepipe._extent import Buffer, Extent, split_zeros
-from drivepipe_plugins.sparse_write import fsync_dir
-
-from ._errors import ApiError, already_uploaded, backend, busy, notexist, validation
-from ._writeback import WriteBehind
+from drivepipe._files import fsync_dir
+from drivepipe.server._errors import ApiError, already_uploaded, backend, busy, notexist, validation
+from drivepipe.server._writeback import WriteBehind
 
 log = logging.getLogger("drivepipe.server")
 

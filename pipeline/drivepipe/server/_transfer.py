@@ -25,15 +25,14 @@ from typing import Final
 from urllib.parse import unquote
 
 from drivepipe._extent import Buffer
-
-from ._body import BodyReader
-from ._errors import ApiError, busy, permission, validation
-from ._faults import Fault
-from ._http import ClientGone, HandlerBase
-from ._overlap import OverlappedSink
-from ._ranges import Unsatisfiable, parse_range
-from ._sender import SpanSender
-from ._store import DOWNLOADABLE
+from drivepipe.server._body import BodyReader
+from drivepipe.server._errors import ApiError, busy, permission, validation
+from drivepipe.server._faults import Fault
+from drivepipe.server._http import ClientGone, HandlerBase
+from drivepipe.server._overlap import OverlappedSink
+from drivepipe.server._ranges import Unsatisfiable, parse_range
+from drivepipe.server._sender import SpanSender
+from drivepipe.server._store import DOWNLOADABLE
 
 BODY_BUFFER: Final = 4 << 20
 NAME_MAX: Final = 256

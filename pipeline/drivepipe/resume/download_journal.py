@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import xxhash
 
-from drivepipe_plugins.sparse_write import output_error
+from drivepipe._files import output_error
 
 JOURNAL_VERSION = 1
 JOURNAL_SUFFIX = ".journal"

@@ -21,7 +21,7 @@ redirect) is renewed by probing the original URL again.
 What is refused: a server that gives no size; a source whose size or ETag
 changes under us (:class:`SourceChanged`, the caller restarts cleanly); error
 answers (one line with the server's words).  Credentials are attached only by
-:func:`drivepipe._http.configure` (endpoint origin only, never after a
+:func:`drivepipe.transport.http.configure` (endpoint origin only, never after a
 cross-host redirect) and never to the ranges fetched from a redirect target.
 A server that ignores ``Range`` gets one whole-file stream instead.
 """
@@ -45,14 +45,17 @@ from urllib.parse import urlsplit
 
 import pycurl
 
-from drivepipe._config import Credentials, Endpoint
 from drivepipe._errors import (
     Cancelled,
     DrivepipeError,
     NetworkError,
     TransferError,
 )
-from drivepipe._http import (
+from drivepipe._files import SparseOutput, output_error
+from drivepipe._stats import StageStats
+from drivepipe.cloudsigma.config import Credentials, Endpoint
+from drivepipe.resume.download_journal import DownloadJournal, SourceIdentity, block_digest
+from drivepipe.transport.http import (
     HeaderCollector,
     Response,
     TlsOptions,
@@ -60,9 +63,6 @@ from drivepipe._http import (
     curl_failure,
     http_failure,
 )
-from drivepipe._stats import StageStats
-from drivepipe_plugins.download_journal import DownloadJournal, SourceIdentity, block_digest
-from drivepipe_plugins.sparse_write import SparseOutput, output_error
 
 #: libcurl hands us the body in pieces up to this size (fewer Python callbacks)
 RECV_BUFFER = 1 << 20

@@ -25,8 +25,8 @@ import xxhash
 
 from drivepipe._errors import UsageError
 from drivepipe._extent import Extent, is_zero, zero_chunks
-from drivepipe_plugins.download_journal import DownloadJournal
-from drivepipe_plugins.sparse_read import SparseFileReader
+from drivepipe.resume.download_journal import DownloadJournal
+from drivepipe_plugins.sources.file import SparseFileReader
 
 #: ``xxh128:HEX`` (also ``xxh3-128:``/``xxh3_128:``), or the bare digest ``xxh128sum`` prints
 _EXPECT_RE = re.compile(r"^(?:(?:xxh128|xxh3-128|xxh3_128):)?([0-9a-fA-F]{32})$")

@@ -40,8 +40,7 @@ from isal import igzip_lib
 from drivepipe._errors import CorruptImage, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
-
-from ._parallel import Job, LazyPool, in_order
+from drivepipe_plugins.formats._parallel import Job, LazyPool, in_order
 
 QCOW2_MAGIC = b"QFI\xfb"
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes

@@ -41,8 +41,7 @@ from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._extent import Extent
 from drivepipe._registry import open_source
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
-
-from .vmdk import VmdkFormat
+from drivepipe_plugins.formats.vmdk import VmdkFormat
 
 #: the .ovf is read whole, the manifest too: both are small
 _MAX_OVF = 16 << 20

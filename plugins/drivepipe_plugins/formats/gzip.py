@@ -20,8 +20,7 @@ from typing import cast
 from isal import igzip_lib
 
 from drivepipe._stage import ByteSource, CompressionFormat, DecodedLayer, OpenOptions
-
-from ._codec import StreamDecompressor, StreamLayer, decode_streams
+from drivepipe_plugins.formats._codec import StreamDecompressor, StreamLayer, decode_streams
 
 GZIP_MAGIC = b"\x1f\x8b"
 _FEXTRA = 0x04

@@ -1,6 +1,6 @@
 """The drives of an account: list, look up, delete, wait for; interrupted chunked uploads.
 
-In: an :class:`~drivepipe._http.ApiClient` (one endpoint, one account).  Out:
+In: an :class:`~drivepipe.transport.http.ApiClient` (one endpoint, one account).  Out:
 :class:`Drive` values built from the JSON API's answers
 (``GET /drives/detail/``, ``GET /drives/{uuid}/``), deletions
 (``DELETE /drives/{uuid}/``, 204), and :class:`PendingUpload` values for the
@@ -21,10 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivepipe_plugins.upload_journal import JournalError, UploadJournal, cache_dir
-
-from ._errors import HTTPError, TransferError, UsageError
-from ._http import UUID_RE, ApiClient
+from drivepipe._errors import HTTPError, TransferError, UsageError
+from drivepipe.resume.upload_journal import JournalError, UploadJournal, cache_dir
+from drivepipe.transport.http import UUID_RE, ApiClient
 
 META_DIGEST = "drivepipe_xxh128"
 META_SIZE = "drivepipe_size"

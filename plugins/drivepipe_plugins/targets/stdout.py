@@ -18,9 +18,8 @@ from collections.abc import Iterator
 
 from drivepipe._errors import OutputError
 from drivepipe._extent import Extent, zero_chunks
+from drivepipe._files import WRITE_SLICE, output_error
 from drivepipe._stage import Sink
-
-from .sparse_write import WRITE_SLICE, output_error
 
 
 class StreamWriter(Sink[str]):

@@ -35,10 +35,13 @@ from urllib.parse import urljoin
 
 import pycurl
 
-from drivepipe._config import Credentials, Endpoint
 from drivepipe._errors import SizeMismatch, TransferError
 from drivepipe._extent import ZERO_SIZE, ZERO_VIEW, Extent
-from drivepipe._http import (
+from drivepipe._runner import run_pipeline
+from drivepipe._stage import ImageInput, Sink
+from drivepipe._stats import RunStats, StageStats
+from drivepipe.cloudsigma.config import Credentials, Endpoint
+from drivepipe.transport.http import (
     HeaderCollector,
     Response,
     TlsOptions,
@@ -47,11 +50,7 @@ from drivepipe._http import (
     http_failure,
     parse_uuid,
 )
-from drivepipe._runner import run_pipeline
-from drivepipe._stage import ImageInput, Sink
-from drivepipe._stats import RunStats, StageStats
-
-from .xxh3 import Xxh3Stage
+from drivepipe_plugins.stages.xxh3 import Xxh3Stage
 
 #: libcurl's upload buffer; 512 KiB-2 MiB measured ~1.4x faster than 64 KiB on loopback
 DEFAULT_BUFFER_SIZE: Final = 1 << 20

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ._errors import ConfigError
+from drivepipe._errors import ConfigError
 
 API_SUFFIX = "/api/2.0/"
 DEFAULT_CONFIG = "~/.cloudsigma.conf"

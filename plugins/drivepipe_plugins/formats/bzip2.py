@@ -14,8 +14,7 @@ import bz2
 from collections.abc import Iterator
 
 from drivepipe._stage import ByteSource, CompressionFormat, DecodedLayer, OpenOptions
-
-from ._codec import StreamDecompressor, StreamLayer, decode_streams
+from drivepipe_plugins.formats._codec import StreamDecompressor, StreamLayer, decode_streams
 
 
 def _new_stream() -> StreamDecompressor:

@@ -27,8 +27,8 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import pycurl
 
-from ._config import Credentials, Endpoint, is_loopback
-from ._errors import AuthError, ConfigError, HTTPError, NetworkError, TransferError
+from drivepipe._errors import AuthError, ConfigError, HTTPError, NetworkError, TransferError
+from drivepipe.cloudsigma.config import Credentials, Endpoint, is_loopback
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                      r"[0-9a-fA-F]{12}$")

@@ -67,7 +67,17 @@ from drivepipe._errors import (
     UsageError,
 )
 from drivepipe._extent import ZERO_SIZE, ZERO_VIEW, Extent, zero_chunks
-from drivepipe._http import (
+from drivepipe._runner import exact_size, metered
+from drivepipe._stage import ImageInput, RandomAccess
+from drivepipe._stats import RunStats, StageStats
+from drivepipe.cloudsigma.connection import Connection
+from drivepipe.resume.upload_journal import (
+    ImageIdentity,
+    JournalLock,
+    UploadJournal,
+    default_journal_path,
+)
+from drivepipe.transport.http import (
     UUID_RE,
     HeaderCollector,
     Response,
@@ -76,13 +86,7 @@ from drivepipe._http import (
     http_failure,
     parse_uuid,
 )
-from drivepipe._runner import exact_size, metered
-from drivepipe._stage import ImageInput, RandomAccess
-from drivepipe._stats import RunStats, StageStats
-from drivepipe.cli._net import Connection
-
-from .curl_upload import Interrupts
-from .upload_journal import ImageIdentity, JournalLock, UploadJournal, default_journal_path
+from drivepipe_plugins.targets.drive_upload import Interrupts
 
 #: libcurl's upload buffer (CURLOPT_UPLOAD_BUFFERSIZE accepts 16 KiB - 2 MiB)
 UPLOAD_BUFFER: Final = 1 << 20

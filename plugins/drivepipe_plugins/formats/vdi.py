@@ -34,8 +34,13 @@ from dataclasses import dataclass
 
 from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
-
-from .vhd import HOLE, MAX_TABLE_BYTES, BlockImage, Piece, little_endian_u32
+from drivepipe_plugins.formats.vhd import (
+    HOLE,
+    MAX_TABLE_BYTES,
+    BlockImage,
+    Piece,
+    little_endian_u32,
+)
 
 SIGNATURE = 0xBEDA107F
 SIGNATURE_BYTES = struct.pack("<I", SIGNATURE)

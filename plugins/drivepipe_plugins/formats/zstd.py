@@ -23,8 +23,12 @@ import zstandard
 
 from drivepipe._errors import CorruptImage, UnsupportedFormat
 from drivepipe._stage import ByteSource, CompressionFormat, DecodedLayer, OpenOptions
-
-from ._codec import INDEXED_MAX_BLOCK, BadStream, IndexedSource, StreamLayer
+from drivepipe_plugins.formats._codec import (
+    INDEXED_MAX_BLOCK,
+    BadStream,
+    IndexedSource,
+    StreamLayer,
+)
 
 ZSTD_MAGIC = 0xFD2FB528
 _SKIPPABLE_MIN = 0x184D2A50

@@ -48,8 +48,7 @@ from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
 from drivepipe._registry import open_file
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
-
-from ._parallel import Job, LazyPool, in_order
+from drivepipe_plugins.formats._parallel import Job, LazyPool, in_order
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"

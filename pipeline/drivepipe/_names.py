@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:  # only for annotations: the receiver imports nothing from here
-    from drivepipe_plugins.curl_download import ProbeResult
+    from drivepipe_plugins.sources.receiver import ProbeResult
 
 _NAME_MAX = 200
 

@@ -32,8 +32,7 @@ from drivepipe._stage import (
     Source,
     Stage,
 )
-
-from ._codec import (
+from drivepipe_plugins.formats._codec import (
     INDEXED_MAX_BLOCK,
     IndexedSource,
     StreamDecompressor,
@@ -41,7 +40,7 @@ from ._codec import (
     decode_streams,
     out_size,
 )
-from ._parallel import LazyPool, in_order
+from drivepipe_plugins.formats._parallel import LazyPool, in_order
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"

@@ -1,0 +1,1 @@
+"""The CloudSigma API: endpoints and credentials, the JSON API, drives."""

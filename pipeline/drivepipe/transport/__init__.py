@@ -1,0 +1,1 @@
+"""The transport: every pycurl handle is set up, retried and translated into errors here."""
