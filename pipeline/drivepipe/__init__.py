@@ -41,6 +41,7 @@ from drivepipe._stage import (
     Sink,
     Source,
     Stage,
+    TargetOptions,
 )
 from drivepipe._stats import RunStats, StageStats
 
@@ -103,6 +104,7 @@ __all__ = [
     "Source",
     "Stage",
     "StageStats",
+    "TargetOptions",
     "TransferError",
     "UnsupportedFormat",
     "UsageError",
