@@ -29,6 +29,7 @@ import pycurl
 
 from drivepipe._errors import AuthError, ConfigError, HTTPError, NetworkError, TransferError
 from drivepipe.cloudsigma.config import Credentials, Endpoint, is_loopback
+from drivepipe.transport.retry import TRANSIENT_CURL, retry_after_of
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                      r"[0-9a-fA-F]{12}$")
@@ -54,11 +55,6 @@ API_ATTEMPTS = 4
 API_BACKOFF = 0.25
 _RETRY_LATER = frozenset({429, 503})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
-#: curl errors after which the same request may succeed
-TRANSIENT_CURL = frozenset({
-    pycurl.E_COULDNT_CONNECT, pycurl.E_OPERATION_TIMEDOUT, pycurl.E_GOT_NOTHING,
-    pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR, pycurl.E_PARTIAL_FILE,
-})
 
 
 @dataclass(frozen=True)
@@ -214,7 +210,7 @@ def http_failure(resp: Response, what: str) -> HTTPError:
     if resp.status == 401:
         msg = f"{what} failed: authentication refused by {where} (HTTP 401, wrong user or " \
               f"password?)" + (f": {detail}" if detail else "")
-    return cls(msg + rid, resp.status, resp.request_id)
+    return cls(msg + rid, resp.status, resp.request_id, retry_after_of(resp.headers))
 
 
 def parse_uuid(body: bytes) -> str:
