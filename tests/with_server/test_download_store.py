@@ -350,5 +350,5 @@ def test_a_fresh_signed_link_resumes_the_same_part(
     assert "starting over" not in err
     summary = [json.loads(line) for line in err.splitlines() if line.startswith("{")][-1]
     assert summary["event"] == "summary"
-    assert summary["stages"][-1]["kept"] == kept * block
+    assert summary["stages"][-1]["kept"] == kept * block, err
     assert out.read_bytes() == src.read_bytes()
