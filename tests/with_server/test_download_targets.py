@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import xxhash
+from test_download_store import set_meta
 
 from drivepipe.cli import main
 from drivepipe.server import RunningServer
@@ -48,13 +48,6 @@ def drive_bytes(seed: int, size: int) -> bytes:
         data[at : at + 200_000] = rng.randbytes(200_000)
     data[size // 2 : size // 2 + 3 * MiB] = bytes(3 * MiB)
     return bytes(data)
-
-
-def set_meta(store: RunningServer, uuid: str, data: bytes) -> None:
-    rec = store.store.get(uuid)
-    store.store.update(uuid, name=rec.name, size=rec.size, media=rec.media,
-                       meta={"drivepipe_xxh128": xxhash.xxh3_128_hexdigest(data),
-                             "drivepipe_size": str(len(data))})
 
 
 def test_stdout_round_trips_byte_identical_into_a_pipe(
