@@ -208,7 +208,8 @@ class JournalLock:
         except OSError as exc:
             os.close(self._fd)
             raise JournalError(f"another drivepipe upload is using {self.path[:-5]}; wait "
-                               "for it, or pass --journal to upload separately") from exc
+                               "for it, or give another journal path to upload separately"
+                               ) from exc
         return self
 
     def __exit__(self, *exc: object) -> None:

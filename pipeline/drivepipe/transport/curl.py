@@ -17,10 +17,14 @@ caller's loop with the one :class:`~drivepipe.transport.retry.RetryPolicy`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from types import FrameType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -280,6 +284,41 @@ class Exchange:
         return resp
 
 
+class Interrupts:
+    """Ctrl-C during ``perform()``: a flag the callbacks turn into an abort.
+
+    A KeyboardInterrupt raised inside a pycurl callback would be printed by
+    pycurl as a traceback; so while curl runs, SIGINT only sets ``requested``
+    (in the main thread, see :meth:`catching`), the read callback and this
+    XFERINFOFUNCTION (called at least once a second even when the socket is
+    stuck) abort the transfer, and the caller raises KeyboardInterrupt after.
+    """
+
+    __slots__ = ("requested",)
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, dltotal: int, dlnow: int, ultotal: int, ulnow: int) -> int:
+        return 1 if self.requested else 0
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[None]:
+        """Route SIGINT to ``requested`` while the block runs (main thread only)."""
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or previous is None:
+            yield  # only the main thread gets signals; None: a handler not set from Python
+            return
+        signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def parse_uuid(body: bytes) -> str:
     """The drive UUID of an upload answer: plain text, or JSON ``uuid``/``objects[0].uuid``."""
     text = body.decode("utf-8", "replace").strip()
@@ -308,6 +347,7 @@ __all__ = [
     "CappedAnswer",
     "Exchange",
     "HeaderCollector",
+    "Interrupts",
     "Response",
     "TlsOptions",
     "check_auth_transport",
