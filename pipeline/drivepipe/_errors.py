@@ -102,6 +102,15 @@ class AuthError(HTTPError):
     pass
 
 
+class SourceChanged(TransferError):
+    """The bytes being read changed under a transfer (a new size or ETag): never mixed;
+    a download starts over, an upload from a URL fails."""
+
+
+class ResumeRefused(UsageError):
+    """A kept transfer (a journal) cannot be continued with what was asked for now."""
+
+
 class VerifyError(DrivepipeError):
     exit_code = 7
 
