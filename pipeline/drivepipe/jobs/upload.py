@@ -37,7 +37,7 @@ from typing import cast
 from drivepipe._errors import DrivepipeError, ImageError, TransferError, UsageError
 from drivepipe._registry import STDIN, stage, target
 from drivepipe._runner import run_pipeline
-from drivepipe._stage import ImageInput
+from drivepipe._stage import ImageInput, Source, Stage
 from drivepipe._stats import RunStats
 from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.connection import Connection
@@ -136,6 +136,29 @@ def upload(
     return result
 
 
+def upload_stream(
+    source: Source,
+    stages: list[Stage],
+    size: int,
+    *,
+    connection: Connection,
+    options: UploadOptions | None = None,
+    stats: RunStats | None = None,
+    notify: Notify | None = None,
+    name: str | None = None,
+    label: str = "stream",
+) -> UploadResult:
+    """Upload the raw stream ``source -> stages`` of exactly ``size`` bytes into a new drive
+    (a download being copied, a generated image): like :func:`upload` of an opened image
+    labelled ``label``; read once, so a refused direct upload is not run again.  ``name``
+    (the drive's) overrides ``options.name``."""
+    options = options or UploadOptions()
+    if name is not None:
+        options = replace(options, name=name)
+    image = ImageInput(path=label, format="raw", size=size, source=source, stages=list(stages))
+    return upload(image, connection=connection, options=options, stats=stats, notify=notify)
+
+
 class _Runs:
     """One run of the pipeline per call; a path is opened afresh each time."""
 
@@ -213,4 +236,5 @@ __all__ = [
     "drive_target",
     "store_meta",
     "upload",
+    "upload_stream",
 ]

@@ -58,6 +58,7 @@ from drivepipe._errors import (
     Cancelled,
     HTTPError,
     ImageError,
+    ResumeRefused,
     SizeMismatch,
     TransferError,
     UsageError,
@@ -91,10 +92,6 @@ _FATAL_LINK_STATUS: Final = frozenset({400, 411, 413, 415, 422})
 _CHUNK_OK: Final = (*range(200, 300), 416)
 _SEEK_OK: Final = int(pycurl.SEEKFUNC_OK)
 _SEEK_CANT: Final = int(pycurl.SEEKFUNC_CANTSEEK)
-
-
-class ResumeRefused(UsageError):
-    """The journal or the drive does not fit the image: resuming would corrupt the drive."""
 
 
 @dataclass(frozen=True)
