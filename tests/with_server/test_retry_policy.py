@@ -123,7 +123,7 @@ def test_a_4xx_to_an_upload_is_asked_once(
     path = image_file(tmp_path)
     drive_store.faults.fail_next(2, status=400, match=where)
     with pytest.raises(DrivepipeError, match="HTTP 400"):
-        send(drive_store, path, chunked=chunked)
+        send(drive_store, path, chunked=chunked, connections=1)
     assert left(drive_store) == [1]
 
 

@@ -173,7 +173,7 @@ class PendingUpload:
 
     @property
     def chunks(self) -> int:
-        return max(1, self.journal.raw_size // self.journal.chunk_size)
+        return self.journal.plan.count
 
     @property
     def confirmed(self) -> int:

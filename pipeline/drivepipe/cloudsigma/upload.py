@@ -92,16 +92,16 @@ class SentDrive:
     """What a drive target made: the drive, and what went over the wire."""
 
     uuid: str
+    #: continued into a drive an earlier run created
+    resumed: bool = False
+    journal_path: str = ""
     #: body bytes this run sent and the server accepted
-    sent_bytes: int
+    sent_bytes: int = 0
     #: body bytes handed to libcurl, failed attempts included
     wire_bytes: int = 0
     chunks: int = 1
     #: chunks not sent: confirmed by an earlier run, or already on the server (416)
     skipped_chunks: int = 0
-    #: continued into a drive an earlier run created
-    resumed: bool = False
-    journal_path: str = ""
 
 
 class DriveTarget(Protocol):

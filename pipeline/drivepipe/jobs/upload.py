@@ -31,7 +31,7 @@ notes go to ``notify``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import cast
 
 from drivepipe._errors import DrivepipeError, ImageError, TransferError, UsageError
@@ -51,22 +51,14 @@ CHUNKED_QUEUE_DEPTH = 2
 
 
 @dataclass
-class UploadResult:
-    uuid: str
+class UploadResult(SentDrive):
+    """The new (or resumed) drive, what went over the wire (:class:`SentDrive`), and:"""
+
     #: raw bytes of the image (the drive may have been grown to the minimum drive size)
-    size: int
+    size: int = 0
     #: xxh3-128 hex digest of the raw bytes
-    xxh128: str
-    #: continued into a drive that an earlier run created (chunked)
-    resumed: bool = False
+    xxh128: str = ""
     name: str = ""
-    #: body bytes this run sent and the server accepted (chunks passed by not counted)
-    sent_bytes: int = 0
-    #: body bytes handed to libcurl, failed attempts included
-    wire_bytes: int = 0
-    chunks: int = 1
-    skipped_chunks: int = 0
-    journal_path: str = ""
     #: runs of the pipeline (more than 1 after a refused direct upload)
     attempts: int = 1
 
@@ -159,21 +151,22 @@ def upload_stream(
     return upload(image, connection=connection, options=options, stats=stats, notify=notify)
 
 
+@dataclass
 class _Runs:
     """One run of the pipeline per call; a path is opened afresh each time."""
 
-    def __init__(
-        self, image: str | ImageInput, read: ReadOptions, stats: RunStats, conn: Connection,
-        options: UploadOptions, cls: DriveTarget,
-    ) -> None:
-        self.image = image
-        self.read = read
-        self.stats = stats
-        self.conn = conn
-        self.options = options
-        self.cls = cls
-        self.attempts = 0
-        self._mark = len(stats.stages)
+    image: str | ImageInput
+    read: ReadOptions
+    stats: RunStats
+    conn: Connection
+    options: UploadOptions
+    cls: DriveTarget
+    attempts: int = 0
+    #: the stats' parts before the first run (a second run is metered afresh)
+    mark: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mark = len(self.stats.stages)
 
     @property
     def reopenable(self) -> bool:
@@ -188,7 +181,7 @@ class _Runs:
 
     def once(self) -> UploadResult:
         self.attempts += 1
-        del self.stats.stages[self._mark:]  # a second run is metered afresh
+        del self.stats.stages[self.mark:]  # a second run is metered afresh
         img = self._open()
         try:
             if img.size == 0:
@@ -205,11 +198,9 @@ class _Runs:
             size = img.size
         finally:
             img.close()
-        return UploadResult(
-            uuid=sent.uuid, size=size, xxh128=digest, resumed=sent.resumed,
-            name=self.options.name or "", sent_bytes=sent.sent_bytes,
-            wire_bytes=sent.wire_bytes, chunks=sent.chunks, skipped_chunks=sent.skipped_chunks,
-            journal_path=sent.journal_path, attempts=self.attempts)
+        made = {f.name: getattr(sent, f.name) for f in fields(SentDrive)}
+        return UploadResult(**made, size=size, xxh128=digest,
+                            name=self.options.name or "", attempts=self.attempts)
 
 
 def store_meta(conn: Connection, result: UploadResult, options: UploadOptions) -> None:

@@ -69,6 +69,7 @@ from drivepipe._stats import StageStats
 from drivepipe.cloudsigma.connection import Connection
 from drivepipe.cloudsigma.upload import SentDrive, UploadOptions
 from drivepipe.resume.upload_journal import (
+    ChunkPlan,
     ImageIdentity,
     JournalLock,
     UploadJournal,
@@ -92,25 +93,6 @@ _FATAL_LINK_STATUS: Final = frozenset({400, 411, 413, 415, 422})
 _CHUNK_OK: Final = (*range(200, 300), 416)
 _SEEK_OK: Final = int(pycurl.SEEKFUNC_OK)
 _SEEK_CANT: Final = int(pycurl.SEEKFUNC_CANTSEEK)
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """How ``size`` bytes split into chunks of nominal size ``chunk_size``."""
-
-    size: int
-    chunk_size: int
-
-    @property
-    def count(self) -> int:
-        return max(1, self.size // self.chunk_size)
-
-    def span(self, number: int) -> tuple[int, int]:
-        """``(offset, length)`` of chunk ``number``; the last one takes the remainder."""
-        offset = number * self.chunk_size
-        if number == self.count - 1:
-            return offset, self.size - offset
-        return offset, self.chunk_size
 
 
 def resume_hint(uuid: str) -> str:
@@ -745,7 +727,7 @@ class ChunkedUploadSink(Sink[SentDrive]):
     def _transfer(self, extents: Iterator[Extent], size: int, session: Session) -> SentDrive:
         """Send what the session's drive lacks, and wait for the drive."""
         journal, options = session.journal, self.options
-        plan = ChunkPlan(size, journal.chunk_size)
+        plan = journal.plan
         feeder = self._run.feeder = ChunkFeeder(
             extents, plan, frozenset(journal.confirmed), options.chunks_in_memory(plan.chunk_size))
         sender = ChunkSender(self.conn, session, plan, feeder, options.connections,
