@@ -83,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(exc: DrivepipeError) -> int:
-    print(f"drivepipe: error: {exc.one_line()}", file=sys.stderr, flush=True)
+    from drivepipe.cli._flags import with_flags  # noqa: PLC0415 - only when failing
+
+    print(f"drivepipe: error: {with_flags(exc.one_line())}", file=sys.stderr, flush=True)
     return exc.exit_code
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Iterator
 from typing import Annotated
 
 import typer
 
-from drivepipe._errors import DrivepipeError, UsageError
+from drivepipe._errors import UsageError
 from drivepipe._sizes import parse_size
 from drivepipe.cloudsigma.connection import Connection, connect
 from drivepipe.transport.curl import TlsOptions
@@ -89,32 +86,4 @@ def transport(
     return tls.shared(connections)
 
 
-#: the library's words for a setting, and the flag the CLI names instead
-FLAG_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"resume into drive ([0-9a-fA-F-]{36}) explicitly"), r"pass --resume \1"),
-    (re.compile(r"give another journal path"), "pass another --journal"),
-    (re.compile(r"a private CA's certificate must be given"), "pass the private CA's "
-     "certificate with --cacert"),
-    (re.compile(r"allow plain http explicitly"), "pass --insecure-http"),
-)
-
-
-def with_flags(message: str) -> str:
-    """``message`` with the library's words for a setting replaced by the CLI's flags."""
-    for pattern, flag in FLAG_WORDS:
-        message = pattern.sub(flag, message)
-    return message
-
-
-@contextlib.contextmanager
-def flag_words() -> Iterator[None]:
-    """Errors leaving the block name the CLI's flags where the library said it in words."""
-    try:
-        yield
-    except DrivepipeError as exc:
-        if exc.args and isinstance(exc.args[0], str):
-            exc.args = (with_flags(exc.args[0]), *exc.args[1:])
-        raise
-
-
-__all__ = ["FLAG_WORDS", "Connection", "connect", "flag_words", "transport", "with_flags"]
+__all__ = ["Connection", "connect", "transport"]

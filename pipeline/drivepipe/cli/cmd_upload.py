@@ -45,7 +45,6 @@ from drivepipe.cli._net import (
     StallOpt,
     UserOpt,
     connect,
-    flag_words,
     transport,
 )
 from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE
@@ -143,16 +142,15 @@ def upload(
     options.check()
     tls = transport(cacert, insecure_http, limit_rate, stall_timeout,
                     connections if options.is_chunked else 1)
-    with flag_words():
-        conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http, tls)
-        try:
-            stats = RunStats(title=f"upload {image}")
-            with Reporter(stats, mode):
-                result = upload_image(image, connection=conn, options=options, read=read,
-                                      stats=stats)
-        except MetaNotStored as exc:
-            typer.echo(exc.result.uuid)  # the drive exists: its UUID matters
-            raise
-        finally:
-            conn.close()
-        typer.echo(result.uuid)
+    conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http, tls)
+    try:
+        stats = RunStats(title=f"upload {image}")
+        with Reporter(stats, mode):
+            result = upload_image(image, connection=conn, options=options, read=read,
+                                  stats=stats)
+    except MetaNotStored as exc:
+        typer.echo(exc.result.uuid)  # the drive exists: its UUID matters
+        raise
+    finally:
+        conn.close()
+    typer.echo(result.uuid)
