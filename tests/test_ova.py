@@ -10,7 +10,6 @@ import io
 import json
 import random
 import tarfile
-import tracemalloc
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import xxhash
+from fixtures.decode_helpers import bounded, decode_detected
 from fixtures.vmdk_writer import write_vmdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -386,39 +386,7 @@ def sample_ova(tmp: Path, kind: str) -> bytes:
 
 
 def decode_ova(path: Path) -> int | DrivepipeError:
-    tracemalloc.start()
-    try:
-        result = _decode_ova(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 96 * MiB
-    if isinstance(result, DrivepipeError):
-        assert "\n" not in result.one_line()
-    return result
-
-
-def _decode_ova(path: Path) -> int | DrivepipeError:
-    source = SparseFileReader(str(path))
-    try:
-        if not OvaFormat().detect(source.head(), source):
-            source.close()
-            return 0
-        image = OvaFormat().open(source, OpenOptions(read_size=MiB))
-    except DrivepipeError as exc:
-        source.close()
-        return exc
-    try:
-        pos = 0
-        for ext in image.source.extents():
-            assert ext.offset == pos
-            pos = ext.end
-        assert pos == image.size
-        return pos
-    except DrivepipeError as exc:
-        return exc
-    finally:
-        image.close()
+    return bounded(lambda: decode_detected(OvaFormat(), path, read_size=MiB), what=path.name)
 
 
 @given(kind=st.sampled_from(["plain", "chunked", "gzip", "pax"]), data=st.data())

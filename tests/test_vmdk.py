@@ -10,7 +10,6 @@ import random
 import shutil
 import struct
 import subprocess
-import tracemalloc
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,18 +17,23 @@ from typing import Any, cast
 
 import pytest
 import xxhash
+from fixtures.decode_helpers import (
+    bounded,
+    decode_detected,
+    file_digest,
+    image_digest,
+    open_with,
+)
 from fixtures.vmdk_writer import write_vmdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from store_servers import store_factory
 
 from drivepipe._errors import CorruptImage, DrivepipeError, ImageError, UnsupportedFormat
-from drivepipe._extent import Extent, zero_chunks
 from drivepipe._runner import run_pipeline
-from drivepipe._stage import ImageInput, OpenOptions
+from drivepipe._stage import ImageInput
 from drivepipe.cli import main
 from drivepipe_plugins.formats.vmdk import VmdkFormat, looks_like_descriptor
-from drivepipe_plugins.sources.file import SparseFileReader
 from drivepipe_plugins.targets.sparse_file import SparseFileWriter
 
 HAVE_QEMU = shutil.which("qemu-img") is not None
@@ -40,46 +44,15 @@ MiB = 1 << 20
 
 
 def open_vmdk(path: Path, **options: int) -> ImageInput:
-    source = SparseFileReader(str(path))
-    fmt = VmdkFormat()
-    assert fmt.detect(source.head(), source)
-    try:
-        return fmt.open(source, OpenOptions(**options))
-    except BaseException:
-        source.close()
-        raise
-
-
-def stream_digest(extents: Iterator[Extent], size: int) -> str:
-    h = xxhash.xxh3_128()
-    pos = 0
-    for ext in extents:
-        assert ext.offset == pos and ext.length > 0
-        pos = ext.end
-        if ext.data is None:
-            for chunk in zero_chunks(ext.length):
-                h.update(chunk)
-        else:
-            assert len(ext.data) == ext.length
-            h.update(ext.data)
-    assert pos == size
-    return h.hexdigest()
+    return open_with(VmdkFormat(), path, **options)
 
 
 def digest_of(path: Path, **options: int) -> str:
     image = open_vmdk(path, **options)
     try:
-        return stream_digest(image.source.extents(), image.size)
+        return image_digest(image)
     finally:
         image.close()
-
-
-def file_digest(path: Path) -> str:
-    reader = SparseFileReader(str(path))
-    try:
-        return stream_digest(reader.extents(), reader.size)
-    finally:
-        reader.close()
 
 
 def qemu_raw(path: Path, tmp: Path) -> Path:
@@ -529,38 +502,7 @@ def sample(kind: str, tmp: Path) -> bytes:
 
 
 def decode_bounded(path: Path) -> int | DrivepipeError:
-    tracemalloc.start()
-    try:
-        result = _decode(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 96 * MiB
-    if isinstance(result, DrivepipeError):
-        assert "\n" not in result.one_line()
-    return result
-
-
-def _decode(path: Path) -> int | DrivepipeError:
-    source = SparseFileReader(str(path))
-    try:
-        if not VmdkFormat().detect(source.head(), source):
-            return 0
-        image = VmdkFormat().open(source, OpenOptions(read_size=MiB))
-    except DrivepipeError as exc:
-        source.close()
-        return exc
-    try:
-        pos = 0
-        for ext in image.source.extents():
-            assert ext.offset == pos
-            pos = ext.end
-        assert pos == image.size
-        return pos
-    except DrivepipeError as exc:
-        return exc
-    finally:
-        image.close()
+    return bounded(lambda: decode_detected(VmdkFormat(), path, read_size=MiB), what=path.name)
 
 
 def interesting(fmt: str, limit: int) -> st.SearchStrategy[int]:
