@@ -18,12 +18,12 @@ from fixtures.decode_helpers import checked, decode_detected, image_digest, open
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sparse_files import write_sparse
-from store_servers import store_factory
 
 from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._extent import Extent, zero_chunks
 from drivepipe._stage import ByteSource, ImageInput, OpenOptions
 from drivepipe.cli import main
+from drivepipe.server import RunningServer
 from drivepipe_plugins.formats.vhd import (
     BAT_FREE,
     FOOTER_SIZE,
@@ -679,30 +679,16 @@ def test_cli_nested_images(
 @pytest.mark.parametrize("chunked", [False, True], ids=["direct", "chunked"])
 @pytest.mark.parametrize("case", ["vhd-dynamic", "vdi"])
 def test_cli_upload_round_trips(
-    small_cli_images: dict[str, tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory,
-    monkeypatch: pytest.MonkeyPatch, case: str, chunked: bool,
+    small_cli_images: dict[str, tuple[Path, Path]], cli_store: RunningServer, case: str,
+    chunked: bool,
 ) -> None:
     image, expected = small_cli_images[case]
-    factory = store_factory(tmp_path_factory, username="t@example.com", password="pw-1234",
-                            min_size=MiB, idle_timeout=10.0)
-    make = next(factory)
-    try:
-        server = make()
-        home = tmp_path_factory.mktemp("home")
-        monkeypatch.setenv("HOME", str(home))
-        monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
-        monkeypatch.delenv("DRIVEPIPE_ENDPOINT", raising=False)
-        monkeypatch.setenv("CLOUDSIGMA_USERNAME", "t@example.com")
-        monkeypatch.setenv("CLOUDSIGMA_PASSWORD", "pw-1234")
-        extra = ["--chunked", "--chunk-size", "8M", "--connections", "2"] if chunked else []
-        code, out, err = run_cli("upload", "--endpoint", server.base_url, "--progress", "none",
-                                 *extra, str(image))
-        assert code == 0, err
-        uuid = out.strip()
-        drive = Path(server.store.raw_path(uuid))
-        size = expected.stat().st_size
-        assert drive.stat().st_size >= size
-        assert digest_file(drive, size) == digest_file(expected)
-    finally:
-        for _ in factory:
-            pass
+    extra = ["--chunked", "--chunk-size", "8M", "--connections", "2"] if chunked else []
+    code, out, err = run_cli("upload", "--endpoint", cli_store.base_url, "--progress", "none",
+                             *extra, str(image))
+    assert code == 0, err
+    uuid = out.strip()
+    drive = Path(cli_store.store.raw_path(uuid))
+    size = expected.stat().st_size
+    assert drive.stat().st_size >= size
+    assert digest_file(drive, size) == digest_file(expected)

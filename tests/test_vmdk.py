@@ -11,7 +11,6 @@ import shutil
 import struct
 import subprocess
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +26,6 @@ from fixtures.decode_helpers import (
 from fixtures.vmdk_writer import write_vmdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_servers import store_factory
 
 from drivepipe._errors import CorruptImage, DrivepipeError, ImageError, UnsupportedFormat
 from drivepipe._runner import run_pipeline
@@ -419,28 +417,11 @@ def run_cli(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     return code, out, err
 
 
-@pytest.fixture
-def store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
-          tmp_path: Path) -> Iterator[object]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
-    monkeypatch.delenv("DRIVEPIPE_ENDPOINT", raising=False)
-    monkeypatch.setenv("CLOUDSIGMA_USERNAME", "u@example.com")
-    monkeypatch.setenv("CLOUDSIGMA_PASSWORD", "pw-123456")
-    factory = store_factory(tmp_path_factory, username="u@example.com", password="pw-123456",
-                            min_size=1 << 20, idle_timeout=10.0)
-    make = next(factory)
-    yield make()
-    next(factory, None)
-
-
 @needs_qemu
 @pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized",
                                        "twoGbMaxExtentSparse", "monolithicFlat"])
 def test_cli_checksum_convert_upload(tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                                     store: object, subformat: str) -> None:
+                                     cli_store: object, subformat: str) -> None:
     raw = make_raw(tmp_path / "src.raw", 5 * MiB + 512, seed=7)
     vmdk = tmp_path / "disk.vmdk"
     subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={subformat}",
@@ -454,7 +435,7 @@ def test_cli_checksum_convert_upload(tmp_path: Path, capfd: pytest.CaptureFixtur
     code, _, err = run_cli(capfd, "convert", "--progress", "none", str(vmdk), str(out_raw))
     assert code == 0, err
     assert out_raw.read_bytes() == ref.read_bytes()
-    server = cast(Any, store)
+    server = cast(Any, cli_store)
     code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
                              "none", str(vmdk))
     assert code == 0, err
@@ -588,11 +569,11 @@ def test_broken_descriptor_is_refused_not_sent_raw(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamOptimized", "monolithicSparse"])
 def test_chunked_upload_reads_ranges_in_parallel(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], store: object, stream: bool
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], cli_store: object, stream: bool
 ) -> None:
     raw = sample_raw(5 * MiB + 512, seed=21)
     vmdk = write_vmdk(tmp_path / "c.vmdk", raw, stream=stream, gd_at_end=stream)
-    server = cast(Any, store)
+    server = cast(Any, cli_store)
     code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
                              "none", "--chunked", "--connections", "3", "--chunk-size", "1M",
                              str(vmdk))
@@ -602,7 +583,7 @@ def test_chunked_upload_reads_ranges_in_parallel(
 
 
 def test_corrupt_grain_uploads_no_drive(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], store: object
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], cli_store: object
 ) -> None:
     rng = random.Random(22)
     raw = rng.randbytes(2 * MiB) + bytes(MiB) + rng.randbytes(65536)
@@ -611,7 +592,7 @@ def test_corrupt_grain_uploads_no_drive(
     last = buf.index(zlib.compress(raw[-65536:])[:16])
     buf[last + 2 : last + 200] = bytes(198)
     path.write_bytes(buf)
-    server = cast(Any, store)
+    server = cast(Any, cli_store)
     code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
                              "none", str(path))
     assert code == 3 and out == ""
