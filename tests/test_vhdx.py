@@ -32,12 +32,8 @@ from fixtures.decode_helpers import (
 )
 from fixtures.vhdx_writer import (
     BAT_OFFSET,
-    FULLY_PRESENT,
     LOG_LENGTH,
     LOG_OFFSET,
-    LOGICAL_SECTOR_SIZE,
-    METADATA_GUID,
-    PARTIALLY_PRESENT,
     ZERO,
     LogWrite,
     Vhdx,
@@ -55,7 +51,14 @@ from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._registry import FOREIGN_MAGIC
 from drivepipe._stage import ImageInput, OpenOptions
 from drivepipe.cli import main
-from drivepipe_plugins.formats.vhdx import VhdxFormat, VhdxImage
+from drivepipe_plugins.formats.vhdx import (
+    FULLY_PRESENT,
+    LOGICAL_SECTOR_SIZE,
+    METADATA_GUID,
+    PARTIALLY_PRESENT,
+    VhdxFormat,
+    VhdxImage,
+)
 from drivepipe_plugins.sources.file import SparseFileReader
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
