@@ -25,6 +25,7 @@ from drivepipe._stage import (
     ImageInput,
     OpenOptions,
     Sink,
+    Source,
     Stage,
     TargetOptions,
 )
@@ -104,6 +105,13 @@ def stage(name: str) -> type[Stage]:
 
 def byte_source(name: str) -> Callable[..., ByteSource]:
     """The byte source factory registered as ``name`` (``file``, ``pipe``, ...)."""
+    return _plugin("source", byte_sources(), name)  # type: ignore[no-any-return]
+
+
+def source(name: str) -> Callable[..., Source]:
+    """The source factory registered as ``name`` in ``drivepipe.sources``, byte source or
+    plain :class:`Source` (``download``: a URL's bytes in order, which formats cannot
+    read at random)."""
     return _plugin("source", byte_sources(), name)  # type: ignore[no-any-return]
 
 
