@@ -37,11 +37,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
 
 from drivepipe._errors import CorruptImage, ImageError
 from drivepipe._extent import Extent, split_zeros
 from drivepipe._stats import StageStats
+
+if TYPE_CHECKING:  # pycurl stays unloaded for local files
+    from drivepipe.cloudsigma.config import Credentials, Endpoint
+    from drivepipe.transport.http import TlsOptions
 
 T = TypeVar("T")
 
@@ -205,6 +209,14 @@ class OpenOptions:
     #: called with each layer's format name as it is detected, outside in, before
     #: that layer does any long work (a counting pass, a spool)
     on_layer: Callable[[str], None] | None = None
+    #: the exact byte count of a stream (standard input as a pipe, a URL that does not say
+    #: its length): streamed as is, no spool; ending short or running long: SizeMismatch
+    size: int | None = None
+    #: how http(s) images are fetched (None: the default policy), and the endpoint whose
+    #: credentials go to URLs on its origin, and only there (None: anonymous)
+    tls: TlsOptions | None = None
+    endpoint: Endpoint | None = None
+    creds: Credentials | None = None
 
 
 @dataclass
