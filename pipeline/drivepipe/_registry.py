@@ -26,6 +26,7 @@ from drivepipe._stage import (
     OpenOptions,
     Sink,
     Stage,
+    TargetOptions,
 )
 
 FORMATS_GROUP = "drivepipe.formats"
@@ -104,6 +105,33 @@ def stage(name: str) -> type[Stage]:
 def byte_source(name: str) -> Callable[..., ByteSource]:
     """The byte source factory registered as ``name`` (``file``, ``pipe``, ...)."""
     return _plugin("source", byte_sources(), name)  # type: ignore[no-any-return]
+
+
+def open_target(spec: str, options: TargetOptions | None = None) -> tuple[Sink[Any], str]:
+    """The target an output names, and the name of its kind.
+
+    ``-`` is standard output (``stdout``); ``NAME:ARG`` is the installed target
+    ``NAME`` built from ``ARG`` (``file:out.raw``, a plugin's ``zrle:out.zrle``); a
+    block device is the ``device`` target when one is installed; any other path is
+    a sparse ``file``.  ``./NAME:x`` is always a file.
+    """
+    opts = options or TargetOptions()
+    kind, arg = "file", spec
+    name, sep, rest = spec.partition(":")
+    if spec == STDIN:
+        kind, arg = "stdout", spec
+    elif sep and name in targets():
+        kind, arg = name, rest
+    elif "device" in targets() and _is_block_device(spec):
+        kind = "device"
+    return target(kind).open_target(arg, opts), kind
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:

@@ -26,12 +26,13 @@ from fixtures.make_fixtures import disk_image, stream_image
 from drivepipe._errors import AuthError, DrivepipeError, TransferError
 from drivepipe._registry import formats, open_image
 from drivepipe._stats import RunStats
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint
 from drivepipe.cloudsigma.connection import Connection
 from drivepipe.resume.upload_journal import ImageIdentity, UploadJournal, default_journal_path
 from drivepipe.server import RunningServer
 from drivepipe.server._handler import StoreHandler
-from drivepipe.transport.http import ApiClient, TlsOptions
+from drivepipe.transport.curl import TlsOptions
 from drivepipe_plugins.targets.drive_chunked import (
     ChunkedOptions,
     ChunkedResult,

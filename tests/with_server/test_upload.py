@@ -29,8 +29,9 @@ from drivepipe._errors import CorruptImage, SizeMismatch
 from drivepipe._extent import ZERO, Extent, is_zero
 from drivepipe._stage import ImageInput, Source
 from drivepipe.cli import main
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint
-from drivepipe.transport.http import ApiClient, TlsOptions
+from drivepipe.transport.curl import TlsOptions
 from drivepipe_plugins.targets.drive_upload import CurlUploadSink, direct_upload
 
 MiB = 1 << 20

@@ -35,8 +35,9 @@ from drivepipe._stage import OpenOptions
 from drivepipe._stats import RunStats
 from drivepipe.cli import main
 from drivepipe.cloudsigma.config import Credentials, Endpoint
-from drivepipe.transport.http import TlsOptions
-from drivepipe_plugins.sources.url import RetryPolicy, UrlSource
+from drivepipe.transport.curl import TlsOptions
+from drivepipe.transport.retry import RetryPolicy
+from drivepipe_plugins.sources.url import UrlSource
 from drivepipe_plugins.targets.drive_upload import direct_upload
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -48,7 +49,7 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-FAST_RETRY = RetryPolicy(attempts=4, base=0.01, cap=0.05)
+FAST_RETRY = RetryPolicy(retries=4, base=0.01, cap=0.05)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

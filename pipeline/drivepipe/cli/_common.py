@@ -8,9 +8,8 @@ import typer
 
 from drivepipe._errors import UsageError
 from drivepipe._progress import MODES, resolve_mode
-from drivepipe._registry import open_image
 from drivepipe._sizes import parse_size
-from drivepipe._stage import ImageInput, OpenOptions
+from drivepipe._stage import ImageInput
 from drivepipe._stats import RunStats
 
 FormatOpt = Annotated[
@@ -96,29 +95,15 @@ def open_input(
     spool_dir: str | None = None,
     disk: str | None = None,
 ) -> ImageInput:
-    """Open an image with the CLI's options; counting and spooling report into ``stats``."""
-
-    def on_phase(phase: str, done: int, total: int) -> None:
-        if stats is not None:
-            stats.set_phase(phase, done, total)
+    """Open an image with the CLI's options (checked with their flags' names)."""
+    from drivepipe.jobs.images import ReadOptions  # noqa: PLC0415 - jobs import the CLI's
 
     positive(threads, "--threads")
+    read = ReadOptions(format=fmt, read_size=positive_size(read_size, "--read-size"),
+                       threads=threads, spool_dir=spool_dir, disk=disk)
+    from drivepipe.jobs.images import open_input as open_image_input  # noqa: PLC0415
 
-    def on_layer(name: str) -> None:
-        if stats is not None:
-            stats.chain.append(name)
-
-    options = OpenOptions(
-        read_size=positive_size(read_size, "--read-size"), on_phase=on_phase, threads=threads,
-        spool_dir=spool_dir, on_layer=on_layer, disk=disk,
-    )
-    image = open_image(path, fmt, options)
-    if stats is not None:
-        stats.chain[:] = image.chain
-        stats.total = image.size
-        stats.data_total = image.data_size
-        stats.set_phase("transfer")
-    return image
+    return open_image_input(path, read, stats)
 
 
 def progress_mode(progress: str, quiet: bool, verbose: bool) -> str:

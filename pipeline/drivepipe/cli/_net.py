@@ -9,7 +9,7 @@ import typer
 from drivepipe._errors import UsageError
 from drivepipe._sizes import parse_size
 from drivepipe.cloudsigma.connection import Connection, connect
-from drivepipe.transport.http import TlsOptions
+from drivepipe.transport.curl import TlsOptions
 
 EndpointOpt = Annotated[
     str | None,

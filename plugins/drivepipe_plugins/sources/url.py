@@ -22,13 +22,14 @@ ranges work.  What the server allows decides what the source is:
 
 A transfer that breaks (reset, timeout, a body cut short, 5xx, 429) continues
 from the byte where it stopped with a new ranged request carrying ``If-Range``
-(strong ETag), after a backoff, :attr:`RetryPolicy.attempts` times in a row
-without progress at most; without ranges the whole body is asked for again and
-what was already passed on is skipped.  An answer whose ETag, Last-Modified or
-size differ from the first one's - or a ranged request answered with the whole
-file - means the file changed on the server: that is an error, never a mix of
-two versions.  An expired signed link (401/403/404/410 after a redirect) is
-renewed by probing the original URL again.
+(strong ETag), after the backoff of the one retry policy
+(:data:`drivepipe.transport.retry.TRANSFER_POLICY`, ``Retry-After`` honoured), as
+many times in a row without a byte of progress as it allows; without ranges
+the whole body is asked for again and what was already passed on is skipped.
+An answer whose ETag, Last-Modified or size differ from the first one's - or a
+ranged request answered with the whole file - means the file changed on the
+server: that is an error, never a mix of two versions.  An expired signed link
+(401/403/404/410 after a redirect) is renewed by probing the original URL again.
 
 Credentials (Basic) are attached by :func:`drivepipe.transport.http.configure`,
 only to URLs on the endpoint's origin, never over plain http to a remote host,
@@ -41,7 +42,6 @@ there).
 
 from __future__ import annotations
 
-import random
 import re
 import threading
 import time
@@ -53,16 +53,16 @@ from urllib.parse import urlsplit
 import pycurl
 
 from drivepipe._errors import (
-    HTTPError,
     ImageError,
     NetworkError,
+    SourceChanged,
     TransferError,
     UsageError,
 )
 from drivepipe._extent import Extent, split_zeros
 from drivepipe._stage import HEAD_SIZE, ByteSource
 from drivepipe.cloudsigma.config import Credentials, Endpoint, origin
-from drivepipe.transport.http import (
+from drivepipe.transport.curl import (
     HeaderCollector,
     Response,
     TlsOptions,
@@ -71,6 +71,7 @@ from drivepipe.transport.http import (
     http_failure,
     safe_url,
 )
+from drivepipe.transport.retry import TRANSFER_POLICY, RetryPolicy, is_transient
 
 #: the cache's unit: reads are rounded out to whole aligned blocks
 BLOCK = 1 << 20
@@ -92,31 +93,6 @@ _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNOR
 _UNSIZED_RANGE_RE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long to wait before asking again.
-
-    A stand-in until ``drivepipe.transport.retry`` lands: everything here asks
-    only :meth:`delay` and :attr:`attempts`, so swapping it is one import."""
-
-    #: failures in a row without a byte of progress before giving up
-    attempts: int = 8
-    base: float = 0.5
-    cap: float = 30.0
-
-    def delay(self, attempt: int, retry_after: float = 0.0) -> float:
-        """Seconds before retry ``attempt`` (1-based): doubling with jitter, or what
-        the server asked for (``Retry-After``) when that is longer."""
-        backoff = min(self.cap, self.base * 2.0 ** (attempt - 1)) * (0.5 + random.random() / 2)
-        return max(backoff, min(retry_after, self.cap))
-
-
-def retry_after(headers: dict[str, str]) -> float:
-    """Seconds a 503/429 answer asks us to wait (``Retry-After: N``); 0 when it does not."""
-    value = headers.get("retry-after", "").strip()
-    return float(value) if value.isdigit() else 0.0
-
-
 def check_url(url: str) -> None:
     """Refuse what is not an http(s) URL, and URLs that carry a user or password."""
     try:
@@ -133,21 +109,8 @@ def check_url(url: str) -> None:
         raise UsageError(f"not an http(s) URL: {safe_url(url)!r}")
 
 
-class SourceChanged(TransferError):
-    """The remote file is not the one the transfer started with (ETag, date, size)."""
-
-
 class _Relink(Exception):
     """A signed link expired: probe the original URL again."""
-
-
-class _Again(Exception):
-    """A transient failure; ``wait`` is what the server asked for (Retry-After)."""
-
-    def __init__(self, error: TransferError, wait: float = 0.0) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.wait = wait
 
 
 @dataclass
@@ -247,7 +210,7 @@ class UrlSource(ByteSource):
         self._endpoint = endpoint if owned else None
         self._creds = creds if owned else None
         self.read_size = max(4096, read_size)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or TRANSFER_POLICY
         self.cache_blocks = max(1, cache_blocks)
         #: requests made (the probe included), for tests and statistics
         self.requests = 0
@@ -308,8 +271,7 @@ class UrlSource(ByteSource):
                 c.perform()
             except pycurl.error as exc:
                 if exc.args[0] != pycurl.E_WRITE_ERROR:  # not our own stop after the headers
-                    raise _transient_or(curl_failure(exc, self.url, f"reading {self.label}")
-                                        ) from exc
+                    raise curl_failure(exc, self.url, f"reading {self.label}") from exc
             final = str(c.getinfo(pycurl.EFFECTIVE_URL) or self.url)
             redirected = int(c.getinfo(pycurl.REDIRECT_COUNT)) > 0
         finally:
@@ -345,10 +307,7 @@ class UrlSource(ByteSource):
                                  f"was being read (it is now shorter than {self.size} bytes)")
         if redirected and resp.status in _LINK_EXPIRED:
             return _Relink()
-        err = http_failure(resp, f"reading {self.label}")
-        if err.transient:
-            return _Again(err, retry_after(resp.headers))
-        return err
+        return http_failure(resp, f"reading {self.label}")
 
     def _same_file(self, headers: dict[str, str]) -> None:
         """Raise SourceChanged when an answer's validators differ from the probe's."""
@@ -371,15 +330,7 @@ class UrlSource(ByteSource):
         self._adopt(probe)
 
     def _with_retries(self, call: Callable[[], _Probe]) -> _Probe:
-        failures = 0
-        while True:
-            try:
-                return call()
-            except _Again as again:
-                failures += 1
-                if failures > self.retry.attempts:
-                    raise again.error from None
-                time.sleep(self.retry.delay(failures, again.wait))
+        return self.retry.call(call)
 
     # -- connections ------------------------------------------------------------------
 
@@ -416,16 +367,19 @@ class UrlSource(ByteSource):
                     raise TransferError(f"{self.label}: the link kept expiring (renewed "
                                         f"{_RELINKS} times)") from None
                 self._relink()
-            except _Again as again:
+            except TransferError as exc:
                 failures += 1
-                if failures > self.retry.attempts:
-                    raise NetworkError(
-                        f"{self.label}: gave up at byte {pos} after {failures} attempts in a "
-                        f"row: {again.error.one_line()}") from again.error
-                time.sleep(self.retry.delay(failures, again.wait))
+                wait = self.retry.next_delay(exc, failures)
+                if wait is None:
+                    if is_transient(exc):
+                        raise NetworkError(
+                            f"{self.label}: gave up at byte {pos} after {failures} attempts "
+                            f"in a row: {exc.one_line()}") from exc
+                    raise
+                time.sleep(wait)
 
     def _one_get(self, pos: int, end: int | None) -> Iterator[bytes]:
-        """One GET of ``[pos, end)``; raises _Again on what may work when asked again."""
+        """One GET of ``[pos, end)``; what may work when asked again raises a transient error."""
         ranged = self.ranges and end is not None
         hdr = HeaderCollector()
         st = _Get(pos, None if end is None else end - pos, 0 if ranged else pos, ranged,
@@ -468,7 +422,7 @@ class UrlSource(ByteSource):
         if failed and not (failed[0][1] == pycurl.E_WRITE_ERROR and st.stopped):
             code, message = failed[0][1], failed[0][2]
             err = curl_failure(pycurl.error(code, message), self._final, f"reading {self.label}")
-            raise _transient_or(err)
+            raise err
         if not st.checked:  # an answer without a body
             st.ok = st.check()
         if not st.ok:
@@ -476,8 +430,8 @@ class UrlSource(ByteSource):
                 Response(hdr.status, hdr.headers, bytes(st.error_body), self._final),
                 self.redirected or redirects > 0)
         if st.want is not None and st.got < st.want:
-            raise _Again(NetworkError(f"reading {self.label}: the answer ended after "
-                                      f"{st.got} of {st.want} bytes"))
+            raise NetworkError(f"reading {self.label}: the answer ended after {st.got} of "
+                               f"{st.want} bytes")
 
     def _check(self, hdr: HeaderCollector, pos: int, end: int | None, ranged: bool) -> bool:
         """True if the answer is the body asked for, False if it is an error answer to
@@ -612,9 +566,4 @@ class UrlSource(ByteSource):
         self._cache.clear()
 
 
-def _transient_or(err: TransferError) -> BaseException:
-    """``err`` wrapped for a retry when asking again may work, else ``err`` itself."""
-    return _Again(err) if err.transient else err
-
-
-__all__ = ["HTTPError", "RetryPolicy", "SourceChanged", "UrlSource", "check_url"]
+__all__ = ["UrlSource", "check_url"]
