@@ -257,6 +257,53 @@ def test_qcow2_through_ranges_costs_few_requests(nginx: Nginx, images: Images,
     assert len(logged) <= data_mib + 4, logged
 
 
+def test_a_fragmented_qcow2_reads_through_the_block_cache(nginx: Nginx, tmp_path: Path) -> None:
+    """Clusters written in random order lie scattered in the file: read in guest order
+    they are ~100 small reads at jumping offsets, which the cache turns into a few
+    requests of whole blocks."""
+    qcow2 = nginx.www / "frag.qcow2"
+    sh(str(QEMU_IMG), "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(qcow2),
+       "64M")
+    rng = random.Random(3)
+    clusters = rng.sample(range(1024), 100)
+    writes = [c for n in clusters for c in ("-c", f"write -P {n % 250 + 1} {n * 65536} 64k")]
+    sh("qemu-io", "-f", "qcow2", *writes, str(qcow2), stdout=subprocess.DEVNULL)
+    reference = tmp_path / "frag.raw"
+    sh(str(QEMU_IMG), "convert", "-q", "-O", "raw", str(qcow2), str(reference))
+    since = len(nginx.lines())
+    image = open_image(nginx.url("/files/frag.qcow2"))
+    try:
+        out = bytearray()
+        for ext in image.source.extents():
+            out += bytes(ext.length) if ext.data is None else ext.data
+    finally:
+        image.close()
+    assert out == reference.read_bytes()
+    logged = nginx.requests(since, "frag.qcow2")
+    assert len(logged) <= qcow2.stat().st_size // MiB + 4, logged
+
+
+def test_small_reads_are_served_from_whole_blocks(nginx: Nginx, images: Images) -> None:
+    data = images.raw.read_bytes()
+    source = UrlSource(nginx.url(f"/files/{images.raw.name}"))
+    try:
+        since = len(nginx.lines())
+        # 160 metadata-sized reads walking through 10 MiB, then jumps back into it
+        for offset in range(0, 10 * MiB, 64 << 10):
+            assert source.pread(offset + 100, 4096) == data[offset + 100 : offset + 4196]
+        walked = len(nginx.requests(since, images.raw.name))
+        assert walked <= 6  # read-ahead grows to 8 blocks a request
+        # the last blocks walked are still cached (16 blocks, the read-ahead among them)
+        for offset in random.Random(1).sample(range(4 * MiB, 9 * MiB, 4096), 50):
+            assert source.pread(offset, 512) == data[offset : offset + 512]
+        assert source.pread(len(data) - 10, 100) == data[-10:]  # the end, short
+        logged = nginx.requests(since, images.raw.name)
+        assert len(logged) <= walked + 2, logged
+        assert all(line.split()[1] == "206" for line in logged)
+    finally:
+        source.close()
+
+
 def test_server_without_ranges_is_streamed(nginx: Nginx, images: Images,
                                            capfd: pytest.CaptureFixture[str]) -> None:
     since = len(nginx.lines())
