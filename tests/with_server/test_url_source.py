@@ -1,13 +1,14 @@
 """Images at http(s) URLs: the ``url`` byte source against a real nginx and a small
 threaded server, through the real CLI commands and the real local drive store.
 
-nginx (from a generated config on 127.0.0.1) serves a tmp directory at ``/files/``
-(ranges, ETag) and ``/noranges/`` (``max_ranges 0``: a sequential source), logs
-every request (so the requests a qcow2 costs are counted) and redirects
-``/api/2.0/redir`` to a recording server on 127.0.0.2 (another origin) to see on
-the wire where credentials go.  The threaded server in this file misbehaves on
-purpose: it cuts a body after N bytes, replaces a file (new ETag) while it is
-read, or answers without a Content-Length.  Images are made by qemu-img, gzip
+nginx (the download tests' fixture, on 127.0.0.1) serves a tmp directory at
+``/files/`` (ranges, ETag) and ``/noranges/`` (``max_ranges 0``: a sequential
+source), logs every request with its user (so the requests a qcow2 costs are
+counted, and credentials seen) and redirects ``/api/2.0/redir`` to
+``127.0.0.2:other_port/image.raw``, where a recording server of this file shows
+on the wire whether credentials crossed to another origin.  The threaded server
+of this file misbehaves on purpose: it cuts a body after N bytes, replaces a file
+(new ETag) while it is read, or answers without a Content-Length.  Images are made by qemu-img, gzip
 and xz themselves.
 """
 
@@ -28,6 +29,9 @@ from typing import Any
 
 import pytest
 import xxhash
+from sparse_files import random_layout, write_sparse
+from test_download_nginx import Nginx, digest
+from test_download_nginx import nginx as download_nginx  # noqa: F401 - a fixture, by this name
 
 from drivepipe._errors import SizeMismatch, TransferError, UsageError
 from drivepipe._registry import open_image
@@ -52,103 +56,26 @@ MiB = 1 << 20
 FAST_RETRY = RetryPolicy(retries=4, base=0.01, cap=0.05)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {proc.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on {host}:{port}")
-
-
-NGINX_CONF = """
-worker_processes 1;
-user root;
-error_log {prefix}/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    default_type application/octet-stream;
-    log_format bytes '$uri $status $body_bytes_sent "$http_range" user=$remote_user';
-    access_log {prefix}/access.log bytes;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location /files/ {{ alias {www}/; }}
-        location /api/2.0/files/ {{ alias {www}/; }}
-        location /noranges/ {{ alias {www}/; max_ranges 0; }}
-        location = /api/2.0/redir {{ return 302 http://127.0.0.2:{other_port}/files/r.raw; }}
-    }}
-}}
-"""
-
-
-@dataclass
-class Nginx:
-    base: str
-    www: Path
-    log: Path
-    other_port: int
-
-    def url(self, path: str) -> str:
-        return f"{self.base}{path}"
-
-    def lines(self) -> list[str]:
-        return self.log.read_text().splitlines() if self.log.exists() else []
-
-    def requests(self, since: int, part: str) -> list[str]:
-        # nginx writes the log line when it finishes a request: wait until it settles
-        time.sleep(0.2)
-        return [line for line in self.lines()[since:] if part in line.split()[0]]
-
-
 @pytest.fixture(scope="module")
-def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
-    prefix = tmp_path_factory.mktemp("nginx")
-    www = prefix / "www"
-    www.mkdir()
-    (prefix / "tmp").mkdir()
-    port, other_port = free_port(), free_port("127.0.0.2")
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, www=www, port=port, other_port=other_port))
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"],
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_listening("127.0.0.1", port, proc)
-        yield Nginx(f"http://127.0.0.1:{port}", www, prefix / "access.log", other_port)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def nginx(download_nginx: Nginx) -> Nginx:  # noqa: F811 - the fixture imported above
+    """The nginx of the download tests (its config: /files/, /noranges/, /api/2.0/redir
+    to 127.0.0.2:other_port/image.raw); requests are counted in its access log."""
+    return download_nginx
+
+
+def requests(nginx: Nginx, since: int, part: str) -> list[str]:
+    """nginx's log lines after line ``since`` for a URI containing ``part``."""
+    time.sleep(0.2)  # nginx logs a request when it has finished it: let it settle
+    return [line for line in nginx.log_lines()[since:] if part in line.split()[0]]
 
 
 # --- images ----------------------------------------------------------------------------
 
 def sparse_raw(path: Path, size: int, seed: int, pieces: int = 10) -> Path:
-    """A sparse raw disk with random data (and a few runs of zeros inside data)."""
+    """A sparse raw disk with random data, runs of zeros inside it, data at the very end."""
     rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for _ in range(pieces):
-            length = rng.randint(1, MiB)
-            f.seek(rng.randrange(0, size - length) // 512 * 512)
-            f.write(rng.randbytes(length))
-        f.seek(size - 700)
-        f.write(rng.randbytes(700))  # data at the very end
-    return path
+    layout = random_layout(rng, size - 700, pieces, MiB, zero_pieces=2)
+    return write_sparse(path, size, [*layout, (size - 700, rng.randbytes(700))])
 
 
 @dataclass
@@ -186,14 +113,6 @@ def images(nginx: Nginx) -> Images:
     return Images(raw, gz, qcow2, qcow2_xz, qcow2_xz1)
 
 
-def xxh(path: Path) -> str:
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cli(capfd: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     capfd.readouterr()
     code = main([*argv])
@@ -215,7 +134,7 @@ def test_checksum_and_convert_of_a_url_equal_the_file(
     code, remote, err = cli(capfd, "checksum", "--progress", "none", url)
     assert code == 0, err
     assert remote.split()[0] == local.split()[0]
-    assert remote.split()[0] == xxh(images.raw)
+    assert remote.split()[0] == digest(images.raw)
     reference = tmp_path / "qemu.raw"
     sh(str(QEMU_IMG), "convert", "-q", "-O", "raw", str(images.qcow2 if "qcow2" in kind
                                                       else images.raw), str(reference))
@@ -235,21 +154,21 @@ def test_inspect_names_the_chain_of_a_url(nginx: Nginx, images: Images,
 
 def test_qcow2_through_ranges_costs_few_requests(nginx: Nginx, images: Images,
                                                  tmp_path: Path) -> None:
-    since = len(nginx.lines())
+    since = len(nginx.log_lines())
     image = open_image(nginx.url(f"/files/{images.qcow2.name}"))
     try:
         assert image.chain == ["qcow2"]
         assert image.size == images.raw.stat().st_size
-        digest = xxhash.xxh3_128()
+        hasher = xxhash.xxh3_128()
         pos = 0
         for ext in image.source.extents():
             assert ext.offset == pos
-            digest.update(bytes(ext.length) if ext.data is None else ext.data)
+            hasher.update(bytes(ext.length) if ext.data is None else ext.data)
             pos = ext.end
-        assert digest.hexdigest() == xxh(images.raw)
+        assert hasher.hexdigest() == digest(images.raw)
     finally:
         image.close()
-    logged = nginx.requests(since, images.qcow2.name)
+    logged = requests(nginx, since, images.qcow2.name)
     assert all(line.split()[1] == "206" for line in logged), logged
     # ~10 MiB of data clusters and the metadata: a request per MiB at most, not one per
     # 64 KiB cluster (that would be ~170)
@@ -270,7 +189,7 @@ def test_a_fragmented_qcow2_reads_through_the_block_cache(nginx: Nginx, tmp_path
     sh("qemu-io", "-f", "qcow2", *writes, str(qcow2), stdout=subprocess.DEVNULL)
     reference = tmp_path / "frag.raw"
     sh(str(QEMU_IMG), "convert", "-q", "-O", "raw", str(qcow2), str(reference))
-    since = len(nginx.lines())
+    since = len(nginx.log_lines())
     image = open_image(nginx.url("/files/frag.qcow2"))
     try:
         out = bytearray()
@@ -279,7 +198,7 @@ def test_a_fragmented_qcow2_reads_through_the_block_cache(nginx: Nginx, tmp_path
     finally:
         image.close()
     assert out == reference.read_bytes()
-    logged = nginx.requests(since, "frag.qcow2")
+    logged = requests(nginx, since, "frag.qcow2")
     assert len(logged) <= qcow2.stat().st_size // MiB + 4, logged
 
 
@@ -287,17 +206,17 @@ def test_small_reads_are_served_from_whole_blocks(nginx: Nginx, images: Images) 
     data = images.raw.read_bytes()
     source = UrlSource(nginx.url(f"/files/{images.raw.name}"))
     try:
-        since = len(nginx.lines())
+        since = len(nginx.log_lines())
         # 160 metadata-sized reads walking through 10 MiB, then jumps back into it
         for offset in range(0, 10 * MiB, 64 << 10):
             assert source.pread(offset + 100, 4096) == data[offset + 100 : offset + 4196]
-        walked = len(nginx.requests(since, images.raw.name))
+        walked = len(requests(nginx, since, images.raw.name))
         assert walked <= 6  # read-ahead grows to 8 blocks a request
         # the last blocks walked are still cached (16 blocks, the read-ahead among them)
         for offset in random.Random(1).sample(range(4 * MiB, 9 * MiB, 4096), 50):
             assert source.pread(offset, 512) == data[offset : offset + 512]
         assert source.pread(len(data) - 10, 100) == data[-10:]  # the end, short
-        logged = nginx.requests(since, images.raw.name)
+        logged = requests(nginx, since, images.raw.name)
         assert len(logged) <= walked + 2, logged
         assert all(line.split()[1] == "206" for line in logged)
     finally:
@@ -306,13 +225,13 @@ def test_small_reads_are_served_from_whole_blocks(nginx: Nginx, images: Images) 
 
 def test_server_without_ranges_is_streamed(nginx: Nginx, images: Images,
                                            capfd: pytest.CaptureFixture[str]) -> None:
-    since = len(nginx.lines())
+    since = len(nginx.log_lines())
     for path in (images.raw, images.gz, images.qcow2):
         code, out, err = cli(capfd, "checksum", "--progress", "none",
                              nginx.url(f"/noranges/{path.name}"))
         assert code == 0, err
-        assert out.split()[0] == xxh(images.raw)
-    logged = nginx.requests(since, "/noranges/")
+        assert out.split()[0] == digest(images.raw)
+    logged = requests(nginx, since, "/noranges/")
     assert logged and all(line.split()[1] == "200" for line in logged)
 
 
@@ -333,7 +252,7 @@ def test_upload_of_a_url_makes_a_drive_with_its_bytes(
         uuid = out.strip()
         with open(drive_store.store.raw_path(uuid), "rb") as f:
             assert f.read(size) == images.raw.read_bytes()
-        assert drive_store.store.get(uuid).meta["drivepipe_xxh128"] == xxh(images.raw)
+        assert drive_store.store.get(uuid).meta["drivepipe_xxh128"] == digest(images.raw)
 
 
 # --- a misbehaving server -------------------------------------------------------------
@@ -565,23 +484,23 @@ def test_gives_up_after_the_retries_in_one_line(bad: Misbehaving) -> None:
 def test_credentials_go_only_to_the_endpoints_origin(nginx: Nginx, images: Images) -> None:
     recorder, server = start_server("127.0.0.2", nginx.other_port)
     try:
-        recorder.served.files["/files/r.raw"] = b"x" * 5000
+        recorder.served.files["/image.raw"] = b"x" * 5000
         ep = Endpoint(nginx.url("/api/2.0/"), nginx.url("/api/2.0/"))
         creds = Credentials("someone", "pw-secret")
         # same origin: sent (nginx logs the user)
-        since = len(nginx.lines())
-        own = UrlSource(nginx.url(f"/api/2.0/files/{images.raw.name}"), endpoint=ep,
+        since = len(nginx.log_lines())
+        own = UrlSource(nginx.url(f"/files/{images.raw.name}"), endpoint=ep,
                         creds=creds)
         own.head()
         own.close()
         assert all("user=someone" in line
-                   for line in nginx.requests(since, f"/api/2.0/files/{images.raw.name}"))
+                   for line in requests(nginx, since, f"/files/{images.raw.name}"))
         # a redirect to another origin: neither the redirect nor the reads after it
         moved = UrlSource(nginx.url("/api/2.0/redir"), endpoint=ep, creds=creds)
         assert read_all(moved) == b"x" * 5000
         moved.close()
         # another origin named directly
-        other = UrlSource(recorder.url("/files/r.raw"), endpoint=ep, creds=creds)
+        other = UrlSource(recorder.url("/image.raw"), endpoint=ep, creds=creds)
         other.head()
         other.close()
         assert len(recorder.served.log) >= 3

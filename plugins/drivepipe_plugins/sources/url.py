@@ -62,15 +62,8 @@ from drivepipe._errors import (
 from drivepipe._extent import Extent, split_zeros
 from drivepipe._stage import HEAD_SIZE, ByteSource
 from drivepipe.cloudsigma.config import Credentials, Endpoint, origin
-from drivepipe.transport.curl import (
-    HeaderCollector,
-    Response,
-    TlsOptions,
-    configure,
-    curl_failure,
-    http_failure,
-    safe_url,
-)
+from drivepipe.transport import curl
+from drivepipe.transport.curl import HeaderCollector, Response, TlsOptions, safe_url
 from drivepipe.transport.retry import TRANSFER_POLICY, RetryPolicy, is_transient
 
 #: the cache's unit: reads are rounded out to whole aligned blocks
@@ -261,8 +254,8 @@ class UrlSource(ByteSource):
             return None
 
         try:
-            configure(c, self.url, tls=self.tls, endpoint=self._endpoint, creds=self._creds,
-                      follow=True)
+            curl.configure(c, self.url, tls=self.tls, endpoint=self._endpoint,
+                           creds=self._creds, follow=True)
             c.setopt(pycurl.RANGE, "0-0")
             c.setopt(pycurl.HEADERFUNCTION, hdr)
             c.setopt(pycurl.WRITEFUNCTION, on_body)
@@ -271,7 +264,7 @@ class UrlSource(ByteSource):
                 c.perform()
             except pycurl.error as exc:
                 if exc.args[0] != pycurl.E_WRITE_ERROR:  # not our own stop after the headers
-                    raise curl_failure(exc, self.url, f"reading {self.label}") from exc
+                    raise curl.curl_failure(exc, self.url, f"reading {self.label}") from exc
             final = str(c.getinfo(pycurl.EFFECTIVE_URL) or self.url)
             redirected = int(c.getinfo(pycurl.REDIRECT_COUNT)) > 0
         finally:
@@ -307,7 +300,7 @@ class UrlSource(ByteSource):
                                  f"was being read (it is now shorter than {self.size} bytes)")
         if redirected and resp.status in _LINK_EXPIRED:
             return _Relink()
-        return http_failure(resp, f"reading {self.label}")
+        return curl.http_failure(resp, f"reading {self.label}")
 
     def _same_file(self, headers: dict[str, str]) -> None:
         """Raise SourceChanged when an answer's validators differ from the probe's."""
@@ -388,8 +381,8 @@ class UrlSource(ByteSource):
         c, m = conn.easy, conn.multi
         c.reset()
         headers = {"If-Range": self.strong_etag} if ranged and self.strong_etag else {}
-        configure(c, self._final, tls=self.tls, endpoint=self._endpoint, creds=self._creds,
-                  headers=headers, follow=True)
+        curl.configure(c, self._final, tls=self.tls, endpoint=self._endpoint,
+                       creds=self._creds, headers=headers, follow=True)
         if ranged:
             c.setopt(pycurl.RANGE, f"{pos}-{(end or 0) - 1}")
         c.setopt(pycurl.BUFFERSIZE, RECV_BUFFER)
@@ -421,8 +414,8 @@ class UrlSource(ByteSource):
             raise st.failure
         if failed and not (failed[0][1] == pycurl.E_WRITE_ERROR and st.stopped):
             code, message = failed[0][1], failed[0][2]
-            err = curl_failure(pycurl.error(code, message), self._final, f"reading {self.label}")
-            raise err
+            raise curl.curl_failure(pycurl.error(code, message), self._final,
+                                    f"reading {self.label}")
         if not st.checked:  # an answer without a body
             st.ok = st.check()
         if not st.ok:
