@@ -23,6 +23,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ pytestmark = [
 
 MiB = 1 << 20
 FAST_RETRY = RetryPolicy(retries=4, base=0.01, cap=0.05)
+#: seconds a stalling answer pauses (the source's stall timeout is 1 s in that test)
+STALL = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +226,29 @@ def test_small_reads_are_served_from_whole_blocks(nginx: Nginx, images: Images) 
         source.close()
 
 
+def test_ranges_read_from_several_threads_at_once(nginx: Nginx, images: Images) -> None:
+    """What a chunked upload does with a random input: chunks read out of order by
+    several threads, each on a connection of its own."""
+    data = images.raw.read_bytes()
+    source = UrlSource(nginx.url(f"/files/{images.raw.name}"))
+    chunk = 3 * MiB + 4096
+    got: dict[int, bytes] = {}
+
+    def read(offset: int) -> None:
+        out = bytearray()
+        for ext in source.read_range(offset, chunk):
+            assert ext.offset == offset + len(out)
+            out += bytes(ext.length) if ext.data is None else ext.data
+        got[offset] = bytes(out)
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(read, reversed(range(0, len(data), chunk))))
+    finally:
+        source.close()
+    assert b"".join(got[k] for k in sorted(got)) == data
+
+
 def test_server_without_ranges_is_streamed(nginx: Nginx, images: Images,
                                            capfd: pytest.CaptureFixture[str]) -> None:
     since = len(nginx.log_lines())
@@ -268,6 +294,12 @@ class Served:
     #: path -> (after this many requests, the new content)
     replace: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     unsized: set[str] = field(default_factory=set)
+    #: path -> body bytes after which the next answer pauses for STALL seconds (once)
+    stalls: dict[str, list[int]] = field(default_factory=dict)
+    #: a signed link: path -> the path it redirects to, with a new token each time;
+    #: a request with an older token than the newest is refused (403: expired)
+    links: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
     #: (path, Range, If-Range, Authorization) of every request
     log: list[tuple[str, str | None, str | None, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -285,16 +317,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         srv = self.served
-        path = self.path.split("?")[0]
+        path, _, query = self.path.partition("?")
         with srv.lock:
             srv.log.append((path, self.headers.get("Range"), self.headers.get("If-Range"),
                             self.headers.get("Authorization")))
+        if path in srv.links:
+            with srv.lock:
+                target = srv.links[path]
+                srv.tokens[target] = srv.tokens.get(target, 0) + 1
+                self.send_response(302)
+                self.send_header("Location", f"{target}?t={srv.tokens[target]}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            return
+        if path in srv.tokens and query != f"t={srv.tokens[path]}":
+            self.send_error(403, "link expired")
+            return
+        with srv.lock:
             count = sum(1 for entry in srv.log if entry[0] == path)
             if path in srv.replace and count > srv.replace[path][0]:
                 srv.files[path] = srv.replace.pop(path)[1]
                 srv.versions[path] = srv.versions.get(path, 0) + 1
             data = srv.files.get(path)
             cut = srv.cuts[path].pop(0) if srv.cuts.get(path) else None
+            stall = srv.stalls[path].pop(0) if srv.stalls.get(path) else None
         if data is None:
             self.send_error(404)
             return
@@ -326,12 +372,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
-        self._body(memoryview(data)[start:end], cut)
+        self._body(memoryview(data)[start:end], cut, stall)
 
-    def _body(self, view: memoryview, cut: int | None) -> None:
+    def _body(self, view: memoryview, cut: int | None, stall: int | None = None) -> None:
         limit = len(view) if cut is None else min(cut, len(view))
         try:
             for pos in range(0, limit, 256 << 10):
+                if stall is not None and pos >= stall:
+                    self.wfile.flush()
+                    time.sleep(STALL)
+                    stall = None
                 self.wfile.write(view[pos : min(pos + (256 << 10), limit)])
             if cut is not None:
                 self.wfile.flush()
@@ -409,6 +459,43 @@ def test_upload_survives_the_source_dropping_the_connection(
     with open(drive_store.store.raw_path(result.uuid), "rb") as f:
         assert f.read(len(data)) == data
     assert result.xxh128 == xxhash.xxh3_128(bytes(data)).hexdigest()
+
+
+def test_a_stalled_answer_times_out_and_is_asked_again(bad: Misbehaving) -> None:
+    """An answer that sends its headers and then nothing is cut by the stall timeout
+    (libcurl's speed check looks back a few seconds, so the stall is at the body's
+    start here) and asked for again, instead of hanging until the server wakes up."""
+    data = random.Random(11).randbytes(4 * MiB + 9)
+    bad.served.files["/s.raw"] = data
+    bad.served.stalls["/s.raw"] = [10**12, 10**12, 0]
+    source = UrlSource(bad.url("/s.raw"), tls=TlsOptions(stall_timeout=1), retry=FAST_RETRY)
+    try:
+        source.head()
+        started = time.monotonic()
+        assert read_all(source) == data
+        assert time.monotonic() - started < STALL
+    finally:
+        source.close()
+    asked = [r for path, r, _, _ in bad.served.log if path == "/s.raw"]
+    assert asked[2:] == [f"bytes=0-{len(data) - 1}"] * 2
+
+
+def test_an_expired_signed_link_is_renewed(bad: Misbehaving) -> None:
+    data = random.Random(12).randbytes(3 * MiB)
+    bad.served.files["/blob"] = data
+    bad.served.links["/link"] = "/blob"
+    source = UrlSource(bad.url("/link"), retry=FAST_RETRY)
+    try:
+        assert source.pread(10, 10) == data[10:20]
+        bad.served.tokens["/blob"] += 1  # every link handed out so far has expired
+        assert read_all(source) == data
+    finally:
+        source.close()
+    asked = [(path, r) for path, r, _, _ in bad.served.log]
+    assert asked.count(("/link", "bytes=0-0")) == 2  # the probe, then one renewal
+    # the link itself is never read from: only its target
+    assert all(r == "bytes=0-0" for path, r in asked if path == "/link")
+    assert asked[-1] == ("/blob", "bytes=0-3145727")
 
 
 def test_a_server_without_ranges_is_asked_again_and_skipped(bad: Misbehaving) -> None:
