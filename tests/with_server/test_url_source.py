@@ -34,7 +34,7 @@ from sparse_files import random_layout, write_sparse
 from test_download_nginx import Nginx, digest
 from test_download_nginx import nginx as download_nginx  # noqa: F401 - a fixture, by this name
 
-from drivepipe._errors import SizeMismatch, TransferError, UsageError
+from drivepipe._errors import AuthError, SizeMismatch, TransferError, UsageError
 from drivepipe._registry import open_image
 from drivepipe._stage import OpenOptions
 from drivepipe._stats import RunStats
@@ -595,6 +595,39 @@ def test_credentials_go_only_to_the_endpoints_origin(nginx: Nginx, images: Image
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_drive_url_over_tls_with_the_account_and_503s(
+    make_drive_store: Any, put_drive: Any, tmp_path: Path,
+) -> None:
+    """A drive's own download URL on a TLS store: a private CA must be named, the
+    account goes along (its origin is the endpoint's), 503 bursts are waited out."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    srv = make_drive_store(tls_cert=str(chain), tls_key=str(key))
+    data = bytearray(random.Random(13).randbytes(3 * MiB))
+    data[MiB : 2 * MiB] = bytes(MiB)
+    uuid = put_drive(srv, bytes(data))
+    url = f"{srv.base_url}drives/{uuid}/download/"
+    ep, creds = Endpoint(srv.base_url, srv.base_url), Credentials(srv.username, srv.password)
+    with pytest.raises(TransferError, match="not trusted"):
+        UrlSource(url, endpoint=ep, creds=creds, retry=FAST_RETRY)
+    tls = TlsOptions(cacert=str(ca_pem))
+    with pytest.raises(AuthError, match="HTTP 401"):
+        UrlSource(url, tls=tls, retry=FAST_RETRY)  # no account: refused
+    srv.faults.fail_next(2, match="/download/")
+    source = UrlSource(url, tls=tls, endpoint=ep, creds=creds, retry=FAST_RETRY)
+    try:
+        assert source.random and source.size == len(data)
+        srv.faults.fail_next(2, match="/download/")
+        assert read_all(source) == data
+    finally:
+        source.close()
 
 
 def test_a_url_with_a_password_is_refused_without_echoing_it(
