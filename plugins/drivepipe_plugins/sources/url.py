@@ -200,8 +200,11 @@ class UrlSource(ByteSource):
         self.label = label or safe_url(url)
         self.tls = tls or TlsOptions()
         owned = endpoint is not None and creds is not None and endpoint.owns(url)
-        self._endpoint = endpoint if owned else None
-        self._creds = creds if owned else None
+        #: the account for the URL itself (probes, renewals of a signed link) ...
+        self._own_endpoint = endpoint if owned else None
+        self._own_creds = creds if owned else None
+        #: ... and for the reads from where it led (none after a move to another origin)
+        self._endpoint, self._creds = self._own_endpoint, self._own_creds
         self.read_size = max(4096, read_size)
         self.retry = retry or TRANSFER_POLICY
         self.cache_blocks = max(1, cache_blocks)
@@ -231,7 +234,9 @@ class UrlSource(ByteSource):
         self.redirected = probe.redirected
         if origin(probe.final) != origin(self.url):
             # credentials never follow a redirect to another origin, not even later
-            self._endpoint = self._creds = None
+            self._endpoint, self._creds = None, None
+        else:
+            self._endpoint, self._creds = self._own_endpoint, self._own_creds
 
     @property
     def strong_etag(self) -> str | None:
@@ -254,8 +259,8 @@ class UrlSource(ByteSource):
             return None
 
         try:
-            curl.configure(c, self.url, tls=self.tls, endpoint=self._endpoint,
-                           creds=self._creds, follow=True)
+            curl.configure(c, self.url, tls=self.tls, endpoint=self._own_endpoint,
+                           creds=self._own_creds, follow=True)
             c.setopt(pycurl.RANGE, "0-0")
             c.setopt(pycurl.HEADERFUNCTION, hdr)
             c.setopt(pycurl.WRITEFUNCTION, on_body)
@@ -291,7 +296,7 @@ class UrlSource(ByteSource):
             length = headers.get("content-length", "")
             size = int(length) if length.isdigit() else None
             return _Probe(final, redirected, size, False, etag, modified)
-        raise self._answer_error(Response(status, headers, body, final), redirected=False)
+        raise curl.http_failure(Response(status, headers, body, final), f"reading {self.label}")
 
     def _answer_error(self, resp: Response, redirected: bool) -> BaseException:
         """What an error answer means: retry later, renew the link, or fail."""
