@@ -25,9 +25,10 @@ from drivepipe._errors import SizeMismatch
 from drivepipe._registry import open_image
 from drivepipe._stage import ImageInput, OpenOptions
 from drivepipe._stats import RunStats
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint
+from drivepipe.cloudsigma.connection import Connection
 from drivepipe.transport.curl import TlsOptions
-from drivepipe_plugins.targets.drive_upload import direct_upload
 
 MiB = 1 << 20
 
@@ -67,9 +68,25 @@ def open_piped(path: Path, size: int | None, tmp_path: Path) -> ImageInput:
 
 
 def upload(image: ImageInput, store: Any) -> Any:
+    """``image`` into a new drive of ``store`` by direct upload; the result has ``uuid``
+    and ``xxh128``.  Through the library upload of the jobs layer where it exists, else
+    the direct upload of the drive target (the same sink, before the jobs layer)."""
     ep = Endpoint(store.base_url, store.base_url)
-    return direct_upload(image, ep, Credentials(store.username, store.password), TlsOptions(),
-                         stats=RunStats(title="upload -"))
+    creds = Credentials(store.username, store.password)
+    stats = RunStats(title="upload")
+    try:
+        from drivepipe.jobs.upload import upload as upload_job  # noqa: PLC0415
+    except ImportError:
+        from drivepipe_plugins.targets.drive_upload import (  # noqa: PLC0415
+            direct_upload,
+        )
+        return direct_upload(image, ep, creds, TlsOptions(), stats=stats)
+    api = ApiClient(ep, creds)
+    try:
+        return upload_job(image, connection=Connection(ep, creds, TlsOptions(), api),
+                          stats=stats)
+    finally:
+        api.close()
 
 
 def disk_bytes(seed: int, size: int) -> bytes:

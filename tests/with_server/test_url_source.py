@@ -33,17 +33,16 @@ import xxhash
 from sparse_files import random_layout, write_sparse
 from test_download_nginx import Nginx, digest
 from test_download_nginx import nginx as download_nginx  # noqa: F401 - a fixture, by this name
+from test_stdin_size import upload
 
 from drivepipe._errors import AuthError, SizeMismatch, TransferError, UsageError
 from drivepipe._registry import open_image
 from drivepipe._stage import OpenOptions
-from drivepipe._stats import RunStats
 from drivepipe.cli import main
 from drivepipe.cloudsigma.config import Credentials, Endpoint
 from drivepipe.transport.curl import TlsOptions
 from drivepipe.transport.retry import RetryPolicy
 from drivepipe_plugins.sources.url import UrlSource
-from drivepipe_plugins.targets.drive_upload import direct_upload
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 QEMU_IMG = shutil.which("qemu-img")
@@ -453,9 +452,7 @@ def test_upload_survives_the_source_dropping_the_connection(
     bad.served.files["/up.raw"] = bytes(data)
     bad.served.cuts["/up.raw"] = [10**12, 10**12, 2 * MiB + 17]
     image = open_image(bad.url("/up.raw"), options=OpenOptions())
-    ep = Endpoint(drive_store.base_url, drive_store.base_url)
-    result = direct_upload(image, ep, Credentials(drive_store.username, drive_store.password),
-                           TlsOptions(), stats=RunStats(title="upload"))
+    result = upload(image, drive_store)
     with open(drive_store.store.raw_path(result.uuid), "rb") as f:
         assert f.read(len(data)) == data
     assert result.xxh128 == xxhash.xxh3_128(bytes(data)).hexdigest()
