@@ -105,7 +105,8 @@ class Client:
     ``endpoint`` is the API base (``https://zrh.cloudsigma.com/api/2.0/``); None
     takes it from ``location``, ``DRIVEPIPE_ENDPOINT`` or ``~/.cloudsigma.conf``
     like the CLI.  ``user``/``password`` default to the environment, the config
-    file and ``~/.netrc`` (never prompted for here).  ``limit_rate`` caps the
+    file and ``~/.netrc`` (prompted for only with ``prompt=True``, or ``None``: when
+    standard input is a terminal).  ``limit_rate`` caps the
     bytes a second of each transfer over all its connections (0: none).
     """
 
@@ -121,6 +122,7 @@ class Client:
         insecure_http: bool = False,
         limit_rate: int = 0,
         stall_timeout: float = 120.0,
+        prompt: bool | None = False,
     ) -> None:
         self.endpoint: Endpoint = resolve_endpoint(endpoint, direct_endpoint, location)
         if password is not None:
@@ -128,7 +130,7 @@ class Client:
                 raise ConfigError("a password was given without a user")
             self.creds = Credentials(user, password)
         else:
-            self.creds = resolve_credentials(self.endpoint, user, prompt=False)
+            self.creds = resolve_credentials(self.endpoint, user, prompt=prompt)
         self.tls = TlsOptions(cacert=cacert, insecure_http=insecure_http,
                               limit_rate=limit_rate, stall_timeout=stall_timeout)
         self._api: ApiClient | None = None

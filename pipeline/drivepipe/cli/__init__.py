@@ -32,6 +32,7 @@ COMMAND_MODULES: dict[str, str] = {
     "bench": "cmd_bench",
     "checksum": "cmd_local",
     "convert": "cmd_local",
+    "copy": "cmd_copy",
     "demo": "cmd_demo",
     "download": "cmd_download",
     # the drives group: drives, drives list/show/rm/wait/uploads
