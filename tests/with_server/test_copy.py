@@ -117,9 +117,9 @@ def test_image_to_file_needs_no_endpoint_and_drive_to_stdout_streams(
     # a drive to standard output, in order, into a real pipe
     env = {**os.environ, "HOME": str(tmp_path / "home")}
     child = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "drivepipe"), "copy", "--progress", "none", "--endpoint",
-         drive_store.base_url, f"drive:{uuid}", "-"], env=env, capture_output=True,
-        check=False, timeout=120)
+        [os.path.join(os.path.dirname(sys.executable), "drivepipe"), "copy", "--progress",
+         "none", "--endpoint", drive_store.base_url, f"drive:{uuid}", "-"], env=env,
+        capture_output=True, check=False, timeout=120)
     assert child.returncode == 0, child.stderr
     assert child.stdout == content
 
