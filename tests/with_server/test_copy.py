@@ -134,3 +134,21 @@ def test_a_copy_into_an_existing_drive_is_refused(drive_store: RunningServer, tm
                        "drive:00000000-0000-4000-8000-000000000000")
     assert code == 2 and "new drive" in err
     assert drive_store.store.list() == []
+
+
+@pytest.mark.parametrize("announced", [3 * MiB, 3 * MiB - 1, 3 * MiB + 1])
+def test_a_sized_pipe_streams_and_a_wrong_size_leaves_nothing(tmp_path: Path,
+                                                              announced: int) -> None:
+    data = os.urandom(3 * MiB)
+    out = tmp_path / "out.raw"
+    child = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "drivepipe"), "copy", "--progress",
+         "none", "--size", str(announced), "-", str(out)], input=data, capture_output=True,
+        check=False, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
+    if announced == len(data):
+        assert child.returncode == 0, child.stderr
+        assert out.read_bytes() == data
+    else:
+        assert child.returncode == 4, child.stderr
+        assert len(child.stderr.decode().strip().splitlines()) == 1
+        assert not out.exists() and list(tmp_path.iterdir()) == []

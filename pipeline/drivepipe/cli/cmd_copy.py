@@ -21,6 +21,7 @@ from drivepipe.cli._common import (
     grouped_options,
     optional,
     positive,
+    positive_size,
 )
 from drivepipe.cli._net import Account, LimitRateOpt, StallOpt, transport
 from drivepipe.cli.cmd_local import read_options
@@ -69,6 +70,9 @@ def copy(
         "chunked upload.")] = 4,
     chunked: Annotated[bool, typer.Option(
         "--chunked", help="Make the new drive by a resumable chunked upload.")] = False,
+    size: Annotated[str | None, optional(
+        "--size", "SIZE", "The exact raw size of a raw image on a pipe (SRC -): it streams "
+        "with no spool, and a stream that ends short or runs long fails.")] = None,
     to_endpoint: ToEndpointOpt = None,
     to_location: ToLocationOpt = None,
     to_user: ToUserOpt = None,
@@ -90,6 +94,8 @@ def copy(
     mode = progress.mode
     positive(connections, "--connections")
     read = read_options(fmt, LOCAL_READ_SIZE_TEXT, 2, spool_dir, disk)
+    if size is not None:
+        read.size = positive_size(size, "--size")
     tls = transport(account.cacert, account.insecure_http, limit_rate, stall_timeout)
     stats = RunStats(title=f"copy {src}")
     to_drive, _ = new_drive(dst)
