@@ -45,7 +45,7 @@ from drivepipe._stats import StageStats
 
 if TYPE_CHECKING:  # pycurl stays unloaded for local files
     from drivepipe.cloudsigma.config import Credentials, Endpoint
-    from drivepipe.transport.http import TlsOptions
+    from drivepipe.transport.curl import TlsOptions
 
 T = TypeVar("T")
 
