@@ -84,10 +84,6 @@ class NetworkError(TransferError):
     curl_code: int | None = None
 
 
-class SourceChanged(TransferError):
-    """The source's size or ETag is not what the download started with (it restarts)."""
-
-
 class HTTPError(TransferError):
     def __init__(
         self, message: str, status: int, request_id: str | None = None,
@@ -105,6 +101,15 @@ class HTTPError(TransferError):
 
 class AuthError(HTTPError):
     pass
+
+
+class SourceChanged(TransferError):
+    """The bytes being read changed under a transfer (a new size or ETag): never mixed;
+    a download starts over, an upload from a URL fails."""
+
+
+class ResumeRefused(UsageError):
+    """A kept transfer (a journal) cannot be continued with what was asked for now."""
 
 
 class VerifyError(DrivepipeError):

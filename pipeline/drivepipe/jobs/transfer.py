@@ -11,11 +11,10 @@ item is failed with its one error line).  Before any transfer a ``done``
 record is checked: an upload's drive must still hold the digest in its meta
 and the image must be unchanged; a download's output must be there with its
 recorded size and mtime (else its digest is recomputed).  Then the item is
-skipped.  Otherwise the existing entry points run: the CLI's image opener,
-:func:`direct_upload` or
-:func:`chunked_upload` (its journal beside the state, keyed by the item, so
-a killed item resumes), and :func:`drivepipe.jobs.download.download`
-(its ``.part`` journal resumes).  Events: ``start`` and ``progress``
+skipped.  Otherwise the library jobs run: :func:`drivepipe.jobs.upload.upload`
+(a chunked one keeps its journal beside the state, keyed by the item, so a killed item
+resumes), and :func:`drivepipe.jobs.download.download` (its ``.part`` journal
+resumes).  Events: ``start`` and ``progress``
 (``bytes``/``total``, every ``progress_interval`` seconds).
 """
 
@@ -31,18 +30,20 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from drivepipe._errors import DrivepipeError, HTTPError, ImageError, TransferError
+from drivepipe._errors import DrivepipeError, HTTPError
 from drivepipe._remote import Auth
-from drivepipe._stage import ImageInput
 from drivepipe._stats import RunStats
 from drivepipe._verify import digest_file
-from drivepipe.cli._common import open_input
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
 from drivepipe.cloudsigma.connection import Connection
 from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE
+from drivepipe.cloudsigma.upload import UploadOptions
+from drivepipe.jobs.images import ReadOptions
 from drivepipe.jobs.plan import Item
-from drivepipe.transport.http import ApiClient, TlsOptions
-from drivepipe_plugins.targets.drive_upload import DirectOptions, direct_upload
+from drivepipe.jobs.upload import MetaNotStored, upload
+from drivepipe.transport.curl import TlsOptions
+from drivepipe.transport.retry import RetryPolicy, is_transient
 
 #: the batch's own meta field, beside the upload command's digest and size
 META_KEY: Final = "drivepipe_batch_key"
@@ -208,9 +209,7 @@ def _now() -> str:
 
 
 def _may_pass_later(exc: DrivepipeError) -> bool:
-    if isinstance(exc, HTTPError):
-        return exc.status >= 500 or exc.status in (408, 429)
-    return isinstance(exc, TransferError) and exc.transient
+    return is_transient(exc)
 
 
 @contextlib.contextmanager
@@ -311,53 +310,30 @@ def _upload(
     item: Item, settings: Settings, access: Access, stats: RunStats, result: ItemResult
 ) -> None:
     st = _source_stat(item.source)
+    chunked = item.chunked
+    if chunked:
+        os.makedirs(settings.journal_dir, exist_ok=True)
+    options = UploadOptions(
+        chunked=chunked, name=item.target, chunk_size=settings.chunk_size,
+        connections=settings.connections,
+        journal_path=journal_path(settings, item) if chunked else None,
+        extra_meta={**item.meta, META_KEY: item.key},
+        policy=RetryPolicy(retries=settings.retries, base=settings.retry_delay / 2))
+    read = ReadOptions(format=item.format, read_size=settings.read_size,
+                       threads=settings.threads, spool_dir=settings.spool_dir)
     conn = access.connection()
     try:
-        image = open_input(item.source, item.format, str(settings.read_size), stats,
-                           settings.threads, settings.spool_dir)
-        if image.size == 0:
-            image.close()
-            raise ImageError(f"{item.source}: the image is empty (0 bytes of disk); "
-                             "there is nothing to upload")
-        if item.chunked:
-            uuid, digest, size = _chunked(item, settings, image, conn, stats, result)
-        else:
-            sent = direct_upload(image, access.endpoint, access.creds, access.tls,
-                                 DirectOptions(), stats)
-            uuid, digest, size = sent.uuid, sent.xxh128, sent.size
-            result.bytes = size
-        result.uuid, result.xxh128, result.size = uuid, digest, size
-        if st is not None:
-            result.source_size, result.source_mtime_ns = st
-        values = {**item.meta, META_DIGEST: digest, META_SIZE: str(size), META_KEY: item.key}
-        try:
-            conn.api.update_drive(uuid, name=item.target, meta=values)
-        except DrivepipeError as exc:
-            raise TransferError(f"drive {uuid} was uploaded, but updating its meta "
-                                f"failed: {exc.one_line()}") from exc
+        sent = upload(item.source, connection=conn, options=options, read=read, stats=stats,
+                      notify=result.notes.append)
+    except MetaNotStored as exc:
+        result.uuid = exc.result.uuid
+        raise
     finally:
         conn.close()
-
-
-def _chunked(
-    item: Item, settings: Settings, image: ImageInput, conn: Connection, stats: RunStats,
-    result: ItemResult,
-) -> tuple[str, str, int]:
-    from drivepipe_plugins.targets.drive_chunked import (  # noqa: PLC0415 - loaded when used
-        ChunkedOptions,
-        chunked_upload,
-    )
-
-    os.makedirs(settings.journal_dir, exist_ok=True)
-    options = ChunkedOptions(chunk_size=settings.chunk_size, connections=settings.connections,
-                             journal_path=journal_path(settings, item), name=item.target,
-                             retries=settings.retries, backoff_base=settings.retry_delay / 2)
-    try:
-        sent = chunked_upload(image, conn, options, stats)
-    finally:
-        image.close()
+    result.uuid, result.xxh128, result.size = sent.uuid, sent.xxh128, sent.size
     result.resumed, result.bytes = sent.resumed, sent.sent_bytes
-    return sent.uuid, sent.xxh128, sent.size
+    if st is not None:
+        result.source_size, result.source_mtime_ns = st
 
 
 def _download(
