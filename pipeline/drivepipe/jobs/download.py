@@ -176,8 +176,9 @@ def resolve(source: str, auth: Auth, tls: TlsOptions) -> Remote:
         raise UsageError(f"not a drive UUID or an http(s) URL: {source!r}")
     if parts.username or parts.password:
         # they would end up in logs and error lines; the account is given separately
-        raise UsageError("the URL must not contain a user or password; give the account "
-                         "separately (the environment, the config file or ~/.netrc)")
+        raise UsageError("the URL must not contain a user or password; give the user on its "
+                         "own, and the password in the environment, the config file or "
+                         "~/.netrc")
     if auth.endpoint is None or not auth.endpoint.owns(source):
         return Remote(source, Auth())
     own = DRIVE_URL_RE.search(parts.path)
