@@ -451,8 +451,8 @@ class RangeReceiver(Source):
         if t.failure is not None:
             raise t.failure
         status = t.headers.status
-        if code == 0 and t.accepted and t.range.received:
-            return
+        if t.accepted and t.range.received:
+            return  # every byte asked for is here, whatever ended the connection after
         if (t.checked and not t.accepted) or (code == 0 and status not in (200, 206)):
             self._http_error(t)
             return
