@@ -147,7 +147,7 @@ def upload(
         stats = RunStats(title=f"upload {image}")
         with Reporter(stats, mode):
             result = upload_image(image, connection=conn, options=options, read=read,
-                                  stats=stats)
+                                  stats=stats, handle_signals=True)
     except MetaNotStored as exc:
         typer.echo(exc.result.uuid)  # the drive exists: its UUID matters
         raise
