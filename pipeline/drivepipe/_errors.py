@@ -15,6 +15,7 @@ translated once, where they cross into drivepipe, with ``raise X(...) from exc``
     │   └── DiskFull                          no space left (or over quota) on the output's disk
     ├── TransferError               exit 6   the network side
     │   ├── NetworkError                      connection refused, reset, timeout, TLS
+    │   ├── SourceChanged                     a download's source changed (size, ETag) under it
     │   └── HTTPError                         an HTTP error answer
     │       └── AuthError                     401/403
     ├── VerifyError                 exit 7   checksum mismatch

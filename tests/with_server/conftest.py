@@ -44,14 +44,14 @@ import base64
 import http.client
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from store_servers import MakeStore, store_factory
+from store_servers import store_fixtures
 
 from drivepipe.server import RunningServer
 
@@ -61,15 +61,9 @@ PASSWORD = "s3cret-pass"
 
 
 
-@pytest.fixture
-def make_drive_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeStore]:
-    yield from store_factory(tmp_path_factory, username=USERNAME, password=PASSWORD,
-                             min_size=STORE_MIN_SIZE, idle_timeout=10.0)
-
-
-@pytest.fixture
-def drive_store(make_drive_store: MakeStore) -> RunningServer:
-    return make_drive_store()
+make_drive_store, drive_store = store_fixtures(
+    "make_drive_store", "drive_store", username=USERNAME, password=PASSWORD,
+    min_size=STORE_MIN_SIZE, idle_timeout=10.0)
 
 
 @dataclass

@@ -24,6 +24,12 @@ class Connection:
     def close(self) -> None:
         self.api.close()
 
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def connect(
     endpoint: str | None,

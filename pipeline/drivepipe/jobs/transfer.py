@@ -11,9 +11,9 @@ item is failed with its one error line).  Before any transfer a ``done``
 record is checked: an upload's drive must still hold the digest in its meta
 and the image must be unchanged; a download's output must be there with its
 recorded size and mtime (else its digest is recomputed).  Then the item is
-skipped.  Otherwise the existing entry points run: :func:`drivepipe.jobs.upload.upload`
+skipped.  Otherwise the library jobs run: :func:`drivepipe.jobs.upload.upload`
 (a chunked one keeps its journal beside the state, keyed by the item, so a killed item
-resumes), and the download steps of ``drivepipe download`` (its ``.part`` journal
+resumes), and :func:`drivepipe.jobs.download.download` (its ``.part`` journal
 resumes).  Events: ``start`` and ``progress``
 (``bytes``/``total``, every ``progress_interval`` seconds).
 """
@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from drivepipe._errors import DrivepipeError, HTTPError
+from drivepipe._remote import Auth
 from drivepipe._stats import RunStats
 from drivepipe._verify import digest_file
 from drivepipe.cloudsigma.api import ApiClient
@@ -42,7 +42,7 @@ from drivepipe.cloudsigma.upload import UploadOptions
 from drivepipe.jobs.images import ReadOptions
 from drivepipe.jobs.plan import Item
 from drivepipe.jobs.upload import MetaNotStored, upload
-from drivepipe.transport.curl import UUID_RE, TlsOptions
+from drivepipe.transport.curl import TlsOptions
 from drivepipe.transport.retry import RetryPolicy, is_transient
 
 #: the batch's own meta field, beside the upload command's digest and size
@@ -72,8 +72,9 @@ class Settings:
     #: where a compressed image whose inner format needs random reads is decoded first
     spool_dir: str | None = None
     progress_interval: float = 0.5
-    #: download: bytes per ranged request and per journaled block
-    range_size: int = 32 << 20
+    #: download: bytes per ranged request (memory: connections + 2 of them) and per
+    #: journaled block
+    range_size: int = 8 << 20
     block_size: int = 4 << 20
     #: seconds without a byte moving before a connection is cut (the CLI's --stall-timeout)
     stall_timeout: float = 120.0
@@ -338,54 +339,22 @@ def _upload(
 def _download(
     item: Item, settings: Settings, access: Access, stats: RunStats, result: ItemResult
 ) -> None:
-    # The steps of ``drivepipe download UUID -o PATH``, with its notes kept in the result.
-    from drivepipe._files import check_target  # noqa: PLC0415
-    from drivepipe.cli import cmd_download as dl  # noqa: PLC0415 - the download steps live there
+    """``drivepipe download SOURCE -o PATH`` as a library call, its notes kept in the
+    result (a drive by UUID with its meta, or a URL: the account only on the endpoint's
+    origin; the ``.part`` journal resumes)."""
+    from drivepipe.jobs.download import DownloadOptions, download  # noqa: PLC0415
 
-    target = _target(item.source, access)
-    options = dl.receive_options(settings.connections, str(settings.range_size),
-                                 settings.block_size, settings.retries, 1.0,
-                                 settings.retry_delay)
-    probed = dl.probe_target(target, options)
-    paths = dl.Paths.for_target(item.target)
-    os.makedirs(os.path.dirname(paths.final) or ".", exist_ok=True)
-    check_target(paths.final, force=item.force)
-    result.resumed = os.path.exists(paths.journal)
-    expected = dl.choose_expectation(None, target, probed.size)
-    stats.total = probed.size
-    stats.add("receive", "source")
-    stats.add("write", "sink")
-    journal, early = dl.fetch(target, probed, paths, settings.block_size, options, stats,
-                              expected, True, result.notes.append)
-    got = dl.verify(paths, journal, expected, stats, early)
-    dl.finish(paths, item.force)
-    if expected is None:
+    os.makedirs(os.path.dirname(item.target) or ".", exist_ok=True)
+    result.resumed = os.path.exists(f"{item.target}.part.journal")
+    options = DownloadOptions(
+        connections=settings.connections, range_size=settings.range_size,
+        block_size=settings.block_size, retries=settings.retries,
+        retry_delay=settings.retry_delay, force=item.force)
+    got = download(item.source, item.target, auth=Auth(access.endpoint, access.creds),
+                   tls=access.tls, options=options, stats=stats, notify=result.notes.append)
+    if got.expected is None:
         result.notes.append(f"{item.source}: no checksum to verify against")
-    st = os.stat(paths.final)
-    result.output, result.xxh128, result.size = paths.final, got.whole, st.st_size
+    st = os.stat(got.output)
+    result.output, result.xxh128, result.size = got.output, got.xxh128, st.st_size
     result.mtime_ns = st.st_mtime_ns
-    result.bytes = stats.stages[0].bytes
-
-
-def _target(source: str, access: Access) -> Any:
-    """Where a download's bytes come from, as ``drivepipe download SOURCE`` finds it: a
-    drive by UUID (with its meta), or a URL (credentials only on the endpoint's origin;
-    a drive's own download URL is verified against its meta too)."""
-    from drivepipe.cli import cmd_download as dl  # noqa: PLC0415
-    from drivepipe_plugins.sources.receiver import Auth  # noqa: PLC0415
-
-    uuid: str | None = source if UUID_RE.match(source) else None
-    if uuid is None:
-        if not access.endpoint.owns(source):
-            return dl.Target(source, Auth(), access.tls)
-        own = dl.DRIVE_URL_RE.search(urlsplit(source).path)
-        uuid = own.group(1).lower() if own else None
-    meta: dict[str, Any] = {}
-    with ApiClient(access.endpoint, access.creds, access.tls) as api:
-        if uuid is not None:
-            drive = api.drive(uuid)
-            found = drive.get("meta")
-            meta = dict(found) if isinstance(found, dict) else {}
-        url = source if not UUID_RE.match(source) else \
-            api.url(f"drives/{uuid}/download/", direct=True)
-    return dl.Target(url, Auth(access.endpoint, access.creds), access.tls, uuid, meta)
+    result.bytes = got.received
