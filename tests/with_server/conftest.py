@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from store_servers import store_fixtures
+from store_servers import MakeStore, store_fixtures
 
 from drivepipe.server import RunningServer
 
