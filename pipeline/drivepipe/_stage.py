@@ -37,11 +37,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from drivepipe._errors import CorruptImage, ImageError, UsageError
 from drivepipe._extent import Extent, split_zeros
 from drivepipe._stats import StageStats
+
+if TYPE_CHECKING:  # pycurl stays unloaded for local files
+    from drivepipe.cloudsigma.config import Credentials, Endpoint
+    from drivepipe.transport.http import TlsOptions
 
 T = TypeVar("T")
 
@@ -227,6 +231,11 @@ class OpenOptions:
     #: the exact size of a raw stream that cannot tell it (a pipe): read as it comes,
     #: and a stream that ends short or runs long fails (None: learn it, e.g. spool)
     size: int | None = None
+    #: how http(s) images are fetched (None: the default policy), and the endpoint whose
+    #: credentials go to URLs on its origin, and only there (None: anonymous)
+    tls: TlsOptions | None = None
+    endpoint: Endpoint | None = None
+    creds: Credentials | None = None
 
 
 @dataclass

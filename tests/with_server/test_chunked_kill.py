@@ -206,7 +206,7 @@ def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(
     drive_store.faults.clear()
     assert first.returncode == 130 and out == b""
     lines = err.decode().strip().splitlines()
-    assert len(lines) == 1 and "rerun the same command to resume drive" in lines[0], lines
+    assert len(lines) == 1 and "again to resume drive" in lines[0], lines
     uuid = lines[0].rsplit(" ", 1)[-1]
     again = subprocess.run(command(drive_store, raw), env=env, capture_output=True,
                            timeout=60, check=False)

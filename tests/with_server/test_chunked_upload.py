@@ -25,20 +25,20 @@ from fixtures.make_fixtures import disk_image, stream_image
 
 from drivepipe._errors import AuthError, DrivepipeError, TransferError
 from drivepipe._registry import formats, open_image
+from drivepipe._stage import OpenOptions
 from drivepipe._stats import RunStats
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint
 from drivepipe.cloudsigma.connection import Connection
+from drivepipe.cloudsigma.upload import UploadOptions
+from drivepipe.jobs.upload import UploadResult
+from drivepipe.jobs.upload import upload as upload_job
 from drivepipe.resume.upload_journal import ImageIdentity, UploadJournal, default_journal_path
 from drivepipe.server import RunningServer
 from drivepipe.server._handler import StoreHandler
-from drivepipe.transport.http import ApiClient, TlsOptions
-from drivepipe_plugins.targets.drive_chunked import (
-    ChunkedOptions,
-    ChunkedResult,
-    ChunkPlan,
-    ResumeRefused,
-    chunked_upload,
-)
+from drivepipe.transport.curl import TlsOptions
+from drivepipe.transport.retry import RetryPolicy
+from drivepipe_plugins.targets.drive_chunked import ChunkPlan, ResumeRefused
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
 KiB = 1 << 10
@@ -96,18 +96,19 @@ def assert_drive_holds(srv: RunningServer, uuid: str, image: Path) -> None:
 
 def upload(
     srv: RunningServer, path: Path, *, fmt: str | None = None, conn: Connection | None = None,
-    **opts: Any,
-) -> tuple[ChunkedResult, RunStats]:
+    retries: int = 8, backoff_base: float = 0.01, backoff_cap: float = 0.2,
+    read_size: int = 4 * MiB, **opts: Any,
+) -> tuple[UploadResult, RunStats]:
+    """The library's chunked upload (meta off), with quick retries."""
     opts.setdefault("chunk_size", CHUNK)
-    opts.setdefault("backoff_base", 0.01)
-    opts.setdefault("backoff_cap", 0.2)
-    image = open_image(str(path), fmt)
+    options = UploadOptions(chunked=True, meta=False, name=path.name,
+                            policy=RetryPolicy(retries, backoff_base, backoff_cap), **opts)
+    image = open_image(str(path), fmt, OpenOptions(read_size=read_size))
     stats = RunStats("chunked")
     connection = conn or connect(srv)
     try:
-        return chunked_upload(image, connection, ChunkedOptions(**opts), stats), stats
+        return upload_job(image, connection=connection, options=options, stats=stats), stats
     finally:
-        image.close()
         connection.close()
 
 
@@ -209,17 +210,19 @@ def test_memory_holds_connections_plus_one_chunks(
     image.write_bytes(random.Random(13).randbytes(40 * MiB))
     tracemalloc.start()
     try:
-        result, _ = upload(drive_store, image, connections=2, chunk_size=2 * MiB)
+        result, _ = upload(drive_store, image, connections=2, chunk_size=2 * MiB,
+                           read_size=MiB)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert result.xxh128 == xxh128_of(image)
-    # 3 chunks of 2 MiB, plus the store's own receive buffers in this process
+    # 3 chunks of 2 MiB, 2 reads of 1 MiB queued before the sink, one being read, plus
+    # the store's own receive buffers in this process
     assert peak < 20 * MiB, f"peak {peak / MiB:.1f} MiB for a 40 MiB image"
-    assert ChunkedOptions(connections=4, chunk_size=1 << 30).chunks_in_memory(1 << 30) == 2
-    assert ChunkedOptions(connections=4).chunks_in_memory(32 * MiB) == 5
+    assert UploadOptions(connections=4, chunk_size=1 << 30).chunks_in_memory(1 << 30) == 2
+    assert UploadOptions(connections=4).chunks_in_memory(32 * MiB) == 5
     # 256 MiB of chunk data at most: 64 MiB chunks leave one connection waiting
-    assert ChunkedOptions(connections=4).chunks_in_memory(64 * MiB) == 4
+    assert UploadOptions(connections=4).chunks_in_memory(64 * MiB) == 4
 
 
 def test_chunk_bodies_go_without_credentials(
@@ -349,7 +352,7 @@ def interrupted(drive_store: RunningServer, tmp_path: Path) -> Iterator[tuple[Pa
     """An upload that stopped after some chunks: chunk 5 always answers 503, no retries."""
     image = make_image(tmp_path / "disk.raw", 3 * MiB, seed=8)
     drive_store.faults.fail_next(0, match="/chunk/5/")
-    with pytest.raises(TransferError, match="rerun the same command to resume") as err:
+    with pytest.raises(TransferError, match="run the same upload again to resume") as err:
         upload(drive_store, image, connections=1, retries=0)
     drive_store.faults.clear()
     uuid = str(err.value).rsplit(" ", 1)[-1]
@@ -399,7 +402,7 @@ def test_changed_image_refuses_to_resume(
         upload(drive_store, image)
     message = err.value.one_line()
     assert "changed since the interrupted upload" in message
-    assert f"--resume {uuid}" in message and ".json" in message
+    assert f"resume into drive {uuid} explicitly" in message and ".json" in message
     assert drive_store.store.get(uuid).status == "uploading", "nothing was sent"
 
 

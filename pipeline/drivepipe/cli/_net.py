@@ -19,7 +19,7 @@ from drivepipe._errors import UsageError
 from drivepipe._sizes import parse_size
 from drivepipe.cli._common import optional
 from drivepipe.cloudsigma.connection import Connection, connect
-from drivepipe.transport.http import TlsOptions
+from drivepipe.transport.curl import TlsOptions
 
 EndpointOpt = Annotated[str | None, optional(
     "--endpoint", "URL", "API base URL ending in /api/2.0/ (env DRIVEPIPE_ENDPOINT, or "

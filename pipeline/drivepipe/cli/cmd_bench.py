@@ -22,29 +22,32 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from drivepipe._bench import Budget, SendVariant, SinkFactory, Subject, report_lines, run_bench
 from drivepipe._errors import TransferError, UsageError
 from drivepipe._extent import Extent
-from drivepipe._registry import open_image
+from drivepipe._registry import open_image, stage, target
+from drivepipe._runner import run_pipeline
 from drivepipe._sizes import parse_size
 from drivepipe._stage import ImageInput, OpenOptions, Sink, Source
-from drivepipe._stats import RunStats
+from drivepipe._stats import RunStats, StageStats
 from drivepipe.cli._app import app
 from drivepipe.cli._common import FormatOpt, QueueOpt, ReadSizeOpt, positive, positive_size
 from drivepipe.cli._net import CacertOpt, EndpointOpt, InsecureHttpOpt, UserOpt, connect
-from drivepipe.cli._net import Connection as NetConnection
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint
-from drivepipe.transport.http import ApiClient, TlsOptions
-from drivepipe_plugins.targets.drive_chunked import ChunkedOptions, chunked_upload
-from drivepipe_plugins.targets.drive_upload import (
+from drivepipe.cloudsigma.connection import Connection as NetConnection
+from drivepipe.cloudsigma.upload import (
     DEFAULT_BUFFER_SIZE,
     MAX_BUFFER_SIZE,
-    CurlUploadSink,
+    SentDrive,
+    UploadOptions,
 )
+from drivepipe.jobs.upload import drive_target
+from drivepipe.transport.curl import TlsOptions
 
 #: the upload buffer tried when the network limits (libcurl's largest; the default is 1M)
 BIGGER_BUFFER = MAX_BUFFER_SIZE
@@ -66,10 +69,15 @@ class Target:
     label: str
     made: list[str] = field(default_factory=list)
 
-    def sink(self, buffer_size: int) -> Sink[str]:
+    def connection(self) -> NetConnection:
+        return NetConnection(self.endpoint, self.creds, self.tls,
+                             ApiClient(self.endpoint, self.creds, self.tls))
+
+    def sink(self, buffer_size: int) -> Sink[SentDrive]:
         self.cleanup()  # untimed: the factory runs before the pipeline starts
-        return TrackedSink(CurlUploadSink(self.endpoint, self.creds, self.tls,
-                                          buffer_size=buffer_size), self.made)
+        direct: Any = target("drive")  # DirectUploadSink(endpoint, creds, tls, buffer_size=)
+        return TrackedSink(direct(self.endpoint, self.creds, self.tls, buffer_size=buffer_size),
+                           self.made)
 
     def cleanup(self) -> None:
         """Delete the drives the measurements created."""
@@ -82,18 +90,21 @@ class Target:
                     api.request("DELETE", api.url(f"drives/{uuid}/"), what="delete test drive")
 
 
-class TrackedSink(Sink[str]):
+class TrackedSink(Sink[SentDrive]):
     """An upload sink that remembers the drive it created, for the cleanup."""
 
-    def __init__(self, inner: Sink[str], made: list[str]) -> None:
+    def __init__(self, inner: Sink[SentDrive], made: list[str]) -> None:
         self.inner = inner
         self.made = made
         self.name = inner.name
 
-    def consume(self, extents: Iterator[Extent], size: int) -> str:
-        uuid = self.inner.consume(extents, size)
-        self.made.append(uuid)
-        return uuid
+    def meter(self, stats: StageStats) -> bool:
+        return self.inner.meter(stats)
+
+    def consume(self, extents: Iterator[Extent], size: int) -> SentDrive:
+        sent = self.inner.consume(extents, size)
+        self.made.append(sent.uuid)
+        return sent
 
     def abort(self) -> None:
         self.inner.abort()
@@ -189,18 +200,22 @@ def _chunked(target: Target, path: str) -> Callable[[Source, int], float]:
     def send(source: Source, size: int) -> float:
         target.cleanup()  # before the clock starts
         image = ImageInput(path=path, format="raw", size=size, source=source)
-        api = ApiClient(target.endpoint, target.creds, target.tls)
-        conn = NetConnection(target.endpoint, target.creds, target.tls, api)
-        options = ChunkedOptions(chunk_size=CHUNK_SIZE, connections=CHUNKED_CONNECTIONS)
+        conn = target.connection()
         with tempfile.TemporaryDirectory(prefix="drivepipe-bench-") as tmp:
-            options.journal_path = f"{tmp}/journal"  # a fresh journal: never a resume
+            # a fresh journal: never a resume
+            options = UploadOptions(chunked=True, chunk_size=CHUNK_SIZE,
+                                    connections=CHUNKED_CONNECTIONS,
+                                    journal_path=f"{tmp}/journal", name="drivepipe-bench")
+            sink = drive_target(options).for_upload(conn, options, image)
             try:
                 t0 = time.perf_counter()
-                result = chunked_upload(image, conn, options, RunStats(title="bench chunked"))
+                # hashed like an upload: the chunked sender hashed its chunks before too
+                sent = run_pipeline(source, [stage("xxh3")()], sink, size=size,
+                                    stats=RunStats(title="bench chunked"))
                 seconds = time.perf_counter() - t0
             finally:
                 conn.close()
-        target.made.append(result.uuid)
+        target.made.append(sent.uuid)
         return seconds
 
     return send

@@ -9,7 +9,7 @@ CLI is parse, one call, render.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from drivepipe._errors import UsageError
@@ -21,6 +21,8 @@ from drivepipe._registry import stage as plugin_stage
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, OpenOptions, TargetOptions
 from drivepipe._stats import RunStats
+from drivepipe.cloudsigma.config import Credentials, Endpoint
+from drivepipe.transport.curl import TlsOptions
 
 #: Measured on a warm 1 GiB file (benchmarks/bench_local.py): 2 MiB reads with 8 in
 #: flight beat 4 MiB x 16; the smaller set of buffers stays in cache.
@@ -43,6 +45,11 @@ class ReadOptions:
     disk: str | None = None
     #: the exact size of a raw stream on standard input (no spool needed then)
     size: int | None = None
+    #: how http(s) images are fetched, and the account sent only to its endpoint's
+    #: origin (None: anonymous URLs only)
+    tls: TlsOptions | None = None
+    endpoint: Endpoint | None = None
+    creds: Credentials | None = None
 
     def check(self) -> None:
         if self.read_size <= 0:
@@ -69,6 +76,7 @@ def open_input(src: str, read: ReadOptions | None = None,
     options = OpenOptions(
         read_size=read.read_size, on_phase=on_phase, threads=read.threads,
         spool_dir=read.spool_dir, on_layer=on_layer, disk=read.disk, size=read.size,
+        tls=read.tls, endpoint=read.endpoint, creds=read.creds,
     )
     image = open_image(src, read.format, options)
     if stats is not None:
@@ -200,7 +208,7 @@ def inspect(src: str, *, read: ReadOptions | None = None, scan: bool = False) ->
     ``read.disk`` says otherwise; its details list them all."""
     read = read or ReadOptions(read_size=4 << 20)
     if read.disk is None:
-        read = ReadOptions(**{**read.__dict__, "disk": "1"})
+        read = replace(read, disk="1")
     image = open_input(src, read)
     try:
         data = image.data_size

@@ -1,0 +1,33 @@
+"""The library's words for a setting, and the flag the command line names instead.
+
+Library messages do not name CLI flags ("resume into drive X explicitly", "a private
+CA's certificate must be given"); every error line the CLI prints goes through
+:func:`with_flags`, which puts the flag where the library said it in words.
+"""
+
+from __future__ import annotations
+
+import re
+
+FLAG_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"resume into drive ([0-9a-fA-F-]{36}) explicitly"), r"pass --resume \1"),
+    (re.compile(r"give another journal path"), "pass another --journal"),
+    (re.compile(r"a private CA's certificate must be given"),
+     "pass the private CA's certificate with --cacert"),
+    (re.compile(r"allow plain http explicitly"), "pass --insecure-http"),
+    (re.compile(r"give an endpoint URL or a location code"),
+     "pass --endpoint URL or --location CODE"),
+    (re.compile(r"^no user: give one"), "no user: pass --user EMAIL"),
+    (re.compile(r"give the user on its own"), "use --user"),
+    (re.compile(r"^the location must be"), "--location must be"),
+)
+
+
+def with_flags(message: str) -> str:
+    """``message`` with the library's words for a setting replaced by the CLI's flags."""
+    for pattern, flag in FLAG_WORDS:
+        message = pattern.sub(flag, message)
+    return message
+
+
+__all__ = ["FLAG_WORDS", "with_flags"]
