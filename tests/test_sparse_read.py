@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures.decode_helpers import checked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sparse_files import MakeImage, random_layout, write_sparse
@@ -30,13 +31,8 @@ def content(extents: list[Extent]) -> bytes:
 
 
 def assert_tiles(extents: list[Extent], start: int, end: int) -> None:
-    pos = start
-    for ext in extents:
-        assert ext.offset == pos
-        assert ext.length > 0
-        assert ext.data is None or len(ext.data) == ext.length
-        pos = ext.end
-    assert pos == end
+    for _ in checked(extents, start, end):
+        pass
 
 
 @pytest.fixture
@@ -185,6 +181,13 @@ def assert_zero_blocks_are_holes(extents: list[Extent]) -> None:
             assert not is_zero(view[start : start + ZERO_BLOCK]), f"zero block at {ext.offset}"
 
 
+def assert_read_back(extents: list[Extent], expected: bytes) -> None:
+    """The extents tile ``expected``, hold its bytes, and no zero block is left as data."""
+    assert_tiles(extents, 0, len(expected))
+    assert content(extents) == expected
+    assert_zero_blocks_are_holes(extents)
+
+
 def test_without_hole_information_zero_blocks_become_holes(make_sparse: MakeImage) -> None:
     path = make_sparse(5 * MiB + 77, pieces=5, max_piece=200 << 10, zero_pieces=3, seed=5)
     expected = path.read_bytes()
@@ -196,9 +199,7 @@ def test_without_hole_information_zero_blocks_become_holes(make_sparse: MakeImag
         extents = list(reader.extents())
     finally:
         reader.close()
-    assert_tiles(extents, 0, len(expected))
-    assert content(extents) == expected
-    assert_zero_blocks_are_holes(extents)
+    assert_read_back(extents, expected)
     assert sum(e.length for e in extents if e.is_hole) >= 4 * MiB
 
 
@@ -304,9 +305,7 @@ def test_block_device_is_read_whole_with_zero_blocks_as_holes(
         extents = list(reader.extents())
     finally:
         reader.close()
-    assert_tiles(extents, 0, len(expected))
-    assert content(extents) == expected
-    assert_zero_blocks_are_holes(extents)
+    assert_read_back(extents, expected)
     assert any(e.is_hole for e in extents)
 
 
