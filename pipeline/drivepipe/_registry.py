@@ -195,7 +195,8 @@ def open_url(url: str, options: OpenOptions, chain: list[str] | None = None) -> 
     from drivepipe._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
 
     source = byte_sources()["url"](url, tls=options.tls, endpoint=options.endpoint,
-                                   creds=options.creds, read_size=options.read_size)
+                                   creds=options.creds, read_size=options.read_size,
+                                   notify=options.notify)
     if source.random:
         return source
     if getattr(source, "size_known", True):

@@ -431,13 +431,15 @@ def test_a_connection_cut_mid_way_is_continued_byte_identical(bad: Misbehaving) 
     bad.served.files["/d.raw"] = data
     # the probe and the head's block come whole; the stream is cut twice
     bad.served.cuts["/d.raw"] = [10**12, 10**12, 3 * MiB + 5, MiB]
-    source = UrlSource(bad.url("/d.raw"), retry=FAST_RETRY)
+    notes: list[str] = []
+    source = UrlSource(bad.url("/d.raw"), retry=FAST_RETRY, notify=notes.append)
     try:
         assert source.random and source.size == len(data)
         assert source.head(16) == data[:16]
         assert read_all(source) == data
     finally:
         source.close()
+    assert len(notes) == 2 and f"continuing from byte {3 * MiB + 5} in" in notes[0], notes
     streamed = [e for e in bad.served.log if e[1] and not e[1].endswith("=0-0")][1:]
     assert [r for _, r, _, _ in streamed] == [
         "bytes=0-9437260", f"bytes={3 * MiB + 5}-9437260", f"bytes={4 * MiB + 5}-9437260"]

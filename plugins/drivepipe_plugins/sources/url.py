@@ -194,6 +194,7 @@ class UrlSource(ByteSource):
         retry: RetryPolicy | None = None,
         cache_blocks: int = CACHE_BLOCKS,
         label: str | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         check_url(url)
         self.url = url
@@ -207,6 +208,7 @@ class UrlSource(ByteSource):
         self._endpoint, self._creds = self._own_endpoint, self._own_creds
         self.read_size = max(4096, read_size)
         self.retry = retry or TRANSFER_POLICY
+        self.notify = notify
         self.cache_blocks = max(1, cache_blocks)
         #: requests made (the probe included), for tests and statistics
         self.requests = 0
@@ -328,7 +330,14 @@ class UrlSource(ByteSource):
         self._adopt(probe)
 
     def _with_retries(self, call: Callable[[], _Probe]) -> _Probe:
-        return self.retry.call(call)
+        def on_retry(exc: BaseException, wait: float) -> None:
+            self._note(f"{self.label}: {_one_line(exc)}; asking again in {wait:.1f} s")
+
+        return self.retry.call(call, on_retry=on_retry)
+
+    def _note(self, text: str) -> None:
+        if self.notify is not None:
+            self.notify(text)
 
     # -- connections ------------------------------------------------------------------
 
@@ -364,6 +373,7 @@ class UrlSource(ByteSource):
                 if relinks > _RELINKS:
                     raise TransferError(f"{self.label}: the link kept expiring (renewed "
                                         f"{_RELINKS} times)") from None
+                self._note(f"{self.label}: the link expired at byte {pos}; renewing it")
                 self._relink()
             except TransferError as exc:
                 failures += 1
@@ -374,6 +384,8 @@ class UrlSource(ByteSource):
                             f"{self.label}: gave up at byte {pos} after {failures} attempts "
                             f"in a row: {exc.one_line()}") from exc
                     raise
+                self._note(f"{self.label}: {exc.one_line()}; continuing from byte {pos} in "
+                           f"{wait:.1f} s (retry {failures} of {self.retry.retries})")
                 time.sleep(wait)
 
     def _one_get(self, pos: int, end: int | None) -> Iterator[bytes]:
@@ -562,6 +574,10 @@ class UrlSource(ByteSource):
         for conn in pool:
             conn.close()
         self._cache.clear()
+
+
+def _one_line(exc: BaseException) -> str:
+    return exc.one_line() if isinstance(exc, TransferError) else str(exc)
 
 
 __all__ = ["UrlSource", "check_url"]
