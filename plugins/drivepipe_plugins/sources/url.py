@@ -1,6 +1,6 @@
 """An http(s) URL as a byte source: ranges for random reads, streams that resume.
 
-In: a URL, the transport policy (:class:`~drivepipe.transport.http.TlsOptions`)
+In: a URL, the transport policy (:class:`~drivepipe.transport.curl.TlsOptions`)
 and optionally an endpoint with its credentials.  The first request is a
 ``GET`` with ``Range: bytes=0-0`` following redirects; it teaches the final
 URL (often a signed one), the size, the ETag / Last-Modified and whether
@@ -31,7 +31,7 @@ ranged request answered with the whole file - means the file changed on the
 server: that is an error, never a mix of two versions.  An expired signed link
 (401/403/404/410 after a redirect) is renewed by probing the original URL again.
 
-Credentials (Basic) are attached by :func:`drivepipe.transport.http.configure`,
+Credentials (Basic) are attached by :func:`drivepipe.transport.curl.configure`,
 only to URLs on the endpoint's origin, never over plain http to a remote host,
 and never after a redirect to another origin (libcurl does not re-send them
 while following, and the requests that follow go to the final URL without
