@@ -633,6 +633,12 @@ def test_a_url_with_a_password_is_refused_without_echoing_it(
     assert "pw-in-url" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "https:///x", "http//host/x"])
+def test_what_is_not_an_http_url_is_refused(url: str) -> None:
+    with pytest.raises(UsageError, match="not an http"):
+        UrlSource(url)
+
+
 def test_a_missing_file_is_one_line(nginx: Nginx, capfd: pytest.CaptureFixture[str]) -> None:
     code, _, err = cli(capfd, "checksum", "--progress", "none", nginx.url("/files/nope.raw"))
     assert code == TransferError.exit_code

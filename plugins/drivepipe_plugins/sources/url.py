@@ -460,11 +460,15 @@ class UrlSource(ByteSource):
                     f"(asked for bytes {pos}-{(end or 0) - 1} of {self.size}, got "
                     f"{headers.get('content-range', 'no Content-Range')}); start again")
             return True
-        if ranged:
+        if ranged and self.strong_etag:
             # If-Range said "only if unchanged": a whole new body means it changed
             raise SourceChanged(f"{self.label}: the file changed on the server while it was "
                                 "being read (a ranged request got the whole file back); "
                                 "start again")
+        if ranged:
+            raise TransferError(f"{self.label}: the server stopped answering ranges (it "
+                                "sent the whole file for a part of it); a file can only be "
+                                "read from it front to back now")
         length = headers.get("content-length", "")
         if self.size_known and length.isdigit() and int(length) != self.size:
             raise SourceChanged(f"{self.label}: the file changed on the server while it was "
