@@ -254,7 +254,7 @@ def detect_source(source: ByteSource, head: bytes | None = None) -> ImageFormat:
     if foreign is not None:
         raise UnsupportedFormat(
             f"{source.label}: looks like a {foreign} image, which drivepipe does not decode; "
-            "convert it first (qemu-img convert -O raw) or pass --format raw to send it as is"
+            "convert it first (qemu-img convert -O raw) or read it as raw to send it as is"
         )
     return all_formats["raw"]
 
