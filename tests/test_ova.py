@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import io
 import json
-import random
 import tarfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -20,6 +19,7 @@ from fixtures.decode_helpers import bounded, decode_detected
 from fixtures.vmdk_writer import write_vmdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sparse_files import scattered_bytes
 
 from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._stage import ImageInput, OpenOptions
@@ -48,15 +48,7 @@ STREAM_URI = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOp
 
 
 def disk_raw(seed: int, size: int = 2 * MiB) -> bytes:
-    rng = random.Random(seed)
-    buf = bytearray(size)
-    for _ in range(6):
-        at = rng.randrange(0, size)
-        n = min(size - at, rng.randrange(1, 200_000))
-        buf[at : at + n] = rng.randbytes(n)
-    buf[:1000] = rng.randbytes(1000)
-    buf[-512:] = rng.randbytes(512)
-    return bytes(buf)
+    return scattered_bytes(size, seed, pieces=6, max_piece=200_000, head=1000, tail=512)
 
 
 def vmdk_bytes(tmp: Path, raw: bytes, name: str, **kw: object) -> bytes:

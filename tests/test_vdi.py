@@ -41,12 +41,17 @@ def make_vdi(tmp: Path, size: int, static: bool, name: str = "d") -> tuple[Path,
     return raw, vdi
 
 
-def full_vdi(tmp: Path, size: int, seed: int) -> tuple[Path, Path]:
-    """A dynamic VDI (qemu-img) of a raw disk of ``size`` random bytes: (raw, vdi)."""
-    raw = write_sparse(tmp / "s.raw", size, [(0, random.Random(seed).randbytes(size))])
+def vdi_of(tmp: Path, size: int, pieces: list[tuple[int, bytes]]) -> tuple[Path, Path]:
+    """A dynamic VDI (qemu-img) of a sparse raw disk holding ``pieces``: (raw, vdi)."""
+    raw = write_sparse(tmp / "s.raw", size, pieces)
     vdi = tmp / "d.vdi"
     qemu("convert", "-f", "raw", "-O", "vdi", raw, vdi)
     return raw, vdi
+
+
+def full_vdi(tmp: Path, size: int, seed: int) -> tuple[Path, Path]:
+    """:func:`vdi_of` a raw disk of ``size`` random bytes."""
+    return vdi_of(tmp, size, [(0, random.Random(seed).randbytes(size))])
 
 
 def header(path: Path) -> dict[str, int]:
@@ -152,11 +157,8 @@ def test_block_extra_leads_each_block(tmp_path: Path) -> None:
     """cbBlockExtra bytes precede each block's data (VirtualBox); qemu only writes 0."""
     size = 6 * MiB + 4096
     rng = random.Random(6)
-    raw = write_sparse(
-        tmp_path / "s.raw", size, [(0, rng.randbytes(MiB + 5)), (4 * MiB, rng.randbytes(MiB))]
-    )
-    vdi = tmp_path / "d.vdi"
-    qemu("convert", "-f", "raw", "-O", "vdi", raw, vdi)
+    raw, vdi = vdi_of(tmp_path, size, [(0, rng.randbytes(MiB + 5)),
+                                       (4 * MiB, rng.randbytes(MiB))])
     h = header(vdi)
     entries = block_map(vdi)
     extra = 4096
@@ -182,12 +184,8 @@ def test_block_extra_leads_each_block(tmp_path: Path) -> None:
 def test_random_access_ranges(tmp_path: Path) -> None:
     size = 24 * MiB + 512
     rng = random.Random(8)
-    raw = write_sparse(
-        tmp_path / "s.raw", size,
-        [(rng.randrange(size - 200_000), rng.randbytes(200_000)) for _ in range(10)],
-    )
-    vdi = tmp_path / "d.vdi"
-    qemu("convert", "-f", "raw", "-O", "vdi", raw, vdi)
+    raw, vdi = vdi_of(tmp_path, size, [(rng.randrange(size - 200_000), rng.randbytes(200_000))
+                                       for _ in range(10)])
     expected = raw.read_bytes()
     image = open_with(VdiFormat(), vdi, read_size=512 * 1024)
     try:

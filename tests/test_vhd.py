@@ -13,14 +13,20 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-import xxhash
-from fixtures.decode_helpers import checked, decode_detected, image_digest, open_with, walk
+from fixtures.decode_helpers import (
+    checked,
+    decode_detected,
+    image_digest,
+    open_with,
+    stream_digest,
+    walk,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sparse_files import write_sparse
 
 from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
-from drivepipe._extent import Extent, zero_chunks
+from drivepipe._extent import Extent
 from drivepipe._stage import ByteSource, ImageInput, OpenOptions
 from drivepipe.cli import main
 from drivepipe.server import RunningServer
@@ -72,22 +78,23 @@ def qemu_raw(image: Path, qemu_format: str, out: Path) -> Path:
     return out
 
 
-def digest_extents(extents: Iterator[Extent]) -> str:
-    h = xxhash.xxh3_128()
-    for ext in extents:
-        if ext.data is None:
-            for chunk in zero_chunks(ext.length):
-                h.update(chunk)
-        else:
-            h.update(ext.data)
-    return h.hexdigest()
+def raw_then_zeros(raw: Path, size: int) -> str:
+    """The digest of the file ``raw`` followed by zeros up to ``size`` bytes."""
+    reader = SparseFileReader(str(raw))
+    try:
+        extents = list(reader.extents())
+        if size > reader.size:
+            extents.append(Extent.hole(reader.size, size - reader.size))
+    finally:
+        reader.close()
+    return stream_digest(extents, size)
 
 
 def digest_file(path: Path, length: int | None = None) -> str:
     reader = SparseFileReader(str(path))
     try:
         n = reader.size if length is None else length
-        return digest_extents(reader.read_range(0, n))
+        return stream_digest(reader.read_range(0, n), n)
     finally:
         reader.close()
 
@@ -223,9 +230,7 @@ def test_conformance_with_qemu_img(
             # without it qemu-img rounds the size up to a CHS geometry (and writes that as
             # currentSize): the disk is the source plus zeros
             assert image.size == footer.chs_size >= size
-            assert ours == digest_extents(
-                iter([*SparseFileReader(str(raw)).extents(), Extent.hole(size, image.size - size)])
-            )
+            assert ours == raw_then_zeros(raw, image.size)
         assert image.data_size is not None
         assert 0 < image.data_size < 64 * MiB
         assert image.file_size == vhd.stat().st_size
@@ -344,9 +349,7 @@ def test_dense_reads_are_coalesced_and_holes_never_read(tmp_path: Path) -> None:
     image = VhdFormat().open(source, OpenOptions(read_size=4 * MiB))
     try:
         source.reads.clear()
-        assert image_digest(image) == digest_extents(
-            iter([*SparseFileReader(str(raw)).extents(), Extent.hole(size, image.size - size)])
-        )
+        assert image_digest(image) == raw_then_zeros(raw, image.size)
         big = [n for _, n in source.reads if n > 4096]
         # 4 MiB of data and the 512-byte bitmap between two blocks
         assert max(big) == 4 * MiB + 512

@@ -456,33 +456,26 @@ def test_differencing_disks_are_refused(tmp_path: Path, spec: Vhdx) -> None:
     assert "\n" not in info.value.one_line()
 
 
-def test_partially_present_block_is_refused_at_open(tmp_path: Path) -> None:
-    path = Vhdx(size=8 * MiB, blocks={2: PARTIALLY_PRESENT}).write(tmp_path / "p.vhdx")
-    with pytest.raises(UnsupportedFormat, match="PARTIALLY_PRESENT"):
+@pytest.mark.parametrize(("block", "entry", "error", "match"), [
+    (2, PARTIALLY_PRESENT, UnsupportedFormat, "PARTIALLY_PRESENT"),
+    (1, 4, CorruptImage, "invalid state 4"),
+], ids=["partially-present", "invalid-state"])
+def test_block_state_is_refused_at_open(tmp_path: Path, block: int, entry: int,
+                                        error: type[Exception], match: str) -> None:
+    path = Vhdx(size=8 * MiB, blocks={block: entry}).write(tmp_path / "s.vhdx")
+    with pytest.raises(error, match=match):
         open_vhdx(path)
 
 
-def test_invalid_block_state_is_refused_at_open(tmp_path: Path) -> None:
-    path = Vhdx(size=8 * MiB, blocks={1: 4}).write(tmp_path / "s.vhdx")
-    with pytest.raises(CorruptImage, match="invalid state 4"):
-        open_vhdx(path)
-
-
-def test_block_past_the_end_of_the_file_is_corrupt(tmp_path: Path) -> None:
-    path = Vhdx(size=8 * MiB, blocks={1: 511 * MiB | FULLY_PRESENT}).write(tmp_path / "s.vhdx")
+@pytest.mark.parametrize(("entry", "match"), [
+    (511 * MiB | FULLY_PRESENT, "truncated"),
+    (BAT_OFFSET | FULLY_PRESENT, "overlaps"),
+], ids=["past-the-end-of-the-file", "inside-the-bat"])
+def test_block_offset_is_corrupt_when_read(tmp_path: Path, entry: int, match: str) -> None:
+    path = Vhdx(size=8 * MiB, blocks={1: entry}).write(tmp_path / "s.vhdx")
     image = open_vhdx(path)
     try:
-        with pytest.raises(CorruptImage, match="truncated"):
-            list(image.source.extents())
-    finally:
-        image.close()
-
-
-def test_block_inside_the_bat_is_corrupt(tmp_path: Path) -> None:
-    path = Vhdx(size=8 * MiB, blocks={1: BAT_OFFSET | FULLY_PRESENT}).write(tmp_path / "b.vhdx")
-    image = open_vhdx(path)
-    try:
-        with pytest.raises(CorruptImage, match="overlaps"):
+        with pytest.raises(CorruptImage, match=match):
             list(image.source.extents())
     finally:
         image.close()

@@ -26,6 +26,7 @@ from fixtures.decode_helpers import (
 from fixtures.vmdk_writer import write_vmdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sparse_files import scattered_bytes
 
 from drivepipe._errors import CorruptImage, DrivepipeError, ImageError, UnsupportedFormat
 from drivepipe._runner import run_pipeline
@@ -170,14 +171,7 @@ def test_over_4gib_virtual_size(tmp_path: Path) -> None:
 
 
 def sample_raw(size: int, seed: int) -> bytes:
-    rng = random.Random(seed)
-    buf = bytearray(size)
-    for _ in range(10):
-        at = rng.randrange(0, size)
-        n = min(size - at, rng.randrange(1, 100_000))
-        buf[at : at + n] = rng.randbytes(n)
-    buf[-600:] = rng.randbytes(600)
-    return bytes(buf)
+    return scattered_bytes(size, seed, pieces=10, max_piece=100_000, tail=600)
 
 
 WRITER_CASES = {

@@ -155,6 +155,16 @@ def is_url(path: str) -> bool:
     return bool(sep) and scheme.lower() in ("http", "https")
 
 
+def shown(path: str) -> str:
+    """How an image path is shown (titles, names): a URL without its query string,
+    where signed links carry their signature."""
+    if not is_url(path):
+        return path
+    from drivepipe.transport.curl import safe_url  # noqa: PLC0415 - pycurl only for URLs
+
+    return safe_url(path)
+
+
 def open_stdin(options: OpenOptions, chain: list[str] | None = None) -> ByteSource:
     """Standard input as a byte source: read in place when it is a file or a device
     (``< disk.img``); a pipe of a known size (``options.size``) streams as is when it
@@ -195,7 +205,8 @@ def open_url(url: str, options: OpenOptions, chain: list[str] | None = None) -> 
     from drivepipe._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
 
     source = byte_sources()["url"](url, tls=options.tls, endpoint=options.endpoint,
-                                   creds=options.creds, read_size=options.read_size)
+                                   creds=options.creds, read_size=options.read_size,
+                                   notify=options.notify)
     if source.random:
         return source
     if getattr(source, "size_known", True):
@@ -253,7 +264,7 @@ def detect_source(source: ByteSource, head: bytes | None = None) -> ImageFormat:
     if foreign is not None:
         raise UnsupportedFormat(
             f"{source.label}: looks like a {foreign} image, which drivepipe does not decode; "
-            "convert it first (qemu-img convert -O raw) or pass --format raw to send it as is"
+            "convert it first (qemu-img convert -O raw) or read it as raw to send it as is"
         )
     return all_formats["raw"]
 

@@ -236,6 +236,8 @@ class OpenOptions:
     tls: TlsOptions | None = None
     endpoint: Endpoint | None = None
     creds: Credentials | None = None
+    #: hears of what a source works around (a remote read retried after a break)
+    notify: Callable[[str], None] | None = None
 
 
 @dataclass
