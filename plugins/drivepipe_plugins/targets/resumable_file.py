@@ -40,6 +40,7 @@ from drivepipe._registry import open_file
 from drivepipe._sizes import format_size
 from drivepipe._stage import Sink
 from drivepipe._stats import StageStats
+from drivepipe._verify import hash_extent
 from drivepipe.resume.download_journal import (
     JOURNAL_SUFFIX,
     DownloadJournal,
@@ -54,20 +55,13 @@ PART_SUFFIX = ".part"
 @cache
 def _zero_digest(length: int) -> str:
     """The journal digest of ``length`` zero bytes (a hole block costs no hashing)."""
-    h = xxhash.xxh3_64()
-    for zeros in zero_chunks(length):
-        h.update(zeros)
-    return h.hexdigest()
+    return _block_digest([Extent.hole(0, length)])
 
 
 def _block_digest(extents: list[Extent]) -> str:
     h = xxhash.xxh3_64()
     for ext in extents:
-        if ext.data is None:
-            for zeros in zero_chunks(ext.length):
-                h.update(zeros)
-        else:
-            h.update(ext.data)
+        hash_extent(h, ext)
     return h.hexdigest()
 
 
@@ -88,8 +82,7 @@ class _BlockHasher:
         self._hash.update(data)
 
     def _flush_zeros(self) -> None:
-        for zeros in zero_chunks(self._zeros):
-            self._hash.update(zeros)
+        hash_extent(self._hash, Extent.hole(0, self._zeros))
         self._zeros = 0
 
     def digest(self, length: int) -> str:
