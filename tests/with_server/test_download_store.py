@@ -96,11 +96,16 @@ def test_drive_grown_to_minimum_verifies_prefix_and_zero_tail(
     data = random.Random(2).randbytes(300_000)
     uuid = put_drive(drive_store, data)
     set_meta(drive_store, uuid, data)
-    assert drive_store.store.get(uuid).size > len(data)  # grown to the store's minimum
+    size = drive_store.store.get(uuid).size
+    assert size > len(data)  # grown to the store's minimum
     assert download(drive_store, uuid, "-o", "small.img") == 0
     got = (cli_env / "small.img").read_bytes()
     assert got[: len(data)] == data and not any(got[len(data):])
-    assert capsys.readouterr().out == "small.img\n"
+    out, err = capsys.readouterr()
+    assert out == "small.img\n"
+    # and it says what was verified
+    assert f"the first {len(data)} bytes verified against the drive's meta" in err
+    assert f"the other {size - len(data)} bytes" in err and "are zeros" in err
 
 
 def test_nonzero_byte_after_the_uploaded_size_is_caught(
@@ -267,20 +272,6 @@ def test_wrong_password_is_one_line(
     err = capsys.readouterr().err
     assert "authentication refused" in err and "wrong-password" not in err
     assert list(cli_env.iterdir()) == []
-
-
-def test_grown_drive_says_what_was_verified(
-    drive_store: RunningServer, put_drive: PutDrive, cli_env: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    data = random.Random(3).randbytes(300_000)
-    uuid = put_drive(drive_store, data)
-    set_meta(drive_store, uuid, data)
-    size = drive_store.store.get(uuid).size
-    assert download(drive_store, uuid, "-o", "g.img") == 0
-    err = capsys.readouterr().err
-    assert f"the first {len(data)} bytes verified against the drive's meta" in err
-    assert f"the other {size - len(data)} bytes" in err and "are zeros" in err
 
 
 def test_the_drives_own_api_url_is_verified_against_its_meta(
