@@ -484,8 +484,11 @@ def test_sigkill_then_rerun_fetches_only_what_was_missing(
     assert all(any(lo <= a and b <= hi for lo, hi in on_disk) for a, b in covered)
 
 
-def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Path) -> None:
-    # 4 s at the /slow/ rate: room for the SIGINT to land mid-download on a loaded box
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Path,
+                                                      signum: int) -> None:
+    # 4 s at the /slow/ rate: room for the signal to land mid-download on a loaded box
+    # (the command asks the library for handlers: SIGTERM stops it like Ctrl-C)
     size = 64 * MiB
     src = make_image(nginx, "interrupted.raw", size, seed=13, pieces=20)
     args = [nginx.url("/slow/interrupted.raw"), "--expect", f"xxh128:{digest(src)}",
@@ -500,7 +503,7 @@ def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Pat
     while time.monotonic() < deadline and proc.poll() is None and not (
             part.exists() and part.stat().st_blocks > 0):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert err == "drivepipe: error: interrupted\n" and out == ""
