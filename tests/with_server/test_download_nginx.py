@@ -418,6 +418,23 @@ def test_damaged_block_on_disk_is_refetched_from_there_on_resume(nginx: Nginx, w
     assert nginx.bytes_sent(mark, "damaged.raw") == 1 + 3 * MiB
 
 
+def test_resume_from_a_server_ignoring_ranges_drops_the_kept_bytes(nginx: Nginx,
+                                                                   workdir: Path) -> None:
+    src = make_image(nginx, "whole2.raw", 8 * MiB, seed=22, pieces=16)
+    args = [nginx.url("/noranges/whole2.raw"), "--block-size", "1M"]
+    assert run(workdir, *args, "--expect", "xxh128:" + "4" * 32).returncode == 7
+    with open(workdir / "whole2.raw.part", "r+b") as f:  # block 5 goes bad: 0-4 are kept
+        f.seek(5 * MiB + 3)
+        f.write(b"\x55")
+    mark = len(nginx.log_lines())
+    proc = run(workdir, *args, "--expect", f"xxh128:{digest(src)}")
+    assert proc.returncode == 0, proc.stderr
+    assert "5.0 MiB of 8.0 MiB kept" in proc.stderr
+    # one whole answer (the server knows no ranges), its first 5 MiB dropped as they came
+    assert (workdir / "whole2.raw").read_bytes() == src.read_bytes()
+    assert [ln.split()[1] for ln in nginx.log_lines()[mark:]].count("200") == 2  # probe too
+
+
 def test_garbage_in_a_zero_block_is_overwritten_on_resume(nginx: Nginx, workdir: Path) -> None:
     size = 4 * MiB
     src = write_sparse(nginx.www / "zeros.raw", size, [(0, b"head"), (3 * MiB, b"tail")])
