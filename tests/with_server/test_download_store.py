@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import pytest
@@ -225,18 +226,10 @@ def test_sigkill_then_rerun_fetches_only_the_rest(
 
 
 def test_download_over_tls_with_a_private_ca(
-    make_drive_store: Callable[..., RunningServer], put_drive: PutDrive,
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tls_drive_store: Any, put_drive: PutDrive, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    cert.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_pem))
-    store = make_drive_store(tls_cert=str(chain), tls_key=str(key))
-    assert store.base_url.startswith("https://")
+    store = tls_drive_store.server
     for k, v in store.env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
@@ -245,7 +238,7 @@ def test_download_over_tls_with_a_private_ca(
     set_meta(store, uuid, data)
     assert download(store, uuid) == 6
     assert "not trusted" in capsys.readouterr().err
-    assert download(store, uuid, "--cacert", str(ca_pem), "--connections", "2",
+    assert download(store, uuid, "--cacert", str(tls_drive_store.ca_pem), "--connections", "2",
                     "--range-size", "1M", "--block-size", "1M") == 0
     assert (tmp_path / uuid).read_bytes()[: len(data)] == data
 

@@ -53,7 +53,7 @@ from drivepipe.jobs.download import (
 from drivepipe.jobs.download import (
     download as run_download,
 )
-from drivepipe.transport.http import UUID_RE
+from drivepipe.transport.curl import UUID_RE
 
 OutputOpt = Annotated[
     str | None, typer.Option(

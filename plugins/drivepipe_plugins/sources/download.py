@@ -47,7 +47,7 @@ from drivepipe._errors import DrivepipeError, NetworkError, SourceChanged, Trans
 from drivepipe._extent import Extent
 from drivepipe._remote import Auth, ProbeResult
 from drivepipe._stage import Source
-from drivepipe.transport.http import (
+from drivepipe.transport.curl import (
     HeaderCollector,
     Response,
     TlsOptions,
