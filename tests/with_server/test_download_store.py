@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,11 @@ import pytest
 import xxhash
 from tmpfs import needs_root, resize, small_tmpfs
 
+from drivepipe._remote import Auth
 from drivepipe.cli import main
+from drivepipe.cloudsigma.config import Credentials, resolve_endpoint
+from drivepipe.jobs.download import DownloadOptions
+from drivepipe.jobs.download import download as library_download
 from drivepipe.server import RunningServer
 
 MiB = 1 << 20
@@ -364,3 +369,34 @@ def test_a_full_disk_keeps_the_journaled_blocks_and_the_rerun_goes_on(
         assert stages["write"]["kept"] == len(kept) * MiB
         assert stages["receive"]["received"] == len(data) - len(kept) * MiB
         assert out.read_bytes() == data
+
+
+def test_the_library_call_prints_nothing_and_leaves_signals_alone(
+    drive_store: RunningServer, put_drive: PutDrive, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = random.Random(11).randbytes(2 * MiB)
+    uuid = put_drive(drive_store, data)
+    set_meta(drive_store, uuid, data)
+    auth = Auth(resolve_endpoint(drive_store.base_url, None, None),
+                Credentials(drive_store.username, drive_store.password))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen: list[object] = []
+
+    def spy(signum: int, frame: object) -> None:
+        seen.append(signum)
+
+    with contextlib.ExitStack() as restore:
+        for sig in handlers:  # a handler installed now would replace this one
+            previous = signal.signal(sig, spy)
+            restore.callback(signal.signal, sig, previous)
+        notes: list[str] = []
+        got = library_download(uuid, str(tmp_path / "lib.img"), auth=auth,
+                               options=DownloadOptions(range_size=MiB), notify=notes.append)
+        assert all(signal.getsignal(sig) is spy for sig in handlers)
+    assert capsys.readouterr() == ("", "")
+    assert got.output == str(tmp_path / "lib.img") and got.kind == "file"
+    assert got.size == len(data) and got.xxh128 == xxhash.xxh3_128_hexdigest(data)
+    assert got.expected is not None and got.expected.origin == "the drive's meta"
+    assert (got.kept, got.received, got.uuid) == (0, len(data), uuid)
+    assert (tmp_path / "lib.img").read_bytes() == data and notes == []
