@@ -9,7 +9,8 @@ then fetches ``[start, size)`` from that final URL over N connections (one
 pycurl multi, ranges of ``range_size`` bytes, each with ``If-Range`` when the
 ETag is strong) and yields the bytes **in order**: ranges that finish early wait
 in a bounded window (at most ``connections + window_extra`` ranges in flight or
-waiting, so memory stays about that many times ``range_size``), and the range at
+waiting, so memory stays about that many times ``range_size``, and never much
+more than ``window_bytes``: many connections get smaller ranges), and the range at
 the head of the window is yielded as it arrives, in pieces of up to 1 MiB (each
 a fresh buffer, never reused: consumers may keep them).
 
@@ -86,6 +87,8 @@ class ReceiveOptions:
     relinks: int = 5
     #: ranges that may wait, finished or in flight, beyond one per connection
     window_extra: int = 2
+    #: the window's bytes at most: with many connections the ranges get smaller instead
+    window_bytes: int = 160 << 20
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(retries=self.retries, base=self.backoff_base, cap=self.backoff_cap)
@@ -384,8 +387,10 @@ class RangeReceiver(Source):
     def _grow_window(self) -> bool:
         """Add ranges up to the window's size; False when nothing is left to yield."""
         room = max(1, self.opts.connections) + max(0, self.opts.window_extra)
+        share = self.opts.window_bytes // room // PIECE * PIECE  # whole pieces
+        step = min(self.opts.range_size, max(PIECE, share))
         while self.ranges and len(self.window) < room and self.next_start < self.size:
-            end = min(self.next_start + self.opts.range_size, self.size)
+            end = min(self.next_start + step, self.size)
             self.window.append(_Range(self.next_start, end))
             self.next_start = end
         return bool(self.window)
