@@ -68,7 +68,8 @@ ConnectionsOpt = Annotated[
 RangeSizeOpt = Annotated[
     str, typer.Option(
         "--range-size", metavar="SIZE", help="Bytes asked for per ranged request (e.g. 8M); "
-                      "memory is about connections + 2 of them.")
+                      "memory is about connections + 2 of them, at most about 160M (many "
+                      "connections get smaller ranges).")
 ]
 BlockSizeOpt = Annotated[
     str, typer.Option(
