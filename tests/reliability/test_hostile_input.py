@@ -86,18 +86,10 @@ def write(tmp: Path, name: str, data: bytes) -> Path:
 
 # Header field offsets (qcow2 spec): (offset, struct format)
 QCOW2_FIELDS = {
-    "version": (4, ">I"),
-    "backing_file_offset": (8, ">Q"),
-    "backing_file_size": (16, ">I"),
-    "cluster_bits": (20, ">I"),
-    "size": (24, ">Q"),
-    "crypt_method": (32, ">I"),
-    "l1_size": (36, ">I"),
-    "l1_table_offset": (40, ">Q"),
-    "refcount_table_offset": (48, ">Q"),
-    "nb_snapshots": (60, ">I"),
-    "incompatible_features": (72, ">Q"),
-    "header_length": (100, ">I"),
+    "version": (4, ">I"), "backing_file_offset": (8, ">Q"), "backing_file_size": (16, ">I"),
+    "cluster_bits": (20, ">I"), "size": (24, ">Q"), "crypt_method": (32, ">I"),
+    "l1_size": (36, ">I"), "l1_table_offset": (40, ">Q"), "refcount_table_offset": (48, ">Q"),
+    "nb_snapshots": (60, ">I"), "incompatible_features": (72, ">Q"), "header_length": (100, ">I"),
 }
 
 

@@ -15,11 +15,19 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from drivepipe._extent import Extent
 
+if TYPE_CHECKING:
+    from array import array
+
 Job: TypeAlias = Extent | Callable[[], list[Extent]]
+#: the kinds of the pieces a table-driven image maps (qcow2 clusters, vmdk grains)
+HOLE, DATA, COMPRESSED = 0, 1, 2
+#: a table of such an image in memory: an array, not a tuple of ints (a 32 MiB L1 table
+#: as a tuple would take ~160 MiB)
+Table: TypeAlias = "array[int]"
 
 
 class LazyPool:

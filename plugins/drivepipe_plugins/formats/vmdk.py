@@ -40,7 +40,7 @@ import sys
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeAlias, cast
+from typing import cast
 
 from isal import isal_zlib
 
@@ -48,7 +48,15 @@ from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
 from drivepipe._registry import open_file
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
-from drivepipe_plugins.formats._parallel import Job, LazyPool, in_order
+from drivepipe_plugins.formats._parallel import (
+    COMPRESSED,
+    DATA,
+    HOLE,
+    Job,
+    LazyPool,
+    Table,
+    in_order,
+)
 from drivepipe_plugins.formats._ranged import RangedImage
 
 SECTOR = 512
@@ -83,10 +91,8 @@ _DATA_SIZE_SCAN_LIMIT = 64 << 20
 
 _ISAL_ERROR = cast(type[Exception], isal_zlib.error)
 
-HOLE, DATA, COMPRESSED = 0, 1, 2
 #: (kind, offset, length, host offset, guest offset of the grain) in image offsets
 Piece = tuple[int, int, int, int, int]
-Table: TypeAlias = "array[int]"
 #: a job: an extent ready now, or work for the pool that returns extents
 
 
