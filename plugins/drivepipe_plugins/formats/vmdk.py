@@ -54,7 +54,9 @@ from drivepipe_plugins.formats._parallel import (
     HOLE,
     Job,
     LazyPool,
+    Piece,
     Table,
+    coalesce,
     in_order,
 )
 from drivepipe_plugins.formats._ranged import RangedImage
@@ -91,9 +93,6 @@ _DATA_SIZE_SCAN_LIMIT = 64 << 20
 
 _ISAL_ERROR = cast(type[Exception], isal_zlib.error)
 
-#: (kind, offset, length, host offset, guest offset of the grain) in image offsets
-Piece = tuple[int, int, int, int, int]
-#: a job: an extent ready now, or work for the pool that returns extents
 
 
 # -- headers -----------------------------------------------------------------------
@@ -423,43 +422,13 @@ class SparseExtent:
     def jobs(self, lo: int, hi: int) -> Iterator[Job]:
         """Holes merged, host-contiguous data merged and cut at ``read_size``,
         compressed grains batched up to ``read_size`` of output."""
-        pending: Piece | None = None
-        batch: list[Piece] = []
-        limit = self.read_size
-        for piece in self.pieces(lo, hi):
-            if piece[0] == COMPRESSED:
-                if pending is not None:
-                    yield from self._flush(pending)
-                    pending = None
-                batch.append(piece)
-                if len(batch) * self.grain >= limit:
-                    yield self._inflate_job(batch)
-                    batch = []
-                continue
-            if batch:
-                yield self._inflate_job(batch)
-                batch = []
-            if pending is not None and pending[0] == piece[0] and (
-                piece[0] == HOLE or pending[3] + pending[2] == piece[3]
-            ):
-                pending = (piece[0], pending[1], pending[2] + piece[2], pending[3], 0)
-                continue
-            if pending is not None:
-                yield from self._flush(pending)
-            pending = piece
-        if batch:
-            yield self._inflate_job(batch)
-        if pending is not None:
-            yield from self._flush(pending)
-
-    def _flush(self, piece: Piece) -> Iterator[Job]:
-        kind, offset, length, host, _ = piece
-        if kind == HOLE:
-            yield Extent.hole(offset, length)
-            return
-        for pos in range(0, length, self.read_size):
-            n = min(self.read_size, length - pos)
-            yield _bind(self._read_data, offset + pos, host + pos, n)
+        for work in coalesce(self.pieces(lo, hi), self.grain, self.read_size):
+            if isinstance(work, list):
+                yield self._inflate_job(work)
+            elif work[0] == HOLE:
+                yield Extent.hole(work[1], work[2])
+            else:
+                yield _bind(self._read_data, work[1], work[3], work[2])
 
     def _read_data(self, offset: int, host: int, length: int) -> list[Extent]:
         # A grain cut short by the end of the file reads as zeros there, as in qemu.
