@@ -48,18 +48,9 @@ from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
 from drivepipe._registry import open_file
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
-from drivepipe_plugins.formats._parallel import (
-    COMPRESSED,
-    DATA,
-    HOLE,
-    Job,
-    LazyPool,
-    Piece,
-    Table,
-    coalesce,
-    in_order,
-)
+from drivepipe_plugins.formats._parallel import Job, LazyPool, in_order
 from drivepipe_plugins.formats._ranged import RangedImage
+from drivepipe_plugins.formats._tables import COMPRESSED, DATA, HOLE, Piece, Table, coalesce
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
