@@ -26,6 +26,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,14 @@ from pathlib import Path
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+# The drivepipe a user runs was byte-compiled when pip installed it.  A session
+# that sets PYTHONDONTWRITEBYTECODE makes every timed run compile all of
+# drivepipe's modules again (measured: ~0.1 s of each run); cache the bytecode
+# outside the source tree instead, as an installed package has it.
+if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+    os.environ.setdefault("PYTHONPYCACHEPREFIX",
+                          os.path.join(tempfile.gettempdir(), "drivepipe-bench-pycache"))
 
 #: random data is cut from a pool this big: making multi-GiB images then costs
 #: disk bandwidth, not random-number generation.  Repetition does not matter to
@@ -255,3 +264,54 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+@dataclass
+class Pair:
+    """One comparison measured as alternating runs: reference, drivepipe, reference, ..."""
+
+    label: str
+    reference: Timing
+    ours: Timing
+
+    @property
+    def ratios(self) -> list[float]:
+        return [o / r for o, r in zip(self.ours.seconds, self.reference.seconds, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        """Median of the per-pair ratios: on a shared machine a pair shares its noise."""
+        return median(self.ratios)
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def alternate(
+    label: str,
+    reference: Sequence[str],
+    ours: Sequence[str],
+    *,
+    pairs: int = 3,
+    before: Callable[[], None] | None = None,
+    after_ours: Callable[[], None] | None = None,
+) -> Pair:
+    """Run ``reference`` then ``ours``, ``pairs`` times over; ``before`` runs untimed
+    before every run, ``after_ours`` (a check of drivepipe's output) after each of ours."""
+    pair = Pair(label, Timing(" ".join(reference)), Timing(" ".join(ours)))
+    for _ in range(pairs):
+        for timing, argv in ((pair.reference, reference), (pair.ours, ours)):
+            if before is not None:
+                before()
+            usage = run_measured(argv)
+            timing.seconds.append(usage.wall)
+            timing.cpu_seconds.append(usage.cpu)
+            timing.peak_rss = max(timing.peak_rss, usage.peak_rss)
+            if timing is pair.ours and after_ours is not None:
+                after_ours()
+    return pair

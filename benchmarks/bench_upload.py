@@ -147,6 +147,17 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     location / {{ return 201 "00000000-0000-4000-8000-000000000000\\n"; }}
+    # the account check drivepipe makes before it sends anything
+    location = /api/2.0/drives/ {{
+      default_type application/json;
+      return 200 '{{"meta": {{"total_count": 0}}, "objects": []}}';
+    }}
+    # the drive's name and meta, written after the upload (GET then PUT)
+    location ~ ^/api/2.0/drives/[0-9a-f-]+/$ {{
+      default_type application/json;
+      return 200 '{{"uuid": "00000000-0000-4000-8000-000000000000", "name": "bench",
+                   "size": 1, "media": "disk", "status": "unmounted", "meta": {{}}}}';
+    }}
   }}
 }}
 """

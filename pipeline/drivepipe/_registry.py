@@ -195,7 +195,8 @@ def open_url(url: str, options: OpenOptions, chain: list[str] | None = None) -> 
     from drivepipe._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
 
     source = byte_sources()["url"](url, tls=options.tls, endpoint=options.endpoint,
-                                   creds=options.creds, read_size=options.read_size)
+                                   creds=options.creds, read_size=options.read_size,
+                                   notify=options.notify)
     if source.random:
         return source
     if getattr(source, "size_known", True):
@@ -253,7 +254,7 @@ def detect_source(source: ByteSource, head: bytes | None = None) -> ImageFormat:
     if foreign is not None:
         raise UnsupportedFormat(
             f"{source.label}: looks like a {foreign} image, which drivepipe does not decode; "
-            "convert it first (qemu-img convert -O raw) or pass --format raw to send it as is"
+            "convert it first (qemu-img convert -O raw) or read it as raw to send it as is"
         )
     return all_formats["raw"]
 

@@ -45,7 +45,7 @@ from drivepipe._stats import StageStats
 
 if TYPE_CHECKING:  # pycurl stays unloaded for local files
     from drivepipe.cloudsigma.config import Credentials, Endpoint
-    from drivepipe.transport.http import TlsOptions
+    from drivepipe.transport.curl import TlsOptions
 
 T = TypeVar("T")
 
@@ -236,6 +236,8 @@ class OpenOptions:
     tls: TlsOptions | None = None
     endpoint: Endpoint | None = None
     creds: Credentials | None = None
+    #: hears of what a source works around (a remote read retried after a break)
+    notify: Callable[[str], None] | None = None
 
 
 @dataclass

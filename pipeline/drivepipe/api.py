@@ -196,6 +196,9 @@ class Client:
         opts = replace(opts, name=name if name is not None else opts.name,
                        chunked=chunked or opts.chunked, chunk_size=chunk_size,
                        connections=connections)
+        read = read or ReadOptions()
+        if read.notify is None:
+            read = replace(read, notify=notify)
         with self.connection(connections if opts.is_chunked else 1) as conn:
             return upload(image, connection=conn, options=opts, read=read, stats=stats,
                           notify=notify)

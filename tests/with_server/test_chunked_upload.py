@@ -242,18 +242,8 @@ def test_chunk_bodies_go_without_credentials(
     assert seen == [None] * result.chunks
 
 
-def test_round_trip_over_tls_with_a_private_ca(
-    make_drive_store: Callable[..., RunningServer], tmp_path: Path
-) -> None:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    cert.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_pem))
-    srv = make_drive_store(tls_cert=str(chain), tls_key=str(key))
-    assert srv.base_url.startswith("https://")
+def test_round_trip_over_tls_with_a_private_ca(tls_drive_store: Any, tmp_path: Path) -> None:
+    srv, ca_pem = tls_drive_store.server, tls_drive_store.ca_pem
     ep = Endpoint(srv.base_url, srv.base_url)
     creds = Credentials(srv.username, srv.password)
     image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=16)
@@ -371,10 +361,19 @@ def test_rerun_resumes_from_the_journal(
     assert result.uuid == uuid and result.resumed
     assert stats.done == result.size, "chunks confirmed earlier count as done"
     assert stats.stages[-1].data_bytes + stats.stages[-1].hole_bytes == result.sent_bytes
-    assert sorted(counter.numbers) == sorted(set(range(12)) - before)
-    assert result.skipped_chunks == len(before)
+    assert_resumed(drive_store, result, image, uuid, counter, sorted(set(range(12)) - before))
+
+
+def assert_resumed(
+    srv: RunningServer, result: UploadResult, image: Path, uuid: str, counter: ChunkCounter,
+    sent: list[int],
+) -> None:
+    """The resumed upload sent exactly the chunks ``sent`` and the drive is the image."""
+    assert result.uuid == uuid and result.resumed
+    assert sorted(counter.numbers) == sent
+    assert result.skipped_chunks == 12 - len(sent)
     assert result.xxh128 == xxh128_of(image)
-    assert_drive_holds(drive_store, uuid, image)
+    assert_drive_holds(srv, uuid, image)
 
 
 def test_resume_uuid_without_journal_uses_416(
@@ -386,10 +385,7 @@ def test_resume_uuid_without_journal_uses_416(
         path.unlink()
     counter = ChunkCounter(drive_store)
     result, _ = upload(drive_store, image, connections=2, resume_uuid=uuid.upper())
-    assert sorted(counter.numbers) == list(range(5, 12))
-    assert result.skipped_chunks == 5
-    assert result.xxh128 == xxh128_of(image)
-    assert_drive_holds(drive_store, uuid, image)
+    assert_resumed(drive_store, result, image, uuid, counter, list(range(5, 12)))
 
 
 def test_changed_image_refuses_to_resume(

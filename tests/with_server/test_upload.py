@@ -483,18 +483,9 @@ def test_chunked_option_uploads_and_stores_meta(cli: CliRun, drive_store: Any,
 # --- TLS: verified by default, --cacert for a private CA -----------------------------------
 
 
-def test_tls_private_ca_needs_cacert(cli: CliRun, make_drive_store: Any,
+def test_tls_private_ca_needs_cacert(cli: CliRun, tls_drive_store: Any,
                                      tmp_path: Path) -> None:
-    import trustme  # noqa: PLC0415 - only the TLS test needs a throwaway CA
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    cert.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_pem))
-    store = make_drive_store(tls_cert=str(chain), tls_key=str(key))
-    assert store.base_url.startswith("https://")
+    store, ca_pem = tls_drive_store.server, tls_drive_store.ca_pem
     cli.monkeypatch.setenv("CLOUDSIGMA_USERNAME", store.username)
     cli.monkeypatch.setenv("CLOUDSIGMA_PASSWORD", store.password)
     image = random_sparse(tmp_path / "t.img", 13)

@@ -20,6 +20,19 @@ FLAG_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^no user: give one"), "no user: pass --user EMAIL"),
     (re.compile(r"give the user on its own"), "use --user"),
     (re.compile(r"^the location must be"), "--location must be"),
+    (re.compile(r"read it as raw to send it as is"), "pass --format raw to send it as is"),
+    (re.compile(r"a raw disk, read it as raw\)"), "a raw disk, pass --format raw)"),
+    (re.compile(r"name the format chain (\S+)"), r"pass --format \1"),
+    (re.compile(r"\(replace it explicitly\)"), "(use --force to replace it)"),
+    (re.compile(r"pick the disk by its name or number"), "pick one with --disk NAME|N"),
+    (re.compile(r"or give another state file"), "or pass another --state"),
+    (re.compile(r"^the connections must"), "--connections must"),
+    (re.compile(r"^the number of jobs must"), "--jobs must"),
+    (re.compile(r"^the rate limit must"), "--limit-rate must"),
+    (re.compile(r"^the Dask engine needs a scheduler address \(tcp://HOST:8786\)"),
+     "--engine dask needs --scheduler tcp://HOST:8786"),
+    (re.compile(r"^the Dask engine needs Dask"), "--engine dask needs Dask"),
+    (re.compile(r"or serve another root directory"), "or serve another --root"),
 )
 
 

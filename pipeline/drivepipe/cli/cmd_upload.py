@@ -88,6 +88,10 @@ JournalOpt = Annotated[
 ]
 
 
+def note(text: str) -> None:
+    typer.echo(f"drivepipe: {text}", err=True)
+
+
 def buffer_size(text: str) -> int:
     size = parse_size(text)
     if not MIN_BUFFER_SIZE <= size <= MAX_BUFFER_SIZE:
@@ -147,7 +151,7 @@ def upload(
         stats = RunStats(title=f"upload {image}")
         with Reporter(stats, mode):
             result = upload_image(image, connection=conn, options=options, read=read,
-                                  stats=stats)
+                                  stats=stats, notify=note, handle_signals=True)
     except MetaNotStored as exc:
         typer.echo(exc.result.uuid)  # the drive exists: its UUID matters
         raise

@@ -57,6 +57,9 @@ class UploadOptions:
     finish_timeout: float = 30.0
     #: retries of a chunk, and of a direct upload the server refused before taking it
     policy: RetryPolicy = TRANSFER_POLICY
+    #: while curl runs, route Ctrl-C (SIGINT, main thread) to a clean stop of the transfer;
+    #: the library installs no signal handler unless this is set (the CLI sets it)
+    handle_signals: bool = False
 
     @property
     def is_chunked(self) -> bool:

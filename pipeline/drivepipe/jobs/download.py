@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from drivepipe._errors import ConfigError, SourceChanged, UsageError, VerifyError
+from drivepipe._errors import Cancelled, ConfigError, SourceChanged, UsageError, VerifyError
 from drivepipe._extent import Extent
 from drivepipe._files import free_bytes
 from drivepipe._names import default_filename
@@ -176,8 +176,9 @@ def resolve(source: str, auth: Auth, tls: TlsOptions) -> Remote:
         raise UsageError(f"not a drive UUID or an http(s) URL: {source!r}")
     if parts.username or parts.password:
         # they would end up in logs and error lines; the account is given separately
-        raise UsageError("the URL must not contain a user or password; give the account "
-                         "separately (the environment, the config file or ~/.netrc)")
+        raise UsageError("the URL must not contain a user or password; give the user on its "
+                         "own, and the password in the environment, the config file or "
+                         "~/.netrc")
     if auth.endpoint is None or not auth.endpoint.owns(source):
         return Remote(source, Auth())
     own = DRIVE_URL_RE.search(parts.path)
@@ -376,22 +377,32 @@ def download(
     tls = tls or TlsOptions()
     tell: Notify = notify or (lambda text: None)
     stats = stats or RunStats(title="download")
-    remote = resolve(source, auth or Auth(), tls)
     with _stop_signals(handle_signals):
-        for restart in range(MAX_RESTARTS + 1):
-            opened = open_remote(source, tls=tls, options=options, remote=remote)
-            out = _open_output(output, opened, options, tell)
-            if output is None or os.path.isdir(output):
-                output = out.path  # a restart keeps the name
-            try:
-                return _run(opened, out, stats)
-            except SourceChanged as exc:
-                if restart == MAX_RESTARTS or out.kind == "stdout":
-                    raise
-                tell(f"{exc.one_line()}; starting over")
-                discard = getattr(out.sink, "discard", None)
-                if discard is not None:
-                    discard()
+        try:
+            return _download(source, output, auth or Auth(), tls, options, stats, tell)
+        except KeyboardInterrupt as exc:  # outside the runner (resolving, probing)
+            raise Cancelled() from exc
+
+
+def _download(
+    source: str, output: str | None, auth: Auth, tls: TlsOptions, options: DownloadOptions,
+    stats: RunStats, tell: Notify,
+) -> DownloadResult:
+    remote = resolve(source, auth, tls)
+    for restart in range(MAX_RESTARTS + 1):
+        opened = open_remote(source, tls=tls, options=options, remote=remote)
+        out = _open_output(output, opened, options, tell)
+        if output is None or os.path.isdir(output):
+            output = out.path  # a restart keeps the name
+        try:
+            return _run(opened, out, stats)
+        except SourceChanged as exc:
+            if restart == MAX_RESTARTS or out.kind == "stdout":
+                raise
+            tell(f"{exc.one_line()}; starting over")
+            discard = getattr(out.sink, "discard", None)
+            if discard is not None:
+                discard()
     raise AssertionError("unreachable")
 
 

@@ -9,6 +9,7 @@ CLI is parse, one call, render.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -50,6 +51,8 @@ class ReadOptions:
     tls: TlsOptions | None = None
     endpoint: Endpoint | None = None
     creds: Credentials | None = None
+    #: where a source tells what a command would print (a remote source's retries)
+    notify: Callable[[str], None] | None = None
 
     def check(self) -> None:
         if self.read_size <= 0:
@@ -76,7 +79,7 @@ def open_input(src: str, read: ReadOptions | None = None,
     options = OpenOptions(
         read_size=read.read_size, on_phase=on_phase, threads=read.threads,
         spool_dir=read.spool_dir, on_layer=on_layer, disk=read.disk, size=read.size,
-        tls=read.tls, endpoint=read.endpoint, creds=read.creds,
+        tls=read.tls, endpoint=read.endpoint, creds=read.creds, notify=read.notify,
     )
     image = open_image(src, read.format, options)
     if stats is not None:

@@ -52,7 +52,7 @@ class StateFile:
 
     def __enter__(self) -> StateFile:
         self._fd = lock_exclusive(self.path + ".lock", UsageError(
-            f"another drivepipe batch is running with {self.path}; wait for it, or use "
+            f"another drivepipe batch is running with {self.path}; wait for it, or give "
             "another state file"))
         self.records = self._load()  # what the batch before this one left
         return self

@@ -93,12 +93,16 @@ def upload(
     read: ReadOptions | None = None,
     stats: RunStats | None = None,
     notify: Notify | None = None,
+    handle_signals: bool = False,
 ) -> UploadResult:
     """Upload ``image`` into a new drive (or resume a chunked one); see the module doc.
 
     An :class:`~drivepipe.ImageInput` passed in is closed when this returns.
+    ``handle_signals``: see :attr:`UploadOptions.handle_signals`.
     """
     options = options or UploadOptions()
+    if handle_signals:
+        options = replace(options, handle_signals=True)
     read = read or ReadOptions()
     label = image if isinstance(image, str) else image.path
     try:
@@ -139,6 +143,7 @@ def upload_stream(
     notify: Notify | None = None,
     name: str | None = None,
     label: str = "stream",
+    handle_signals: bool = False,
 ) -> UploadResult:
     """Upload the raw stream ``source -> stages`` of exactly ``size`` bytes into a new drive
     (a download being copied, a generated image): like :func:`upload` of an opened image
@@ -148,7 +153,8 @@ def upload_stream(
     if name is not None:
         options = replace(options, name=name)
     image = ImageInput(path=label, format="raw", size=size, source=source, stages=list(stages))
-    return upload(image, connection=connection, options=options, stats=stats, notify=notify)
+    return upload(image, connection=connection, options=options, stats=stats, notify=notify,
+                  handle_signals=handle_signals)
 
 
 @dataclass

@@ -6,7 +6,9 @@ on the socket in blocking mode (one system call per 4 MiB instead of one per
 socket buffer; measured 0.33 -> 0.26 CPU s/GiB over loopback).  The idle
 timeout then comes from ``SO_RCVTIMEO`` (set by the handler).  TLS sockets go through the buffered
 reader.  A body that ends early, stalls past the timeout, or hits a
-``drop_upload`` fault raises :class:`ClientGone`.
+``drop_upload`` fault raises :class:`ClientGone`.  With a ``rate`` (bytes a
+second), reads are paced to it in pieces of at most 256 KiB: the socket's
+receive window then slows the sender as a capped network flow would.
 """
 
 from __future__ import annotations
@@ -14,16 +16,24 @@ from __future__ import annotations
 import io
 import socket
 import ssl
+import time
 from types import TracebackType
 
 from drivepipe.server._http import ClientGone
+
+_PACE_PIECE = 256 << 10
 
 
 class BodyReader:
     """``length`` body bytes from ``rfile``/``sock``; use as a context manager."""
 
     def __init__(
-        self, rfile: io.BufferedIOBase, sock: socket.socket, length: int, budget: int = -1
+        self,
+        rfile: io.BufferedIOBase,
+        sock: socket.socket,
+        length: int,
+        budget: int = -1,
+        rate: int = 0,
     ) -> None:
         self.rfile = rfile
         self.sock = sock
@@ -33,6 +43,9 @@ class BodyReader:
         self._direct = not isinstance(sock, ssl.SSLSocket)
         self._drained = False
         self._timeout = sock.gettimeout()
+        self._rate = rate
+        self._paced = 0
+        self._t0 = 0.0
 
     def __enter__(self) -> BodyReader:
         if self._direct:
@@ -52,6 +65,9 @@ class BodyReader:
             raise ClientGone("fault injection: upload dropped")
         if self.budget > 0:
             want = min(want, self.budget)
+        if self._rate > 0:
+            want = min(want, _PACE_PIECE)
+            self._pace()
         try:
             n = self._read(view, want)
         except (BlockingIOError, TimeoutError) as exc:
@@ -61,7 +77,17 @@ class BodyReader:
         if self.budget > 0:
             self.budget -= n
         self.left -= n
+        self._paced += n
         return n
+
+    def _pace(self) -> None:
+        """Sleep until what was received so far is no more than ``rate`` allows."""
+        now = time.monotonic()
+        if not self._t0:
+            self._t0 = now
+        due = self._t0 + self._paced / self._rate
+        if due > now:
+            time.sleep(due - now)
 
     def _read(self, view: memoryview, want: int) -> int:
         if not self._direct:

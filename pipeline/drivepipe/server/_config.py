@@ -43,6 +43,9 @@ class ServerConfig:
     #: up to ``upload_wait`` seconds, then get 503.
     max_uploads: int = 16
     upload_wait: float = 30.0
+    #: Bytes a second each request body is received at, at most (0: no cap): the
+    #: per-flow limit of a real network, for benchmarks of parallel connections.
+    rate_limit: int = 0
     tls_cert: str | None = None
     tls_key: str | None = None
     realm: str = "drivepipe"

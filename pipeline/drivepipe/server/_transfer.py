@@ -83,7 +83,8 @@ class TransferViews(HandlerBase):
         if not slots.acquire(timeout=self.ctx.config.upload_wait):
             raise busy("too many uploads at once: try again later")
         fault = self.ctx.faults.take("drop_upload", self.command, self.path)
-        body = BodyReader(self.rfile, self.connection, length, fault.after if fault else -1)
+        body = BodyReader(self.rfile, self.connection, length, fault.after if fault else -1,
+                          self.ctx.config.rate_limit)
         try:
             with body:
                 self._pump(body, sink, length)

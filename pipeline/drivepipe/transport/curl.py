@@ -292,12 +292,17 @@ class Interrupts:
     (in the main thread, see :meth:`catching`), the read callback and this
     XFERINFOFUNCTION (called at least once a second even when the socket is
     stuck) abort the transfer, and the caller raises KeyboardInterrupt after.
+
+    The library installs that handler only when its caller asked for it
+    (``handle_signals``: the CLI does); otherwise ``catching`` changes nothing and a
+    Ctrl-C is the caller's KeyboardInterrupt as usual.
     """
 
-    __slots__ = ("requested",)
+    __slots__ = ("handle_signals", "requested")
 
-    def __init__(self) -> None:
+    def __init__(self, handle_signals: bool = True) -> None:
         self.requested = False
+        self.handle_signals = handle_signals
 
     def __call__(self, dltotal: int, dlnow: int, ultotal: int, ulnow: int) -> int:
         return 1 if self.requested else 0
@@ -309,7 +314,8 @@ class Interrupts:
     def catching(self) -> Iterator[None]:
         """Route SIGINT to ``requested`` while the block runs (main thread only)."""
         previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is not threading.main_thread() or previous is None:
+        if (not self.handle_signals or threading.current_thread() is not threading.main_thread()
+                or previous is None):
             yield  # only the main thread gets signals; None: a handler not set from Python
             return
         signal.signal(signal.SIGINT, self._on_sigint)

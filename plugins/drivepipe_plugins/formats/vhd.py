@@ -149,8 +149,8 @@ def parse_footer(raw: bytes, label: str) -> Footer:
     if computed != footer.checksum:
         raise CorruptImage(
             f"{label}: VHD footer checksum is {footer.checksum:#010x}, the footer sums to "
-            f"{computed:#010x}: the footer is corrupt (if the file is a raw disk, pass "
-            "--format raw)"
+            f"{computed:#010x}: the footer is corrupt (if the file is a raw disk, "
+            "read it as raw)"
         )
     if footer.version != VERSION_1_0:
         raise UnsupportedFormat(

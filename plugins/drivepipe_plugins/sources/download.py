@@ -15,9 +15,10 @@ a fresh buffer, never reused: consumers may keep them).
 
 Transient failures (reset, timeout, cut-short body, 5xx, 429) are retried by
 the one retry policy (backoff with jitter, ``Retry-After``), resuming at the
-first byte not received; a range that keeps failing without progress gives up
-after ``retries`` attempts.  An expired signed link (401/403/404/410 after a
-redirect) is renewed by probing the original URL again.  A server that ignores
+first byte not received; a range that keeps failing without progress (not one
+more piece finished) gives up after ``retries`` attempts.  An expired signed
+link (401/403/404/410 after a redirect) is renewed by probing the original URL
+again.  A server that ignores
 ``Range`` gets one whole-file stream instead (the bytes before the resume
 point are dropped as they arrive).
 
@@ -495,7 +496,9 @@ class RangeReceiver(Source):
 
     def _retry(self, t: _Transfer, err: DrivepipeError) -> None:
         r = t.range
-        attempt = 1 if r.pos > t.first else r.attempt + 1
+        # progress is a whole piece finished: a server that cuts every answer after a
+        # few bytes still runs out of attempts (the bytes it did send are kept)
+        attempt = 1 if r.pos // PIECE > t.first // PIECE else r.attempt + 1
         headers = t.headers.headers if t.checked else {}
         if isinstance(err, TransferError) and err.retry_after is None:
             err.retry_after = retry_after_of(headers)

@@ -1,6 +1,6 @@
 """An http(s) URL as a byte source: ranges for random reads, streams that resume.
 
-In: a URL, the transport policy (:class:`~drivepipe.transport.http.TlsOptions`)
+In: a URL, the transport policy (:class:`~drivepipe.transport.curl.TlsOptions`)
 and optionally an endpoint with its credentials.  The first request is a
 ``GET`` with ``Range: bytes=0-0`` following redirects; it teaches the final
 URL (often a signed one), the size, the ETag / Last-Modified and whether
@@ -31,7 +31,7 @@ ranged request answered with the whole file - means the file changed on the
 server: that is an error, never a mix of two versions.  An expired signed link
 (401/403/404/410 after a redirect) is renewed by probing the original URL again.
 
-Credentials (Basic) are attached by :func:`drivepipe.transport.http.configure`,
+Credentials (Basic) are attached by :func:`drivepipe.transport.curl.configure`,
 only to URLs on the endpoint's origin, never over plain http to a remote host,
 and never after a redirect to another origin (libcurl does not re-send them
 while following, and the requests that follow go to the final URL without
@@ -194,6 +194,7 @@ class UrlSource(ByteSource):
         retry: RetryPolicy | None = None,
         cache_blocks: int = CACHE_BLOCKS,
         label: str | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         check_url(url)
         self.url = url
@@ -207,6 +208,7 @@ class UrlSource(ByteSource):
         self._endpoint, self._creds = self._own_endpoint, self._own_creds
         self.read_size = max(4096, read_size)
         self.retry = retry or TRANSFER_POLICY
+        self.notify = notify
         self.cache_blocks = max(1, cache_blocks)
         #: requests made (the probe included), for tests and statistics
         self.requests = 0
@@ -328,7 +330,14 @@ class UrlSource(ByteSource):
         self._adopt(probe)
 
     def _with_retries(self, call: Callable[[], _Probe]) -> _Probe:
-        return self.retry.call(call)
+        def on_retry(exc: BaseException, wait: float) -> None:
+            self._note(f"{self.label}: {_one_line(exc)}; asking again in {wait:.1f} s")
+
+        return self.retry.call(call, on_retry=on_retry)
+
+    def _note(self, text: str) -> None:
+        if self.notify is not None:
+            self.notify(text)
 
     # -- connections ------------------------------------------------------------------
 
@@ -364,6 +373,7 @@ class UrlSource(ByteSource):
                 if relinks > _RELINKS:
                     raise TransferError(f"{self.label}: the link kept expiring (renewed "
                                         f"{_RELINKS} times)") from None
+                self._note(f"{self.label}: the link expired at byte {pos}; renewing it")
                 self._relink()
             except TransferError as exc:
                 failures += 1
@@ -374,6 +384,8 @@ class UrlSource(ByteSource):
                             f"{self.label}: gave up at byte {pos} after {failures} attempts "
                             f"in a row: {exc.one_line()}") from exc
                     raise
+                self._note(f"{self.label}: {exc.one_line()}; continuing from byte {pos} in "
+                           f"{wait:.1f} s (retry {failures} of {self.retry.retries})")
                 time.sleep(wait)
 
     def _one_get(self, pos: int, end: int | None) -> Iterator[bytes]:
@@ -448,11 +460,15 @@ class UrlSource(ByteSource):
                     f"(asked for bytes {pos}-{(end or 0) - 1} of {self.size}, got "
                     f"{headers.get('content-range', 'no Content-Range')}); start again")
             return True
-        if ranged:
+        if ranged and self.strong_etag:
             # If-Range said "only if unchanged": a whole new body means it changed
             raise SourceChanged(f"{self.label}: the file changed on the server while it was "
                                 "being read (a ranged request got the whole file back); "
                                 "start again")
+        if ranged:
+            raise TransferError(f"{self.label}: the server stopped answering ranges (it "
+                                "sent the whole file for a part of it); a file can only be "
+                                "read from it front to back now")
         length = headers.get("content-length", "")
         if self.size_known and length.isdigit() and int(length) != self.size:
             raise SourceChanged(f"{self.label}: the file changed on the server while it was "
@@ -562,6 +578,10 @@ class UrlSource(ByteSource):
         for conn in pool:
             conn.close()
         self._cache.clear()
+
+
+def _one_line(exc: BaseException) -> str:
+    return exc.one_line() if isinstance(exc, TransferError) else str(exc)
 
 
 __all__ = ["UrlSource", "check_url"]

@@ -380,7 +380,7 @@ class ChunkSender:
 
     def __init__(
         self, conn: Connection, session: Session, plan: ChunkPlan, feeder: ChunkFeeder,
-        connections: int, policy: RetryPolicy, stats: StageStats,
+        connections: int, policy: RetryPolicy, stats: StageStats, handle_signals: bool = False,
     ) -> None:
         self.conn = conn
         self.session = session
@@ -401,7 +401,7 @@ class ChunkSender:
         self._counts = {"retried": 0, "links_renewed": 0, "answered_416": 0}
         #: Ctrl-C only sets a flag while the loop runs: raised inside a curl
         #: callback, KeyboardInterrupt would be printed by pycurl and lost
-        self.interrupts = Interrupts()
+        self.interrupts = Interrupts(handle_signals)
         self._show()
 
     # the loop
@@ -731,7 +731,7 @@ class ChunkedUploadSink(Sink[SentDrive]):
         feeder = self._run.feeder = ChunkFeeder(
             extents, plan, frozenset(journal.confirmed), options.chunks_in_memory(plan.chunk_size))
         sender = ChunkSender(self.conn, session, plan, feeder, options.connections,
-                             options.policy, self._run.stats)
+                             options.policy, self._run.stats, options.handle_signals)
         feeder.start()
         try:
             sender.run()

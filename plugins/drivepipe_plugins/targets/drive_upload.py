@@ -147,6 +147,7 @@ class DirectUploadSink(Sink[SentDrive]):
         tls: TlsOptions | None = None,
         *,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
+        handle_signals: bool = False,
     ) -> None:
         if not MIN_BUFFER_SIZE <= buffer_size <= MAX_BUFFER_SIZE:
             raise ValueError(f"upload buffer must be between {MIN_BUFFER_SIZE} and "
@@ -155,6 +156,7 @@ class DirectUploadSink(Sink[SentDrive]):
         self.creds = creds
         self.tls = tls or TlsOptions()
         self.buffer_size = buffer_size
+        self.handle_signals = handle_signals
         self.url = urljoin(endpoint.direct, UPLOAD_PATH)
         self._curl: pycurl.Curl | None = None
         self._stats: StageStats | None = None
@@ -163,14 +165,15 @@ class DirectUploadSink(Sink[SentDrive]):
     def for_upload(
         cls, conn: Connection, options: UploadOptions, image: ImageInput
     ) -> DirectUploadSink:
-        return cls(conn.endpoint, conn.creds, conn.tls, buffer_size=options.buffer_size)
+        return cls(conn.endpoint, conn.creds, conn.tls, buffer_size=options.buffer_size,
+                   handle_signals=options.handle_signals)
 
     def meter(self, stats: StageStats) -> bool:
         self._stats = stats
         return True
 
     def consume(self, extents: Iterator[Extent], size: int) -> SentDrive:
-        interrupts = Interrupts()
+        interrupts = Interrupts(self.handle_signals)
         body = BodyReader(extents, size, interrupts, self._stats)
         if size == 0:
             body.expect_end()

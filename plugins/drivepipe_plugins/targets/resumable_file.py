@@ -201,8 +201,7 @@ class ResumableFileWriter(Sink[str]):
         left = journal.identity.size - self.kept_end
         if left and not punch_hole(out.fd, self.kept_end, left):
             self._dense = os.fstat(out.fd).st_blocks > 0  # old bytes may be there: write zeros
-        if self._stats is not None:
-            self._stats.extra["kept"] = self.kept_end
+        self._report_kept()
         if self.kept_end or bad is not None:
             extra = "" if bad is None else (
                 f"; block {bad} (bytes {self.kept_end}-{self.kept_end + self.block_size - 1}) "
@@ -214,8 +213,13 @@ class ResumableFileWriter(Sink[str]):
 
     def meter(self, stats: StageStats) -> bool:
         self._stats = stats
-        stats.extra.setdefault("kept", 0)
+        self._report_kept()
         return False
+
+    def _report_kept(self) -> None:
+        # the kept prefix is read in the producer thread, maybe before meter() is called
+        if self._stats is not None:
+            self._stats.extra["kept"] = self.kept_end
 
     def consume(self, extents: Iterator[Extent], size: int) -> str:
         assert self.out is not None and self.journal is not None, "open() first"
@@ -225,6 +229,7 @@ class ResumableFileWriter(Sink[str]):
                     continue  # the checked kept prefix: on disk already
                 self._write(ext)
                 self._journal(ext)
+            self._report_kept()
             self.out.sync()
         except DiskFull as exc:
             raise self._disk_full() from exc
@@ -306,6 +311,7 @@ class ResumableFileWriter(Sink[str]):
 
     def abort(self) -> None:
         """Keep the ``.part`` and save the journal: the same command resumes."""
+        self._report_kept()
         with contextlib.suppress(DrivepipeError):  # keep the original error
             self.checkpoint()
         self.close()

@@ -118,7 +118,7 @@ class SparseFileWriter(Sink[str]):
                 os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
             os.fsync(dirfd)
         except FileExistsError as exc:
-            raise OutputError(f"{self.target}: already exists (use --force to replace it)") \
+            raise OutputError(f"{self.target}: already exists (replace it explicitly)") \
                 from exc
         except OSError as exc:
             raise OutputError(describe_os_error(self.target, exc)) from exc
