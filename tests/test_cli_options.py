@@ -6,7 +6,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from drivepipe.cli._common import FROM_OPTIONS, ProgressOptions, grouped_options
+from drivepipe._errors import UsageError
+from drivepipe.cli._common import FROM_OPTIONS, ImageOptions, ProgressOptions, grouped_options
 from drivepipe.cli._net import Account
 
 
@@ -52,3 +53,34 @@ def test_help_lists_the_group_options_in_the_parameter_place() -> None:
 def test_a_command_without_a_group_is_a_mistake() -> None:
     with pytest.raises(TypeError, match="no option group"):
         grouped_options(lambda name: None)
+
+
+LOCAL = ImageOptions(read_size="16M", queue_depth=4)
+
+
+def test_a_group_instance_gives_the_command_its_own_defaults() -> None:
+    seen: list[ImageOptions] = []
+    app = typer.Typer(add_completion=False)
+
+    @app.command()
+    @grouped_options
+    def cmd(image: ImageOptions = LOCAL) -> None:
+        seen.append(image)
+
+    runner = CliRunner()
+    assert runner.invoke(app, []).exit_code == 0
+    assert runner.invoke(app, ["--threads", "3", "-f", "qcow2"]).exit_code == 0
+    assert seen == [LOCAL, ImageOptions(fmt="qcow2", read_size="16M", queue_depth=4, threads=3)]
+    read = seen[1].read()
+    assert (read.format, read.read_size, read.threads) == ("qcow2", 16 << 20, 3)
+
+
+@pytest.mark.parametrize(("options", "flag"), [
+    (ImageOptions(queue_depth=0), "--queue-depth"),
+    (ImageOptions(threads=0), "--threads"),
+    (ImageOptions(read_size="0"), "--read-size"),
+])
+def test_image_options_are_checked_with_their_flags_names(options: ImageOptions,
+                                                          flag: str) -> None:
+    with pytest.raises(UsageError, match=flag):
+        options.read()
