@@ -1,8 +1,9 @@
 """Options and helpers shared by the commands.
 
 Options that go together are declared once, as the fields of a frozen dataclass (an
-option group: :class:`ProgressOptions` here, :class:`~drivepipe.cli._net.Account`),
-and a command decorated with :func:`grouped_options` takes the group as one parameter
+option group: :class:`ProgressOptions` and :class:`ImageOptions` here,
+:class:`~drivepipe.cli._net.Account`), and a command decorated with
+:func:`grouped_options` takes the group as one parameter
 (``progress: ProgressOptions = FROM_OPTIONS``).
 """
 
