@@ -44,16 +44,19 @@ def drive_bytes(server: RunningServer, uuid: str, size: int) -> bytes:
 
 
 @pytest.fixture
-def two_stores(make_drive_store: MakeStore) -> tuple[RunningServer, RunningServer]:
-    return make_drive_store(), make_drive_store()
+def two_stores(make_drive_store: MakeStore, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[RunningServer, RunningServer]:
+    """Two stores with one account (two locations), the account in the environment."""
+    here, there = make_drive_store(), make_drive_store()
+    use_account(monkeypatch, tmp_path / "home", here)
+    return here, there
 
 
 def test_image_to_drive_to_drive_to_file_across_two_stores(
     two_stores: tuple[RunningServer, RunningServer], tmp_path: Path,
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     here, there = two_stores
-    use_account(monkeypatch, tmp_path / "home", here)
     raw = tmp_path / "disk.raw"
     content = image(raw)
     qcow2 = tmp_path / "disk.qcow2"
@@ -79,12 +82,11 @@ def test_image_to_drive_to_drive_to_file_across_two_stores(
 
 def test_drive_to_drive_refuses_a_source_that_does_not_match_its_meta(
     two_stores: tuple[RunningServer, RunningServer], tmp_path: Path,
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     here, there = two_stores
-    use_account(monkeypatch, tmp_path / "home", here)
+    image(tmp_path / "disk.raw")
     raw = tmp_path / "disk.raw"
-    image(raw)
     code, uuid, err = run(capfd, "--endpoint", here.base_url, str(raw), "drive:")
     assert code == 0, err
     with open(here.store.raw_path(uuid), "r+b") as f:  # the stored bytes rot
