@@ -79,13 +79,33 @@ def set_meta(store: RunningServer, uuid: str, data: bytes) -> None:
                              "drivepipe_size": str(len(data))})
 
 
+def sparse_drive(store: RunningServer, put_drive: PutDrive, tmp_path: Path, size: int,
+                 seed: int, pieces: int = 10) -> tuple[str, Path]:
+    """A drive of a random sparse image with the meta our upload stores; and the image."""
+    src = sparse_image(tmp_path / "src.raw", size, seed, pieces)
+    uuid = put_drive(store, src)
+    set_meta(store, uuid, src.read_bytes())
+    return uuid, src
+
+
+def kill_after_blocks(proc: subprocess.Popen[bytes], journal: Path, blocks: int) -> int:
+    """SIGKILL ``proc`` once its journal lists ``blocks`` blocks; the blocks it kept."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if len(json.loads(journal.read_text())["blocks"]) >= blocks:
+                break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    return len(json.loads(journal.read_text())["blocks"])
+
+
 def test_uuid_round_trip_verified_against_meta(
     drive_store: RunningServer, put_drive: PutDrive, cli_env: Path,
     capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:
-    src = sparse_image(tmp_path / "src.raw", 40 * MiB, seed=1)
-    uuid = put_drive(drive_store, src)
-    set_meta(drive_store, uuid, src.read_bytes())
+    uuid, src = sparse_drive(drive_store, put_drive, tmp_path, 40 * MiB, 1)
     assert download(drive_store, uuid, "--range-size", "8M", "--block-size", "1M") == 0
     out, err = capsys.readouterr()
     assert out == f"{uuid}\n"
@@ -152,9 +172,7 @@ def test_transient_faults_are_retried(
     drive_store: RunningServer, put_drive: PutDrive, cli_env: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    src = sparse_image(tmp_path / "src.raw", 24 * MiB, seed=5, pieces=20)
-    uuid = put_drive(drive_store, src)
-    set_meta(drive_store, uuid, src.read_bytes())
+    uuid, src = sparse_drive(drive_store, put_drive, tmp_path, 24 * MiB, 5, 20)
     faults = drive_store.faults
     faults.fail_next(3, status=503, match="/direct/")
     faults.drop_download_after(3 * MiB + 5, count=2, match="/direct/")
@@ -196,9 +214,7 @@ def test_sigkill_then_rerun_fetches_only_the_rest(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     size, block = 24 * MiB, 512 << 10
-    src = sparse_image(tmp_path / "src.raw", size, seed=8, pieces=30)
-    uuid = put_drive(drive_store, src)
-    set_meta(drive_store, uuid, src.read_bytes())
+    uuid, src = sparse_drive(drive_store, put_drive, tmp_path, size, 8, 30)
     drive_store.faults.delay(0.15, count=0, match="/direct/")  # slow enough to kill midway
     args = ["download", uuid, "--endpoint", drive_store.base_url, "--progress", "none",
             "--range-size", "1M", "--block-size", "512K", "--connections", "2"]
@@ -208,15 +224,7 @@ def test_sigkill_then_rerun_fetches_only_the_rest(
         cwd=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = cli_env / f"{uuid}.part.journal"
     want = random.Random().randint(2, 24)  # at most half: the end stays far enough away
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if len(json.loads(journal.read_text())["blocks"]) >= want:
-                break
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    kept = len(json.loads(journal.read_text())["blocks"])
+    kept = kill_after_blocks(proc, journal, want)
     assert 0 < kept < size // block
     drive_store.faults.clear()
     assert main([*args[:4], "--progress", "json", *args[6:]]) == 0
@@ -320,15 +328,7 @@ def test_a_fresh_signed_link_resumes_the_same_part(
          "download", first, *args, "--progress", "none", "--checkpoint-interval", "0.1"],
         cwd=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = cli_env / "s.img.part.journal"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if len(json.loads(journal.read_text())["blocks"]) >= 3:
-                break
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    kept = len(json.loads(journal.read_text())["blocks"])
+    kept = kill_after_blocks(proc, journal, 3)
     assert 0 < kept < size // block
     drive_store.faults.clear()
     time.sleep(1.1)  # the next link expires a second later: its query differs
