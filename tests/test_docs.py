@@ -111,7 +111,7 @@ def example_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         (PLUGIN_DIR / "drivepipe_example.py").read_text())
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    caches = (_registry.formats, _registry.stages, _registry.targets)
+    caches = (_registry._declared, _registry.formats, _registry.stages, _registry.targets)
     for cached in caches:
         cached.cache_clear()
     yield

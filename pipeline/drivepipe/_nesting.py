@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from drivepipe._errors import CorruptImage, ImageError, OutputError, UnsupportedFormat, UsageError
 from drivepipe._extent import Extent
-from drivepipe._registry import MAX_DEPTH, byte_sources, detect_source, get_format
+from drivepipe._registry import MAX_DEPTH, byte_source, detect_source, get_format
 from drivepipe._stage import (
     HEAD_SIZE,
     ByteSource,
@@ -264,7 +264,7 @@ def _spool(
     try:
         os.unlink(path)
         _write_spool(fd, stream, stages, hint, options, where, label)
-        return byte_sources()["file"](
+        return byte_source("file")(
             label, fd=fd, read_size=options.read_size, label=label
         )
     except BaseException:

@@ -34,13 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
-from rich.console import Console, Group, JustifyMethod, RenderableType
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported only when a live view or a table is drawn
+    from rich.console import Console, JustifyMethod, RenderableType
+    from rich.live import Live
+    from rich.table import Table
 
 from drivepipe._errors import UsageError
 from drivepipe._sizes import format_rate, format_size
@@ -133,6 +132,8 @@ def rate_text(st: StageStats) -> str:
 
 
 def stage_table(stats: RunStats, width: int = LOG_WIDTH) -> Table:
+    from rich.table import Table  # noqa: PLC0415 - see the imports
+
     """One row per part: bytes, data/holes, throughput, share of wall time, queue."""
     wide = width >= WIDE
     table = Table(box=None, pad_edge=False, show_edge=False)
@@ -257,6 +258,10 @@ def plain_stage_line(stats: RunStats, st: StageStats) -> str:
 
 
 def render(stats: RunStats, width: int = LOG_WIDTH) -> RenderableType:
+    from rich.console import Group  # noqa: PLC0415 - see the imports
+    from rich.progress_bar import ProgressBar  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
     """The live view: headline, a bar of bytes (or of the phase), the stage table.
 
     Under :data:`WIDE` columns the headline folds into two lines and the table
@@ -308,14 +313,26 @@ class Reporter:
         self._started = False
         self._thread: threading.Thread | None = None
         self._live: Live | None = None
-        # Not a terminal (a log file, a pipe): wide enough that rows never wrap.
-        width = None if self.stream.isatty() else LOG_WIDTH
-        self.console = Console(file=self.stream, stderr=self.stream is sys.stderr, width=width)
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """The rich console on the stream (made when first drawn on)."""
+        if self._console is None:
+            from rich.console import Console  # noqa: PLC0415 - see the imports
+
+            # Not a terminal (a log file, a pipe): wide enough that rows never wrap.
+            width = None if self.stream.isatty() else LOG_WIDTH
+            self._console = Console(file=self.stream, stderr=self.stream is sys.stderr,
+                                    width=width)
+        return self._console
 
     def __enter__(self) -> Reporter:
         if self.mode == "json":
             self.stats.on_phase_change = self._phase_changed
         if self.mode == "rich":
+            from rich.live import Live  # noqa: PLC0415 - see the imports
+
             self._live = Live(
                 render(self.stats, self.console.width), console=self.console,
                 refresh_per_second=4, transient=True,

@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Callable
 from functools import cache
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from drivepipe._errors import ImageError, SizeMismatch, UnsupportedFormat, UsageError
@@ -48,10 +48,23 @@ FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
 
 
 @cache
+def _declared() -> dict[str, list[EntryPoint]]:
+    """drivepipe's four entry-point groups from one scan of the installed packages (each
+    scan reads every package's metadata: one, not four, at every start)."""
+    every = entry_points()
+    groups = (FORMATS_GROUP, STAGES_GROUP, SOURCES_GROUP, TARGETS_GROUP)
+    return {group: list(every.select(group=group)) for group in groups}
+
+
+def _group(name: str) -> list[EntryPoint]:
+    return _declared().get(name, [])
+
+
+@cache
 def formats() -> dict[str, ImageFormat]:
     """Every installed format, by name, in detection order."""
     found: list[ImageFormat] = []
-    for ep in entry_points(group=FORMATS_GROUP):
+    for ep in _group(FORMATS_GROUP):
         cls = ep.load()
         fmt = cls()
         if not isinstance(fmt, ImageFormat):
@@ -64,20 +77,20 @@ def formats() -> dict[str, ImageFormat]:
 @cache
 def stages() -> dict[str, type[Stage]]:
     """Every installed stage class, by entry-point name."""
-    return {ep.name: ep.load() for ep in entry_points(group=STAGES_GROUP)}
+    return {ep.name: ep.load() for ep in _group(STAGES_GROUP)}
 
 
 @cache
 def byte_sources() -> dict[str, Callable[..., ByteSource]]:
     """Every installed byte source factory, by entry-point name (``file``, ...)."""
-    return {ep.name: ep.load() for ep in entry_points(group=SOURCES_GROUP)}
+    return {ep.name: ep.load() for ep in _group(SOURCES_GROUP)}
 
 
 @cache
 def targets() -> dict[str, type[Sink[Any]]]:
     """Every installed target (a :class:`Sink` class), by entry-point name."""
     found: dict[str, type[Sink[Any]]] = {}
-    for ep in entry_points(group=TARGETS_GROUP):
+    for ep in _group(TARGETS_GROUP):
         cls = ep.load()
         if not (isinstance(cls, type) and issubclass(cls, Sink)):
             raise TypeError(f"entry point {ep.name!r} is not a Sink class")
@@ -85,34 +98,46 @@ def targets() -> dict[str, type[Sink[Any]]]:
     return found
 
 
-def _plugin(kind: str, table: dict[str, Any], name: str) -> Any:
-    try:
-        return table[name]
-    except KeyError:
-        known = ", ".join(sorted(table)) or "none"
-        raise UsageError(f"no {kind} named {name!r} is installed (known: {known})") from None
+@cache
+def _load(group: str, name: str) -> Any:
+    """The one entry point ``name`` of ``group``, loaded alone: a command that needs the
+    ``file`` source does not import the network sources (nor pycurl) for it."""
+    for ep in _group(group):
+        if ep.name == name:
+            return ep.load()
+    known = ", ".join(sorted(ep.name for ep in _group(group))) or "none"
+    kind = group.rpartition(".")[2].rstrip("s")
+    raise UsageError(f"no {kind} named {name!r} is installed (known: {known})")
 
 
 def target(name: str) -> type[Sink[Any]]:
     """The target class registered as ``name`` (``file``, ``drive``, ``stdout``, ...)."""
-    return _plugin("target", targets(), name)  # type: ignore[no-any-return]
+    cls = _load(TARGETS_GROUP, name)
+    if not (isinstance(cls, type) and issubclass(cls, Sink)):
+        raise TypeError(f"entry point {name!r} is not a Sink class")
+    return cls
+
+
+def target_names() -> list[str]:
+    """The names of the installed targets (nothing is loaded to list them)."""
+    return [ep.name for ep in _group(TARGETS_GROUP)]
 
 
 def stage(name: str) -> type[Stage]:
     """The stage class registered as ``name`` (``xxh3``, ...)."""
-    return _plugin("stage", stages(), name)  # type: ignore[no-any-return]
+    return _load(STAGES_GROUP, name)  # type: ignore[no-any-return]
 
 
 def byte_source(name: str) -> Callable[..., ByteSource]:
     """The byte source factory registered as ``name`` (``file``, ``pipe``, ...)."""
-    return _plugin("source", byte_sources(), name)  # type: ignore[no-any-return]
+    return _load(SOURCES_GROUP, name)  # type: ignore[no-any-return]
 
 
 def source(name: str) -> Callable[..., Source]:
     """The source factory registered as ``name`` in ``drivepipe.sources``, byte source or
     plain :class:`Source` (``download``: a URL's bytes in order, which formats cannot
     read at random)."""
-    return _plugin("source", byte_sources(), name)  # type: ignore[no-any-return]
+    return _load(SOURCES_GROUP, name)  # type: ignore[no-any-return]
 
 
 def open_target(spec: str, options: TargetOptions | None = None) -> tuple[Sink[Any], str]:
@@ -128,9 +153,9 @@ def open_target(spec: str, options: TargetOptions | None = None) -> tuple[Sink[A
     name, sep, rest = spec.partition(":")
     if spec == STDIN:
         kind, arg = "stdout", spec
-    elif sep and name in targets():
+    elif sep and name in target_names():
         kind, arg = name, rest
-    elif "device" in targets() and _is_block_device(spec):
+    elif "device" in target_names() and _is_block_device(spec):
         kind = "device"
     return target(kind).open_target(arg, opts), kind
 
@@ -145,7 +170,7 @@ def _is_block_device(path: str) -> bool:
 def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:
     """The ``file`` byte source of ``path`` (a regular file or a block device)."""
     opts = options or OpenOptions()
-    cls = byte_sources()["file"]
+    cls = byte_source("file")
     return cls(path, read_size=opts.read_size, drop_cache_above=opts.drop_cache_above)
 
 
@@ -180,7 +205,7 @@ def open_stdin(options: OpenOptions, chain: list[str] | None = None) -> ByteSour
         os.close(fd)
         raise ImageError(f"standard input: {exc.strerror}") from exc
     if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-        source: ByteSource = byte_sources()["file"](
+        source: ByteSource = byte_source("file")(
             STDIN_LABEL, fd=fd, read_size=options.read_size, label=STDIN_LABEL)
         if options.size is not None and source.size != options.size:
             got = source.size
@@ -188,13 +213,13 @@ def open_stdin(options: OpenOptions, chain: list[str] | None = None) -> ByteSour
             raise SizeMismatch(f"{STDIN_LABEL}: holds {got} bytes, but {options.size} "
                                "were announced")
         return source
-    pipe = byte_sources()["pipe"](fd, STDIN_LABEL, options.read_size)
+    pipe = byte_source("pipe")(fd, STDIN_LABEL, options.read_size)
     if options.size is None:
         try:
             return spool_stream(pipe, STDIN_LABEL, options)
         finally:
             pipe.close()
-    return _stream_or_spool(byte_sources()["sized"](pipe, options.size, STDIN_LABEL),
+    return _stream_or_spool(byte_source("sized")(pipe, options.size, STDIN_LABEL),
                             options, chain, once=True)
 
 
@@ -204,7 +229,7 @@ def open_url(url: str, options: OpenOptions, chain: list[str] | None = None) -> 
     needs random reads (or, without a known size, as a pipe is)."""
     from drivepipe._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
 
-    source = byte_sources()["url"](url, tls=options.tls, endpoint=options.endpoint,
+    source = byte_source("url")(url, tls=options.tls, endpoint=options.endpoint,
                                    creds=options.creds, read_size=options.read_size,
                                    notify=options.notify)
     if source.random:
@@ -217,7 +242,7 @@ def open_url(url: str, options: OpenOptions, chain: list[str] | None = None) -> 
                                "were announced")
         return _stream_or_spool(source, options, chain, once=False)
     if options.size is not None:
-        sized = byte_sources()["sized"](source, options.size, source.label)
+        sized = byte_source("sized")(source, options.size, source.label)
         return _stream_or_spool(sized, options, chain, once=True)
     try:
         return spool_stream(source, source.label, options)

@@ -7,21 +7,52 @@ library never prints: ``on_event`` gets one dict per event.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from drivepipe.jobs.batch import BatchReport, Executor, Task, attempt_item, run_batch
-from drivepipe.jobs.local import Budget, ConnectionBudget, LocalExecutor
-from drivepipe.jobs.plan import Item, Plan, PlanError, item_key, load_plan, parse_plan
-from drivepipe.jobs.state import StateFile, default_state_path
-from drivepipe.jobs.transfer import Access, Event, ItemResult, OnEvent, Settings, execute_item
+if TYPE_CHECKING:
+    from drivepipe.jobs.batching import BatchReport, Executor, Task, attempt_item, run_batch
+    from drivepipe.jobs.local import Budget, ConnectionBudget, LocalExecutor
+    from drivepipe.jobs.plan import Item, Plan, PlanError, item_key, load_plan, parse_plan
+    from drivepipe.jobs.state import StateFile, default_state_path
+    from drivepipe.jobs.transfer import (
+        Access,
+        Event,
+        ItemResult,
+        OnEvent,
+        Settings,
+        execute_item,
+    )
 
-PlanLike = str | os.PathLike[str] | Plan | Iterable[Mapping[str, Any]]
+#: the batch API's names and their modules, imported when first used: a command that
+#: needs one job (``convert``: ``drivepipe.jobs.images``) does not load the batches
+_LAZY = {
+    **dict.fromkeys(("BatchReport", "Executor", "Task", "attempt_item", "run_batch"), "batching"),
+    **dict.fromkeys(("Budget", "ConnectionBudget", "LocalExecutor"), "local"),
+    **dict.fromkeys(("Item", "Plan", "PlanError", "item_key", "load_plan", "parse_plan"),
+                    "plan"),
+    **dict.fromkeys(("StateFile", "default_state_path"), "state"),
+    **dict.fromkeys(("Access", "Event", "ItemResult", "OnEvent", "Settings", "execute_item"),
+                    "transfer"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'drivepipe.jobs' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"drivepipe.jobs.{module}"), name)
+
+
+PlanLike: TypeAlias = "str | os.PathLike[str] | Plan | Iterable[Mapping[str, Any]]"
 
 
 def as_plan(plan: PlanLike) -> Plan:
     """A plan file path, a :class:`Plan`, or item dicts (paths relative to the cwd)."""
+    from drivepipe.jobs.plan import Plan, load_plan, parse_plan  # noqa: PLC0415 - lazy
+
     if isinstance(plan, Plan):
         return plan
     if isinstance(plan, str | os.PathLike):
@@ -48,6 +79,9 @@ def batch(
     ``jobs`` threads sharing ``connections`` (default 4 per job) and ``limit_rate``
     bytes a second (0: no cap).
     """
+    from drivepipe.jobs.batching import run_batch  # noqa: PLC0415 - lazy
+    from drivepipe.jobs.local import LocalExecutor  # noqa: PLC0415
+
     resolved = as_plan(plan)
     runner = executor or LocalExecutor(jobs, connections, limit_rate=limit_rate)
     return run_batch(resolved, runner, settings, state_path=state, on_event=on_event,

@@ -31,7 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 from drivepipe._errors import UsageError
-from drivepipe.jobs.batch import OnResult, Task, attempt_item
+from drivepipe.jobs.batching import OnResult, Task, attempt_item
 from drivepipe.jobs.transfer import Access, ItemResult, OnEvent, Settings
 
 _ACCESS: dict[Settings, Access] = {}

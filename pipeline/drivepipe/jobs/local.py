@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from drivepipe._errors import UsageError
-from drivepipe.jobs.batch import OnResult, Task, attempt_item
+from drivepipe.jobs.batching import OnResult, Task, attempt_item
 from drivepipe.jobs.transfer import Access, ItemResult, OnEvent, Settings
 
 
