@@ -1,12 +1,16 @@
-"""Shared fixtures: real sparse files with random layouts."""
+"""Shared fixtures: real sparse files with random layouts; a local store the CLI finds."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sparse_files import MakeImage, random_layout, write_sparse
+from store_servers import store_factory, use_account
+
+from drivepipe.server import RunningServer
 
 
 @pytest.fixture
@@ -28,3 +32,16 @@ def make_sparse(tmp_path: Path) -> MakeImage:
         return write_sparse(path, size, random_layout(rng, size, pieces, max_piece, zero_pieces))
 
     return make
+
+
+@pytest.fixture
+def cli_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+              tmp_path: Path) -> Iterator[RunningServer]:
+    """A local store (1 MiB minimum drive) whose account is in the environment, with a
+    clean HOME: ``main(["upload", "--endpoint", cli_store.base_url, ...])`` just works."""
+    factory = store_factory(tmp_path_factory, username="u@example.com", password="pw-123456",
+                            min_size=1 << 20, idle_timeout=10.0)
+    server = next(factory)()
+    use_account(monkeypatch, tmp_path / "home", server)
+    yield server
+    next(factory, None)

@@ -41,3 +41,20 @@ def random_layout(
 def allocated(path: Path) -> int:
     """Bytes the filesystem allocated for ``path``."""
     return os.stat(path).st_blocks * 512
+
+
+def scattered_bytes(size: int, seed: int, *, pieces: int, max_piece: int, head: int = 0,
+                    tail: int = 0) -> bytes:
+    """``size`` bytes of zeros but for ``pieces`` random runs (shorter than ``max_piece``)
+    and random first ``head`` and last ``tail`` bytes: a disk image's content in memory."""
+    rng = random.Random(seed)
+    buf = bytearray(size)
+    for _ in range(pieces):
+        at = rng.randrange(0, size)
+        n = min(size - at, rng.randrange(1, max_piece))
+        buf[at : at + n] = rng.randbytes(n)
+    if head:
+        buf[:head] = rng.randbytes(head)
+    if tail:
+        buf[-tail:] = rng.randbytes(tail)
+    return bytes(buf)

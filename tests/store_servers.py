@@ -7,10 +7,12 @@ Imported by name (``from store_servers import ...``): pytest puts ``tests/`` on
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from drivepipe.cli import main
 from drivepipe.server import RunningServer, serve_in_thread
 
 MakeStore = Callable[..., RunningServer]
@@ -37,3 +39,41 @@ def store_factory(
     yield make
     for server in servers:
         server.stop()
+
+
+def store_fixtures(make_name: str, name: str, **defaults: Any) -> tuple[Any, Any]:
+    """A folder's pair of fixtures: ``make_name`` (:func:`store_factory` with ``defaults``)
+    and ``name`` (one store it made); bind both in the conftest under those names."""
+
+    @pytest.fixture(name=make_name)
+    def make_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeStore]:
+        yield from store_factory(tmp_path_factory, **defaults)
+
+    @pytest.fixture(name=name)
+    def one_fixture(request: pytest.FixtureRequest) -> RunningServer:
+        make: MakeStore = request.getfixturevalue(make_name)
+        return make()
+
+    return make_fixture, one_fixture
+
+
+def use_account(monkeypatch: pytest.MonkeyPatch, home: Path, server: RunningServer) -> None:
+    """A clean ``HOME`` (no config or netrc of the real user) and ``server``'s account in
+    the environment, where the CLI looks for it."""
+    home.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
+    monkeypatch.delenv("DRIVEPIPE_ENDPOINT", raising=False)
+    monkeypatch.setenv("CLOUDSIGMA_USERNAME", server.username)
+    monkeypatch.setenv("CLOUDSIGMA_PASSWORD", server.password)
+
+
+def cli_upload(server: RunningServer, capfd: pytest.CaptureFixture[str],
+               monkeypatch: pytest.MonkeyPatch, home: Path, *args: str) -> tuple[int, str, str]:
+    """``drivepipe upload --endpoint SERVER --progress none ARGS`` in this process, as
+    :func:`use_account` sets it up: ``(exit code, stdout, stderr)``."""
+    use_account(monkeypatch, home, server)
+    capfd.readouterr()
+    code = main(["upload", "--endpoint", server.base_url, "--progress", "none", *args])
+    out, err = capfd.readouterr()
+    return code, out, err

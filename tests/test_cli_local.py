@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -22,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparse_files import MakeImage, allocated, random_layout, write_sparse
+from tmpfs import loop_device as attach_loop
 
 from drivepipe.cli import main
 
@@ -270,21 +270,11 @@ def test_script_inspect_json(make_sparse: MakeImage) -> None:
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A loop block device over a sparse file with written zeros (root + losetup, else skip)."""
-    losetup = shutil.which("losetup")
-    if os.geteuid() != 0 or losetup is None:
-        pytest.skip("needs root and losetup")
     rng = random.Random(40)
     path = write_sparse(tmp_path / "backing.raw", 3 * MiB,
                         random_layout(rng, 3 * MiB, 4, 200 << 10, zero_pieces=2))
-    proc = subprocess.run([losetup, "-f", "--show", str(path)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"losetup failed: {proc.stderr.strip()}")
-    device = proc.stdout.strip()
-    try:
+    with attach_loop(path) as device:
         yield device, path
-    finally:
-        subprocess.run([losetup, "-d", device], check=False)
 
 
 @needs_xxh128sum

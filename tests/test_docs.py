@@ -16,6 +16,7 @@ import importlib.util
 import io
 import random
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
@@ -104,16 +105,18 @@ def example_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     # The entry points the example's pyproject.toml declares, as pip writes them.
     (dist / "entry_points.txt").write_text(
         "[drivepipe.formats]\nzrle = drivepipe_example:ZrleFormat\n\n"
-        "[drivepipe.stages]\nzero_runs = drivepipe_example:ZeroRunsStage\n")
+        "[drivepipe.stages]\nzero_runs = drivepipe_example:ZeroRunsStage\n\n"
+        "[drivepipe.targets]\nzrle = drivepipe_example:ZrleTarget\n")
     (tmp_path / "drivepipe_example.py").write_text(
         (PLUGIN_DIR / "drivepipe_example.py").read_text())
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    _registry.formats.cache_clear()
-    _registry.stages.cache_clear()
+    caches = (_registry.formats, _registry.stages, _registry.targets)
+    for cached in caches:
+        cached.cache_clear()
     yield
-    _registry.formats.cache_clear()
-    _registry.stages.cache_clear()
+    for cached in caches:
+        cached.cache_clear()
     sys.modules.pop("drivepipe_example", None)
 
 
@@ -121,6 +124,44 @@ def test_example_pyproject_declares_the_same_entry_points() -> None:
     text = (PLUGIN_DIR / "pyproject.toml").read_text()
     assert 'zrle = "drivepipe_example:ZrleFormat"' in text
     assert 'zero_runs = "drivepipe_example:ZeroRunsStage"' in text
+    assert 'zrle = "drivepipe_example:ZrleTarget"' in text
+
+
+@pytest.mark.usefixtures("example_plugin")
+def test_example_target_is_discovered_and_writes_what_the_format_reads(tmp_path: Path) -> None:
+    # a qcow2 made by qemu-img, converted into the plugin's own format by name, read
+    # back by the plugin's format: the raw disk survives, and the zero runs cost nothing
+    raw = tmp_path / "disk.raw"
+    content = sparse_raw(raw)
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+    assert "zrle" in _registry.targets()
+    out = tmp_path / "out.zrle"
+    code, _, err = cli("convert", "--progress", "none", str(qcow2), f"zrle:{out}")
+    assert code == 0, err
+    assert out.read_bytes().startswith(b"ZRLE\x00\x01")
+    assert out.stat().st_size < 1 * MiB  # 900 KB of data in an 8 MiB disk
+    code, sums, err = cli("checksum", "--progress", "none", str(out))
+    assert code == 0, err
+    assert sums.split()[0] == xxhash.xxh3_128_hexdigest(content)
+    # an existing output is refused by the plugin, and nothing is replaced
+    before = out.read_bytes()
+    code, _, err = cli("convert", "--progress", "none", str(qcow2), f"zrle:{out}")
+    assert code != 0 and "already exists" in err and out.read_bytes() == before
+
+
+@pytest.mark.usefixtures("example_plugin")
+def test_example_target_leaves_nothing_when_the_image_is_corrupt(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    sparse_raw(raw)
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+    data = bytearray(qcow2.read_bytes())
+    del data[len(data) // 2 :]  # clusters past the end: truncated
+    qcow2.write_bytes(bytes(data))
+    code, _, err = cli("convert", "--progress", "none", str(qcow2), f"zrle:{tmp_path / 'x.zrle'}")
+    assert code != 0 and "Traceback" not in err
+    assert not list(tmp_path.glob("x.zrle*"))
 
 
 def sparse_raw(path: Path) -> bytes:

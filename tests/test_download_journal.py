@@ -1,4 +1,5 @@
-"""The download resume journal and the checks built on it, on real files."""
+"""The download resume journal, the kept-prefix check of the resumable file target, the
+verify stage and the in-order pieces of the download source, on real files."""
 
 from __future__ import annotations
 
@@ -7,19 +8,16 @@ import os
 import random
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import xxhash
 
+from drivepipe._errors import VerifyError
+from drivepipe._extent import Extent
 from drivepipe._verify import (
-    FileDigester,
-    PrefixHasher,
-    blocks_with_data,
-    check_kept_blocks,
-    describe_blocks,
+    Expectation,
     digest_file,
     expectation_from_meta,
     parse_expect,
@@ -33,7 +31,9 @@ from drivepipe.resume.download_journal import (
     remove_journal,
     source_key,
 )
-from drivepipe_plugins.sources.receiver import backoff_delay, missing_spans, retry_after
+from drivepipe_plugins.sources.download import PIECE, _Range
+from drivepipe_plugins.stages.verify import VerifyStage
+from drivepipe_plugins.targets.resumable_file import ResumableFileWriter
 
 MiB = 1 << 20
 #: the ``make_sparse`` fixture of tests/conftest.py (not imported: ``conftest`` is
@@ -111,29 +111,6 @@ def test_a_fresh_signed_link_to_the_same_object_has_the_same_key() -> None:
     assert source_key(s3) != source_key(s3.replace("versionId=7", "versionId=8"))
 
 
-def test_missing_spans_group_and_cut_runs() -> None:
-    journal = DownloadJournal(SourceIdentity("u", 10 * MiB), MiB, {2: "0" * 16, 3: "0" * 16})
-    spans = [(s.first, s.last) for s in missing_spans(journal, 3)]
-    assert spans == [(0, 2), (4, 7), (7, 10)]
-    journal.blocks = {i: "0" * 16 for i in range(10)}
-    assert missing_spans(journal, 3) == []
-
-
-def test_check_kept_blocks_finds_a_flipped_byte(make_sparse: MakeImage) -> None:
-    image = make_sparse(8 * MiB, seed=3, pieces=12)
-    data = image.read_bytes()
-    journal = DownloadJournal(SourceIdentity("u", len(data)), MiB)
-    for i in range(8):
-        journal.blocks[i] = block_digest(data[i * MiB : (i + 1) * MiB])
-    assert check_kept_blocks(str(image), journal) == []
-    with open(image, "r+b") as f:
-        f.seek(6 * MiB + 1)
-        f.write(bytes([data[6 * MiB + 1] ^ 1]))
-    assert check_kept_blocks(str(image), journal) == [6]
-    assert describe_blocks(journal, [6, 1, 2]) == \
-        f"bytes {MiB}-{3 * MiB - 1}, {6 * MiB}-{7 * MiB - 1}"
-
-
 def test_digest_file_matches_xxh128sum_prefix_and_tail(make_sparse: MakeImage,
                                                        tmp_path: Path) -> None:
     image = make_sparse(6 * MiB + 7, seed=4, pieces=6)
@@ -168,78 +145,115 @@ def test_expectations() -> None:
     assert expectation_from_meta({**meta, "drivepipe_xxh128": "zz"}, 1000) is None
 
 
-def test_prefix_hasher_follows_blocks_finished_out_of_order(make_sparse: MakeImage) -> None:
-    image = make_sparse(9 * MiB + 333, seed=5, pieces=10)
-    data = image.read_bytes()
-    journal = DownloadJournal(SourceIdentity("u", len(data)), MiB)
-    prefix = len(data) - 1000
-    hasher = PrefixHasher(str(image), journal, FileDigester(len(data), prefix))
-    hasher.start()
-    order = list(range(journal.block_count))
-    random.Random(1).shuffle(order)
-    for index in order:
-        time.sleep(0.002)
-        journal.blocks[index] = "0" * 16
-        hasher.wake()
-    got = hasher.finish()
-    assert got is not None
-    assert got.whole == xxhash.xxh3_128_hexdigest(data)
-    assert got.prefix == xxhash.xxh3_128_hexdigest(data[:prefix])
-    tail = data[prefix:]
-    assert got.nonzero_tail_at == (None if not any(tail) else
-                                   prefix + len(tail) - len(tail.lstrip(b"\0")))
-    assert got == digest_file(str(image), prefix)
+def stream_of(data: bytes, piece: int = 300_000) -> list[Extent]:
+    """``data`` as in-order extents, all-zero pieces as holes."""
+    out = []
+    for pos in range(0, len(data), piece):
+        chunk = data[pos : pos + piece]
+        out.append(Extent.hole(pos, len(chunk)) if not any(chunk) else Extent(pos, len(chunk),
+                                                                                chunk))
+    return out
 
 
-def test_prefix_hasher_stops_without_all_blocks(make_sparse: MakeImage) -> None:
-    image = make_sparse(3 * MiB, seed=6, pieces=3)
-    journal = DownloadJournal(SourceIdentity("u", 3 * MiB), MiB, {0: "0" * 16})
-    hasher = PrefixHasher(str(image), journal, FileDigester(3 * MiB))
-    hasher.start()
-    hasher.stop()
-    assert hasher.next_block <= 1
-    assert hasher.finish() is None
+def write_part(target: Path, data: bytes, identity: SourceIdentity, block: int = MiB
+               ) -> ResumableFileWriter:
+    """A resumable file written from ``data`` but not published (kept as after a kill)."""
+    writer = ResumableFileWriter(str(target), block_size=block)
+    writer.open(identity)
+    assert list(writer.kept()) == []
+    for ext in stream_of(data):
+        writer._write(ext)
+        writer._journal(ext)
+    writer.abort()
+    return writer
 
 
-def test_blocks_with_data_sees_only_blocks_overlapping_data(tmp_path: Path) -> None:
-    path = tmp_path / "p"
-    with open(path, "wb") as f:
-        f.truncate(8 * MiB)
-        for offset in (MiB - 4096, 5 * MiB + 8192):  # end of block 0, inside block 5
-            f.seek(offset)
-            f.write(b"x" * 4096)
-    journal = DownloadJournal(SourceIdentity("u", 8 * MiB), MiB)
-    assert blocks_with_data(str(path), journal, range(8)) == {0, 5}
-    assert blocks_with_data(str(path), journal, [1, 2, 3, 4, 6, 7]) == set()
+def test_journal_digests_of_the_stream_match_the_bytes(make_sparse: MakeImage,
+                                                       tmp_path: Path) -> None:
+    data = make_sparse(5 * MiB + 777, seed=5, pieces=6).read_bytes()
+    identity = SourceIdentity("u", len(data), '"e"')
+    write_part(tmp_path / "d.img", data, identity)
+    journal = load_journal(str(tmp_path / "d.img.part.journal"))
+    assert journal is not None and sorted(journal.blocks) == list(range(6))
+    for i in range(6):
+        assert journal.blocks[i] == block_digest(data[i * MiB : (i + 1) * MiB])
+    assert (tmp_path / "d.img.part").read_bytes() == data
 
 
-def test_kept_prefix_is_hashed_once_and_the_hasher_continues(make_sparse: MakeImage) -> None:
-    image = make_sparse(6 * MiB, seed=7, pieces=8)
-    data = image.read_bytes()
-    journal = DownloadJournal(SourceIdentity("u", len(data)), MiB)
-    for i in (0, 1, 2, 4):  # 3 missing: the prefix is blocks 0-2
-        journal.blocks[i] = block_digest(data[i * MiB : (i + 1) * MiB])
-    journal.blocks[1] = "f" * 16  # ... but block 1 went bad on disk
-    digester = FileDigester(len(data))
-    assert check_kept_blocks(str(image), journal, digester=digester) == [1]
-    assert digester.pos == MiB  # only block 0 was good and contiguous
-    del journal.blocks[1]
-    hasher = PrefixHasher(str(image), journal, digester)
-    assert hasher.next_block == 1
-    hasher.start()
-    for i in (1, 3, 5):
-        journal.blocks[i] = "0" * 16
-        hasher.wake()
-    got = hasher.finish()
-    assert got is not None and got.whole == xxhash.xxh3_128_hexdigest(data)
+def test_kept_prefix_stops_at_a_damaged_block_and_frees_the_rest(
+    make_sparse: MakeImage, tmp_path: Path
+) -> None:
+    data = make_sparse(6 * MiB, seed=7, pieces=8).read_bytes()
+    identity = SourceIdentity("u", len(data), '"e"')
+    write_part(tmp_path / "k.img", data, identity)
+    part = tmp_path / "k.img.part"
+    with open(part, "r+b") as f:  # block 3 goes bad on disk
+        f.seek(3 * MiB + 10)
+        f.write(b"\xff")
+    notes: list[str] = []
+    writer = ResumableFileWriter(str(tmp_path / "k.img"), block_size=MiB, notify=notes.append)
+    assert writer.open(identity) == 6 * MiB  # offered; checked as it is read
+    kept = b"".join(bytes(e.data) if e.data is not None else bytes(e.length)
+                    for e in writer.kept())
+    assert kept == data[: 3 * MiB] and writer.kept_end == 3 * MiB
+    assert "block 3" in notes[-1] and "3.0 MiB of 6.0 MiB kept" in notes[-1]
+    assert writer.journal is not None and sorted(writer.journal.blocks) == [0, 1, 2]
+    # everything after the good prefix reads as zeros now (old bytes punched out)
+    assert not any(part.read_bytes()[3 * MiB :])
+    writer.close()
 
 
-def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
-    rng = random.Random(3)
-    for attempt in range(8):
-        delay = backoff_delay(attempt, 0.5, 30.0, rng)
-        assert 0.5 * min(30.0, 0.5 * 2**attempt) <= delay <= min(30.0, 0.5 * 2**attempt)
-    assert retry_after({"retry-after": "7"}, 30.0) == 7.0
-    assert retry_after({"retry-after": "999"}, 30.0) == 30.0
-    assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 30.0) == 0.0
-    assert retry_after({}, 30.0) == 0.0
+def test_a_journal_of_another_source_or_without_validators_starts_over(
+    tmp_path: Path
+) -> None:
+    data = random.Random(1).randbytes(2 * MiB)
+    identity = SourceIdentity("u", len(data), '"e"')
+    write_part(tmp_path / "o.img", data, identity)
+    notes: list[str] = []
+    writer = ResumableFileWriter(str(tmp_path / "o.img"), block_size=MiB, notify=notes.append)
+    assert writer.open(identity, resumable=False) == 0
+    assert "no ETag or Last-Modified" in notes[0] and "starting over" in notes[1]
+    assert not any((tmp_path / "o.img.part").read_bytes())
+    writer.close()
+    other = SourceIdentity("u", len(data), '"f"')
+    write_part(tmp_path / "p.img", data, identity)
+    writer = ResumableFileWriter(str(tmp_path / "p.img"), block_size=MiB)
+    assert writer.open(other) == 0
+    writer.close()
+
+
+@pytest.mark.parametrize("length", [None, 3 * MiB])
+def test_verify_stage_passes_extents_and_checks_at_the_end(length: int | None) -> None:
+    data = random.Random(2).randbytes(3 * MiB) + bytes(MiB)
+    want = xxhash.xxh3_128_hexdigest(data[:length] if length else data)
+    stage = VerifyStage(len(data), Expectation(want, length, "the test"))
+    out = list(stage.process(iter(stream_of(data))))
+    assert [e.offset for e in out] == [e.offset for e in stream_of(data)]
+    assert stage.digest is not None and stage.digest.whole == xxhash.xxh3_128_hexdigest(data)
+    bad = VerifyStage(len(data), Expectation("0" * 32, length, "the test"))
+    passed = []
+    with pytest.raises(VerifyError, match="does not match"):
+        for ext in bad.process(iter(stream_of(data))):
+            passed.append(ext)
+    assert len(passed) == len(out)  # raised after the last extent, before the end
+
+
+def test_verify_stage_catches_a_nonzero_byte_past_the_expected_length() -> None:
+    data = random.Random(3).randbytes(MiB) + bytes(100) + b"\x01" + bytes(99)
+    stage = VerifyStage(len(data), Expectation(xxhash.xxh3_128_hexdigest(data[:MiB]), MiB))
+    with pytest.raises(VerifyError, match=f"byte {MiB + 100} is not zero"):
+        list(stage.process(iter(stream_of(data))))
+
+
+def test_range_pieces_are_aligned_fresh_buffers_and_continue_after_a_retry() -> None:
+    data = random.Random(4).randbytes(3 * PIECE + 5000)
+    start = PIECE // 2
+    r = _Range(start, len(data))
+    r.take(memoryview(data[start : start + 70_000]))
+    r.take(memoryview(data[start + 70_000 : 2 * PIECE + 3]))  # a retry continues at pos
+    r.take(memoryview(data[2 * PIECE + 3 :]))
+    assert r.received and r.buf is None
+    pieces = list(r.pieces)
+    assert [p.offset for p in pieces] == [start, PIECE, 2 * PIECE, 3 * PIECE]
+    assert b"".join(bytes(p.data or b"") for p in pieces) == data[start:]
+    assert len({id(p.data) for p in pieces}) == len(pieces)

@@ -11,7 +11,7 @@ from drivepipe._names import (
     disposition_filename,
     sanitize_filename,
 )
-from drivepipe_plugins.sources.receiver import ProbeResult
+from drivepipe._remote import ProbeResult
 
 
 @pytest.mark.parametrize(("header", "name"), [

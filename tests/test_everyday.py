@@ -194,13 +194,6 @@ def test_dash_is_standard_input_and_output_everywhere(tmp_path: Path) -> None:
     assert "the reading end of the pipe was closed" in proc.stderr
 
 
-def test_download_to_standard_output_is_refused_in_one_line() -> None:
-    code, out, err = cli("download", "00000000-0000-4000-8000-000000000000", "-o", "-",
-                         "--endpoint", "http://127.0.0.1:9/api/2.0/")
-    assert code == 2 and out == ""
-    one_line(err, "standard output")
-
-
 def test_shell_completion_completes_commands_and_options() -> None:
     env = {**os.environ, "_DRIVEPIPE_COMPLETE": "complete_bash"}
     for words, cword, want in (("drivepipe up", "1", "upload"),

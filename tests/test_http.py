@@ -9,7 +9,7 @@ import pytest
 
 from drivepipe import AuthError, ConfigError, HTTPError, TransferError
 from drivepipe.cloudsigma.config import Credentials, Endpoint, normalize_base
-from drivepipe.transport.http import (
+from drivepipe.transport.curl import (
     Response,
     TlsOptions,
     check_auth_transport,

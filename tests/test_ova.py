@@ -8,20 +8,18 @@ import gzip
 import hashlib
 import io
 import json
-import random
 import tarfile
-import tracemalloc
-from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
 import xxhash
+from fixtures.decode_helpers import bounded, decode_detected
 from fixtures.vmdk_writer import write_vmdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_servers import store_factory
+from sparse_files import scattered_bytes
 
 from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._stage import ImageInput, OpenOptions
@@ -50,15 +48,7 @@ STREAM_URI = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOp
 
 
 def disk_raw(seed: int, size: int = 2 * MiB) -> bytes:
-    rng = random.Random(seed)
-    buf = bytearray(size)
-    for _ in range(6):
-        at = rng.randrange(0, size)
-        n = min(size - at, rng.randrange(1, 200_000))
-        buf[at : at + n] = rng.randbytes(n)
-    buf[:1000] = rng.randbytes(1000)
-    buf[-512:] = rng.randbytes(512)
-    return bytes(buf)
+    return scattered_bytes(size, seed, pieces=6, max_piece=200_000, head=1000, tail=512)
 
 
 def vmdk_bytes(tmp: Path, raw: bytes, name: str, **kw: object) -> bytes:
@@ -315,23 +305,6 @@ def test_threads_with_manifest(tmp_path: Path) -> None:
 # -- one-step upload to a local drive store ---------------------------------------------
 
 
-@pytest.fixture
-def store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
-          tmp_path: Path) -> Iterator[Any]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
-    monkeypatch.delenv("DRIVEPIPE_ENDPOINT", raising=False)
-    monkeypatch.setenv("CLOUDSIGMA_USERNAME", "u@example.com")
-    monkeypatch.setenv("CLOUDSIGMA_PASSWORD", "pw-123456")
-    factory = store_factory(tmp_path_factory, username="u@example.com", password="pw-123456",
-                            min_size=1 << 20, idle_timeout=10.0)
-    make = next(factory)
-    yield make()
-    next(factory, None)
-
-
 def upload(capfd: pytest.CaptureFixture[str], server: Any, path: Path) -> tuple[int, str, str]:
     capfd.readouterr()
     code = main(["upload", "--endpoint", server.base_url, "--progress", "none", str(path)])
@@ -341,29 +314,29 @@ def upload(capfd: pytest.CaptureFixture[str], server: Any, path: Path) -> tuple[
 
 @pytest.mark.parametrize("kind", ["plain", "gzip", "chunked"])
 def test_ova_uploads_in_one_step(tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                                 store: Any, kind: str) -> None:
+                                 cli_store: Any, kind: str) -> None:
     raw = disk_raw(11)
     path = build_ova(tmp_path, [("disk1.vmdk", vmdk_bytes(tmp_path, raw, "d.vmdk"))],
                      compression="gzip" if kind == "gzip" else "",
                      chunk=150_000 if kind == "chunked" else None)
-    code, out, err = upload(capfd, store, path)
+    code, out, err = upload(capfd, cli_store, path)
     assert code == 0, err
     uuid = out.strip()
-    with open(store.store.raw_path(uuid), "rb") as f:
+    with open(cli_store.store.raw_path(uuid), "rb") as f:
         assert f.read(len(raw)) == raw
-    assert store.store.get(uuid).image_size == len(raw)
+    assert cli_store.store.get(uuid).image_size == len(raw)
 
 
 @pytest.mark.parametrize("layout", ["vmware", "front"])
 def test_bad_manifest_creates_no_drive(tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                                       store: Any, layout: str) -> None:
+                                       cli_store: Any, layout: str) -> None:
     raw = disk_raw(12)
     vmdk = vmdk_bytes(tmp_path, raw, "d.vmdk", gd_at_end=layout == "vmware")
     path = build_ova(tmp_path, [("disk1.vmdk", vmdk)], corrupt="disk1.vmdk")
-    code, out, err = upload(capfd, store, path)
+    code, out, err = upload(capfd, cli_store, path)
     assert code == 3 and out == ""
     assert "manifest" in err and len(err.strip().splitlines()) == 1
-    assert store.store.list() == []
+    assert cli_store.store.list() == []
 
 
 # -- hostile input: no traceback, no hang, bounded memory ------------------------------
@@ -386,39 +359,7 @@ def sample_ova(tmp: Path, kind: str) -> bytes:
 
 
 def decode_ova(path: Path) -> int | DrivepipeError:
-    tracemalloc.start()
-    try:
-        result = _decode_ova(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 96 * MiB
-    if isinstance(result, DrivepipeError):
-        assert "\n" not in result.one_line()
-    return result
-
-
-def _decode_ova(path: Path) -> int | DrivepipeError:
-    source = SparseFileReader(str(path))
-    try:
-        if not OvaFormat().detect(source.head(), source):
-            source.close()
-            return 0
-        image = OvaFormat().open(source, OpenOptions(read_size=MiB))
-    except DrivepipeError as exc:
-        source.close()
-        return exc
-    try:
-        pos = 0
-        for ext in image.source.extents():
-            assert ext.offset == pos
-            pos = ext.end
-        assert pos == image.size
-        return pos
-    except DrivepipeError as exc:
-        return exc
-    finally:
-        image.close()
+    return bounded(lambda: decode_detected(OvaFormat(), path, read_size=MiB), what=path.name)
 
 
 @given(kind=st.sampled_from(["plain", "chunked", "gzip", "pax"]), data=st.data())

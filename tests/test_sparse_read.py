@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures.decode_helpers import checked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sparse_files import MakeImage, random_layout, write_sparse
+from tmpfs import loop_device as attach_loop
 
 from drivepipe._errors import ImageError
 from drivepipe._extent import ZERO_BLOCK, Extent, is_zero
@@ -31,13 +31,8 @@ def content(extents: list[Extent]) -> bytes:
 
 
 def assert_tiles(extents: list[Extent], start: int, end: int) -> None:
-    pos = start
-    for ext in extents:
-        assert ext.offset == pos
-        assert ext.length > 0
-        assert ext.data is None or len(ext.data) == ext.length
-        pos = ext.end
-    assert pos == end
+    for _ in checked(extents, start, end):
+        pass
 
 
 @pytest.fixture
@@ -186,6 +181,13 @@ def assert_zero_blocks_are_holes(extents: list[Extent]) -> None:
             assert not is_zero(view[start : start + ZERO_BLOCK]), f"zero block at {ext.offset}"
 
 
+def assert_read_back(extents: list[Extent], expected: bytes) -> None:
+    """The extents tile ``expected``, hold its bytes, and no zero block is left as data."""
+    assert_tiles(extents, 0, len(expected))
+    assert content(extents) == expected
+    assert_zero_blocks_are_holes(extents)
+
+
 def test_without_hole_information_zero_blocks_become_holes(make_sparse: MakeImage) -> None:
     path = make_sparse(5 * MiB + 77, pieces=5, max_piece=200 << 10, zero_pieces=3, seed=5)
     expected = path.read_bytes()
@@ -197,9 +199,7 @@ def test_without_hole_information_zero_blocks_become_holes(make_sparse: MakeImag
         extents = list(reader.extents())
     finally:
         reader.close()
-    assert_tiles(extents, 0, len(expected))
-    assert content(extents) == expected
-    assert_zero_blocks_are_holes(extents)
+    assert_read_back(extents, expected)
     assert sum(e.length for e in extents if e.is_hole) >= 4 * MiB
 
 
@@ -241,18 +241,23 @@ def test_missing_file_is_an_image_error(tmp_path: Path) -> None:
         SparseFileReader(str(tmp_path / "nope.raw"))
 
 
-def test_a_file_that_shrinks_while_read_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "shrinks.raw"
-    path.write_bytes(os.urandom(4 * MiB))
+def assert_shrinking_refused(path: Path, cut_to: int) -> None:
+    """Cut ``path`` to ``cut_to`` bytes after the first extent was read: refused."""
     reader = SparseFileReader(str(path), read_size=1 * MiB)
     try:
         stream = reader.extents()
         next(stream)
-        os.truncate(path, 2 * MiB)
+        os.truncate(path, cut_to)
         with pytest.raises(ImageError, match="shrank"):
             list(stream)
     finally:
         reader.close()
+
+
+def test_a_file_that_shrinks_while_read_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "shrinks.raw"
+    path.write_bytes(os.urandom(4 * MiB))
+    assert_shrinking_refused(path, 2 * MiB)
 
 
 def test_a_file_truncated_into_a_hole_while_read_is_refused(tmp_path: Path) -> None:
@@ -261,15 +266,7 @@ def test_a_file_truncated_into_a_hole_while_read_is_refused(tmp_path: Path) -> N
     path = write_sparse(tmp_path / "cut.raw", size, [(0, b"a" * MiB), (6 * MiB, b"b" * MiB)])
     if not fs_supports_holes(path):
         pytest.skip("the test filesystem keeps no holes")
-    reader = SparseFileReader(str(path), read_size=1 * MiB)
-    try:
-        stream = reader.extents()
-        next(stream)
-        os.truncate(path, 3 * MiB)
-        with pytest.raises(ImageError, match="shrank"):
-            list(stream)
-    finally:
-        reader.close()
+    assert_shrinking_refused(path, 3 * MiB)
 
 
 def test_raw_format_reports_sizes_and_random_access(make_sparse: MakeImage) -> None:
@@ -290,20 +287,9 @@ def test_raw_format_reports_sizes_and_random_access(make_sparse: MakeImage) -> N
 @pytest.fixture
 def loop_device(make_sparse: MakeImage) -> Iterator[tuple[str, Path]]:
     """A loop block device over a sparse file (root and losetup needed, else skip)."""
-    losetup = shutil.which("losetup")
-    if os.geteuid() != 0 or losetup is None:
-        pytest.skip("needs root and losetup")
     path = make_sparse(3 * MiB, pieces=3, max_piece=256 << 10, zero_pieces=1, seed=4)
-    proc = subprocess.run(
-        [losetup, "-f", "--show", str(path)], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"losetup failed: {proc.stderr.strip()}")
-    device = proc.stdout.strip()
-    try:
+    with attach_loop(path) as device:
         yield device, path
-    finally:
-        subprocess.run([losetup, "-d", device], check=False)
 
 
 def test_block_device_is_read_whole_with_zero_blocks_as_holes(
@@ -319,9 +305,7 @@ def test_block_device_is_read_whole_with_zero_blocks_as_holes(
         extents = list(reader.extents())
     finally:
         reader.close()
-    assert_tiles(extents, 0, len(expected))
-    assert content(extents) == expected
-    assert_zero_blocks_are_holes(extents)
+    assert_read_back(extents, expected)
     assert any(e.is_hole for e in extents)
 
 

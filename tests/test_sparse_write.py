@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tmpfs import small_tmpfs as mount_tmpfs
 
 from drivepipe._errors import Cancelled, OutputError
 from drivepipe._extent import ZERO_BLOCK, Extent, is_zero
@@ -217,42 +218,30 @@ def test_sparse_output_takes_writes_in_any_order(tmp_path: Path) -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs (root needed, else skip), unmounted afterwards."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-        capture_output=True, text=True, check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
-    try:
+    with mount_tmpfs(tmp_path / "small", "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(
     small_tmpfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    def convert_fails(src: Path, reason: str) -> None:
+        code = main(["convert", "--progress", "none", str(src), str(small_tmpfs / "out.raw")])
+        err = capsys.readouterr().err
+        assert code == 5
+        assert err.count("\n") == 1
+        assert err.startswith("drivepipe: error: ") and reason in err
+        assert list(small_tmpfs.iterdir()) == []
+
     data = random.Random(2).randbytes(6 * MiB)
     src = tmp_path / "big.raw"
     src.write_bytes(data)
     # a raw file says how much data it holds: refused before anything is written
-    code = main(["convert", "--progress", "none", str(src), str(small_tmpfs / "out.raw")])
-    err = capsys.readouterr().err
-    assert code == 5
-    assert err.count("\n") == 1
-    assert err.startswith("drivepipe: error: ") and "bytes free" in err
-    assert list(small_tmpfs.iterdir()) == []
+    convert_fails(src, "bytes free")
     # a gzip stream does not: the disk fills up while writing, and nothing is left
     packed = tmp_path / "big.raw.gz"
     packed.write_bytes(gzip.compress(data, 1))
-    code = main(["convert", "--progress", "none", str(packed), str(small_tmpfs / "out.raw")])
-    err = capsys.readouterr().err
-    assert code == 5
-    assert err.count("\n") == 1
-    assert err.startswith("drivepipe: error: ") and "no space left on device" in err
-    assert list(small_tmpfs.iterdir()) == []
+    convert_fails(packed, "no space left on device")
 
 
 FSIZE_SCRIPT = """

@@ -13,16 +13,23 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-import xxhash
+from fixtures.decode_helpers import (
+    checked,
+    decode_detected,
+    image_digest,
+    open_with,
+    stream_digest,
+    walk,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sparse_files import write_sparse
-from store_servers import store_factory
 
 from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
-from drivepipe._extent import Extent, zero_chunks
-from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
+from drivepipe._extent import Extent
+from drivepipe._stage import ByteSource, ImageInput, OpenOptions
 from drivepipe.cli import main
+from drivepipe.server import RunningServer
 from drivepipe_plugins.formats.vhd import (
     BAT_FREE,
     FOOTER_SIZE,
@@ -71,48 +78,23 @@ def qemu_raw(image: Path, qemu_format: str, out: Path) -> Path:
     return out
 
 
-def open_with(fmt: ImageFormat, path: Path, **options: int) -> ImageInput:
-    source = SparseFileReader(str(path))
+def raw_then_zeros(raw: Path, size: int) -> str:
+    """The digest of the file ``raw`` followed by zeros up to ``size`` bytes."""
+    reader = SparseFileReader(str(raw))
     try:
-        assert fmt.detect(source.head(4096), source)
-        return fmt.open(source, OpenOptions(**options))
-    except BaseException:
-        source.close()
-        raise
-
-
-def checked(extents: Iterator[Extent], start: int, end: int) -> Iterator[Extent]:
-    """The extents, asserted to cover ``[start, end)`` in order, each byte once."""
-    pos = start
-    for ext in extents:
-        assert ext.offset == pos, (ext.offset, pos)
-        assert ext.length > 0
-        assert ext.data is None or len(ext.data) == ext.length
-        pos = ext.end
-        yield ext
-    assert pos == end
-
-
-def digest_extents(extents: Iterator[Extent]) -> str:
-    h = xxhash.xxh3_128()
-    for ext in extents:
-        if ext.data is None:
-            for chunk in zero_chunks(ext.length):
-                h.update(chunk)
-        else:
-            h.update(ext.data)
-    return h.hexdigest()
-
-
-def digest_image(image: ImageInput) -> str:
-    return digest_extents(checked(image.source.extents(), 0, image.size))
+        extents = list(reader.extents())
+        if size > reader.size:
+            extents.append(Extent.hole(reader.size, size - reader.size))
+    finally:
+        reader.close()
+    return stream_digest(extents, size)
 
 
 def digest_file(path: Path, length: int | None = None) -> str:
     reader = SparseFileReader(str(path))
     try:
         n = reader.size if length is None else length
-        return digest_extents(reader.read_range(0, n))
+        return stream_digest(reader.read_range(0, n), n)
     finally:
         reader.close()
 
@@ -238,7 +220,7 @@ def test_conformance_with_qemu_img(
         assert footer.qemu72_size == footer.current_size
         expected = qemu_raw(vhd, "vpc", tmp_path / "q.raw")
         assert expected.stat().st_size == image.size
-        ours = digest_image(image)
+        ours = image_digest(image)
         assert ours == digest_file(expected)
         if force_size:
             # force_size keeps the size asked for: the disk is the source, exactly
@@ -248,9 +230,7 @@ def test_conformance_with_qemu_img(
             # without it qemu-img rounds the size up to a CHS geometry (and writes that as
             # currentSize): the disk is the source plus zeros
             assert image.size == footer.chs_size >= size
-            assert ours == digest_extents(
-                iter([*SparseFileReader(str(raw)).extents(), Extent.hole(size, image.size - size)])
-            )
+            assert ours == raw_then_zeros(raw, image.size)
         assert image.data_size is not None
         assert 0 < image.data_size < 64 * MiB
         assert image.file_size == vhd.stat().st_size
@@ -369,9 +349,7 @@ def test_dense_reads_are_coalesced_and_holes_never_read(tmp_path: Path) -> None:
     image = VhdFormat().open(source, OpenOptions(read_size=4 * MiB))
     try:
         source.reads.clear()
-        assert digest_image(image) == digest_extents(
-            iter([*SparseFileReader(str(raw)).extents(), Extent.hole(size, image.size - size)])
-        )
+        assert image_digest(image) == raw_then_zeros(raw, image.size)
         big = [n for _, n in source.reads if n > 4096]
         # 4 MiB of data and the 512-byte bitmap between two blocks
         assert max(big) == 4 * MiB + 512
@@ -552,6 +530,11 @@ def _fix_checksums(data: bytearray) -> None:
         struct.pack_into(">I", data, 512 + 36, vhd_checksum(bytes(data[512:1536]), 36))
 
 
+def walk_small(image: ImageInput) -> int:
+    assert image.size < 1 << 40
+    return walk(image)
+
+
 def _hypothesis_fuzz(small_vhds: dict[str, bytes], tmp_path: Path) -> None:
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
@@ -574,22 +557,9 @@ def _hypothesis_fuzz(small_vhds: dict[str, bytes], tmp_path: Path) -> None:
             del data[len(data) - cut * 100_000 :]
         path = tmp_path / "f.vhd"
         path.write_bytes(bytes(data))
-        source = SparseFileReader(str(path))
-        try:
-            fmt = VhdFormat()
-            if not fmt.detect(source.head(), source):
-                return
-            image = fmt.open(source, OpenOptions(read_size=256 * 1024))
-            try:
-                assert image.size < 1 << 40
-                for _ in checked(image.source.extents(), 0, image.size):
-                    pass
-            finally:
-                image.close()
-        except DrivepipeError as exc:
-            assert "\n" not in str(exc)
-        finally:
-            source.close()
+        result = decode_detected(VhdFormat(), path, walk_small, read_size=256 * 1024)
+        if isinstance(result, DrivepipeError):
+            assert "\n" not in str(result)
 
     run()
 
@@ -712,30 +682,16 @@ def test_cli_nested_images(
 @pytest.mark.parametrize("chunked", [False, True], ids=["direct", "chunked"])
 @pytest.mark.parametrize("case", ["vhd-dynamic", "vdi"])
 def test_cli_upload_round_trips(
-    small_cli_images: dict[str, tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory,
-    monkeypatch: pytest.MonkeyPatch, case: str, chunked: bool,
+    small_cli_images: dict[str, tuple[Path, Path]], cli_store: RunningServer, case: str,
+    chunked: bool,
 ) -> None:
     image, expected = small_cli_images[case]
-    factory = store_factory(tmp_path_factory, username="t@example.com", password="pw-1234",
-                            min_size=MiB, idle_timeout=10.0)
-    make = next(factory)
-    try:
-        server = make()
-        home = tmp_path_factory.mktemp("home")
-        monkeypatch.setenv("HOME", str(home))
-        monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
-        monkeypatch.delenv("DRIVEPIPE_ENDPOINT", raising=False)
-        monkeypatch.setenv("CLOUDSIGMA_USERNAME", "t@example.com")
-        monkeypatch.setenv("CLOUDSIGMA_PASSWORD", "pw-1234")
-        extra = ["--chunked", "--chunk-size", "8M", "--connections", "2"] if chunked else []
-        code, out, err = run_cli("upload", "--endpoint", server.base_url, "--progress", "none",
-                                 *extra, str(image))
-        assert code == 0, err
-        uuid = out.strip()
-        drive = Path(server.store.raw_path(uuid))
-        size = expected.stat().st_size
-        assert drive.stat().st_size >= size
-        assert digest_file(drive, size) == digest_file(expected)
-    finally:
-        for _ in factory:
-            pass
+    extra = ["--chunked", "--chunk-size", "8M", "--connections", "2"] if chunked else []
+    code, out, err = run_cli("upload", "--endpoint", cli_store.base_url, "--progress", "none",
+                             *extra, str(image))
+    assert code == 0, err
+    uuid = out.strip()
+    drive = Path(cli_store.store.raw_path(uuid))
+    size = expected.stat().st_size
+    assert drive.stat().st_size >= size
+    assert digest_file(drive, size) == digest_file(expected)

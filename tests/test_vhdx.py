@@ -18,21 +18,22 @@ import random
 import shutil
 import struct
 import subprocess
-import tracemalloc
 import uuid
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-import xxhash
+from fixtures.decode_helpers import (
+    bounded,
+    file_digest,
+    image_digest,
+    python_peak,
+    size_or_error,
+)
 from fixtures.vhdx_writer import (
     BAT_OFFSET,
-    FULLY_PRESENT,
     LOG_LENGTH,
     LOG_OFFSET,
-    LOGICAL_SECTOR_SIZE,
-    METADATA_GUID,
-    PARTIALLY_PRESENT,
     ZERO,
     LogWrite,
     Vhdx,
@@ -46,13 +47,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sparse_files import write_sparse
 
-from drivepipe._errors import CorruptImage, DrivepipeError, ImageError, UnsupportedFormat
-from drivepipe._extent import ZERO as ZEROS
-from drivepipe._extent import Extent
+from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._registry import FOREIGN_MAGIC
 from drivepipe._stage import ImageInput, OpenOptions
 from drivepipe.cli import main
-from drivepipe_plugins.formats.vhdx import VhdxFormat, VhdxImage
+from drivepipe_plugins.formats.vhdx import (
+    FULLY_PRESENT,
+    LOGICAL_SECTOR_SIZE,
+    METADATA_GUID,
+    PARTIALLY_PRESENT,
+    VhdxFormat,
+    VhdxImage,
+)
 from drivepipe_plugins.sources.file import SparseFileReader
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -72,30 +78,10 @@ def open_vhdx(path: Path, **options: int) -> ImageInput:
         raise
 
 
-def hash_extents(extents: list[Extent] | object, size: int) -> str:
-    """xxh3-128 of a stream of extents (holes as zeros), checking they tile [0, size)."""
-    h = xxhash.xxh3_128()
-    pos = 0
-    for ext in extents:  # type: ignore[attr-defined]
-        assert ext.offset == pos and ext.length > 0
-        pos = ext.end
-        if ext.data is None:
-            n = ext.length
-            while n:
-                step = min(n, len(ZEROS))
-                h.update(memoryview(ZEROS)[:step])
-                n -= step
-        else:
-            assert len(ext.data) == ext.length
-            h.update(ext.data)
-    assert pos == size
-    return h.hexdigest()
-
-
 def decode_hash(path: Path, **options: int) -> tuple[str, ImageInput]:
     image = open_vhdx(path, **options)
     try:
-        return hash_extents(image.source.extents(), image.size), image
+        return image_digest(image), image
     finally:
         image.close()
 
@@ -112,14 +98,6 @@ def content(path: Path) -> bytes:
         image.close()
 
 
-def file_hash(path: Path) -> str:
-    reader = SparseFileReader(str(path))
-    try:
-        return hash_extents(reader.extents(), reader.size)
-    finally:
-        reader.close()
-
-
 def qemu_img(*args: str) -> str:
     proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"qemu-img {' '.join(args)}: {proc.stderr.strip()}"
@@ -130,7 +108,7 @@ def qemu_raw_hash(image: Path) -> str:
     raw = image.with_suffix(".qemu.raw")
     qemu_img("convert", "-O", "raw", str(image), str(raw))
     try:
-        return file_hash(raw)
+        return file_digest(raw)
     finally:
         raw.unlink()
 
@@ -190,7 +168,7 @@ def test_decodes_like_qemu_img(tmp_path: Path, name: str, size: int) -> None:
     vhdx = tmp_path / "disk.vhdx"
     qemu_img("convert", "-O", "vhdx", "-o", OPTION_SETS[name], str(raw), str(vhdx))
     digest, image = decode_hash(vhdx)
-    assert digest == file_hash(raw)
+    assert digest == file_digest(raw)
     if size < 4 * GiB or name.endswith("zero_on"):
         # over 4 GiB qemu's own read costs seconds (a fully allocated fixed image: every
         # byte); there, with block_state_zero=off, the original qemu-img wrote the image
@@ -217,7 +195,7 @@ def test_qemu_fixed_with_a_cut_last_block(tmp_path: Path) -> None:
              "subformat=fixed,block_size=1M,block_state_zero=off", str(vhdx), str(BIG))
     zeros = write_sparse(tmp_path / "zeros.raw", BIG, [])
     digest, image = decode_hash(vhdx)
-    assert digest == file_hash(zeros)
+    assert digest == file_digest(zeros)
     assert image.data_size == BIG
 
 
@@ -478,33 +456,26 @@ def test_differencing_disks_are_refused(tmp_path: Path, spec: Vhdx) -> None:
     assert "\n" not in info.value.one_line()
 
 
-def test_partially_present_block_is_refused_at_open(tmp_path: Path) -> None:
-    path = Vhdx(size=8 * MiB, blocks={2: PARTIALLY_PRESENT}).write(tmp_path / "p.vhdx")
-    with pytest.raises(UnsupportedFormat, match="PARTIALLY_PRESENT"):
+@pytest.mark.parametrize(("block", "entry", "error", "match"), [
+    (2, PARTIALLY_PRESENT, UnsupportedFormat, "PARTIALLY_PRESENT"),
+    (1, 4, CorruptImage, "invalid state 4"),
+], ids=["partially-present", "invalid-state"])
+def test_block_state_is_refused_at_open(tmp_path: Path, block: int, entry: int,
+                                        error: type[Exception], match: str) -> None:
+    path = Vhdx(size=8 * MiB, blocks={block: entry}).write(tmp_path / "s.vhdx")
+    with pytest.raises(error, match=match):
         open_vhdx(path)
 
 
-def test_invalid_block_state_is_refused_at_open(tmp_path: Path) -> None:
-    path = Vhdx(size=8 * MiB, blocks={1: 4}).write(tmp_path / "s.vhdx")
-    with pytest.raises(CorruptImage, match="invalid state 4"):
-        open_vhdx(path)
-
-
-def test_block_past_the_end_of_the_file_is_corrupt(tmp_path: Path) -> None:
-    path = Vhdx(size=8 * MiB, blocks={1: 511 * MiB | FULLY_PRESENT}).write(tmp_path / "s.vhdx")
+@pytest.mark.parametrize(("entry", "match"), [
+    (511 * MiB | FULLY_PRESENT, "truncated"),
+    (BAT_OFFSET | FULLY_PRESENT, "overlaps"),
+], ids=["past-the-end-of-the-file", "inside-the-bat"])
+def test_block_offset_is_corrupt_when_read(tmp_path: Path, entry: int, match: str) -> None:
+    path = Vhdx(size=8 * MiB, blocks={1: entry}).write(tmp_path / "s.vhdx")
     image = open_vhdx(path)
     try:
-        with pytest.raises(CorruptImage, match="truncated"):
-            list(image.source.extents())
-    finally:
-        image.close()
-
-
-def test_block_inside_the_bat_is_corrupt(tmp_path: Path) -> None:
-    path = Vhdx(size=8 * MiB, blocks={1: BAT_OFFSET | FULLY_PRESENT}).write(tmp_path / "b.vhdx")
-    image = open_vhdx(path)
-    try:
-        with pytest.raises(CorruptImage, match="overlaps"):
+        with pytest.raises(CorruptImage, match=match):
             list(image.source.extents())
     finally:
         image.close()
@@ -638,24 +609,6 @@ def fuzz_base(tmp: Path) -> bytes:
     return cached.read_bytes()
 
 
-def decode_or_error(path: Path) -> int | DrivepipeError:
-    try:
-        image = open_vhdx(path, read_size=MiB)
-    except DrivepipeError as exc:
-        return exc
-    try:
-        total = 0
-        for ext in image.source.extents():
-            assert ext.offset == total
-            total = ext.end
-        assert total == image.size
-        return total
-    except DrivepipeError as exc:
-        return exc
-    finally:
-        image.close()
-
-
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_structures_never_traceback(tmp_path_factory: pytest.TempPathFactory,
@@ -675,29 +628,18 @@ def test_fuzzed_structures_never_traceback(tmp_path_factory: pytest.TempPathFact
         del base[data.draw(st.integers(0, len(base))) :]
     path = tmp / "fuzzed.vhdx"
     path.write_bytes(bytes(base))
-    tracemalloc.start()
-    try:
-        result = decode_or_error(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert isinstance(result, int | DrivepipeError)
-    assert peak < 96 * MiB, f"{name}: {peak} bytes"
+    bounded(lambda: size_or_error(lambda: open_vhdx(path, read_size=MiB)), 96 * MiB, name)
 
 
 def test_huge_empty_disk_streams_holes_in_bounded_memory(tmp_path: Path) -> None:
     # 64 TiB at 32 MiB blocks: a 16 MiB BAT read a chunk at a time
     path = Vhdx(size=64 << 40, block_size=32 * MiB).write(tmp_path / "huge.vhdx")
-    tracemalloc.start()
-    try:
+    with python_peak() as peak:
         image = open_vhdx(path)
         total = sum(e.length for e in image.source.extents())
-        _, peak = tracemalloc.get_traced_memory()
         image.close()
-    finally:
-        tracemalloc.stop()
     assert total == 64 << 40
-    assert peak < 32 * MiB
+    assert peak.bytes < 32 * MiB
 
 
 def test_sequential_source_is_refused(tmp_path: Path) -> None:
@@ -733,7 +675,7 @@ def test_cli_checksum_convert_and_inspect_match_qemu_img(tmp_path: Path, opts: s
     qemu_img("convert", "-O", "raw", str(vhdx), str(ref))
     code, out, err = cli("checksum", "--progress", "none", str(vhdx))
     assert code == 0, err
-    assert out == f"{file_hash(ref)}  {vhdx}\n"
+    assert out == f"{file_digest(ref)}  {vhdx}\n"
     converted = tmp_path / "out.raw"
     code, _, err = cli("convert", "--progress", "none", str(vhdx), str(converted))
     assert code == 0, err
@@ -766,7 +708,7 @@ def test_nested_vhdx_is_decoded(tmp_path: Path, kind: str) -> None:
     code, out, err = cli("checksum", "--progress", "none", "--spool-dir", str(spool),
                          str(packed))
     assert code == 0, err
-    assert out.split()[0] == file_hash(raw)
+    assert out.split()[0] == file_digest(raw)
     code, out, err = cli("inspect", "--json", "--spool-dir", str(spool), str(packed))
     assert json.loads(out)["chain"] == [{"gz": "gzip", "xz": "xz", "zst": "zstd"}[kind], "vhdx"]
     assert list(spool.iterdir()) == []

@@ -10,26 +10,29 @@ import random
 import shutil
 import struct
 import subprocess
-import tracemalloc
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import xxhash
+from fixtures.decode_helpers import (
+    bounded,
+    decode_detected,
+    file_digest,
+    image_digest,
+    open_with,
+)
 from fixtures.vmdk_writer import write_vmdk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from store_servers import store_factory
+from sparse_files import scattered_bytes
 
 from drivepipe._errors import CorruptImage, DrivepipeError, ImageError, UnsupportedFormat
-from drivepipe._extent import Extent, zero_chunks
 from drivepipe._runner import run_pipeline
-from drivepipe._stage import ImageInput, OpenOptions
+from drivepipe._stage import ImageInput
 from drivepipe.cli import main
 from drivepipe_plugins.formats.vmdk import VmdkFormat, looks_like_descriptor
-from drivepipe_plugins.sources.file import SparseFileReader
 from drivepipe_plugins.targets.sparse_file import SparseFileWriter
 
 HAVE_QEMU = shutil.which("qemu-img") is not None
@@ -40,46 +43,15 @@ MiB = 1 << 20
 
 
 def open_vmdk(path: Path, **options: int) -> ImageInput:
-    source = SparseFileReader(str(path))
-    fmt = VmdkFormat()
-    assert fmt.detect(source.head(), source)
-    try:
-        return fmt.open(source, OpenOptions(**options))
-    except BaseException:
-        source.close()
-        raise
-
-
-def stream_digest(extents: Iterator[Extent], size: int) -> str:
-    h = xxhash.xxh3_128()
-    pos = 0
-    for ext in extents:
-        assert ext.offset == pos and ext.length > 0
-        pos = ext.end
-        if ext.data is None:
-            for chunk in zero_chunks(ext.length):
-                h.update(chunk)
-        else:
-            assert len(ext.data) == ext.length
-            h.update(ext.data)
-    assert pos == size
-    return h.hexdigest()
+    return open_with(VmdkFormat(), path, **options)
 
 
 def digest_of(path: Path, **options: int) -> str:
     image = open_vmdk(path, **options)
     try:
-        return stream_digest(image.source.extents(), image.size)
+        return image_digest(image)
     finally:
         image.close()
-
-
-def file_digest(path: Path) -> str:
-    reader = SparseFileReader(str(path))
-    try:
-        return stream_digest(reader.extents(), reader.size)
-    finally:
-        reader.close()
 
 
 def qemu_raw(path: Path, tmp: Path) -> Path:
@@ -199,14 +171,7 @@ def test_over_4gib_virtual_size(tmp_path: Path) -> None:
 
 
 def sample_raw(size: int, seed: int) -> bytes:
-    rng = random.Random(seed)
-    buf = bytearray(size)
-    for _ in range(10):
-        at = rng.randrange(0, size)
-        n = min(size - at, rng.randrange(1, 100_000))
-        buf[at : at + n] = rng.randbytes(n)
-    buf[-600:] = rng.randbytes(600)
-    return bytes(buf)
+    return scattered_bytes(size, seed, pieces=10, max_piece=100_000, tail=600)
 
 
 WRITER_CASES = {
@@ -446,28 +411,11 @@ def run_cli(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     return code, out, err
 
 
-@pytest.fixture
-def store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
-          tmp_path: Path) -> Iterator[object]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
-    monkeypatch.delenv("DRIVEPIPE_ENDPOINT", raising=False)
-    monkeypatch.setenv("CLOUDSIGMA_USERNAME", "u@example.com")
-    monkeypatch.setenv("CLOUDSIGMA_PASSWORD", "pw-123456")
-    factory = store_factory(tmp_path_factory, username="u@example.com", password="pw-123456",
-                            min_size=1 << 20, idle_timeout=10.0)
-    make = next(factory)
-    yield make()
-    next(factory, None)
-
-
 @needs_qemu
 @pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized",
                                        "twoGbMaxExtentSparse", "monolithicFlat"])
 def test_cli_checksum_convert_upload(tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                                     store: object, subformat: str) -> None:
+                                     cli_store: object, subformat: str) -> None:
     raw = make_raw(tmp_path / "src.raw", 5 * MiB + 512, seed=7)
     vmdk = tmp_path / "disk.vmdk"
     subprocess.run(["qemu-img", "convert", "-O", "vmdk", "-o", f"subformat={subformat}",
@@ -481,7 +429,7 @@ def test_cli_checksum_convert_upload(tmp_path: Path, capfd: pytest.CaptureFixtur
     code, _, err = run_cli(capfd, "convert", "--progress", "none", str(vmdk), str(out_raw))
     assert code == 0, err
     assert out_raw.read_bytes() == ref.read_bytes()
-    server = cast(Any, store)
+    server = cast(Any, cli_store)
     code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
                              "none", str(vmdk))
     assert code == 0, err
@@ -529,38 +477,7 @@ def sample(kind: str, tmp: Path) -> bytes:
 
 
 def decode_bounded(path: Path) -> int | DrivepipeError:
-    tracemalloc.start()
-    try:
-        result = _decode(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 96 * MiB
-    if isinstance(result, DrivepipeError):
-        assert "\n" not in result.one_line()
-    return result
-
-
-def _decode(path: Path) -> int | DrivepipeError:
-    source = SparseFileReader(str(path))
-    try:
-        if not VmdkFormat().detect(source.head(), source):
-            return 0
-        image = VmdkFormat().open(source, OpenOptions(read_size=MiB))
-    except DrivepipeError as exc:
-        source.close()
-        return exc
-    try:
-        pos = 0
-        for ext in image.source.extents():
-            assert ext.offset == pos
-            pos = ext.end
-        assert pos == image.size
-        return pos
-    except DrivepipeError as exc:
-        return exc
-    finally:
-        image.close()
+    return bounded(lambda: decode_detected(VmdkFormat(), path, read_size=MiB), what=path.name)
 
 
 def interesting(fmt: str, limit: int) -> st.SearchStrategy[int]:
@@ -646,11 +563,11 @@ def test_broken_descriptor_is_refused_not_sent_raw(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamOptimized", "monolithicSparse"])
 def test_chunked_upload_reads_ranges_in_parallel(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], store: object, stream: bool
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], cli_store: object, stream: bool
 ) -> None:
     raw = sample_raw(5 * MiB + 512, seed=21)
     vmdk = write_vmdk(tmp_path / "c.vmdk", raw, stream=stream, gd_at_end=stream)
-    server = cast(Any, store)
+    server = cast(Any, cli_store)
     code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
                              "none", "--chunked", "--connections", "3", "--chunk-size", "1M",
                              str(vmdk))
@@ -660,7 +577,7 @@ def test_chunked_upload_reads_ranges_in_parallel(
 
 
 def test_corrupt_grain_uploads_no_drive(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], store: object
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], cli_store: object
 ) -> None:
     rng = random.Random(22)
     raw = rng.randbytes(2 * MiB) + bytes(MiB) + rng.randbytes(65536)
@@ -669,7 +586,7 @@ def test_corrupt_grain_uploads_no_drive(
     last = buf.index(zlib.compress(raw[-65536:])[:16])
     buf[last + 2 : last + 200] = bytes(198)
     path.write_bytes(buf)
-    server = cast(Any, store)
+    server = cast(Any, cli_store)
     code, out, err = run_cli(capfd, "upload", "--endpoint", server.base_url, "--progress",
                              "none", str(path))
     assert code == 3 and out == ""

@@ -11,19 +11,28 @@ record kind, records that do not add up to the size (``CorruptImage``).
 **The stage, "zero_runs"**: passes the stream through unchanged and counts
 the holes and bytes of zeros it saw - the smallest useful Stage.
 
-Register both through the entry points (see ``pyproject.toml`` beside this
+**The target, "zrle"**: the other direction.  Takes the raw stream and writes
+it as a ``.zrle`` file: holes (and data blocks that are all zeros) become zero
+runs, so nothing of them is written.  The file is written under a temporary
+name, fsynced and renamed only when complete; on any failure it is removed.
+
+Register them through the entry points (see ``pyproject.toml`` beside this
 file, or ``docs/architecture.md``)::
 
     [project.entry-points."drivepipe.formats"]
     zrle = "drivepipe_example:ZrleFormat"
     [project.entry-points."drivepipe.stages"]
     zero_runs = "drivepipe_example:ZeroRunsStage"
+    [project.entry-points."drivepipe.targets"]
+    zrle = "drivepipe_example:ZrleTarget"
 
-and every command reads ``.zrle`` files: ``drivepipe checksum disk.zrle``.
+and every command reads ``.zrle`` files (``drivepipe checksum disk.zrle``) and
+writes them (``drivepipe convert disk.qcow2 zrle:disk.zrle``).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections.abc import Iterator
@@ -35,8 +44,12 @@ from drivepipe import (
     ImageFormat,
     ImageInput,
     OpenOptions,
+    OutputError,
+    Sink,
     Source,
     Stage,
+    TargetOptions,
+    split_zeros,
 )
 
 MAGIC = b"ZRLE\x00\x01"
@@ -131,6 +144,59 @@ class ZeroRunsStage(Stage):
                 self.holes += 1
                 self.hole_bytes += ext.length
             yield ext
+
+
+class ZrleTarget(Sink[str]):
+    """The raw stream in, a ``.zrle`` file out (zero runs for holes and zero blocks)."""
+
+    name = "zrle-write"
+
+    def __init__(self, path: str, *, force: bool = False, sync: bool = True) -> None:
+        if not force and os.path.lexists(path):
+            raise OutputError(f"{path}: already exists")
+        self.path = path
+        self.sync = sync
+        self.tmp = f"{path}.{os.getpid()}.tmp"
+        self.file: io.BufferedWriter | None = None
+
+    @classmethod
+    def open_target(cls, spec: str, options: TargetOptions) -> ZrleTarget:
+        """``zrle:PATH`` as an output."""
+        return cls(spec, force=options.force, sync=options.sync)
+
+    def consume(self, extents: Iterator[Extent], size: int) -> str:
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self.file.write(HEADER.pack(MAGIC, size))
+        run = 0  # zeros not written yet
+        for ext in extents:
+            pieces = [ext] if ext.data is None else split_zeros(ext)
+            for piece in pieces:
+                if piece.data is None:
+                    run += piece.length
+                    continue
+                if run:
+                    self.file.write(RECORD.pack(ZEROS, run))
+                    run = 0
+                self.file.write(RECORD.pack(DATA, piece.length))
+                self.file.write(piece.data)
+        if run:
+            self.file.write(RECORD.pack(ZEROS, run))
+        self.file.flush()
+        if self.sync:
+            os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    def close(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.abort()
 
 
 def write_zrle(raw_path: str, out_path: str, block: int = 1 << 20) -> None:

@@ -1,8 +1,11 @@
 """drivepipe: a streaming, sparse-aware pipeline for moving disk images.
 
-The engine lives here (extents, the stage contracts, the runner, the registry,
-errors, stats); the stages live in ``drivepipe_plugins`` and are found through
-entry points.
+The public API: :class:`Client` (an endpoint and an account: ``upload``,
+``download``, ``copy``, drives) and the local jobs :func:`convert`,
+:func:`checksum`, :func:`inspect` (see ``docs/api.md``).  The engine lives here
+too (extents, the stage contracts, the runner, the registry, errors, stats);
+the formats, stages, sources and targets live in ``drivepipe_plugins`` and are
+found through entry points.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -18,7 +21,9 @@ from drivepipe._errors import (
     ImageError,
     NetworkError,
     OutputError,
+    ResumeRefused,
     SizeMismatch,
+    SourceChanged,
     TransferError,
     UnsupportedFormat,
     UsageError,
@@ -38,13 +43,29 @@ from drivepipe._stage import (
     Sink,
     Source,
     Stage,
+    TargetOptions,
 )
 from drivepipe._stats import RunStats, StageStats
 
 if TYPE_CHECKING:
     from drivepipe.jobs import BatchReport, PlanLike
 
+    from .api import Client, ConvertResult, ImageInfo, ReadOptions, checksum, convert, inspect
+
 __version__ = "0.1.0"
+
+
+#: the public API, imported on first use so that ``import drivepipe`` stays light
+_API = ("Client", "ConvertResult", "ImageInfo", "ReadOptions", "checksum", "convert",
+        "inspect")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from . import api  # noqa: PLC0415
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'drivepipe' has no attribute {name!r}")
 
 
 def batch(plan: "PlanLike", **options: Any) -> "BatchReport":
@@ -59,8 +80,10 @@ __all__ = [
     "AuthError",
     "ByteSource",
     "Cancelled",
+    "Client",
     "CompressionFormat",
     "ConfigError",
+    "ConvertResult",
     "CorruptImage",
     "DecodedLayer",
     "DiskFull",
@@ -69,26 +92,34 @@ __all__ = [
     "HTTPError",
     "ImageError",
     "ImageFormat",
+    "ImageInfo",
     "ImageInput",
     "NetworkError",
     "OpenOptions",
     "OutputError",
     "Pipeline",
     "RandomAccess",
+    "ReadOptions",
+    "ResumeRefused",
     "RunStats",
     "Sink",
     "SizeMismatch",
     "Source",
+    "SourceChanged",
     "Stage",
     "StageStats",
+    "TargetOptions",
     "TransferError",
     "UnsupportedFormat",
     "UsageError",
     "VerifyError",
     "__version__",
     "batch",
+    "checksum",
+    "convert",
     "detect",
     "formats",
+    "inspect",
     "is_zero",
     "open_image",
     "open_source",

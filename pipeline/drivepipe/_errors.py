@@ -15,6 +15,7 @@ translated once, where they cross into drivepipe, with ``raise X(...) from exc``
     │   └── DiskFull                          no space left (or over quota) on the output's disk
     ├── TransferError               exit 6   the network side
     │   ├── NetworkError                      connection refused, reset, timeout, TLS
+    │   ├── SourceChanged                     a download's source changed (size, ETag) under it
     │   └── HTTPError                         an HTTP error answer
     │       └── AuthError                     401/403
     ├── VerifyError                 exit 7   checksum mismatch
@@ -71,8 +72,10 @@ class DiskFull(OutputError):
 class TransferError(DrivepipeError):
     exit_code = 6
 
-    #: True when repeating the same request may succeed (5xx, reset, timeout).
+    #: True when repeating the same request may succeed (see drivepipe.transport.retry).
     transient: bool = False
+    #: seconds the server asked us to wait (``Retry-After``), when it said so
+    retry_after: float | None = None
 
 
 class NetworkError(TransferError):
@@ -82,15 +85,31 @@ class NetworkError(TransferError):
 
 
 class HTTPError(TransferError):
-    def __init__(self, message: str, status: int, request_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int, request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        # the one transient set lives with the retry policy (which imports this module)
+        from drivepipe.transport.retry import transient_status  # noqa: PLC0415
+
         super().__init__(message)
         self.status = status
         self.request_id = request_id
-        self.transient = status >= 500 or status == 429
+        self.retry_after = retry_after
+        self.transient = transient_status(status)
 
 
 class AuthError(HTTPError):
     pass
+
+
+class SourceChanged(TransferError):
+    """The bytes being read changed under a transfer (a new size or ETag): never mixed;
+    a download starts over, an upload from a URL fails."""
+
+
+class ResumeRefused(UsageError):
+    """A kept transfer (a journal) cannot be continued with what was asked for now."""
 
 
 class VerifyError(DrivepipeError):

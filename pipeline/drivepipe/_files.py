@@ -228,7 +228,7 @@ def publish(tmp: str, target: str, *, force: bool) -> None:
             os.unlink(tmp)
         fsync_dir(target)
     except FileExistsError as exc:
-        raise OutputError(f"{target}: already exists (use --force to replace it)") from exc
+        raise OutputError(f"{target}: already exists (replace it explicitly)") from exc
     except OSError as exc:
         raise OutputError(describe_os_error(target, exc)) from exc
 
@@ -237,4 +237,4 @@ def check_target(target: str, *, force: bool) -> None:
     if os.path.isdir(target):
         raise OutputError(f"{target}: is a directory")
     if not force and os.path.lexists(target):
-        raise OutputError(f"{target}: already exists (use --force to replace it)")
+        raise OutputError(f"{target}: already exists (replace it explicitly)")

@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-if TYPE_CHECKING:  # only for annotations: the receiver imports nothing from here
-    from drivepipe_plugins.sources.receiver import ProbeResult
+from drivepipe._remote import ProbeResult
 
 _NAME_MAX = 200
 

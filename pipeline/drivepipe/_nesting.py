@@ -181,7 +181,8 @@ class TailGuard(Stage):
         if found.name != "raw":
             raise UnsupportedFormat(
                 f"{self.label}: ends in a {found.name} footer, so it is a {found.name} image "
-                f"inside {self.outer}, not a raw disk; pass --format {self.outer},{found.name}"
+                f"inside {self.outer}, not a raw disk; name the format chain "
+                f"{self.outer},{found.name}"
             )
         yield from held
 

@@ -17,7 +17,7 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
-from drivepipe._errors import ImageError, UnsupportedFormat, UsageError
+from drivepipe._errors import ImageError, SizeMismatch, UnsupportedFormat, UsageError
 from drivepipe._stage import (
     HEAD_SIZE,
     ByteSource,
@@ -25,7 +25,9 @@ from drivepipe._stage import (
     ImageInput,
     OpenOptions,
     Sink,
+    Source,
     Stage,
+    TargetOptions,
 )
 
 FORMATS_GROUP = "drivepipe.formats"
@@ -106,6 +108,40 @@ def byte_source(name: str) -> Callable[..., ByteSource]:
     return _plugin("source", byte_sources(), name)  # type: ignore[no-any-return]
 
 
+def source(name: str) -> Callable[..., Source]:
+    """The source factory registered as ``name`` in ``drivepipe.sources``, byte source or
+    plain :class:`Source` (``download``: a URL's bytes in order, which formats cannot
+    read at random)."""
+    return _plugin("source", byte_sources(), name)  # type: ignore[no-any-return]
+
+
+def open_target(spec: str, options: TargetOptions | None = None) -> tuple[Sink[Any], str]:
+    """The target an output names, and the name of its kind.
+
+    ``-`` is standard output (``stdout``); ``NAME:ARG`` is the installed target
+    ``NAME`` built from ``ARG`` (``file:out.raw``, a plugin's ``zrle:out.zrle``); a
+    block device is the ``device`` target when one is installed; any other path is
+    a sparse ``file``.  ``./NAME:x`` is always a file.
+    """
+    opts = options or TargetOptions()
+    kind, arg = "file", spec
+    name, sep, rest = spec.partition(":")
+    if spec == STDIN:
+        kind, arg = "stdout", spec
+    elif sep and name in targets():
+        kind, arg = name, rest
+    elif "device" in targets() and _is_block_device(spec):
+        kind = "device"
+    return target(kind).open_target(arg, opts), kind
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:
     """The ``file`` byte source of ``path`` (a regular file or a block device)."""
     opts = options or OpenOptions()
@@ -113,9 +149,16 @@ def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:
     return cls(path, read_size=opts.read_size, drop_cache_above=opts.drop_cache_above)
 
 
-def open_stdin(options: OpenOptions) -> ByteSource:
+def is_url(path: str) -> bool:
+    """True when ``path`` names an http(s) URL rather than a file."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https")
+
+
+def open_stdin(options: OpenOptions, chain: list[str] | None = None) -> ByteSource:
     """Standard input as a byte source: read in place when it is a file or a device
-    (``< disk.img``), else (a pipe) read once into a sparse spool file, since every
+    (``< disk.img``); a pipe of a known size (``options.size``) streams as is when it
+    holds a raw disk; any other pipe is read once into a sparse spool file, since every
     format needs its exact size, and most need random reads, before the first byte
     is sent."""
     from drivepipe._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
@@ -127,13 +170,68 @@ def open_stdin(options: OpenOptions) -> ByteSource:
         os.close(fd)
         raise ImageError(f"standard input: {exc.strerror}") from exc
     if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-        return byte_sources()["file"](STDIN_LABEL, fd=fd, read_size=options.read_size,
-                                      label=STDIN_LABEL)
+        source: ByteSource = byte_sources()["file"](
+            STDIN_LABEL, fd=fd, read_size=options.read_size, label=STDIN_LABEL)
+        if options.size is not None and source.size != options.size:
+            got = source.size
+            source.close()
+            raise SizeMismatch(f"{STDIN_LABEL}: holds {got} bytes, but {options.size} "
+                               "were announced")
+        return source
     pipe = byte_sources()["pipe"](fd, STDIN_LABEL, options.read_size)
+    if options.size is None:
+        try:
+            return spool_stream(pipe, STDIN_LABEL, options)
+        finally:
+            pipe.close()
+    return _stream_or_spool(byte_sources()["sized"](pipe, options.size, STDIN_LABEL),
+                            options, chain, once=True)
+
+
+def open_url(url: str, options: OpenOptions, chain: list[str] | None = None) -> ByteSource:
+    """An http(s) URL as a byte source (the ``url`` source): random reads through
+    ranges when the server answers them; else a stream, spooled when its outer format
+    needs random reads (or, without a known size, as a pipe is)."""
+    from drivepipe._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
+
+    source = byte_sources()["url"](url, tls=options.tls, endpoint=options.endpoint,
+                                   creds=options.creds, read_size=options.read_size,
+                                   notify=options.notify)
+    if source.random:
+        return source
+    if getattr(source, "size_known", True):
+        if options.size is not None and source.size != options.size:
+            got = source.size
+            source.close()
+            raise SizeMismatch(f"{source.label}: holds {got} bytes, but {options.size} "
+                               "were announced")
+        return _stream_or_spool(source, options, chain, once=False)
+    if options.size is not None:
+        sized = byte_sources()["sized"](source, options.size, source.label)
+        return _stream_or_spool(sized, options, chain, once=True)
     try:
-        return spool_stream(pipe, STDIN_LABEL, options)
+        return spool_stream(source, source.label, options)
     finally:
-        pipe.close()
+        source.close()
+
+
+def _stream_or_spool(
+    source: ByteSource, options: OpenOptions, chain: list[str] | None, once: bool
+) -> ByteSource:
+    """A sequential source as is when its format reads it in order (a raw disk; also a
+    compressor when the stream can be read again), else spooled first.  Owns ``source``."""
+    from drivepipe._nesting import spool_stream  # noqa: PLC0415 - _nesting imports this module
+
+    try:
+        fmt = get_format(chain[0]) if chain else detect_source(source)
+        if fmt.name == "raw" or (fmt.sequential and not once):
+            return source
+        spooled = spool_stream(source, source.label, options)
+    except BaseException:
+        source.close()
+        raise
+    source.close()
+    return spooled
 
 
 def foreign_format(source: ByteSource, head: bytes) -> str | None:
@@ -156,7 +254,7 @@ def detect_source(source: ByteSource, head: bytes | None = None) -> ImageFormat:
     if foreign is not None:
         raise UnsupportedFormat(
             f"{source.label}: looks like a {foreign} image, which drivepipe does not decode; "
-            "convert it first (qemu-img convert -O raw) or pass --format raw to send it as is"
+            "convert it first (qemu-img convert -O raw) or read it as raw to send it as is"
         )
     return all_formats["raw"]
 
@@ -197,20 +295,27 @@ def parse_chain(format: str | None) -> list[str] | None:
 def open_image(
     path: str, format: str | None = None, options: OpenOptions | None = None
 ) -> ImageInput:
-    """Open the image file at ``path``, decoding every layer (``disk.qcow2.xz``).
+    """Open the image at ``path`` (a file, ``-`` for standard input, or an http(s) URL),
+    decoding every layer (``disk.qcow2.xz``).
 
     ``format``: see :func:`parse_chain`; a single name fixes the outermost layer
     and the layers inside it are still detected.
     """
     chain = parse_chain(format)
     opts = options or OpenOptions()
-    source = open_stdin(opts) if path == STDIN else open_file(path, opts)
+    if path == STDIN:
+        source = open_stdin(opts, chain)
+    elif is_url(path):
+        source = open_url(path, opts, chain)
+    else:
+        source = open_file(path, opts)
     try:
         image = open_source(source, chain, opts)
     except BaseException:
         source.close()
         raise
-    image.path = path
+    # a URL is shown without its query (signed links carry secrets there)
+    image.path = source.label if is_url(path) else path
     return image
 
 

@@ -37,11 +37,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from drivepipe._errors import CorruptImage, ImageError
+from drivepipe._errors import CorruptImage, ImageError, UsageError
 from drivepipe._extent import Extent, split_zeros
 from drivepipe._stats import StageStats
+
+if TYPE_CHECKING:  # pycurl stays unloaded for local files
+    from drivepipe.cloudsigma.config import Credentials, Endpoint
+    from drivepipe.transport.curl import TlsOptions
 
 T = TypeVar("T")
 
@@ -77,6 +81,16 @@ class Stage(ABC):
         """Release resources; called once, even after errors."""
 
 
+@dataclass
+class TargetOptions:
+    """What every target named as an output honours."""
+
+    #: replace an existing output
+    force: bool = False
+    #: return only when the output is durable (fsync)
+    sync: bool = True
+
+
 class Sink(ABC, Generic[T]):
     """Consumes a whole stream of ``size`` bytes and returns a result."""
 
@@ -95,6 +109,15 @@ class Sink(ABC, Generic[T]):
 
     def abort(self) -> None:
         """Undo partial work after a failure (remove temp files, cancel uploads)."""
+
+    @classmethod
+    def open_target(cls, spec: str, options: TargetOptions) -> Sink[Any]:
+        """Build this target from what follows ``NAME:`` in an output (``file:out.raw``).
+
+        A target registered in the ``drivepipe.targets`` group that can be named as
+        an output overrides this; the others (a drive upload needs a client) are
+        built by the jobs that use them."""
+        raise UsageError(f"the {cls.__name__} target cannot be named as an output")
 
     def close(self) -> None:
         """Release resources; called once after consume or abort."""
@@ -205,6 +228,16 @@ class OpenOptions:
     #: called with each layer's format name as it is detected, outside in, before
     #: that layer does any long work (a counting pass, a spool)
     on_layer: Callable[[str], None] | None = None
+    #: the exact size of a raw stream that cannot tell it (a pipe): read as it comes,
+    #: and a stream that ends short or runs long fails (None: learn it, e.g. spool)
+    size: int | None = None
+    #: how http(s) images are fetched (None: the default policy), and the endpoint whose
+    #: credentials go to URLs on its origin, and only there (None: anonymous)
+    tls: TlsOptions | None = None
+    endpoint: Endpoint | None = None
+    creds: Credentials | None = None
+    #: hears of what a source works around (a remote read retried after a break)
+    notify: Callable[[str], None] | None = None
 
 
 @dataclass

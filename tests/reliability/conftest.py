@@ -19,16 +19,14 @@ that does not hold the image's bytes).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rel_support import Cli, FaultTable
-from store_servers import MakeStore, store_factory
+from store_servers import store_fixtures
 
 from drivepipe.cli import main
-from drivepipe.server import RunningServer
 
 MiB = 1 << 20
 STORE_MIN_SIZE = MiB
@@ -59,15 +57,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 # --- the store and the CLI ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def make_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeStore]:
-    yield from store_factory(tmp_path_factory, username=USERNAME, password=PASSWORD,
-                             min_size=STORE_MIN_SIZE, idle_timeout=5.0)
-
-
-@pytest.fixture
-def store(make_store: MakeStore) -> RunningServer:
-    return make_store()
+make_store, store = store_fixtures("make_store", "store", username=USERNAME,
+                                   password=PASSWORD, min_size=STORE_MIN_SIZE, idle_timeout=5.0)
 
 
 @pytest.fixture

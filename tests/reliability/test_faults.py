@@ -75,7 +75,9 @@ class UploadCheck:
 class Trigger:
     """Runs ``action`` in a thread as soon as ``condition`` holds (within 30 s)."""
 
-    def __init__(self, condition: Callable[[], bool], action: Callable[[], None]) -> None:
+    def __init__(self, condition: Callable[[], bool], action: Callable[[], None],
+                 what: str = "") -> None:
+        self.what = what
         self.fired = False
         self._thread = threading.Thread(target=self._watch, args=(condition, action),
                                         daemon=True)
@@ -100,6 +102,25 @@ def chunks_received(store: RunningServer) -> int:
     return max((len(rec.received) for rec in store.store.list()), default=0)
 
 
+def _upload_fault(
+    scenario: str, store: RunningServer, cli: Cli, image: Path, fault_table: FaultTable,
+    *extra: str, complete: bool, during: Trigger | None = None,
+) -> tuple[int, str, str]:
+    """One upload run under the faults set up: judged, recorded, then asserted (survived,
+    no data lost; with ``complete``, it completed); ``during`` must have fired."""
+    check = UploadCheck(store, image)
+    code, out, err = cli(*upload_args(store, image, *extra), env=store.env)
+    if during is not None:
+        assert during.join(), during.what
+    survived, how, lost = check.judge(code, out, err)
+    operation = "chunked upload" if "--chunked" in extra else "direct upload"
+    fault_table.record(scenario, operation, survived=survived and (code == 0 or not complete),
+                       how=how, data_lost=lost)
+    assert survived and lost == 0, err
+    assert code == 0 or not complete, err
+    return code, out, err
+
+
 # --- direct upload: one POST, nothing to resume -> completes or fails in one line -----------
 
 
@@ -111,12 +132,8 @@ def test_direct_upload_dropped_at_a_random_offset(
     image = make_image(tmp_path / "disk.raw", 6 * MiB, seed)
     offset = random.Random(seed).randrange(1, 6 * MiB)
     store.faults.drop_upload_after(offset, match="/drives/upload")
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image), env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("connection dropped at a random offset", "direct upload",
-                       survived=survived, how=how, data_lost=lost)
-    assert survived and lost == 0, err
+    code, _, _ = _upload_fault("connection dropped at a random offset", store, cli, image,
+                               fault_table, complete=False)
     assert code != 0, "the drop must have happened"
     # the next attempt works: the failed one left nothing in the way
     code, out, err = cli(*upload_args(store, image), env=store.env)
@@ -130,12 +147,7 @@ def test_direct_upload_503_burst(
     image = make_image(tmp_path / "disk.raw", 24 * MiB, 4)  # more than socket buffers hold
     store.faults.fail_next(3, match="/drives/upload")
     store.faults.fail_next(2, method="PUT")  # the meta update after the upload
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image), env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("503 burst", "direct upload",
-                       survived=survived, how=how, data_lost=lost)
-    assert survived and lost == 0, err
+    code, _, err = _upload_fault("503 burst", store, cli, image, fault_table, complete=False)
     assert code == 0 or "HTTP 503" in err, "the store's answer reached the user"
 
 
@@ -145,12 +157,8 @@ def test_direct_upload_slow_server(
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 3 * MiB, 5)
     store.faults.delay(1.5, match="/drives/upload")
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image), env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("slow server (1.5 s before answering)", "direct upload",
-                       survived=survived, how=how, data_lost=lost)
-    assert code == 0 and survived and lost == 0, err
+    _upload_fault("slow server (1.5 s before answering)", store, cli, image, fault_table,
+                  complete=True)
 
 
 def test_direct_upload_store_restarted_mid_transfer(
@@ -162,14 +170,10 @@ def test_direct_upload_store_restarted_mid_transfer(
     # long enough for the restart to cut it.
     store.faults.delay(1.0, match="/drives/upload")
     # the delay is taken (and gone from the list) when the request has arrived
-    restarter = Trigger(lambda: not store.faults.snapshot(), store.restart)
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image), env=store.env)
-    assert restarter.join(), "the store was restarted mid-transfer"
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("store restarted mid-transfer", "direct upload",
-                       survived=survived, how=how, data_lost=lost)
-    assert survived and lost == 0, err
+    restarter = Trigger(lambda: not store.faults.snapshot(), store.restart,
+                        "the store was restarted mid-transfer")
+    code, _, _ = _upload_fault("store restarted mid-transfer", store, cli, image, fault_table,
+                               complete=False, during=restarter)
     assert code != 0, "the restart cut the upload"
 
 
@@ -196,12 +200,8 @@ def test_direct_upload_answer_lost_after_the_body(
     the upload cannot know it worked, so it fails; the drive is complete, not half-done."""
     image = make_image(tmp_path / "disk.raw", 3 * MiB, 7)
     proxy.cut(b"POST /api/2.0/drives/upload")
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image, "--endpoint", via(proxy)), env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("answer lost after the request was done", "direct upload",
-                       survived=survived, how=how, data_lost=lost)
-    assert survived and lost == 0, err
+    code, _, _ = _upload_fault("answer lost after the request was done", store, cli, image,
+                               fault_table, "--endpoint", via(proxy), complete=False)
     assert proxy.cuts == 1 and code != 0
 
 
@@ -215,13 +215,8 @@ def test_chunked_upload_answers_cut(
     proxy.cut(b"do=upload_chunk", after=20, count=2)
     proxy.cut(b"/chunk/", after=0, count=2)
     proxy.cut(b"GET /api/2.0/drives/", after=30, count=1)
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image, *CHUNKED, "--endpoint", via(proxy)),
-                         env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("answer lost after the request was done", "chunked upload",
-                       survived=survived and code == 0, how=how, data_lost=lost)
-    assert code == 0 and survived and lost == 0, err
+    _upload_fault("answer lost after the request was done", store, cli, image, fault_table,
+                  *CHUNKED, "--endpoint", via(proxy), complete=True)
     assert proxy.cuts == 5
 
 
@@ -232,13 +227,10 @@ def test_chunked_upload_initupload_answer_lost(
     """The drive was created but its UUID never arrived: one line; nothing reported done."""
     image = make_image(tmp_path / "disk.raw", 2 * MiB, 17)
     proxy.cut(b"POST /api/2.0/initupload", after=10)
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image, *CHUNKED, "--endpoint", via(proxy)),
-                         env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("create answer lost (initupload)", "chunked upload",
-                       survived=survived, how=how, data_lost=lost)
-    assert survived and lost == 0 and code != 0, err
+    code, _, err = _upload_fault("create answer lost (initupload)", store, cli, image,
+                                 fault_table, *CHUNKED, "--endpoint", via(proxy),
+                                 complete=False)
+    assert code != 0, err
     assert [r.status for r in store.store.list()] == ["uploading"]
 
 
@@ -254,44 +246,29 @@ def test_chunked_upload_dropped_at_random_offsets(
     rng = random.Random(seed)
     for _ in range(3):
         store.faults.drop_upload_after(rng.randrange(1, 512 << 10), match="/chunk/")
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image, *CHUNKED), env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("connection dropped at a random offset", "chunked upload",
-                       survived=survived and code == 0, how=how, data_lost=lost)
-    assert code == 0 and survived and lost == 0, err
+    _upload_fault("connection dropped at a random offset", store, cli, image, fault_table,
+                  *CHUNKED, complete=True)
     assert store.faults.snapshot() == [], "every drop happened"
 
 
-def test_chunked_upload_503_bursts(
-    store: RunningServer, cli: Cli, tmp_path: Path,
-    fault_table: FaultTable,
+@pytest.mark.parametrize(("scenario", "size", "seed", "faults"), [
+    ("503 burst", 3 * MiB, 12, [("fail_next", 3, "initupload"),
+                                ("fail_next", 3, "do=upload_chunk"),
+                                ("fail_next", 3, "/chunk/")]),
+    ("slow server (0.5 s answers)", 2 * MiB, 13, [("delay", 3, "/chunk/"),
+                                                  ("delay", 1, "do=upload_chunk")]),
+], ids=["503-bursts", "slow-server"])
+def test_chunked_upload_completes_despite(
+    store: RunningServer, cli: Cli, tmp_path: Path, fault_table: FaultTable,
+    scenario: str, size: int, seed: int, faults: list[tuple[str, int, str]],
 ) -> None:
-    image = make_image(tmp_path / "disk.raw", 3 * MiB, 12)
-    store.faults.fail_next(3, match="initupload")
-    store.faults.fail_next(3, match="do=upload_chunk")
-    store.faults.fail_next(3, match="/chunk/")
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image, *CHUNKED), env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("503 burst", "chunked upload",
-                       survived=survived and code == 0, how=how, data_lost=lost)
-    assert code == 0 and survived and lost == 0, err
-
-
-def test_chunked_upload_slow_server(
-    store: RunningServer, cli: Cli, tmp_path: Path,
-    fault_table: FaultTable,
-) -> None:
-    image = make_image(tmp_path / "disk.raw", 2 * MiB, 13)
-    store.faults.delay(0.5, count=3, match="/chunk/")
-    store.faults.delay(0.5, count=1, match="do=upload_chunk")
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image, *CHUNKED), env=store.env)
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("slow server (0.5 s answers)", "chunked upload",
-                       survived=survived and code == 0, how=how, data_lost=lost)
-    assert code == 0 and survived and lost == 0, err
+    image = make_image(tmp_path / "disk.raw", size, seed)
+    for kind, count, match in faults:
+        if kind == "delay":
+            store.faults.delay(0.5, count=count, match=match)
+        else:
+            store.faults.fail_next(count, match=match)
+    _upload_fault(scenario, store, cli, image, fault_table, *CHUNKED, complete=True)
 
 
 def test_chunked_upload_store_restarted_mid_transfer(
@@ -300,14 +277,10 @@ def test_chunked_upload_store_restarted_mid_transfer(
 ) -> None:
     image = make_image(tmp_path / "disk.raw", 4 * MiB, 14)
     store.faults.delay(0.05, count=0, match="/chunk/")  # slow enough to restart mid-way
-    restarter = Trigger(lambda: chunks_received(store) >= 2, store.restart)
-    check = UploadCheck(store, image)
-    code, out, err = cli(*upload_args(store, image, *CHUNKED), env=store.env)
-    assert restarter.join(), "the store was restarted mid-transfer"
-    survived, how, lost = check.judge(code, out, err)
-    fault_table.record("store restarted mid-transfer", "chunked upload",
-                       survived=survived and code == 0, how=how, data_lost=lost)
-    assert code == 0 and survived and lost == 0, err
+    restarter = Trigger(lambda: chunks_received(store) >= 2, store.restart,
+                        "the store was restarted mid-transfer")
+    _upload_fault("store restarted mid-transfer", store, cli, image, fault_table, *CHUNKED,
+                  complete=True, during=restarter)
 
 
 def test_chunked_upload_401_midway_then_resume(
@@ -323,10 +296,11 @@ def test_chunked_upload_401_midway_then_resume(
     def change_password() -> None:
         store.config.password = new_password
 
-    changer = Trigger(lambda: chunks_received(store) >= 2, change_password)
+    changer = Trigger(lambda: chunks_received(store) >= 2, change_password,
+                      "the password changed mid-upload")
     check = UploadCheck(store, image)
     code, out, err = cli(*upload_args(store, image, *CHUNKED), env=store.env)
-    assert changer.join(), "the password changed mid-upload"
+    assert changer.join(), changer.what
     survived, how, lost = check.judge(code, out, err)
     drives = store.store.list()
     half_done = [r for r in drives if r.status != DONE]
@@ -416,17 +390,11 @@ def test_download_answers_cut(
     store: RunningServer, proxy: CuttingProxy, cli: Cli, uploaded: tuple[str, Path],
     tmp_path: Path, fault_table: FaultTable,
 ) -> None:
-    uuid, image = uploaded
+    uuid, _ = uploaded
     proxy.cut(f"GET /api/2.0/drives/{uuid}/ ".encode(), after=40, count=2)  # the meta
     proxy.cut(b"/download/ HTTP", after=10, count=1)  # the redirect
-    target = tmp_path / "out.raw"
-    code, out, err = cli(*download_args(store, uuid, target, "--endpoint", via(proxy)),
-                         env=store.env)
-    survived, how, lost = judge_download(code, out, err, target, image,
-                                         store.store.get(uuid).size)
-    fault_table.record("answer lost after the request was done", "download",
-                       survived=survived and code == 0, how=how, data_lost=lost)
-    assert code == 0 and survived and lost == 0, err
+    _download_fault("answer lost after the request was done", store, cli, uploaded, tmp_path,
+                    fault_table, "--endpoint", via(proxy))
     assert proxy.cuts == 3
 
 

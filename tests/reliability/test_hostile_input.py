@@ -28,12 +28,12 @@ import subprocess
 import sys
 import threading
 import time
-import tracemalloc
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from fixtures.decode_helpers import bounded, size_or_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rel_support import Cli, MiB, Recorder, one_error_line, reply
@@ -66,32 +66,15 @@ pytestmark = pytest.mark.timeout(60)
 
 def decode_file(path: Path) -> int | DrivepipeError:
     """Decode ``path`` (format by magic) to a discarding sink: the size, or the error."""
-    try:
-        image = open_image(str(path), None, OpenOptions(read_size=MiB))
-    except DrivepipeError as exc:
-        return exc
-    try:
-        return run_pipeline(image.source, image.stages, DiscardSink(), size=image.size,
-                            queue_depth=4)
-    except DrivepipeError as exc:
-        return exc
-    finally:
-        image.close()
+    return size_or_error(
+        lambda: open_image(str(path), None, OpenOptions(read_size=MiB)),
+        lambda image: run_pipeline(image.source, image.stages, DiscardSink(), size=image.size,
+                                   queue_depth=4))
 
 
 def decode_bounded(path: Path) -> int | DrivepipeError:
     """:func:`decode_file` under tracemalloc: its Python peak stays bounded."""
-    tracemalloc.start()
-    try:
-        result = decode_file(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < PY_PEAK_LIMIT, f"decoding {path.name} allocated {peak >> 20} MiB"
-    if isinstance(result, DrivepipeError):
-        line = result.one_line()
-        assert line and "\n" not in line
-    return result
+    return bounded(lambda: decode_file(path), PY_PEAK_LIMIT, path.name)
 
 
 def write(tmp: Path, name: str, data: bytes) -> Path:

@@ -25,6 +25,10 @@ on its own tmp root, min size 1 MiB (``STORE_MIN_SIZE``), serving in a thread:
 ``upload_wait``, ``tls_cert``, ``tls_key``, ``username``, ``password``); each is
 stopped after the test.
 
+``tls_drive_store``: a store serving https with a certificate from a throwaway private CA
+(trustme; skipped without it): ``TlsStore(server, ca_pem)``, ``ca_pem`` the CA's PEM file
+that ``TlsOptions(cacert=...)`` / ``--cacert`` must be given.
+
 ``put_drive(server, data_or_path) -> uuid`` (a fixture returning the function): a
 finished drive made straight in the store (no HTTP), for download tests; sparse
 input stays sparse.
@@ -40,14 +44,14 @@ import base64
 import http.client
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from store_servers import MakeStore, store_factory
+from store_servers import MakeStore, store_fixtures
 
 from drivepipe.server import RunningServer
 
@@ -57,15 +61,30 @@ PASSWORD = "s3cret-pass"
 
 
 
-@pytest.fixture
-def make_drive_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeStore]:
-    yield from store_factory(tmp_path_factory, username=USERNAME, password=PASSWORD,
-                             min_size=STORE_MIN_SIZE, idle_timeout=10.0)
+make_drive_store, drive_store = store_fixtures(
+    "make_drive_store", "drive_store", username=USERNAME, password=PASSWORD,
+    min_size=STORE_MIN_SIZE, idle_timeout=10.0)
+
+
+@dataclass
+class TlsStore:
+    server: RunningServer
+    #: the private CA's certificate (PEM), which clients must be given to trust the server
+    ca_pem: Path
 
 
 @pytest.fixture
-def drive_store(make_drive_store: MakeStore) -> RunningServer:
-    return make_drive_store()
+def tls_drive_store(make_drive_store: MakeStore, tmp_path: Path) -> TlsStore:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    server = make_drive_store(tls_cert=str(chain), tls_key=str(key))
+    assert server.base_url.startswith("https://")
+    return TlsStore(server, ca_pem)
 
 
 def _put_drive(server: RunningServer, source: bytes | Path) -> str:

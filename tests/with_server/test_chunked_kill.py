@@ -169,13 +169,21 @@ def test_sigkill_of_a_gzip_upload_fast_forwards(
     kill_and_resume(drive_store, tmp_path, packed, raw, 5, restart=False)
 
 
+def slowed(
+    drive_store: RunningServer, tmp_path: Path, seed: int
+) -> tuple[Path, Path, dict[str, str]]:
+    """An image of 16 chunks, its cache and environment, and chunks slowed down so that a
+    run can be stopped part-way."""
+    raw = make_image(tmp_path / "disk.raw", 16 * CHUNK, seed)
+    cache = tmp_path / "cache"
+    drive_store.faults.delay(0.03, count=0, match="/chunk/")
+    return raw, cache, environment(drive_store, cache)
+
+
 def test_killed_upload_of_a_changed_image_is_refused(
     drive_store: RunningServer, tmp_path: Path
 ) -> None:
-    raw = make_image(tmp_path / "disk.raw", 16 * CHUNK, 6)
-    cache = tmp_path / "cache"
-    env = environment(drive_store, cache)
-    drive_store.faults.delay(0.03, count=0, match="/chunk/")
+    raw, cache, env = slowed(drive_store, tmp_path, 6)
     with subprocess.Popen(command(drive_store, raw), env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL) as first:
         kill_after(first, cache, 2)
@@ -193,10 +201,7 @@ def test_killed_upload_of_a_changed_image_is_refused(
 def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(
     drive_store: RunningServer, tmp_path: Path
 ) -> None:
-    raw = make_image(tmp_path / "disk.raw", 16 * CHUNK, 7)
-    cache = tmp_path / "cache"
-    env = environment(drive_store, cache)
-    drive_store.faults.delay(0.03, count=0, match="/chunk/")
+    raw, cache, env = slowed(drive_store, tmp_path, 7)
     with subprocess.Popen(command(drive_store, raw), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE) as first:
         while not confirmed(cache):
@@ -206,7 +211,7 @@ def test_ctrl_c_keeps_the_journal_and_says_how_to_resume(
     drive_store.faults.clear()
     assert first.returncode == 130 and out == b""
     lines = err.decode().strip().splitlines()
-    assert len(lines) == 1 and "rerun the same command to resume drive" in lines[0], lines
+    assert len(lines) == 1 and "again to resume drive" in lines[0], lines
     uuid = lines[0].rsplit(" ", 1)[-1]
     again = subprocess.run(command(drive_store, raw), env=env, capture_output=True,
                            timeout=60, check=False)

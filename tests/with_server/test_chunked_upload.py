@@ -25,20 +25,20 @@ from fixtures.make_fixtures import disk_image, stream_image
 
 from drivepipe._errors import AuthError, DrivepipeError, TransferError
 from drivepipe._registry import formats, open_image
+from drivepipe._stage import OpenOptions
 from drivepipe._stats import RunStats
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint
 from drivepipe.cloudsigma.connection import Connection
+from drivepipe.cloudsigma.upload import UploadOptions
+from drivepipe.jobs.upload import UploadResult
+from drivepipe.jobs.upload import upload as upload_job
 from drivepipe.resume.upload_journal import ImageIdentity, UploadJournal, default_journal_path
 from drivepipe.server import RunningServer
 from drivepipe.server._handler import StoreHandler
-from drivepipe.transport.http import ApiClient, TlsOptions
-from drivepipe_plugins.targets.drive_chunked import (
-    ChunkedOptions,
-    ChunkedResult,
-    ChunkPlan,
-    ResumeRefused,
-    chunked_upload,
-)
+from drivepipe.transport.curl import TlsOptions
+from drivepipe.transport.retry import RetryPolicy
+from drivepipe_plugins.targets.drive_chunked import ChunkPlan, ResumeRefused
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "formats"
 KiB = 1 << 10
@@ -96,18 +96,19 @@ def assert_drive_holds(srv: RunningServer, uuid: str, image: Path) -> None:
 
 def upload(
     srv: RunningServer, path: Path, *, fmt: str | None = None, conn: Connection | None = None,
-    **opts: Any,
-) -> tuple[ChunkedResult, RunStats]:
+    retries: int = 8, backoff_base: float = 0.01, backoff_cap: float = 0.2,
+    read_size: int = 4 * MiB, **opts: Any,
+) -> tuple[UploadResult, RunStats]:
+    """The library's chunked upload (meta off), with quick retries."""
     opts.setdefault("chunk_size", CHUNK)
-    opts.setdefault("backoff_base", 0.01)
-    opts.setdefault("backoff_cap", 0.2)
-    image = open_image(str(path), fmt)
+    options = UploadOptions(chunked=True, meta=False, name=path.name,
+                            policy=RetryPolicy(retries, backoff_base, backoff_cap), **opts)
+    image = open_image(str(path), fmt, OpenOptions(read_size=read_size))
     stats = RunStats("chunked")
     connection = conn or connect(srv)
     try:
-        return chunked_upload(image, connection, ChunkedOptions(**opts), stats), stats
+        return upload_job(image, connection=connection, options=options, stats=stats), stats
     finally:
-        image.close()
         connection.close()
 
 
@@ -209,17 +210,19 @@ def test_memory_holds_connections_plus_one_chunks(
     image.write_bytes(random.Random(13).randbytes(40 * MiB))
     tracemalloc.start()
     try:
-        result, _ = upload(drive_store, image, connections=2, chunk_size=2 * MiB)
+        result, _ = upload(drive_store, image, connections=2, chunk_size=2 * MiB,
+                           read_size=MiB)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert result.xxh128 == xxh128_of(image)
-    # 3 chunks of 2 MiB, plus the store's own receive buffers in this process
+    # 3 chunks of 2 MiB, 2 reads of 1 MiB queued before the sink, one being read, plus
+    # the store's own receive buffers in this process
     assert peak < 20 * MiB, f"peak {peak / MiB:.1f} MiB for a 40 MiB image"
-    assert ChunkedOptions(connections=4, chunk_size=1 << 30).chunks_in_memory(1 << 30) == 2
-    assert ChunkedOptions(connections=4).chunks_in_memory(32 * MiB) == 5
+    assert UploadOptions(connections=4, chunk_size=1 << 30).chunks_in_memory(1 << 30) == 2
+    assert UploadOptions(connections=4).chunks_in_memory(32 * MiB) == 5
     # 256 MiB of chunk data at most: 64 MiB chunks leave one connection waiting
-    assert ChunkedOptions(connections=4).chunks_in_memory(64 * MiB) == 4
+    assert UploadOptions(connections=4).chunks_in_memory(64 * MiB) == 4
 
 
 def test_chunk_bodies_go_without_credentials(
@@ -239,18 +242,8 @@ def test_chunk_bodies_go_without_credentials(
     assert seen == [None] * result.chunks
 
 
-def test_round_trip_over_tls_with_a_private_ca(
-    make_drive_store: Callable[..., RunningServer], tmp_path: Path
-) -> None:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    cert.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_pem))
-    srv = make_drive_store(tls_cert=str(chain), tls_key=str(key))
-    assert srv.base_url.startswith("https://")
+def test_round_trip_over_tls_with_a_private_ca(tls_drive_store: Any, tmp_path: Path) -> None:
+    srv, ca_pem = tls_drive_store.server, tls_drive_store.ca_pem
     ep = Endpoint(srv.base_url, srv.base_url)
     creds = Credentials(srv.username, srv.password)
     image = make_image(tmp_path / "disk.raw", 1 * MiB, seed=16)
@@ -349,7 +342,7 @@ def interrupted(drive_store: RunningServer, tmp_path: Path) -> Iterator[tuple[Pa
     """An upload that stopped after some chunks: chunk 5 always answers 503, no retries."""
     image = make_image(tmp_path / "disk.raw", 3 * MiB, seed=8)
     drive_store.faults.fail_next(0, match="/chunk/5/")
-    with pytest.raises(TransferError, match="rerun the same command to resume") as err:
+    with pytest.raises(TransferError, match="run the same upload again to resume") as err:
         upload(drive_store, image, connections=1, retries=0)
     drive_store.faults.clear()
     uuid = str(err.value).rsplit(" ", 1)[-1]
@@ -368,10 +361,19 @@ def test_rerun_resumes_from_the_journal(
     assert result.uuid == uuid and result.resumed
     assert stats.done == result.size, "chunks confirmed earlier count as done"
     assert stats.stages[-1].data_bytes + stats.stages[-1].hole_bytes == result.sent_bytes
-    assert sorted(counter.numbers) == sorted(set(range(12)) - before)
-    assert result.skipped_chunks == len(before)
+    assert_resumed(drive_store, result, image, uuid, counter, sorted(set(range(12)) - before))
+
+
+def assert_resumed(
+    srv: RunningServer, result: UploadResult, image: Path, uuid: str, counter: ChunkCounter,
+    sent: list[int],
+) -> None:
+    """The resumed upload sent exactly the chunks ``sent`` and the drive is the image."""
+    assert result.uuid == uuid and result.resumed
+    assert sorted(counter.numbers) == sent
+    assert result.skipped_chunks == 12 - len(sent)
     assert result.xxh128 == xxh128_of(image)
-    assert_drive_holds(drive_store, uuid, image)
+    assert_drive_holds(srv, uuid, image)
 
 
 def test_resume_uuid_without_journal_uses_416(
@@ -383,10 +385,7 @@ def test_resume_uuid_without_journal_uses_416(
         path.unlink()
     counter = ChunkCounter(drive_store)
     result, _ = upload(drive_store, image, connections=2, resume_uuid=uuid.upper())
-    assert sorted(counter.numbers) == list(range(5, 12))
-    assert result.skipped_chunks == 5
-    assert result.xxh128 == xxh128_of(image)
-    assert_drive_holds(drive_store, uuid, image)
+    assert_resumed(drive_store, result, image, uuid, counter, list(range(5, 12)))
 
 
 def test_changed_image_refuses_to_resume(
@@ -399,7 +398,7 @@ def test_changed_image_refuses_to_resume(
         upload(drive_store, image)
     message = err.value.one_line()
     assert "changed since the interrupted upload" in message
-    assert f"--resume {uuid}" in message and ".json" in message
+    assert f"resume into drive {uuid} explicitly" in message and ".json" in message
     assert drive_store.store.get(uuid).status == "uploading", "nothing was sent"
 
 

@@ -2,7 +2,8 @@
 
 nginx runs from a generated config in a tmp dir and serves a tmp directory:
 ``/files/`` plainly, ``/slow/`` at a limited rate per connection (so a download
-can be killed half-way), ``/noranges/`` with ranges disabled, ``/hostile*/``
+can be killed half-way), ``/headslow/`` with only a range from byte 0 slowed down (the
+head of the in-order window), ``/noranges/`` with ranges disabled, ``/hostile*/``
 with hostile ``Content-Disposition`` headers, and ``/api/2.0/redir`` redirecting
 to a recording server on 127.0.0.2 (another host) to check on the wire that
 credentials do not follow a cross-host redirect.  Its access log records
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import itertools
 import json
 import os
 import random
@@ -25,14 +27,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import xxhash
 from sparse_files import allocated, write_sparse
 
+from drivepipe._verify import digest_file
 from drivepipe.cli import main
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -82,6 +85,10 @@ http {{
         location /files/ {{ alias {www}/; }}
         location /slow/ {{ alias {www}/; limit_rate {rate}; }}
         location /noranges/ {{ alias {www}/; max_ranges 0; }}
+        location /headslow/ {{
+            alias {www}/;
+            if ($http_range ~ "^bytes=0-[1-9]") {{ set $limit_rate 4m; }}
+        }}
         location /hostile1/ {{
             alias {www}/;
             add_header Content-Disposition 'attachment; filename="../x"';
@@ -200,6 +207,69 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class ReadCounter:
+    """Every read (``os.pread``/``preadv``/``read``/``readv``) of a descriptor open on one
+    of ``paths``, as ``(offset, bytes)``; ``offset`` is -1 for reads at the file position.
+
+    It sees what drivepipe's file source does (``os.pread``); the control in
+    :func:`test_a_fresh_download_reads_nothing_back` shows that it counts a pass over
+    the file (what the old prefix hasher and ``--hash-after`` did).
+    """
+
+    paths: set[str]
+    reads: list[tuple[int, int]] = field(default_factory=list)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> ReadCounter:
+        for name in ("pread", "preadv", "read", "readv"):
+            monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
+        return self
+
+    def _wrap(self, name: str, real: Callable[..., object]) -> Callable[..., object]:
+        positioned = name in ("pread", "preadv")
+
+        def counted(fd: int, *args: object) -> object:
+            result = real(fd, *args)
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
+            except OSError:
+                return result
+            if path in self.paths:
+                n = len(result) if isinstance(result, bytes) else int(result)  # type: ignore[arg-type]
+                offset = args[-1] if positioned else -1
+                self.reads.append((int(offset), n))  # type: ignore[call-overload]
+            return result
+
+        return counted
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.reads)
+
+
+def counter_for(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> ReadCounter:
+    found = {os.path.realpath(p) for p in paths}
+    return ReadCounter(found | {f + ".part" for f in found}).install(monkeypatch)
+
+
+def data_ranges(path: Path, end: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` ranges of ``path`` below ``end`` that hold data (SEEK_DATA)."""
+    found = []
+    with open(path, "rb") as f:
+        pos = 0
+        while pos < end:
+            try:
+                start = os.lseek(f.fileno(), pos, os.SEEK_DATA)
+            except OSError:
+                break
+            if start >= end:
+                break
+            stop = min(os.lseek(f.fileno(), start, os.SEEK_HOLE), end)
+            found.append((start, stop))
+            pos = stop
+    return found
+
+
 def make_image(nginx: Nginx, name: str, size: int, seed: int, pieces: int = 12) -> Path:
     rng = random.Random(seed)
     extents = [(rng.randrange(0, max(1, size - MiB)) // 4096 * 4096,
@@ -216,13 +286,12 @@ def workdir(tmp_path: Path) -> Path:
 
 # --- tests -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("hashing", ["--hash-early", "--hash-after"])
-def test_round_trip_is_identical_sparse_and_verified(nginx: Nginx, workdir: Path,
-                                                     hashing: str) -> None:
+def test_round_trip_is_identical_sparse_and_verified(nginx: Nginx, workdir: Path) -> None:
     src = make_image(nginx, "rt.raw", 48 * MiB, seed=1)
     want = digest(src)
+    # --hash-after is accepted for old scripts and does nothing: bytes are hashed as they flow
     proc = run(workdir, nginx.url("/files/rt.raw"), "--expect", f"xxh128:{want}",
-               "--range-size", "8M", "--block-size", "1M", hashing)
+               "--range-size", "8M", "--block-size", "1M", "--hash-after")
     assert proc.returncode == 0, proc.stderr
     out = workdir / "rt.raw"
     assert proc.stdout.strip() == "rt.raw"
@@ -231,6 +300,21 @@ def test_round_trip_is_identical_sparse_and_verified(nginx: Nginx, workdir: Path
     assert allocated(out) < 20 * MiB
     assert not (workdir / "rt.raw.part").exists()
     assert not (workdir / "rt.raw.part.journal").exists()
+
+
+def test_a_fresh_download_reads_nothing_back(nginx: Nginx, workdir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_image(nginx, "noread.raw", 24 * MiB, seed=21, pieces=20)
+    counter = counter_for(monkeypatch, workdir / "noread.raw")
+    proc = run(workdir, nginx.url("/files/noread.raw"), "--expect", f"xxh128:{digest(src)}",
+               "--range-size", "4M", "--block-size", "1M", "--connections", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert (workdir / "noread.raw").read_bytes() == src.read_bytes()
+    assert counter.reads == []  # verified as the bytes flowed, never read back
+    # the control: a pass over the file, as the old verification did, is seen
+    digest_file(str(workdir / "noread.raw"))
+    assert counter.total == sum(b - a for a, b in data_ranges(workdir / "noread.raw",
+                                                              24 * MiB)) > 0
 
 
 def test_without_expectation_prints_the_digest(nginx: Nginx, workdir: Path) -> None:
@@ -311,7 +395,8 @@ def test_wrong_expectation_keeps_part_and_fails(nginx: Nginx, workdir: Path) -> 
     assert (workdir / "bad.raw.part").read_bytes() == src.read_bytes()
 
 
-def test_damaged_block_on_disk_is_refetched_on_resume(nginx: Nginx, workdir: Path) -> None:
+def test_damaged_block_on_disk_is_refetched_from_there_on_resume(nginx: Nginx, workdir: Path
+                                                                  ) -> None:
     src = make_image(nginx, "damaged.raw", 8 * MiB, seed=7, pieces=16)
     bogus = run(workdir, nginx.url("/files/damaged.raw"), "--expect", "xxh128:" + "1" * 32,
                 "--block-size", "1M")
@@ -326,10 +411,11 @@ def test_damaged_block_on_disk_is_refetched_on_resume(nginx: Nginx, workdir: Pat
     proc = run(workdir, nginx.url("/files/damaged.raw"), "--expect",
                f"xxh128:{digest(src)}", "--block-size", "1M")
     assert proc.returncode == 0, proc.stderr
-    assert "1 damaged blocks" in proc.stderr
+    assert "5.0 MiB of 8.0 MiB kept; block 5 (bytes 5242880-6291455) changed" in proc.stderr
     assert (workdir / "damaged.raw").read_bytes() == src.read_bytes()
-    # the probe's byte plus exactly the one damaged block
-    assert nginx.bytes_sent(mark, "damaged.raw") == 1 + MiB
+    # the probe's byte plus the damaged block and the ones after it: the stream is
+    # written in order, so the kept part is the prefix before the first bad block
+    assert nginx.bytes_sent(mark, "damaged.raw") == 1 + 3 * MiB
 
 
 def test_garbage_in_a_zero_block_is_overwritten_on_resume(nginx: Nginx, workdir: Path) -> None:
@@ -360,7 +446,9 @@ def wait_for_progress(journal: Path, proc: subprocess.Popen[str], blocks: int) -
     raise AssertionError(f"no progress in {journal} (exit {proc.poll()})")
 
 
-def test_sigkill_then_rerun_fetches_only_what_was_missing(nginx: Nginx, workdir: Path) -> None:
+def test_sigkill_then_rerun_fetches_only_what_was_missing(
+    nginx: Nginx, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     size = 32 * MiB
     src = make_image(nginx, "killed.raw", size, seed=8, pieces=40)
     want = digest(src)
@@ -376,13 +464,24 @@ def test_sigkill_then_rerun_fetches_only_what_was_missing(nginx: Nginx, workdir:
     kept = json.loads(journal.read_text())["blocks"]
     assert 0 < len(kept) < size // (512 << 10)
     assert not (workdir / "killed.raw").exists()
+    kept_end = len(kept) * (512 << 10)
+    on_disk = data_ranges(workdir / "killed.raw.part", kept_end)
+    counter = counter_for(monkeypatch, workdir / "killed.raw")
     started = time.time()
     done = run(workdir, *args)
     assert done.returncode == 0, done.stderr
     assert (workdir / "killed.raw").read_bytes() == src.read_bytes()
-    missing = size - len(kept) * (512 << 10)
+    missing = size - kept_end
     assert nginx.bytes_sent(0, "killed.raw", started_after=started - 0.001) == 1 + missing
     assert not journal.exists()
+    # the kept prefix was read exactly once (its check and its hashing are one read),
+    # its holes not at all, and nothing after it
+    reads = sorted(counter.reads)
+    assert all(offset >= 0 for offset, _ in reads)
+    assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(reads))
+    covered = [(a, a + n) for a, n in reads]
+    assert sum(b - a for a, b in covered) == sum(b - a for a, b in on_disk) > 0
+    assert all(any(lo <= a and b <= hi for lo, hi in on_disk) for a, b in covered)
 
 
 def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Path) -> None:
@@ -526,3 +625,43 @@ def test_no_validator_means_no_resume(
     assert "no ETag or Last-Modified" in proc.stderr and "starting over" in proc.stderr
     assert len(seen) - asked == 2  # the probe, then the whole file again
     assert (workdir / "image.raw").read_bytes() == body
+
+
+#: peak RSS from VmHWM: ``ru_maxrss`` survives exec, so a child of a big test process
+#: would report the parent's size
+PEAK_RSS = (
+    "import sys\n"
+    "from drivepipe.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]\n"
+    "print('peak-kib', hwm[0].split()[1], file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def test_the_in_order_window_keeps_memory_bounded(nginx: Nginx, workdir: Path) -> None:
+    # 1 GiB, 1 MiB of data in every 4 MiB: every byte crosses the wire (zeros too), a
+    # quarter of it is written.  The first range comes at 4 MiB/s (2 s) while the others
+    # come as fast as they can: without a bound, the rest of the file would pile up
+    # behind it in memory; with it, 8 connections of 8 MiB ranges fill the window and wait
+    size = 1 << 30
+    rng = random.Random(31)
+    src = nginx.www / "big.raw"
+    with open(src, "wb") as f:
+        f.truncate(size)
+        for at in range(0, size, 4 * MiB):
+            f.seek(at)
+            f.write(rng.randbytes(MiB))
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, "download", nginx.url("/headslow/big.raw"), "-o",
+         "big.raw", "--progress", "none", "--connections", "8", "--range-size", "8M",
+         "--expect", digest(src)],
+        cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=120,
+        check=False)
+    assert proc.returncode == 0, proc.stderr
+    peak_mib = int(proc.stderr.split("peak-kib")[-1]) / 1024
+    # the window is (8 + 2) x 8 MiB; the interpreter and its modules about 50 MiB
+    assert peak_mib < 200, f"peak RSS {peak_mib:.0f} MiB"
+    assert digest(workdir / "big.raw") == digest(src)
+    assert allocated(workdir / "big.raw") <= allocated(src) + MiB
+    src.unlink()

@@ -24,6 +24,7 @@ from urllib.parse import urljoin
 
 import pytest
 import xxhash
+from tmpfs import needs_root, resize, small_tmpfs
 
 from drivepipe.cli import main
 from drivepipe.server import RunningServer
@@ -210,9 +211,12 @@ def test_sigkill_then_rerun_fetches_only_the_rest(
     assert main([*args[:4], "--progress", "json", *args[6:]]) == 0
     assert (cli_env / uuid).read_bytes() == src.read_bytes()
     summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    receive, write = summary["stages"]
-    assert receive["bytes"] == size - kept * block  # only what was missing
-    assert write["kept"] == kept * block
+    stages = {stage["name"]: stage for stage in summary["stages"]}
+    assert list(stages) == ["receive", "verify", "write"]
+    # only what was missing came over the wire; the kept blocks flowed from the disk
+    assert stages["receive"]["received"] == size - kept * block
+    assert stages["write"]["kept"] == kept * block
+    assert stages["verify"]["bytes"] == size
 
 
 def test_download_over_tls_with_a_private_ca(
@@ -347,5 +351,32 @@ def test_a_fresh_signed_link_resumes_the_same_part(
     assert "starting over" not in err
     summary = [json.loads(line) for line in err.splitlines() if line.startswith("{")][-1]
     assert summary["event"] == "summary"
-    assert summary["stages"][-1]["kept"] == kept * block
+    assert summary["stages"][-1]["kept"] == kept * block, err
     assert out.read_bytes() == src.read_bytes()
+
+
+@needs_root
+def test_a_full_disk_keeps_the_journaled_blocks_and_the_rerun_goes_on(
+    drive_store: RunningServer, put_drive: PutDrive, cli_env: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = random.Random(10).randbytes(12 * MiB)
+    uuid = put_drive(drive_store, data)
+    set_meta(drive_store, uuid, data)
+    with small_tmpfs(tmp_path / "small", "5m") as small:
+        out = small / "d.raw"
+        args = ["-o", str(out), "--block-size", "1M", "--range-size", "2M"]
+        assert download(drive_store, uuid, *args) == 5
+        warning, error = capsys.readouterr().err.splitlines()
+        assert "5.0 MiB free, up to 12.0 MiB still to write" in warning  # said up front
+        assert error.startswith("drivepipe: error: ") and "no space left on device" in error
+        assert "run the same command again" in error
+        kept = json.loads((small / "d.raw.part.journal").read_text())["blocks"]
+        assert 0 < len(kept) < 12
+        resize(small, "20m")
+        assert download(drive_store, uuid, *args, "--progress", "json") == 0
+        summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        stages = {stage["name"]: stage for stage in summary["stages"]}
+        assert stages["write"]["kept"] == len(kept) * MiB
+        assert stages["receive"]["received"] == len(data) - len(kept) * MiB
+        assert out.read_bytes() == data

@@ -14,6 +14,8 @@ import pytest
 from drivepipe.server import RunningServer, chunk_count, chunk_span
 
 Api = Any
+#: the chunk size of the tests that need only a few small chunks
+CHUNK = 4096
 
 
 @pytest.fixture
@@ -27,6 +29,11 @@ def init(client: Api, size: int) -> str:
     (drive,) = answer.json["objects"]
     assert drive["status"] == "uploading" and drive["size"] == size
     return str(drive["uuid"])
+
+
+def new_upload(client: Api, image: bytes) -> tuple[bytes, str]:
+    """``image`` and the drive :func:`init` made for it."""
+    return image, init(client, len(image))
 
 
 def link(client: Api, uuid: str, number: int, chunk_size: int) -> Any:
@@ -78,37 +85,33 @@ def test_full_chunked_upload(drive_store: RunningServer, client: Api) -> None:
 def test_uploaded_chunk_answers_416_and_its_link_cannot_be_reused(
     drive_store: RunningServer, client: Api
 ) -> None:
-    chunk = 4096
-    image = os.urandom(chunk * 4)
-    uuid = init(client, len(image))
-    first = link(client, uuid, 1, chunk).json["link"]
-    assert send_chunk(client, first, image[chunk : 2 * chunk]).status == 200
-    assert link(client, uuid, 1, chunk).status == 416
-    assert send_chunk(client, first, image[chunk : 2 * chunk]).status == 416
+    image, uuid = new_upload(client, os.urandom(CHUNK * 4))
+    first = link(client, uuid, 1, CHUNK).json["link"]
+    assert send_chunk(client, first, image[CHUNK : 2 * CHUNK]).status == 200
+    assert link(client, uuid, 1, CHUNK).status == 416
+    assert send_chunk(client, first, image[CHUNK : 2 * CHUNK]).status == 416
     assert drive_store.store.get(uuid).received == {1}
 
 
 def test_bad_chunk_requests(drive_store: RunningServer, client: Api) -> None:
-    chunk = 4096
-    image = os.urandom(chunk * 4)
-    uuid = init(client, len(image))
-    assert link(client, uuid, 4, chunk).status == 400  # past the last chunk
+    image, uuid = new_upload(client, os.urandom(CHUNK * 4))
+    assert link(client, uuid, 4, CHUNK).status == 400  # past the last chunk
     assert client.call(
-        "POST", f"drives/{uuid}/action/?do=explode", body={"chunk_number": 0, "chunk_size": chunk}
+        "POST", f"drives/{uuid}/action/?do=explode", body={"chunk_number": 0, "chunk_size": CHUNK}
     ).status == 400
     assert client.call(
         "POST", f"drives/{uuid}/action/?do=upload_chunk", body={"chunk_number": "zero"}
     ).status == 400
-    assert link(client, uuid, 0, chunk).status == 200
-    path = link(client, uuid, 0, chunk).json["link"]
+    assert link(client, uuid, 0, CHUNK).status == 200
+    path = link(client, uuid, 0, CHUNK).json["link"]
     # Wrong length: refused before anything is stored.
-    assert send_chunk(client, path, image[: chunk - 1]).status == 400
+    assert send_chunk(client, path, image[: CHUNK - 1]).status == 400
     # A forged chunk number or size breaks the signature.
-    assert send_chunk(client, path.replace("/chunk/0/", "/chunk/1/"), image[:chunk]).status == 403
-    assert send_chunk(client, path.replace("size=4096", "size=8192"), image[:chunk]).status == 403
+    assert send_chunk(client, path.replace("/chunk/0/", "/chunk/1/"), image[:CHUNK]).status == 403
+    assert send_chunk(client, path.replace("size=4096", "size=8192"), image[:CHUNK]).status == 403
     # Once a chunk landed, the chunk size is fixed.
-    assert upload_chunk(client, uuid, image, 0, chunk).status == 200
-    assert link(client, uuid, 1, 2 * chunk).status == 400
+    assert upload_chunk(client, uuid, image, 0, CHUNK).status == 200
+    assert link(client, uuid, 1, 2 * CHUNK).status == 400
     assert drive_store.store.get(uuid).received == {0}
 
 
@@ -170,21 +173,19 @@ def test_cut_chunk_is_not_counted_and_a_retry_replaces_its_bytes(
 def test_concurrent_upload_of_the_same_chunk_is_told_to_retry(
     drive_store: RunningServer, client: Api
 ) -> None:
-    chunk = 4096
-    image = os.urandom(chunk * 2)
-    uuid = init(client, len(image))
-    path = link(client, uuid, 0, chunk).json["link"]
+    image, uuid = new_upload(client, os.urandom(CHUNK * 2))
+    path = link(client, uuid, 0, CHUNK).json["link"]
     parts = urlsplit(drive_store.base_url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {chunk}\r\n\r\n".encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {CHUNK}\r\n\r\n".encode()
         sock.sendall(head + image[:100])
         # The first request now holds chunk 0; wait until the server has claimed it.
         while not drive_store.store.chunks_in_flight(uuid):
             time.sleep(0.01)
-        second = send_chunk(client, path, image[:chunk])
+        second = send_chunk(client, path, image[:CHUNK])
         assert second.status == 503
         assert second.json[0]["error_type"] == "concurrency"
-        sock.sendall(image[100:chunk])
+        sock.sendall(image[100:CHUNK])
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
     assert drive_store.store.get(uuid).received == {0}
 

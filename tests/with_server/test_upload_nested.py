@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 from nested_images import Nested, build, compress, needs_tools, run, write_disk
-
-from drivepipe.cli import main
+from store_servers import cli_upload as upload
 
 pytestmark = needs_tools
 
@@ -20,18 +19,6 @@ pytestmark = needs_tools
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Nested]:
     return build(tmp_path_factory.mktemp("nested-up"))
-
-
-def upload(drive_store: Any, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-           tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
-    monkeypatch.setenv("CLOUDSIGMA_USERNAME", drive_store.username)
-    monkeypatch.setenv("CLOUDSIGMA_PASSWORD", drive_store.password)
-    capfd.readouterr()
-    code = main(["upload", "--endpoint", drive_store.base_url, "--progress", "none", *args])
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def assert_drive_is(drive_store: Any, uuid: str, image: Nested) -> None:

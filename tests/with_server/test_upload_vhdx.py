@@ -20,24 +20,11 @@ import pytest
 import xxhash
 from fixtures.vhdx_writer import Vhdx, header
 from sparse_files import write_sparse
-
-from drivepipe.cli import main
+from store_servers import cli_upload as upload
 
 MiB = 1 << 20
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None,
                                 reason="qemu-img not installed")
-
-
-def upload(drive_store: Any, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-           tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("CLOUDSIGMA_CONFIG", raising=False)
-    monkeypatch.setenv("CLOUDSIGMA_USERNAME", drive_store.username)
-    monkeypatch.setenv("CLOUDSIGMA_PASSWORD", drive_store.password)
-    capfd.readouterr()
-    code = main(["upload", "--endpoint", drive_store.base_url, "--progress", "none", *args])
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def make_vhdx(tmp_path: Path, opts: str) -> tuple[Path, bytes]:

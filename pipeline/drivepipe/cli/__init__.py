@@ -32,6 +32,7 @@ COMMAND_MODULES: dict[str, str] = {
     "bench": "cmd_bench",
     "checksum": "cmd_local",
     "convert": "cmd_local",
+    "copy": "cmd_copy",
     "demo": "cmd_demo",
     "download": "cmd_download",
     # the drives group: drives, drives list/show/rm/wait/uploads
@@ -83,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(exc: DrivepipeError) -> int:
-    print(f"drivepipe: error: {exc.one_line()}", file=sys.stderr, flush=True)
+    from drivepipe.cli._flags import with_flags  # noqa: PLC0415 - only when failing
+
+    print(f"drivepipe: error: {with_flags(exc.one_line())}", file=sys.stderr, flush=True)
     return exc.exit_code
 
 

@@ -22,7 +22,9 @@ def _failed(exc: DrivepipeError) -> int:
     """Report one file's failure on stderr; errors about the whole command go on up."""
     if isinstance(exc, (Cancelled, UsageError, ConfigError)):
         raise exc
-    typer.echo(f"drivepipe: error: {exc.one_line()}", err=True)
+    from drivepipe.cli._flags import with_flags  # noqa: PLC0415 - only when failing
+
+    typer.echo(f"drivepipe: error: {with_flags(exc.one_line())}", err=True)
     return exc.exit_code
 
 

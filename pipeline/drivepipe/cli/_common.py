@@ -1,17 +1,32 @@
-"""Options and helpers shared by the commands."""
+"""Options and helpers shared by the commands.
+
+Options that go together are declared once, as the fields of a frozen dataclass (an
+option group: :class:`ProgressOptions` here, :class:`~drivepipe.cli._net.Account`),
+and a command decorated with :func:`grouped_options` takes the group as one parameter
+(``progress: ProgressOptions = FROM_OPTIONS``).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, Final, TypeVar
 
 import typer
 
 from drivepipe._errors import UsageError
 from drivepipe._progress import MODES, resolve_mode
-from drivepipe._registry import open_image
 from drivepipe._sizes import parse_size
-from drivepipe._stage import ImageInput, OpenOptions
+from drivepipe._stage import ImageInput
 from drivepipe._stats import RunStats
+
+
+def optional(flag: str, metavar: str, help: str) -> Any:
+    """An option with no default worth showing in ``--help`` (a path, a URL, a name)."""
+    return typer.Option(flag, metavar=metavar, help=help, show_default=False)
+
 
 FormatOpt = Annotated[
     str,
@@ -66,15 +81,9 @@ ThreadsOpt = Annotated[
 ]
 
 
-DiskOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--disk", metavar="NAME|N",
-        help="The disk to take from an image that holds several (an OVA): its id, file "
-        "name or number (1 is the first); inspect lists them.",
-        show_default=False,
-    ),
-]
+DiskOpt = Annotated[str | None, optional(
+    "--disk", "NAME|N", "The disk to take from an image that holds several (an OVA): its "
+    "id, file name or number (1 is the first); inspect lists them.")]
 SpoolDirOpt = Annotated[
     str | None,
     typer.Option(
@@ -87,6 +96,62 @@ SpoolDirOpt = Annotated[
 ]
 
 
+R = TypeVar("R")
+
+#: the default of an option group parameter (see :func:`grouped_options`, which always
+#: passes the group its options make)
+FROM_OPTIONS: Final[Any] = None
+
+
+def grouped_options(command: Callable[..., R]) -> Callable[..., R]:
+    """Give ``command`` the options of each option group it takes, in that parameter's place.
+
+    A parameter annotated with a dataclass is an option group: typer sees its fields
+    (``Annotated`` option types with their defaults) instead, in that place of ``--help``,
+    and ``command`` is called with the dataclass those options make.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    groups: dict[str, tuple[type[Any], list[str]]] = {}
+    params: list[inspect.Parameter] = []
+    for param in signature.parameters.values():
+        group = param.annotation
+        if not (isinstance(group, type) and dataclasses.is_dataclass(group)):
+            params.append(param)
+            continue
+        hints = inspect.get_annotations(group, eval_str=True)
+        fields = dataclasses.fields(group)
+        groups[param.name] = (group, [f.name for f in fields])
+        params += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                     default=f.default, annotation=hints[f.name])
+                   for f in fields]
+    if not groups:
+        raise TypeError(f"{command.__name__} takes no option group")
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> R:
+        for name, (group, names) in groups.items():
+            kwargs[name] = group(**{field: kwargs.pop(field) for field in names})
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressOptions:
+    """``--progress``, ``-q`` and ``-v``: what goes to stderr while a command runs."""
+
+    progress: ProgressOpt = "auto"
+    quiet: QuietOpt = False
+    verbose: VerboseOpt = False
+
+    @property
+    def mode(self) -> str:
+        """The progress mode the three ask for together (see :func:`progress_mode`)."""
+        return progress_mode(self.progress, self.quiet, self.verbose)
+
+
 def open_input(
     path: str,
     fmt: str,
@@ -96,29 +161,15 @@ def open_input(
     spool_dir: str | None = None,
     disk: str | None = None,
 ) -> ImageInput:
-    """Open an image with the CLI's options; counting and spooling report into ``stats``."""
-
-    def on_phase(phase: str, done: int, total: int) -> None:
-        if stats is not None:
-            stats.set_phase(phase, done, total)
+    """Open an image with the CLI's options (checked with their flags' names)."""
+    from drivepipe.jobs.images import ReadOptions  # noqa: PLC0415 - jobs import the CLI's
 
     positive(threads, "--threads")
+    read = ReadOptions(format=fmt, read_size=positive_size(read_size, "--read-size"),
+                       threads=threads, spool_dir=spool_dir, disk=disk)
+    from drivepipe.jobs.images import open_input as open_image_input  # noqa: PLC0415
 
-    def on_layer(name: str) -> None:
-        if stats is not None:
-            stats.chain.append(name)
-
-    options = OpenOptions(
-        read_size=positive_size(read_size, "--read-size"), on_phase=on_phase, threads=threads,
-        spool_dir=spool_dir, on_layer=on_layer, disk=disk,
-    )
-    image = open_image(path, fmt, options)
-    if stats is not None:
-        stats.chain[:] = image.chain
-        stats.total = image.size
-        stats.data_total = image.data_size
-        stats.set_phase("transfer")
-    return image
+    return open_image_input(path, read, stats)
 
 
 def progress_mode(progress: str, quiet: bool, verbose: bool) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -27,54 +28,34 @@ from drivepipe._sizes import parse_size
 from drivepipe.cli._app import app
 from drivepipe.cli._batch_view import BatchView, closing_line, report_table
 from drivepipe.cli._common import (
-    ProgressOpt,
-    QuietOpt,
+    FROM_OPTIONS,
+    ProgressOptions,
     ReadSizeOpt,
     SpoolDirOpt,
     ThreadsOpt,
-    VerboseOpt,
-    progress_mode,
+    grouped_options,
+    optional,
 )
-from drivepipe.cli._net import (
-    CacertOpt,
-    DirectOpt,
-    EndpointOpt,
-    InsecureHttpOpt,
-    LimitRateOpt,
-    LocationOpt,
-    StallOpt,
-    UserOpt,
-)
+from drivepipe.cli._net import Account, LimitRateOpt, StallOpt, transport
 from drivepipe.jobs import BatchReport, Executor, LocalExecutor, Settings, load_plan, run_batch
 from drivepipe.jobs.transfer import Access
 
 JobsOpt = Annotated[
     int, typer.Option("--jobs", "-j", metavar="N", help="Items run at once (local engine).")
 ]
-ConnectionsOpt = Annotated[
-    int | None,
-    typer.Option("--connections", metavar="N", help="Connections of the whole batch, shared "
-                 "by the running items (default: 4 per job; on Dask: per item).",
-                 show_default=False),
-]
-StateOpt = Annotated[
-    str | None,
-    typer.Option("--state", metavar="PATH", help="State file (default: PLAN.state.json).",
-                 show_default=False),
-]
-ReportOpt = Annotated[
-    str | None,
-    typer.Option("--report", metavar="PATH", help="Write every item's result, digest, time "
-                 "and error to this JSON file.", show_default=False),
-]
+ConnectionsOpt = Annotated[int | None, optional(
+    "--connections", "N", "Connections of the whole batch, shared by the running items "
+    "(default: 4 per job; on Dask: per item).")]
+StateOpt = Annotated[str | None, optional(
+    "--state", "PATH", "State file (default: PLAN.state.json).")]
+ReportOpt = Annotated[str | None, optional(
+    "--report", "PATH", "Write every item's result, digest, time and error to this JSON "
+    "file.")]
 EngineOpt = Annotated[
     str, typer.Option("--engine", metavar="[local|dask]", help="local (threads here) or dask.")
 ]
-SchedulerOpt = Annotated[
-    str | None,
-    typer.Option("--scheduler", metavar="ADDRESS", help="Dask scheduler address, "
-                 "tcp://HOST:8786.", show_default=False),
-]
+SchedulerOpt = Annotated[str | None, optional(
+    "--scheduler", "ADDRESS", "Dask scheduler address, tcp://HOST:8786.")]
 RetriesOpt = Annotated[
     int,
     typer.Option("--retries", metavar="N", help="Attempts more for an item that failed on "
@@ -83,12 +64,9 @@ RetriesOpt = Annotated[
 ChunkSizeOpt = Annotated[
     str, typer.Option("--chunk-size", metavar="SIZE", help="Chunk size of chunked uploads.")
 ]
-JournalDirOpt = Annotated[
-    str | None,
-    typer.Option("--journal-dir", metavar="DIR", help="Where chunked uploads keep their "
-                 "journals (default: STATE.journals; on Dask a path the workers see).",
-                 show_default=False),
-]
+JournalDirOpt = Annotated[str | None, optional(
+    "--journal-dir", "DIR", "Where chunked uploads keep their journals (default: "
+    "STATE.journals; on Dask a path the workers see).")]
 
 
 def make_executor(engine: str, jobs: int, connections: int | None,
@@ -114,6 +92,7 @@ def write_report(path: str, report: BatchReport) -> None:
 
 
 @app.command()
+@grouped_options
 def batch(
     plan: Annotated[str, typer.Argument(help="Plan file: JSON lines, one transfer per line.")],
     jobs: JobsOpt = 4,
@@ -122,9 +101,7 @@ def batch(
     stall_timeout: StallOpt = 120.0,
     state: StateOpt = None,
     report: ReportOpt = None,
-    progress: ProgressOpt = "auto",
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    progress: ProgressOptions = FROM_OPTIONS,
     engine: EngineOpt = "local",
     scheduler: SchedulerOpt = None,
     retries: RetriesOpt = 1,
@@ -133,27 +110,18 @@ def batch(
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
     journal_dir: JournalDirOpt = None,
-    endpoint: EndpointOpt = None,
-    direct_endpoint: DirectOpt = None,
-    location: LocationOpt = None,
-    user: UserOpt = None,
-    cacert: CacertOpt = None,
-    insecure_http: InsecureHttpOpt = False,
+    account: Account = FROM_OPTIONS,
 ) -> None:
     """Run a plan of uploads and downloads; rerun it to finish what did not."""
-    mode = progress_mode(progress, quiet, verbose)
+    mode = progress.mode
     if retries < 0:
         raise UsageError("--retries must be 0 or more")
     if connections is not None and connections < 1:
         raise UsageError("--connections must be at least 1")
-    if stall_timeout < 1:
-        raise UsageError("--stall-timeout must be at least 1 second")
-    rate = parse_size(limit_rate) if limit_rate else 0
-    if limit_rate and rate <= 0:
-        raise UsageError("--limit-rate must be more than 0 bytes a second")
+    # the checks of --limit-rate and --stall-timeout the single transfers make
+    rate = transport(account.cacert, account.insecure_http, limit_rate, stall_timeout).limit_rate
     settings = Settings(
-        endpoint=endpoint, direct_endpoint=direct_endpoint, location=location, user=user,
-        cacert=cacert, insecure_http=insecure_http, chunk_size=parse_size(chunk_size),
+        **asdict(account), chunk_size=parse_size(chunk_size),
         read_size=parse_size(read_size), threads=threads, spool_dir=spool_dir,
         stall_timeout=stall_timeout,
         journal_dir=os.path.abspath(journal_dir) if journal_dir else "",
@@ -176,7 +144,7 @@ def batch(
         write_report(report, result)
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(
         report_table(result), highlight=False)
-    if not quiet:
+    if not progress.quiet:
         typer.echo(f"drivepipe: {closing_line(result)}", err=True)
     if result.interrupted:
         raise Cancelled(f"interrupted with {result.counts.get('not-run', 0)} items not run; "

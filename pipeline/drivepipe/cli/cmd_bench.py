@@ -1,225 +1,31 @@
 """``drivepipe bench IMAGE``: which stage limits a transfer, and what to change.
 
-In: an image (any format), optionally ``--endpoint`` (a real API: the test
-uploads create drives there, and are deleted right after; credentials come as
-for ``upload``).  Without it the sends go to a local drive store started on a
-temporary directory (``--discard``: to a discard sink).  Out on stdout: each
-stage's throughput alone (read, decode, hash, send), the whole pipeline's, the
-bottleneck and advice with its measured gain (``--json``: one object).  Only the
-first ``--limit`` raw bytes, or ``--seconds`` per measurement, are used.
-Refused: what ``upload`` refuses (bad image, bad credentials, unsafe endpoint).
+Parse, one call (:func:`drivepipe.jobs.bench.bench`), render.  In: an image (any
+format), optionally ``--endpoint`` (a real API: the test uploads create drives there,
+and are deleted right after; credentials come as for ``upload``).  Without it the sends
+go to a local drive store started on a temporary directory (``--discard``: to a discard
+sink).  Out on stdout: each stage's throughput alone (read, decode, hash, send), the
+whole pipeline's, the bottleneck and advice with its measured gain (``--json``: one
+object).  Only the first ``--limit`` raw bytes, or ``--seconds`` per measurement, are
+used.  Refused: what ``upload`` refuses (bad image, bad credentials, unsafe endpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
-import secrets
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Annotated
 
 import typer
 
-from drivepipe._bench import Budget, SendVariant, SinkFactory, Subject, report_lines, run_bench
-from drivepipe._errors import TransferError, UsageError
-from drivepipe._extent import Extent
-from drivepipe._registry import open_image
+from drivepipe._bench import report_lines
+from drivepipe._errors import UsageError
 from drivepipe._sizes import parse_size
-from drivepipe._stage import ImageInput, OpenOptions, Sink, Source
-from drivepipe._stats import RunStats
 from drivepipe.cli._app import app
 from drivepipe.cli._common import FormatOpt, QueueOpt, ReadSizeOpt, positive, positive_size
 from drivepipe.cli._net import CacertOpt, EndpointOpt, InsecureHttpOpt, UserOpt, connect
-from drivepipe.cli._net import Connection as NetConnection
-from drivepipe.cloudsigma.config import Credentials, Endpoint
-from drivepipe.transport.http import ApiClient, TlsOptions
-from drivepipe_plugins.targets.drive_chunked import ChunkedOptions, chunked_upload
-from drivepipe_plugins.targets.drive_upload import (
-    DEFAULT_BUFFER_SIZE,
-    MAX_BUFFER_SIZE,
-    CurlUploadSink,
-)
-
-#: the upload buffer tried when the network limits (libcurl's largest; the default is 1M)
-BIGGER_BUFFER = MAX_BUFFER_SIZE
-#: the chunked upload tried when the network limits
-CHUNKED_CONNECTIONS = 4
-CHUNK_SIZE = 16 << 20
-BENCH_USER = "bench@drivepipe.local"
-STORE_START_TIMEOUT = 60.0
-STORE_STOP_TIMEOUT = 10.0
-
-
-@dataclass
-class Target:
-    """Where test uploads go, and the drives made there (deleted afterwards)."""
-
-    endpoint: Endpoint
-    creds: Credentials
-    tls: TlsOptions
-    label: str
-    made: list[str] = field(default_factory=list)
-
-    def sink(self, buffer_size: int) -> Sink[str]:
-        self.cleanup()  # untimed: the factory runs before the pipeline starts
-        return TrackedSink(CurlUploadSink(self.endpoint, self.creds, self.tls,
-                                          buffer_size=buffer_size), self.made)
-
-    def cleanup(self) -> None:
-        """Delete the drives the measurements created."""
-        if not self.made:
-            return
-        with ApiClient(self.endpoint, self.creds, self.tls) as api:
-            while self.made:
-                uuid = self.made.pop()
-                with contextlib.suppress(TransferError):
-                    api.request("DELETE", api.url(f"drives/{uuid}/"), what="delete test drive")
-
-
-class TrackedSink(Sink[str]):
-    """An upload sink that remembers the drive it created, for the cleanup."""
-
-    def __init__(self, inner: Sink[str], made: list[str]) -> None:
-        self.inner = inner
-        self.made = made
-        self.name = inner.name
-
-    def consume(self, extents: Iterator[Extent], size: int) -> str:
-        uuid = self.inner.consume(extents, size)
-        self.made.append(uuid)
-        return uuid
-
-    def abort(self) -> None:
-        self.inner.abort()
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def _serve_child(root: str, password: str, pipe: Connection) -> None:
-    """Child process: run a store until the parent says stop (or goes away)."""
-    # Imported here: only the child (bench without --endpoint) needs the server.
-    from drivepipe.server import serve_in_thread  # noqa: PLC0415
-
-    with serve_in_thread(root, username=BENCH_USER, password=password, min_size=0) as srv:
-        pipe.send(srv.base_url)
-        with contextlib.suppress(EOFError):
-            pipe.recv()
-
-
-def _first_message(pipe: Connection) -> str:
-    try:
-        if pipe.poll(STORE_START_TIMEOUT):
-            return str(pipe.recv())
-    except EOFError:
-        pass
-    raise TransferError("bench: the local drive store did not start")
-
-
-@contextlib.contextmanager
-def local_store() -> Iterator[Target]:
-    """A drive store on a temporary directory, in its own process, while the bench runs.
-
-    Its own process, as ``drivepipe serve`` would be: in this one, the server's
-    Python threads would compete with the pipeline's for the interpreter lock
-    and the network would look slower than it is.
-    """
-    root = tempfile.mkdtemp(prefix="drivepipe-bench-")
-    password = secrets.token_urlsafe(16)
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
-    ours, theirs = ctx.Pipe()
-    child = ctx.Process(target=_serve_child, args=(root, password, theirs), daemon=True,
-                        name="drivepipe-bench-store")
-    child.start()
-    theirs.close()  # the child's end: if the child dies, our end sees EOF at once
-    try:
-        base = _first_message(ours)
-        yield Target(Endpoint(api=base, direct=base), Credentials(BENCH_USER, password),
-                     TlsOptions(), "network: local store")
-    finally:
-        with contextlib.suppress(OSError):
-            ours.send("stop")
-        child.join(STORE_STOP_TIMEOUT)
-        if child.is_alive():
-            child.terminate()
-            child.join()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def remote_target(
-    endpoint: str, user: str | None, cacert: str | None, insecure_http: bool
-) -> Iterator[Target]:
-    conn = connect(endpoint, None, None, user, cacert, insecure_http)
-    conn.close()
-    yield Target(conn.endpoint, conn.creds, conn.tls, f"network: {conn.endpoint.direct}")
-
-
-def subject_for(
-    path: str, fmt: str, options: OpenOptions, queue_depth: int
-) -> Subject:
-    return Subject(path=path, open=lambda opts: open_image(path, fmt, opts), options=options,
-                   queue_depth=queue_depth)
-
-
-def with_target(subject: Subject, target: Target, buffer_size: int) -> None:
-    subject.make_sink = lambda _size: target.sink(buffer_size)
-    subject.sink_label = target.label
-    other = BIGGER_BUFFER if buffer_size < BIGGER_BUFFER else DEFAULT_BUFFER_SIZE
-    subject.send_variants.append(SendVariant(
-        f"upload --buffer-size {other >> 10}K", _buffered(target, other)))
-    subject.send_variants.append(SendVariant(
-        f"upload --chunked --connections {CHUNKED_CONNECTIONS} --chunk-size "
-        f"{CHUNK_SIZE >> 20}M", send=_chunked(target, subject.path)))
-
-
-def _buffered(target: Target, buffer_size: int) -> SinkFactory:
-    return lambda _size: target.sink(buffer_size)
-
-
-def _chunked(target: Target, path: str) -> Callable[[Source, int], float]:
-    """A chunked upload of a replayed stream; returns the seconds it took."""
-
-    def send(source: Source, size: int) -> float:
-        target.cleanup()  # before the clock starts
-        image = ImageInput(path=path, format="raw", size=size, source=source)
-        api = ApiClient(target.endpoint, target.creds, target.tls)
-        conn = NetConnection(target.endpoint, target.creds, target.tls, api)
-        options = ChunkedOptions(chunk_size=CHUNK_SIZE, connections=CHUNKED_CONNECTIONS)
-        with tempfile.TemporaryDirectory(prefix="drivepipe-bench-") as tmp:
-            options.journal_path = f"{tmp}/journal"  # a fresh journal: never a resume
-            try:
-                t0 = time.perf_counter()
-                result = chunked_upload(image, conn, options, RunStats(title="bench chunked"))
-                seconds = time.perf_counter() - t0
-            finally:
-                conn.close()
-        target.made.append(result.uuid)
-        return seconds
-
-    return send
-
-
-def open_target(
-    stack: contextlib.ExitStack[bool | None], endpoint: str | None, discard: bool,
-    user: str | None, cacert: str | None, insecure_http: bool,
-) -> Target | None:
-    """Where the sends go: the endpoint, a local store, or (None) a discard sink."""
-    if endpoint is not None:
-        return stack.enter_context(remote_target(endpoint, user, cacert, insecure_http))
-    if discard:
-        return None
-    try:
-        return stack.enter_context(local_store())
-    except (TransferError, OSError, ImportError) as exc:
-        _say(f"no local drive store ({exc}); measuring sends into a discard sink")
-        return None
+from drivepipe.jobs.bench import BenchOptions
+from drivepipe.jobs.bench import bench as run_bench_job
 
 
 def _say(message: str) -> None:
@@ -257,16 +63,16 @@ def bench(
     """
     if seconds <= 0:
         raise UsageError("--seconds must be more than 0")
-    budget = Budget(seconds=seconds, limit=positive_size(limit, "--limit"))
-    options = OpenOptions(read_size=positive_size(read_size, "--read-size"))
-    positive(queue_depth, "--queue-depth")
-    subject = subject_for(image, fmt, options, queue_depth)
+    options = BenchOptions(
+        seconds=seconds, limit=positive_size(limit, "--limit"), format=fmt,
+        read_size=positive_size(read_size, "--read-size"),
+        queue_depth=positive(queue_depth, "--queue-depth"), buffer_size=parse_size(buffer_size),
+        discard=discard)
     with contextlib.ExitStack() as stack:
-        target = open_target(stack, endpoint, discard, user, cacert, insecure_http)
-        if target is not None:
-            with_target(subject, target, parse_size(buffer_size))
-            stack.callback(target.cleanup)
-        report = run_bench(subject, budget, _say)
+        conn = None
+        if endpoint is not None:
+            conn = stack.enter_context(connect(endpoint, None, None, user, cacert, insecure_http))
+        report = run_bench_job(image, connection=conn, options=options, notify=_say)
     if as_json:
         typer.echo(json.dumps(report.as_dict()))
         return

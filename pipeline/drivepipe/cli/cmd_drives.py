@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
@@ -19,16 +18,8 @@ import typer
 from drivepipe._errors import DrivepipeError, UsageError
 from drivepipe._sizes import format_size
 from drivepipe.cli._app import app, group
-from drivepipe.cli._net import (
-    CacertOpt,
-    Connection,
-    DirectOpt,
-    EndpointOpt,
-    InsecureHttpOpt,
-    LocationOpt,
-    UserOpt,
-    connect,
-)
+from drivepipe.cli._common import FROM_OPTIONS, grouped_options
+from drivepipe.cli._net import Account, CacertOpt, InsecureHttpOpt, UserOpt
 from drivepipe.cloudsigma.drives import (
     Drive,
     PendingUpload,
@@ -54,18 +45,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tex
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No notes on stderr.")]
 UuidArg = Annotated[str, typer.Argument(metavar="UUID", help="The drive's UUID.")]
-
-
-@contextmanager
-def connection(
-    endpoint: str | None, direct_endpoint: str | None, location: str | None,
-    user: str | None, cacert: str | None, insecure_http: bool,
-) -> Iterator[Connection]:
-    conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def note(text: str, quiet: bool = False) -> None:
@@ -105,44 +84,32 @@ def drive_rows(found: Sequence[Drive]) -> list[str]:
 
 
 @drives.callback()
+@grouped_options
 def _drives(
     ctx: typer.Context,
     as_json: JsonOpt = False,
-    endpoint: EndpointOpt = None,
-    direct_endpoint: DirectOpt = None,
-    location: LocationOpt = None,
-    user: UserOpt = None,
-    cacert: CacertOpt = None,
-    insecure_http: InsecureHttpOpt = False,
+    account: Account = FROM_OPTIONS,
 ) -> None:
     if ctx.invoked_subcommand is not None:
-        given = [as_json, endpoint, direct_endpoint, location, user, cacert, insecure_http]
-        if any(given):
+        if as_json or account.given():
             raise UsageError(f"put the options after the command: drivepipe drives "
                              f"{ctx.invoked_subcommand} [OPTIONS] ...")
         return
-    show_list(as_json, endpoint, direct_endpoint, location, user, cacert, insecure_http)
+    show_list(as_json, account)
 
 
 @drives.command("list")
+@grouped_options
 def list_(
     as_json: JsonOpt = False,
-    endpoint: EndpointOpt = None,
-    direct_endpoint: DirectOpt = None,
-    location: LocationOpt = None,
-    user: UserOpt = None,
-    cacert: CacertOpt = None,
-    insecure_http: InsecureHttpOpt = False,
+    account: Account = FROM_OPTIONS,
 ) -> None:
     """List the drives: uuid, name, size, status, and the xxh128 our upload stored."""
-    show_list(as_json, endpoint, direct_endpoint, location, user, cacert, insecure_http)
+    show_list(as_json, account)
 
 
-def show_list(
-    as_json: bool, endpoint: str | None, direct_endpoint: str | None, location: str | None,
-    user: str | None, cacert: str | None, insecure_http: bool,
-) -> None:
-    with connection(endpoint, direct_endpoint, location, user, cacert, insecure_http) as conn:
+def show_list(as_json: bool, account: Account) -> None:
+    with account.connection() as conn:
         found = list_drives(conn.api)
     if as_json:
         typer.echo(json.dumps([d.as_dict() for d in found], indent=2))
@@ -155,18 +122,14 @@ def show_list(
 
 
 @drives.command()
+@grouped_options
 def show(
     uuid: UuidArg,
     as_json: JsonOpt = False,
-    endpoint: EndpointOpt = None,
-    direct_endpoint: DirectOpt = None,
-    location: LocationOpt = None,
-    user: UserOpt = None,
-    cacert: CacertOpt = None,
-    insecure_http: InsecureHttpOpt = False,
+    account: Account = FROM_OPTIONS,
 ) -> None:
     """Show one drive: name, size, status, whether it can be downloaded, its meta."""
-    with connection(endpoint, direct_endpoint, location, user, cacert, insecure_http) as conn:
+    with account.connection() as conn:
         drive = get_drive(conn.api, uuid)
     info = drive.as_dict()
     if as_json:
@@ -192,20 +155,16 @@ def shown_value(key: str, value: Any) -> str:
 
 
 @drives.command()
+@grouped_options
 def rm(
     uuids: Annotated[list[str], typer.Argument(metavar="UUID", help="Drives to delete.")],
     yes: YesOpt = False,
-    endpoint: EndpointOpt = None,
-    direct_endpoint: DirectOpt = None,
-    location: LocationOpt = None,
-    user: UserOpt = None,
-    cacert: CacertOpt = None,
-    insecure_http: InsecureHttpOpt = False,
+    account: Account = FROM_OPTIONS,
 ) -> None:
     """Delete drives (asks first unless --yes); prints each deleted UUID."""
     uuids = [check_uuid(uuid) for uuid in uuids]  # all of them, before deleting any
     code = 0
-    with connection(endpoint, direct_endpoint, location, user, cacert, insecure_http) as conn:
+    with account.connection() as conn:
         for uuid in uuids:
             try:
                 drive = get_drive(conn.api, uuid)
@@ -229,6 +188,7 @@ def rm(
 
 
 @drives.command()
+@grouped_options
 def wait(
     uuid: UuidArg,
     timeout: Annotated[float, typer.Option(
@@ -237,12 +197,7 @@ def wait(
         "--interval", metavar="SECONDS", help="Time between two looks at the drive.",
         hidden=True)] = 2.0,
     quiet: QuietOpt = False,
-    endpoint: EndpointOpt = None,
-    direct_endpoint: DirectOpt = None,
-    location: LocationOpt = None,
-    user: UserOpt = None,
-    cacert: CacertOpt = None,
-    insecure_http: InsecureHttpOpt = False,
+    account: Account = FROM_OPTIONS,
 ) -> None:
     """Wait until a drive can be downloaded (its status allows it); prints its UUID."""
     if timeout < 0 or interval <= 0:
@@ -254,7 +209,7 @@ def wait(
             seen.append(drive.status)
             note(f"drive {drive.uuid} is {drive.status}", quiet)
 
-    with connection(endpoint, direct_endpoint, location, user, cacert, insecure_http) as conn:
+    with account.connection() as conn:
         drive = wait_ready(conn.api, uuid, timeout, interval=interval, on_poll=on_poll)
     typer.echo(drive.uuid)
 
@@ -329,7 +284,8 @@ def discard_one(
     if keep_drive:
         discard_upload(pending, None)
     else:
-        with connection(journal.api, None, None, user, cacert, insecure_http) as conn:
+        account = Account(journal.api, user=user, cacert=cacert, insecure_http=insecure_http)
+        with account.connection() as conn:
             if not discard_upload(pending, conn.api):
                 note(f"drive {journal.uuid} was gone or complete: kept it, removed the "
                      "journal", quiet)

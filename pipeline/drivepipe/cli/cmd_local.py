@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from drivepipe._extent import split_zeros
-from drivepipe._files import check_free_space, check_target
-from drivepipe._names import raw_name_for
 from drivepipe._progress import Reporter
-from drivepipe._registry import stage as plugin_stage
-from drivepipe._registry import target
-from drivepipe._runner import run_pipeline
 from drivepipe._sizes import format_size
-from drivepipe._stage import ImageInput, Sink
 from drivepipe._stats import RunStats
 from drivepipe.cli._app import app
 from drivepipe.cli._checklist import check_lists, hash_each
@@ -32,19 +24,15 @@ from drivepipe.cli._common import (
     SpoolDirOpt,
     ThreadsOpt,
     VerboseOpt,
-    open_input,
     positive,
     positive_size,
     progress_mode,
 )
+from drivepipe.jobs import images
 
-# Measured on a warm 1 GiB file (benchmarks/bench_local.py): 2 MiB reads with 8
-# in flight beat 4 MiB x 16; the smaller set of buffers stays in cache and is
-# recycled by malloc instead of faulting in fresh pages (16 MiB queued at most).
+#: the library's defaults (see drivepipe.jobs.images), as the options show them
 LOCAL_READ_SIZE = "2M"
-#: ``-`` as an output: standard output (as an input it is standard input, everywhere)
-STDOUT = "-"
-LOCAL_QUEUE_DEPTH = 8
+LOCAL_QUEUE_DEPTH = images.LOCAL_QUEUE_DEPTH
 
 
 @app.command()
@@ -67,32 +55,24 @@ def convert(
     spool_dir: SpoolDirOpt = None,
     disk: DiskOpt = None,
 ) -> None:
-    """Convert an image to a sparse raw file (temp file, fsync, rename on success)."""
+    """Convert an image to a sparse raw file (temp file, fsync, rename on success).
+
+    DST may also be a block device (every byte written), or NAME:ARG for an installed
+    target plugin."""
     mode = progress_mode(progress, quiet, verbose)
     positive(queue_depth, "--queue-depth")
-    to_stdout = dst == STDOUT
-    if not to_stdout and (dst.endswith(os.sep) or os.path.isdir(dst)):
-        dst = os.path.join(dst, raw_name_for(src))
-    if not to_stdout:
-        check_target(dst, force=force)
+    read = read_options(fmt, read_size, threads, spool_dir, disk)
     stats = RunStats(title=f"convert {src}")
     with Reporter(stats, mode):
-        # The sink first: if it refuses, no opened image is left unclosed.
-        make: Any = target("stdout" if to_stdout else "file")
-        sink: Sink[str] = make(1) if to_stdout else make(dst, force=force)
-        image = open_input(src, fmt, read_size, stats, threads, spool_dir, disk)
-        try:
-            # the data bytes the input knows of are what will be written: if they
-            # cannot fit, say so now rather than at the end
-            if not to_stdout:
-                check_free_space(dst, image.data_size, f"the disk in {src}")
-        except BaseException:
-            image.close()
-            raise
-        run_pipeline(
-            image.source, image.stages, sink, size=image.size, stats=stats,
-            queue_depth=queue_depth,
-        )
+        images.convert(src, dst, read=read, force=force, queue_depth=queue_depth, stats=stats)
+
+
+def read_options(fmt: str, read_size: str, threads: int, spool_dir: str | None,
+                 disk: str | None) -> images.ReadOptions:
+    """The read options from the CLI's, each checked with its flag's name."""
+    positive(threads, "--threads")
+    return images.ReadOptions(format=fmt, read_size=positive_size(read_size, "--read-size"),
+                              threads=threads, spool_dir=spool_dir, disk=disk)
 
 
 def checksum_one(
@@ -107,15 +87,9 @@ def checksum_one(
 ) -> str:
     """The xxh3-128 hex digest of ``path``'s raw content."""
     stats = RunStats(title=f"checksum {path}")
+    read = read_options(fmt, read_size, threads, spool_dir, disk)
     with Reporter(stats, progress):
-        image = open_input(path, fmt, read_size, stats, threads, spool_dir, disk)
-        hasher: Any = plugin_stage("xxh3")()
-        # Reading/decoding in one thread, hashing in the other.
-        run_pipeline(
-            image.source, [*image.stages, hasher], target("discard")(), size=image.size,
-            stats=stats, split=len(image.stages), queue_depth=queue_depth,
-        )
-    return str(hasher.hexdigest())
+        return images.checksum(path, read=read, queue_depth=queue_depth, stats=stats)
 
 
 @app.command()
@@ -155,19 +129,6 @@ def checksum(
 _SIZES = ("size", "file_size", "data_bytes", "hole_bytes", "spool_bytes")
 
 
-def scan_data(image: ImageInput) -> int:
-    """Count the raw image's data bytes by decoding it (zero blocks count as holes)."""
-    stream = image.source.extents()
-    for stage in image.stages:
-        stream = stage.process(stream)
-    data = 0
-    for ext in stream:
-        for piece in split_zeros(ext):
-            if piece.data is not None:
-                data += piece.length
-    return data
-
-
 @app.command()
 def inspect(
     src: Annotated[str, typer.Argument(help="Image to describe.")],
@@ -184,25 +145,8 @@ def inspect(
 
     A compressed image whose inner format needs random reads is spooled to find
     out (``spool_bytes`` says how much temporary space that took)."""
-    # an image of several disks (an OVA) shows its first unless told: its details
-    # list them all
-    image = open_input(src, fmt, "4M", spool_dir=spool_dir, disk=disk or "1")
-    try:
-        data = image.data_size
-        if data is None and scan:
-            data = scan_data(image)
-    finally:
-        image.close()
-    info: dict[str, object] = {
-        "path": src,
-        "format": image.format,
-        "chain": image.chain,
-        "size": image.size,
-        "file_size": image.file_size,
-        "data_bytes": data,
-        "hole_bytes": None if data is None else image.size - data,
-        **{k: v for k, v in image.details.items()},
-    }
+    read = images.ReadOptions(format=fmt, read_size=4 << 20, spool_dir=spool_dir, disk=disk)
+    info = images.inspect(src, read=read, scan=scan).as_dict()
     if as_json:
         typer.echo(json.dumps(info))
         return

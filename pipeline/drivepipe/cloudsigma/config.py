@@ -55,8 +55,8 @@ def normalize_base(url: str, what: str = "endpoint") -> str:
     if "@" in url:
         # Checked on the whole text before parsing: a password holding '#' or '/' would
         # otherwise move into the fragment or path, and the messages below echo the URL.
-        raise ConfigError(f"{what} must not contain credentials; use --user and "
-                          "CLOUDSIGMA_PASSWORD or the config file")
+        raise ConfigError(f"{what} must not contain credentials; give the user on its own, "
+                          "and the password in CLOUDSIGMA_PASSWORD or the config file")
     parts = urlsplit(url)
     try:
         port_ok = parts.port is None or parts.port > 0
@@ -192,7 +192,8 @@ def resolve_endpoint(
     elif location:
         code = location.strip().lower()
         if not code.isalnum():
-            raise ConfigError(f"--location must be a location code such as zrh, got {location!r}")
+            raise ConfigError(f"the location must be a location code such as zrh, got "
+                              f"{location!r}")
         api = f"https://{code}.cloudsigma.com{API_SUFFIX}"
         guessed = direct_endpoint is None
     elif env.get("DRIVEPIPE_ENDPOINT"):
@@ -200,7 +201,7 @@ def resolve_endpoint(
     elif config.get("api_endpoint"):
         api = normalize_base(config["api_endpoint"], "api_endpoint in the config file")
     else:
-        raise ConfigError("no endpoint: pass --endpoint URL or --location CODE, set "
+        raise ConfigError("no endpoint: give an endpoint URL or a location code, set "
                           "DRIVEPIPE_ENDPOINT, or set api_endpoint in ~/.cloudsigma.conf")
     if direct_endpoint:
         direct = normalize_base(direct_endpoint, "direct endpoint")
@@ -245,7 +246,7 @@ def resolve_credentials(
     if not username and net:
         username = net[0]
     if not username:
-        raise ConfigError("no user: pass --user EMAIL, set CLOUDSIGMA_USERNAME, or add "
+        raise ConfigError("no user: give one, set CLOUDSIGMA_USERNAME, or add "
                           "username to ~/.cloudsigma.conf")
     password = env.get("CLOUDSIGMA_PASSWORD")
     if not password and config.get("password") and config.get("username", username) == username:

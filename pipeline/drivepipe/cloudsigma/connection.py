@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import (
     Credentials,
     Endpoint,
     resolve_credentials,
     resolve_endpoint,
 )
-from drivepipe.transport.http import ApiClient, TlsOptions
+from drivepipe.transport.curl import TlsOptions
 
 
 @dataclass
@@ -22,6 +23,12 @@ class Connection:
 
     def close(self) -> None:
         self.api.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def connect(

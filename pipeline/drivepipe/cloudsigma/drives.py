@@ -1,6 +1,6 @@
 """The drives of an account: list, look up, delete, wait for; interrupted chunked uploads.
 
-In: an :class:`~drivepipe.transport.http.ApiClient` (one endpoint, one account).  Out:
+In: an :class:`~drivepipe.cloudsigma.api.ApiClient` (one endpoint, one account).  Out:
 :class:`Drive` values built from the JSON API's answers
 (``GET /drives/detail/``, ``GET /drives/{uuid}/``), deletions
 (``DELETE /drives/{uuid}/``, 204), and :class:`PendingUpload` values for the
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drivepipe._errors import HTTPError, TransferError, UsageError
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.resume.upload_journal import JournalError, UploadJournal, cache_dir
-from drivepipe.transport.http import UUID_RE, ApiClient
+from drivepipe.transport.curl import UUID_RE
 
 META_DIGEST = "drivepipe_xxh128"
 META_SIZE = "drivepipe_size"
@@ -172,7 +173,7 @@ class PendingUpload:
 
     @property
     def chunks(self) -> int:
-        return max(1, self.journal.raw_size // self.journal.chunk_size)
+        return self.journal.plan.count
 
     @property
     def confirmed(self) -> int:

@@ -19,7 +19,6 @@ journals) and retries what failed.
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,8 +28,11 @@ from typing import Any, Protocol
 from drivepipe.jobs.plan import Item, Plan
 from drivepipe.jobs.state import StateFile, default_state_path
 from drivepipe.jobs.transfer import Access, Event, ItemResult, OnEvent, Settings, execute_item
+from drivepipe.transport.retry import RetryPolicy
 
 OnResult = Callable[[ItemResult], None]
+#: seconds at most between two attempts of an item
+ITEM_RETRY_CAP = 300.0
 
 
 @dataclass(frozen=True)
@@ -58,16 +60,18 @@ def attempt_item(
     task: Task, settings: Settings, on_event: OnEvent | None = None,
     access: Access | None = None,
 ) -> ItemResult:
-    """:func:`execute_item`, again after a failure on the network side, ``retries`` times."""
+    """:func:`execute_item`, again after a failure on the network side, ``retries`` times,
+    waiting as the one retry policy says (from ``retry_delay``, doubling, with jitter)."""
+    policy = RetryPolicy(retries=task.retries, base=task.retry_delay,
+                         cap=max(task.retry_delay, ITEM_RETRY_CAP))
     attempts = 0
     while True:
         attempts += 1
         result = execute_item(task.item, settings, task.previous, on_event, access)
         result.attempts = attempts
-        if not result.retryable or attempts > task.retries:
+        if not result.retryable or attempts > policy.retries:
             return result
-        delay = task.retry_delay * 2 ** (attempts - 1)
-        time.sleep(random.uniform(delay / 2, delay))
+        time.sleep(policy.delay(attempts))
 
 
 @dataclass

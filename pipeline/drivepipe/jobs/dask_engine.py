@@ -42,7 +42,7 @@ def _distributed() -> Any:
     try:
         import distributed  # noqa: PLC0415 - optional extra, loaded when asked for
     except ImportError as exc:
-        raise UsageError("--engine dask needs Dask: pip install 'drivepipe[dask]'") from exc
+        raise UsageError("the Dask engine needs Dask: pip install 'drivepipe[dask]'") from exc
     return distributed
 
 
@@ -77,7 +77,7 @@ class DaskExecutor:
     def __init__(self, scheduler: str | None = None, *, client: Any = None,
                  retries: int = 2, connections: int | None = None) -> None:
         if scheduler is None and client is None:
-            raise UsageError("--engine dask needs --scheduler tcp://HOST:8786")
+            raise UsageError("the Dask engine needs a scheduler address (tcp://HOST:8786)")
         self.scheduler = scheduler
         self.client = client
         self.retries = retries

@@ -33,7 +33,7 @@ from drivepipe.jobs.transfer import Access, ItemResult, OnEvent, Settings
 class Budget:
     """A pool of ``total`` units (connections, bytes a second) handed out in shares."""
 
-    def __init__(self, total: int, jobs: int, what: str = "--connections") -> None:
+    def __init__(self, total: int, jobs: int, what: str = "the connections") -> None:
         if total < 1:
             raise UsageError(f"{what} must be at least 1")
         self.total = total
@@ -67,10 +67,10 @@ class LocalExecutor:
     def __init__(self, jobs: int = 4, connections: int | None = None,
                  access: Access | None = None, limit_rate: int = 0) -> None:
         if jobs < 1:
-            raise UsageError("--jobs must be at least 1")
+            raise UsageError("the number of jobs must be at least 1")
         self.jobs = jobs
         self.budget = Budget(connections or 4 * jobs, jobs)
-        self.rates = Budget(limit_rate, jobs, "--limit-rate") if limit_rate else None
+        self.rates = Budget(limit_rate, jobs, "the rate limit") if limit_rate else None
         self.access = access
         #: the most connections held at once (for tests and the report)
         self.peak = 0

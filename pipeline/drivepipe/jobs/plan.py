@@ -37,7 +37,7 @@ import xxhash
 
 from drivepipe._errors import UsageError
 from drivepipe.cloudsigma.drives import default_drive_name
-from drivepipe.transport.http import UUID_RE
+from drivepipe.transport.curl import UUID_RE
 
 OPS: Final = ("upload", "download")
 _COMMON: Final = frozenset({"op", "key", "resources", "workers"})

@@ -62,7 +62,7 @@ class StateFile:
             os.close(self._fd)
             self._fd = -1
             raise UsageError(f"another drivepipe batch is running with {self.path}; wait "
-                             "for it, or pass another --state") from exc
+                             "for it, or give another state file") from exc
         self.records = self._load()  # what the batch before this one left
         return self
 

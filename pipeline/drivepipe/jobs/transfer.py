@@ -11,11 +11,10 @@ item is failed with its one error line).  Before any transfer a ``done``
 record is checked: an upload's drive must still hold the digest in its meta
 and the image must be unchanged; a download's output must be there with its
 recorded size and mtime (else its digest is recomputed).  Then the item is
-skipped.  Otherwise the existing entry points run: the CLI's image opener,
-:func:`direct_upload` or
-:func:`chunked_upload` (its journal beside the state, keyed by the item, so
-a killed item resumes), and the download steps of ``drivepipe download``
-(its ``.part`` journal resumes).  Events: ``start`` and ``progress``
+skipped.  Otherwise the library jobs run: :func:`drivepipe.jobs.upload.upload`
+(a chunked one keeps its journal beside the state, keyed by the item, so a killed item
+resumes), and :func:`drivepipe.jobs.download.download` (its ``.part`` journal
+resumes).  Events: ``start`` and ``progress``
 (``bytes``/``total``, every ``progress_interval`` seconds).
 """
 
@@ -30,19 +29,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
-from urllib.parse import urlsplit
 
-from drivepipe._errors import DrivepipeError, HTTPError, ImageError, TransferError
-from drivepipe._stage import ImageInput
+from drivepipe._errors import DrivepipeError, HTTPError
+from drivepipe._remote import Auth
 from drivepipe._stats import RunStats
 from drivepipe._verify import digest_file
-from drivepipe.cli._common import open_input
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint, resolve_credentials, resolve_endpoint
 from drivepipe.cloudsigma.connection import Connection
 from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE
+from drivepipe.cloudsigma.upload import UploadOptions
+from drivepipe.jobs.images import ReadOptions
 from drivepipe.jobs.plan import Item
-from drivepipe.transport.http import UUID_RE, ApiClient, TlsOptions
-from drivepipe_plugins.targets.drive_upload import DirectOptions, direct_upload
+from drivepipe.jobs.upload import MetaNotStored, upload
+from drivepipe.transport.curl import TlsOptions
+from drivepipe.transport.retry import RetryPolicy, is_transient
 
 #: the batch's own meta field, beside the upload command's digest and size
 META_KEY: Final = "drivepipe_batch_key"
@@ -71,8 +72,9 @@ class Settings:
     #: where a compressed image whose inner format needs random reads is decoded first
     spool_dir: str | None = None
     progress_interval: float = 0.5
-    #: download: bytes per ranged request and per journaled block
-    range_size: int = 32 << 20
+    #: download: bytes per ranged request (memory: connections + 2 of them) and per
+    #: journaled block
+    range_size: int = 8 << 20
     block_size: int = 4 << 20
     #: seconds without a byte moving before a connection is cut (the CLI's --stall-timeout)
     stall_timeout: float = 120.0
@@ -207,9 +209,7 @@ def _now() -> str:
 
 
 def _may_pass_later(exc: DrivepipeError) -> bool:
-    if isinstance(exc, HTTPError):
-        return exc.status >= 500 or exc.status in (408, 429)
-    return isinstance(exc, TransferError) and exc.transient
+    return is_transient(exc)
 
 
 @contextlib.contextmanager
@@ -310,106 +310,51 @@ def _upload(
     item: Item, settings: Settings, access: Access, stats: RunStats, result: ItemResult
 ) -> None:
     st = _source_stat(item.source)
+    chunked = item.chunked
+    if chunked:
+        os.makedirs(settings.journal_dir, exist_ok=True)
+    options = UploadOptions(
+        chunked=chunked, name=item.target, chunk_size=settings.chunk_size,
+        connections=settings.connections,
+        journal_path=journal_path(settings, item) if chunked else None,
+        extra_meta={**item.meta, META_KEY: item.key},
+        policy=RetryPolicy(retries=settings.retries, base=settings.retry_delay / 2))
+    read = ReadOptions(format=item.format, read_size=settings.read_size,
+                       threads=settings.threads, spool_dir=settings.spool_dir)
     conn = access.connection()
     try:
-        image = open_input(item.source, item.format, str(settings.read_size), stats,
-                           settings.threads, settings.spool_dir)
-        if image.size == 0:
-            image.close()
-            raise ImageError(f"{item.source}: the image is empty (0 bytes of disk); "
-                             "there is nothing to upload")
-        if item.chunked:
-            uuid, digest, size = _chunked(item, settings, image, conn, stats, result)
-        else:
-            sent = direct_upload(image, access.endpoint, access.creds, access.tls,
-                                 DirectOptions(), stats)
-            uuid, digest, size = sent.uuid, sent.xxh128, sent.size
-            result.bytes = size
-        result.uuid, result.xxh128, result.size = uuid, digest, size
-        if st is not None:
-            result.source_size, result.source_mtime_ns = st
-        values = {**item.meta, META_DIGEST: digest, META_SIZE: str(size), META_KEY: item.key}
-        try:
-            conn.api.update_drive(uuid, name=item.target, meta=values)
-        except DrivepipeError as exc:
-            raise TransferError(f"drive {uuid} was uploaded, but updating its meta "
-                                f"failed: {exc.one_line()}") from exc
+        sent = upload(item.source, connection=conn, options=options, read=read, stats=stats,
+                      notify=result.notes.append)
+    except MetaNotStored as exc:
+        result.uuid = exc.result.uuid
+        raise
     finally:
         conn.close()
-
-
-def _chunked(
-    item: Item, settings: Settings, image: ImageInput, conn: Connection, stats: RunStats,
-    result: ItemResult,
-) -> tuple[str, str, int]:
-    from drivepipe_plugins.targets.drive_chunked import (  # noqa: PLC0415 - loaded when used
-        ChunkedOptions,
-        chunked_upload,
-    )
-
-    os.makedirs(settings.journal_dir, exist_ok=True)
-    options = ChunkedOptions(chunk_size=settings.chunk_size, connections=settings.connections,
-                             journal_path=journal_path(settings, item), name=item.target,
-                             retries=settings.retries, backoff_base=settings.retry_delay / 2)
-    try:
-        sent = chunked_upload(image, conn, options, stats)
-    finally:
-        image.close()
+    result.uuid, result.xxh128, result.size = sent.uuid, sent.xxh128, sent.size
     result.resumed, result.bytes = sent.resumed, sent.sent_bytes
-    return sent.uuid, sent.xxh128, sent.size
+    if st is not None:
+        result.source_size, result.source_mtime_ns = st
 
 
 def _download(
     item: Item, settings: Settings, access: Access, stats: RunStats, result: ItemResult
 ) -> None:
-    # The steps of ``drivepipe download UUID -o PATH``, with its notes kept in the result.
-    from drivepipe._files import check_target  # noqa: PLC0415
-    from drivepipe.cli import cmd_download as dl  # noqa: PLC0415 - the download steps live there
+    """``drivepipe download SOURCE -o PATH`` as a library call, its notes kept in the
+    result (a drive by UUID with its meta, or a URL: the account only on the endpoint's
+    origin; the ``.part`` journal resumes)."""
+    from drivepipe.jobs.download import DownloadOptions, download  # noqa: PLC0415
 
-    target = _target(item.source, access)
-    options = dl.receive_options(settings.connections, str(settings.range_size),
-                                 settings.block_size, settings.retries, 1.0,
-                                 settings.retry_delay)
-    probed = dl.probe_target(target, options)
-    paths = dl.Paths.for_target(item.target)
-    os.makedirs(os.path.dirname(paths.final) or ".", exist_ok=True)
-    check_target(paths.final, force=item.force)
-    result.resumed = os.path.exists(paths.journal)
-    expected = dl.choose_expectation(None, target, probed.size)
-    stats.total = probed.size
-    stats.add("receive", "source")
-    stats.add("write", "sink")
-    journal, early = dl.fetch(target, probed, paths, settings.block_size, options, stats,
-                              expected, True, result.notes.append)
-    got = dl.verify(paths, journal, expected, stats, early)
-    dl.finish(paths, item.force)
-    if expected is None:
+    os.makedirs(os.path.dirname(item.target) or ".", exist_ok=True)
+    result.resumed = os.path.exists(f"{item.target}.part.journal")
+    options = DownloadOptions(
+        connections=settings.connections, range_size=settings.range_size,
+        block_size=settings.block_size, retries=settings.retries,
+        retry_delay=settings.retry_delay, force=item.force)
+    got = download(item.source, item.target, auth=Auth(access.endpoint, access.creds),
+                   tls=access.tls, options=options, stats=stats, notify=result.notes.append)
+    if got.expected is None:
         result.notes.append(f"{item.source}: no checksum to verify against")
-    st = os.stat(paths.final)
-    result.output, result.xxh128, result.size = paths.final, got.whole, st.st_size
+    st = os.stat(got.output)
+    result.output, result.xxh128, result.size = got.output, got.xxh128, st.st_size
     result.mtime_ns = st.st_mtime_ns
-    result.bytes = stats.stages[0].bytes
-
-
-def _target(source: str, access: Access) -> Any:
-    """Where a download's bytes come from, as ``drivepipe download SOURCE`` finds it: a
-    drive by UUID (with its meta), or a URL (credentials only on the endpoint's origin;
-    a drive's own download URL is verified against its meta too)."""
-    from drivepipe.cli import cmd_download as dl  # noqa: PLC0415
-    from drivepipe_plugins.sources.receiver import Auth  # noqa: PLC0415
-
-    uuid: str | None = source if UUID_RE.match(source) else None
-    if uuid is None:
-        if not access.endpoint.owns(source):
-            return dl.Target(source, Auth(), access.tls)
-        own = dl.DRIVE_URL_RE.search(urlsplit(source).path)
-        uuid = own.group(1).lower() if own else None
-    meta: dict[str, Any] = {}
-    with ApiClient(access.endpoint, access.creds, access.tls) as api:
-        if uuid is not None:
-            drive = api.drive(uuid)
-            found = drive.get("meta")
-            meta = dict(found) if isinstance(found, dict) else {}
-        url = source if not UUID_RE.match(source) else \
-            api.url(f"drives/{uuid}/download/", direct=True)
-    return dl.Target(url, Auth(access.endpoint, access.creds), access.tls, uuid, meta)
+    result.bytes = got.received

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import xxhash
 
 from drivepipe._files import output_error
+from drivepipe.resume.atomic import replace_file
 
 JOURNAL_VERSION = 1
 JOURNAL_SUFFIX = ".journal"
@@ -124,20 +125,11 @@ class DownloadJournal:
         }
 
     def save(self, path: str) -> None:
-        """Replace the journal at ``path`` atomically (tmp, fsync, rename)."""
-        tmp = f"{path}.tmp"
+        """Replace the journal at ``path`` atomically and durably (:func:`replace_file`)."""
         text = json.dumps(self.as_dict(), separators=(",", ":"))
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, text.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            replace_file(path, text, prefix=f".{os.path.basename(path)}.", mode=0o644)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)  # a full disk must not leave a half-written .tmp behind
             raise output_error(path, exc) from exc
 
 

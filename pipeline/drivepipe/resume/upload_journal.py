@@ -24,7 +24,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import xxhash
 
 from drivepipe._errors import ImageError, OutputError, UsageError
+from drivepipe.resume.atomic import replace_file
 
 VERSION = 1
 #: the part of the image whose digest is part of its identity
@@ -111,6 +111,25 @@ def from_ranges(ranges: Iterable[Any]) -> set[int]:
     return numbers
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How ``size`` bytes split into chunks of nominal size ``chunk_size``."""
+
+    size: int
+    chunk_size: int
+
+    @property
+    def count(self) -> int:
+        return max(1, self.size // self.chunk_size)
+
+    def span(self, number: int) -> tuple[int, int]:
+        """``(offset, length)`` of chunk ``number``; the last one takes the remainder."""
+        offset = number * self.chunk_size
+        if number == self.count - 1:
+            return offset, self.size - offset
+        return offset, self.chunk_size
+
+
 @dataclass
 class UploadJournal:
     """The state of one chunked upload, saved at ``path``."""
@@ -122,6 +141,11 @@ class UploadJournal:
     raw_size: int
     chunk_size: int
     confirmed: set[int] = field(default_factory=set)
+
+    @property
+    def plan(self) -> ChunkPlan:
+        """How the image splits into the chunks this journal numbers."""
+        return ChunkPlan(self.raw_size, self.chunk_size)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,20 +184,8 @@ class UploadJournal:
                               f"{exc.strerror or exc}") from exc
 
     def _write(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".journal-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        replace_file(self.path, json.dumps(self.to_json()), prefix=".journal-")
 
     def confirm(self, number: int) -> None:
         self.confirmed.add(number)
@@ -208,19 +220,9 @@ class JournalLock:
         except OSError as exc:
             os.close(self._fd)
             raise JournalError(f"another drivepipe upload is using {self.path[:-5]}; wait "
-                               "for it, or pass --journal to upload separately") from exc
+                               "for it, or give another journal path to upload separately"
+                               ) from exc
         return self
 
     def __exit__(self, *exc: object) -> None:
         os.close(self._fd)
-
-
-def _fsync_dir(directory: str) -> None:
-    # The rename is durable only once the directory entry is; some filesystems
-    # refuse fsync on a directory, which then only costs durability, not safety.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -4,7 +4,8 @@ A :class:`Fault` says what goes wrong, for which requests (``match``: a
 substring of the request path and query; ``method``: one HTTP method or any),
 and how many times (``count``; 0 means every matching request until cleared):
 
-- ``status``: answer ``status`` (503 by default) instead of handling the request;
+- ``status``: answer ``status`` (503 by default) instead of handling the request,
+  with ``Retry-After: retry_after`` when that is set;
 - ``delay``: sleep ``seconds`` before handling it;
 - ``drop_upload``: read ``after`` bytes of the request body, then reset the
   connection (an upload that breaks mid-way);
@@ -39,11 +40,13 @@ class Fault:
     status: int = 503
     after: int = 0
     seconds: float = 0.0
+    #: a ``status`` fault's Retry-After header (seconds); None: no header
+    retry_after: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r} (one of {sorted(KINDS)})")
-        if self.count < 0 or self.after < 0 or self.seconds < 0:
+        if self.count < 0 or self.after < 0 or self.seconds < 0 or (self.retry_after or 0) < 0:
             raise ValueError("fault count, after and seconds must not be negative")
         if not 100 <= self.status <= 599:
             raise ValueError(f"fault status {self.status} is not an HTTP status")
@@ -107,9 +110,11 @@ class Faults:
 
     # Shorthands for tests.
     def fail_next(
-        self, count: int = 1, status: int = 503, match: str = "", method: str = ""
+        self, count: int = 1, status: int = 503, match: str = "", method: str = "",
+        retry_after: int | None = None,
     ) -> Fault:
-        return self.add(kind="status", count=count, status=status, match=match, method=method)
+        return self.add(kind="status", count=count, status=status, match=match, method=method,
+                        retry_after=retry_after)
 
     def delay(self, seconds: float, count: int = 1, match: str = "", method: str = "") -> Fault:
         return self.add(kind="delay", seconds=seconds, count=count, match=match, method=method)

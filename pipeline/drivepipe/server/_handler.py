@@ -106,8 +106,10 @@ class StoreHandler(ApiViews, TransferViews):
             time.sleep(delay.seconds)
         failure = faults.take("status", self.command, self.path)
         if failure is not None:
+            retry = () if failure.retry_after is None else (
+                ("Retry-After", str(failure.retry_after)),)
             raise ApiError(
-                failure.status, "backend", "fault injection: try again later"
+                failure.status, "backend", "fault injection: try again later", headers=retry
             )
 
     def admit(self) -> tuple[Route, Callable[..., None], dict[str, str]]:

@@ -220,7 +220,7 @@ def lock_root(root: str) -> int:
             raise
         who = f" (pid {holder})" if holder.isdigit() else ""
         raise ConfigError(f"{root} is in use by another drivepipe store{who}; stop it first "
-                          "or serve another --root") from exc
+                          "or serve another root directory") from exc
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

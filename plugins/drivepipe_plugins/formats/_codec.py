@@ -24,6 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from drivepipe._errors import CorruptImage
@@ -200,18 +201,18 @@ class _MultiStream:
         self._check_padding()
 
 
+@dataclass(eq=False)
 class DecodeStage(Stage):
     """Compressed bytes in, raw image extents out, exactly ``size`` bytes."""
 
-    def __init__(
-        self, name: str, path: str, fmt: str, decoder: Decoder, size: int | None, out: int
-    ) -> None:
-        self.name = name
-        self.path = path
-        self.fmt = fmt
-        self.decoder = decoder
-        self.size = size
-        self.out = out
+    name: str = field()  # no default: Stage's class attribute is not one
+    path: str
+    fmt: str
+    decoder: Decoder
+    #: None: as many bytes as the stream holds (a spool learns the size so)
+    size: int | None
+    #: bytes per decompressor call (:func:`out_size`)
+    out: int
 
     def process(self, upstream: Iterator[Extent]) -> Iterator[Extent]:
         feed = CompressedFeed(upstream)
@@ -282,24 +283,17 @@ def decoded_head(source: ByteSource, fmt: str, decoder: Decoder, length: int) ->
     return bytes(out[:length])
 
 
+@dataclass(eq=False)
 class StreamLayer(DecodedLayer):
     """A compressor read front to back: a decode stage after its byte source."""
 
-    def __init__(
-        self,
-        source: ByteSource,
-        fmt: str,
-        stage_name: str,
-        decoder: Decoder,
-        details: dict[str, object],
-        known_size: int | None = None,
-    ) -> None:
-        self.source = source
-        self.format = fmt
-        self.stage_name = stage_name
-        self.decoder = decoder
-        self.details = details
-        self.known_size = known_size
+    source: ByteSource
+    format: str = field()  # no default: DecodedLayer's class attribute is not one
+    #: the decode stage's name (gunzip, unxz, ...)
+    stage_name: str
+    decoder: Decoder
+    details: dict[str, object]
+    known_size: int | None = None
 
     def head(self, length: int = 4096) -> bytes:
         return decoded_head(self.source, self.format, self.decoder, length)

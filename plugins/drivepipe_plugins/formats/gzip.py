@@ -21,6 +21,7 @@ from isal import igzip_lib
 
 from drivepipe._stage import ByteSource, CompressionFormat, DecodedLayer, OpenOptions
 from drivepipe_plugins.formats._codec import StreamDecompressor, StreamLayer, decode_streams
+from drivepipe_plugins.formats._ranged import MagicFormat
 
 GZIP_MAGIC = b"\x1f\x8b"
 _FEXTRA = 0x04
@@ -76,12 +77,10 @@ def bgzf_size(source: ByteSource) -> int | None:
     return total if end else None
 
 
-class GzipFormat(CompressionFormat):
+class GzipFormat(MagicFormat, CompressionFormat):
     name = "gzip"
+    magic = GZIP_MAGIC
     detect_order = 20
-
-    def detect(self, head: bytes, source: ByteSource) -> bool:
-        return head[:2] == GZIP_MAGIC
 
     def open_layer(self, source: ByteSource, options: OpenOptions) -> DecodedLayer:
         size = bgzf_size(source)

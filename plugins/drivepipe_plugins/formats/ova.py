@@ -430,8 +430,8 @@ def _choose(app: Appliance, disk: str | int | None) -> OvfDisk:
         if len(disks) == 1:
             return disks[0]
         raise UnsupportedFormat(
-            f"{label}: OVA holds {len(disks)} disks ({'; '.join(app.disk_names())}); pick one "
-            "with --disk NAME|N"
+            f"{label}: OVA holds {len(disks)} disks ({'; '.join(app.disk_names())}); pick the disk "
+            "by its name or number"
         )
     if isinstance(disk, int) or disk.isdigit():
         n = int(disk)

@@ -54,6 +54,7 @@ from typing import TypeAlias
 from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, split_zeros
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
+from drivepipe_plugins.formats._ranged import RangedImage
 
 COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
@@ -148,8 +149,8 @@ def parse_footer(raw: bytes, label: str) -> Footer:
     if computed != footer.checksum:
         raise CorruptImage(
             f"{label}: VHD footer checksum is {footer.checksum:#010x}, the footer sums to "
-            f"{computed:#010x}: the footer is corrupt (if the file is a raw disk, pass "
-            "--format raw)"
+            f"{computed:#010x}: the footer is corrupt (if the file is a raw disk, "
+            "read it as raw)"
         )
     if footer.version != VERSION_1_0:
         raise UnsupportedFormat(
@@ -207,7 +208,7 @@ def parse_dynamic_header(raw: bytes, label: str, offset: int) -> DynamicHeader:
 # -- the block-map reader (VHD dynamic, VDI) -------------------------------------------
 
 
-class BlockImage(Source):
+class BlockImage(RangedImage):
     """The guest view of an image made of fixed-size blocks mapped into the file.
 
     Subclasses give :meth:`block_pieces`: for each guest block, its pieces (data
@@ -319,14 +320,7 @@ class BlockImage(Source):
 
     # -- reading -----------------------------------------------------------------------
 
-    def extents(self) -> Iterator[Extent]:
-        return self.read_range(0, self.size)
-
-    def read_range(self, offset: int, length: int) -> Iterator[Extent]:
-        """The raw disk's extents covering ``[offset, offset+length)``, in order."""
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return
+    def extents_between(self, offset: int, end: int) -> Iterator[Extent]:
         hole_at = hole_len = 0
         for lo, hi, group in self.jobs(offset, end):
             if lo < 0:
@@ -461,7 +455,7 @@ class DynamicVhd(BlockImage):
         return total
 
 
-class FixedVhd(Source):
+class FixedVhd(RangedImage):
     """A fixed VHD's disk: the file's first ``size`` bytes (random sources)."""
 
     name = "vhd"
@@ -470,13 +464,7 @@ class FixedVhd(Source):
         self.source = source
         self.size = size
 
-    def extents(self) -> Iterator[Extent]:
-        return self.read_range(0, self.size)
-
-    def read_range(self, offset: int, length: int) -> Iterator[Extent]:
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return
+    def extents_between(self, offset: int, end: int) -> Iterator[Extent]:
         for ext in self.source.read_range(offset, end - offset):
             yield from split_zeros(ext)
 

@@ -44,7 +44,8 @@ import crc32c
 
 from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, split_zeros
-from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
+from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
+from drivepipe_plugins.formats._ranged import MagicFormat, RangedImage
 
 VHDX_MAGIC = b"vhdxfile"
 KiB, MiB = 1 << 10, 1 << 20
@@ -487,7 +488,7 @@ def _bat_u64(raw: bytes) -> array[int]:
     return table
 
 
-class VhdxImage(Source):
+class VhdxImage(RangedImage):
     """Reads a VHDX file's virtual disk; a Source and a RandomAccess in one."""
 
     name = "vhdx"
@@ -627,15 +628,9 @@ class VhdxImage(Source):
 
     # -- reading ------------------------------------------------------------------------
 
-    def extents(self) -> Iterator[Extent]:
-        return self.read_range(0, self.size)
-
-    def read_range(self, offset: int, length: int) -> Iterator[Extent]:
-        """The raw image's extents covering ``[offset, offset+length)``, in order.
-
-        The last extent is held back until the headers are read again and found
+    def extents_between(self, offset: int, end: int) -> Iterator[Extent]:
+        """The last extent is held back until the headers are read again and found
         unchanged: a file written to while it was read fails before its end."""
-        end = min(offset + length, self.size)
         held: Extent | None = None
         for ext in self._walk(offset, end):
             if held is not None:
@@ -732,13 +727,11 @@ def _continues(pending: list[int], run: tuple[int, int, int], block_size: int) -
     return run[2] == pending[2] + pending[1] * block_size
 
 
-class VhdxFormat(ImageFormat):
+class VhdxFormat(MagicFormat, ImageFormat):
     name = "vhdx"
+    magic = VHDX_MAGIC
     detect_order = 20
     sequential: ClassVar[bool] = False
-
-    def detect(self, head: bytes, source: ByteSource) -> bool:
-        return head[:8] == VHDX_MAGIC
 
     def open(self, source: ByteSource, options: OpenOptions) -> ImageInput:
         try:

@@ -47,8 +47,9 @@ from isal import isal_zlib
 from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
 from drivepipe._registry import open_file
-from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
+from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
 from drivepipe_plugins.formats._parallel import Job, LazyPool, in_order
+from drivepipe_plugins.formats._ranged import RangedImage
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
@@ -573,7 +574,7 @@ class Part:
     offset: int = 0
 
 
-class VmdkImage(Source):
+class VmdkImage(RangedImage):
     """The raw disk of a VMDK: its extents in order; a Source and a RandomAccess."""
 
     name = "vmdk"
@@ -586,14 +587,8 @@ class VmdkImage(Source):
         self.read_size = max(4096, options.read_size)
         self._pool = LazyPool(self.threads, "vmdk")
 
-    def extents(self) -> Iterator[Extent]:
-        return self.read_range(0, self.size)
-
-    def read_range(self, offset: int, length: int) -> Iterator[Extent]:
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return
-        yield from in_order(self._jobs(offset, end), self._pool)
+    def extents_between(self, offset: int, end: int) -> Iterator[Extent]:
+        return in_order(self._jobs(offset, end), self._pool)
 
     def _jobs(self, offset: int, end: int) -> Iterator[Job]:
         for part in self.parts:

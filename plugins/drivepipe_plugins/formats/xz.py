@@ -41,6 +41,7 @@ from drivepipe_plugins.formats._codec import (
     out_size,
 )
 from drivepipe_plugins.formats._parallel import LazyPool, in_order
+from drivepipe_plugins.formats._ranged import MagicFormat
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"
@@ -380,12 +381,10 @@ class XzLayer(StreamLayer):
         )
 
 
-class XzFormat(CompressionFormat):
+class XzFormat(MagicFormat, CompressionFormat):
     name = "xz"
+    magic = XZ_MAGIC
     detect_order = 20
-
-    def detect(self, head: bytes, source: ByteSource) -> bool:
-        return head[:6] == XZ_MAGIC
 
     def open_layer(self, source: ByteSource, options: OpenOptions) -> DecodedLayer:
         if not source.random:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from drivepipe._errors import ImageError
 from drivepipe._extent import Extent, split_zeros
-from drivepipe._stage import ByteSource, Source
+from drivepipe._stage import ByteSource
 
 _DEFAULT_DROP_DIVISOR = 4
 
@@ -222,47 +222,6 @@ class SparseFileReader(ByteSource):
             if self.drop_cache and pos - dropped >= 64 * step:
                 self._advise(dropped, pos - dropped, os.POSIX_FADV_DONTNEED)
                 dropped = pos
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class PipeReader(Source):
-    """Reads a pipe (or any non-seekable descriptor) front to back, once.
-
-    Out: extents of ``read_size`` bytes at most, all-zero blocks as holes; the
-    size is known only at the end (``size`` counts what was read so far).  Used
-    to spool standard input when it is a pipe; the reader owns ``fd``.
-    """
-
-    name = "read"
-
-    def __init__(self, fd: int, label: str, read_size: int = 4 << 20) -> None:
-        self.fd = fd
-        self.label = label
-        self.read_size = max(4096, read_size)
-        self.size = 0
-
-    def extents(self) -> Iterator[Extent]:
-        while True:
-            buf = bytearray(self.read_size)
-            view = memoryview(buf)
-            got = 0
-            while got < len(buf):  # fill the whole buffer: pipes hand out 64 KiB at a time
-                try:
-                    n = os.readv(self.fd, [view[got:]])
-                except OSError as exc:
-                    raise ImageError(f"{self.label}: read error: {exc.strerror}") from exc
-                if n == 0:
-                    break
-                got += n
-            if got:
-                yield from split_zeros(Extent(self.size, got, view[:got]))
-                self.size += got
-            if got < len(buf):
-                return
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,40 +1,38 @@
-"""Resumable chunked upload: an image in, a drive filled chunk by chunk over N connections.
+"""Resumable chunked upload target ``drive-chunked``: the raw stream in, a drive filled chunk
+by chunk over N connections.
 
-In: an opened image (:class:`~drivepipe.ImageInput`), a connection to an
-endpoint, and :class:`ChunkedOptions`.  The protocol is the link protocol of
-``cloudsigma-api.md``: ``POST initupload/`` creates the drive with the image's
-exact raw size; for each chunk ``k`` (``n = size // S`` chunks, the last one
-absorbing the remainder) ``POST drives/{uuid}/action/?do=upload_chunk`` (with
-credentials) returns a one-time link, and the chunk's raw bytes are POSTed to
-that link on the API host (without credentials).  Up to ``connections``
-transfers run at once on one pycurl multi handle.
+A :class:`~drivepipe.Sink` run by the runner like every target: the runner reads,
+decodes, meters, checks the size and (through the xxh3 stage the upload job puts in
+front) hashes the stream; this sink cuts it into chunks and sends them.  The protocol
+is the link protocol of ``cloudsigma-api.md``: ``POST initupload/`` creates the drive
+with the image's exact raw size; for each chunk ``k`` (``n = size // S`` chunks, the
+last one absorbing the remainder) ``POST drives/{uuid}/action/?do=upload_chunk`` (with
+credentials) returns a one-time link, and the chunk's raw bytes are POSTed to that link
+on the API host (without credentials).  Up to ``connections`` transfers run at once on
+one pycurl multi handle, in the thread that called ``consume``; a feeder thread inside
+the sink pulls the stream and cuts it into chunks.  At most ``connections + 1`` chunks
+are in memory, fewer when that would pass ``memory_budget`` (never fewer than two);
+holes take no memory: they are sent from the shared zero buffer.
 
-Out: :class:`ChunkedResult` with the drive UUID and the xxh3-128 of the whole
-raw stream (equal to ``xxh128sum`` of the raw image, also after a resume).
+Out: :class:`~drivepipe.cloudsigma.upload.SentDrive` with the drive's UUID and what
+went over the wire.
 
-Reading: random-access inputs (raw, qcow2) are read chunk by chunk by a few
-reader threads, out of order; stream-only inputs (gzip, xz, ...) run through
-their decoders once, in order.  Either way a feeder thread hashes the chunks
-in image order, and at most ``connections + 1`` chunks are in memory, fewer
-when that would pass 256 MiB (``memory_budget``; never fewer than two); holes
-take no memory: they are sent from the shared zero buffer.
+Resuming: a journal (:mod:`drivepipe.resume.upload_journal`) records the drive, the
+image's identity and the confirmed chunks.  Running the same upload again checks the
+drive's size, passes the confirmed chunks by (they flow through the hash, they are not
+sent) and sends the rest; the journal's chunk size wins over the option's, since the
+chunk numbers depend on it.  ``resume_uuid`` resumes a drive without a journal, the
+server's 416 answers telling which chunks are already there.  One run per journal at a
+time (a lock beside it); the journal is removed once the drive has left ``uploading``.
 
-Resuming: a journal (:mod:`.upload_journal`) records the drive, the image's
-identity and the confirmed chunks.  Rerunning the same command checks the
-drive's size, fast-forwards through confirmed chunks (hashed, not sent) and
-sends the rest; the journal's chunk size wins over the option's, since the
-chunk numbers depend on it.  ``resume_uuid`` resumes a drive without a journal,
-the server's 416 answers telling which chunks are already there.  One run per
-journal at a time (a lock beside it); the journal is removed once the drive
-has left ``uploading``.
-
-Faults: 5xx, 408/429, resets and timeouts are retried with exponential backoff
-and jitter, at most ``retries`` times per chunk; a link refused with another
-4xx is taken as expired and requested again; other 4xx answers of the API stop
-the upload with one line (which names the drive to resume).  Ctrl-C stops at
-once, keeping drive and journal.  Refused: an image that changed since its
-journal was written, a drive whose size is not the image's, an empty image, a
-second run on the same journal.
+Faults: every answer and curl error is classified by the one retry policy
+(:mod:`drivepipe.transport.retry`, ``UploadOptions.policy``): transient ones are
+retried per chunk with its backoff and the server's ``Retry-After``; a link refused
+with another 4xx is taken as expired and requested again (as often as the policy
+retries); other 4xx answers stop the upload with one line (which names the drive to
+resume).  Ctrl-C stops at once, keeping drive and journal.  Refused: an image that
+changed since its journal was written, a drive whose size is not the image's, an empty
+image, a second run on the same journal.
 """
 
 from __future__ import annotations
@@ -45,130 +43,61 @@ import heapq
 import json
 import os
 import queue
-import random
+import secrets
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import pycurl
-import xxhash
 
 from drivepipe._errors import (
     Cancelled,
     HTTPError,
     ImageError,
-    NetworkError,
+    ResumeRefused,
     SizeMismatch,
     TransferError,
     UsageError,
 )
-from drivepipe._extent import ZERO_SIZE, ZERO_VIEW, Extent, zero_chunks
-from drivepipe._runner import exact_size, metered
-from drivepipe._stage import ImageInput, RandomAccess
-from drivepipe._stats import RunStats, StageStats
+from drivepipe._extent import ZERO_SIZE, ZERO_VIEW, Extent
+from drivepipe._stage import ImageInput, Sink
+from drivepipe._stats import StageStats
 from drivepipe.cloudsigma.connection import Connection
+from drivepipe.cloudsigma.upload import SentDrive, UploadOptions
 from drivepipe.resume.upload_journal import (
+    ChunkPlan,
     ImageIdentity,
     JournalLock,
     UploadJournal,
     default_journal_path,
 )
-from drivepipe.transport.http import (
+from drivepipe.transport.curl import (
     UUID_RE,
-    HeaderCollector,
+    Exchange,
+    Interrupts,
     Response,
     configure,
-    curl_failure,
-    http_failure,
     parse_uuid,
 )
-from drivepipe_plugins.targets.drive_upload import Interrupts
+from drivepipe.transport.retry import RetryPolicy, is_transient
 
 #: libcurl's upload buffer (CURLOPT_UPLOAD_BUFFERSIZE accepts 16 KiB - 2 MiB)
 UPLOAD_BUFFER: Final = 1 << 20
-#: seconds before the first retry; doubles per attempt up to BACKOFF_CAP
-BACKOFF_BASE: Final = 0.25
-BACKOFF_CAP: Final = 15.0
-T = TypeVar("T")
-
-#: chunk bytes held in memory at most (unless two chunks alone are larger)
-MEMORY_BUDGET: Final = 256 << 20
-#: how long a drive may stay "uploading" after its last chunk landed
-FINISH_TIMEOUT: Final = 30.0
 #: link answers that a fresh link will not fix: the request itself is wrong
 _FATAL_LINK_STATUS: Final = frozenset({400, 411, 413, 415, 422})
-_TRANSIENT_STATUS: Final = frozenset({408, 429})
+#: answers a chunk's two requests accept: 416 means "that chunk is already there"
+_CHUNK_OK: Final = (*range(200, 300), 416)
 _SEEK_OK: Final = int(pycurl.SEEKFUNC_OK)
 _SEEK_CANT: Final = int(pycurl.SEEKFUNC_CANTSEEK)
 
 
-class ResumeRefused(UsageError):
-    """The journal or the drive does not fit the image: resuming would corrupt the drive."""
-
-
-@dataclass
-class ChunkedOptions:
-    chunk_size: int = 32 << 20
-    connections: int = 4
-    #: resume this drive, with or without a journal
-    resume_uuid: str | None = None
-    #: default: under $XDG_CACHE_HOME/drivepipe/uploads, keyed by image path and endpoint
-    journal_path: str | None = None
-    #: attempts per chunk after a transient failure
-    retries: int = 8
-    #: the drive's name (default: the image's file name)
-    name: str | None = None
-    media: str = "disk"
-    backoff_base: float = BACKOFF_BASE
-    backoff_cap: float = BACKOFF_CAP
-    #: fewer chunks are in flight than ``connections`` when their data would exceed this
-    memory_budget: int = MEMORY_BUDGET
-    #: seconds the drive may stay "uploading" once every chunk is confirmed
-    finish_timeout: float = FINISH_TIMEOUT
-
-    def chunks_in_memory(self, chunk_size: int) -> int:
-        """``connections + 1`` chunks (one sent per connection, one being read), within budget."""
-        return max(2, min(self.connections + 1, self.memory_budget // max(1, chunk_size)))
-
-
-@dataclass
-class ChunkedResult:
-    uuid: str
-    #: xxh3-128 hex of the whole raw stream
-    xxh128: str
-    size: int
-    #: body bytes of the chunks this run sent and the server accepted
-    sent_bytes: int
-    #: chunks not sent: confirmed in the journal or answered 416
-    skipped_chunks: int
-    chunks: int = 0
-    resumed: bool = False
-    #: body bytes handed to libcurl, failed attempts included
-    wire_bytes: int = 0
-    journal_path: str = ""
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """How ``size`` bytes split into chunks of nominal size ``chunk_size``."""
-
-    size: int
-    chunk_size: int
-
-    @property
-    def count(self) -> int:
-        return max(1, self.size // self.chunk_size)
-
-    def span(self, number: int) -> tuple[int, int]:
-        """``(offset, length)`` of chunk ``number``; the last one takes the remainder."""
-        offset = number * self.chunk_size
-        if number == self.count - 1:
-            return offset, self.size - offset
-        return offset, self.chunk_size
+def resume_hint(uuid: str) -> str:
+    """The words that tell how to go on with an unfinished drive (the CLI adds its flag)."""
+    return f"resume into drive {uuid} explicitly"
 
 
 # --- the drive and the journal ----------------------------------------------------------
@@ -181,45 +110,22 @@ class Session:
     resumed: bool
 
 
-def backoff(options: ChunkedOptions, attempt: int) -> float:
-    """Seconds before retry ``attempt`` (1, 2, ...): doubling, capped, with jitter."""
-    delay = min(options.backoff_cap, options.backoff_base * 2 ** (attempt - 1))
-    return random.uniform(delay / 2, delay)
+def image_identity(path: str, size: int) -> ImageIdentity:
+    """The identity of the image file at ``path``; a stream (standard input, a URL) has
+    one that matches nothing, so its journal is never resumed by mistake."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        mode = 0
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return ImageIdentity.of(path)
+    return ImageIdentity(path, size, 0, 0, f"stream-{secrets.token_hex(8)}")
 
 
-def _transient(exc: TransferError) -> bool:
-    return exc.transient
-
-
-def _not_processed(exc: TransferError) -> bool:
-    """True for a failed create that surely created nothing: refused (503/429) or unsent."""
-    if isinstance(exc, HTTPError):
-        return exc.status in (429, 503)
-    return isinstance(exc, NetworkError) and exc.curl_code == pycurl.E_COULDNT_CONNECT
-
-
-def _retrying(
-    call: Callable[[], T], options: ChunkedOptions,
-    retry_if: Callable[[TransferError], bool] = _transient,
-) -> T:
-    """``call()``, repeated after transient failures like a chunk would be."""
-    attempt = 0
-    while True:
-        try:
-            return call()
-        except TransferError as exc:
-            attempt += 1
-            if attempt > options.retries or not retry_if(exc):
-                raise
-            time.sleep(backoff(options, attempt))
-
-
-def _drive_state(
-    conn: Connection, uuid: str, what: str, options: ChunkedOptions
-) -> tuple[int, str]:
+def _drive_state(conn: Connection, uuid: str, what: str) -> tuple[int, str]:
     """``(size, status)`` of a drive to resume; refused when it is gone."""
     try:
-        drive = _retrying(lambda: conn.api.drive(uuid), options)
+        drive = conn.api.drive(uuid)
     except HTTPError as exc:
         if exc.status == 404:
             raise ResumeRefused(f"drive {uuid} ({what}) does not exist") from exc
@@ -232,10 +138,9 @@ def _drive_state(
 
 
 def _check_drive(
-    conn: Connection, uuid: str, size: int, what: str, options: ChunkedOptions, *,
-    ours: bool = False,
+    conn: Connection, uuid: str, size: int, what: str, *, ours: bool = False
 ) -> None:
-    found, status = _drive_state(conn, uuid, what, options)
+    found, status = _drive_state(conn, uuid, what)
     # A drive this upload finished (killed before its journal was removed) may have
     # been grown to the minimum drive size: its chunks will all answer 416.
     if found == size or (ours and status != "uploading" and found > size):
@@ -244,72 +149,62 @@ def _check_drive(
                         f"{size} bytes: it is not this image's upload")
 
 
-def _create_drive(conn: Connection, image: ImageInput, options: ChunkedOptions) -> str:
-    name = options.name or os.path.basename(image.path) or "drivepipe"
-    body = {"name": name, "size": image.size, "media": options.media}
-    resp = _retrying(
-        lambda: conn.api.request("POST", conn.api.url("initupload/"), json_body=body,
-                                 what="create drive (initupload)"),
-        options, _not_processed)
+def _create_drive(conn: Connection, name: str, size: int, media: str) -> str:
+    # A POST: the API client repeats it only after answers that surely created nothing.
+    body = {"name": name, "size": size, "media": media}
+    resp = conn.api.request("POST", conn.api.url("initupload/"), json_body=body,
+                            what="create drive (initupload)")
     return parse_uuid(resp.body)
 
 
-def _resume_explicit(
-    conn: Connection, image: ImageInput, options: ChunkedOptions, identity: ImageIdentity,
-    journal: UploadJournal | None, path: str,
+def open_session(
+    conn: Connection, options: UploadOptions, identity: ImageIdentity, size: int,
+    name: str, path: str,
 ) -> Session:
-    uuid = (options.resume_uuid or "").strip().lower()
-    if not UUID_RE.match(uuid):
-        raise UsageError(f"--resume takes a drive UUID, got {options.resume_uuid!r}")
-    _check_drive(conn, uuid, image.size, "--resume", options)
-    if journal is not None and journal.uuid == uuid and not journal.image.differences(identity):
-        return Session(uuid, journal, True)
-    fresh = UploadJournal(path, uuid, conn.endpoint.api, identity, image.size,
-                          options.chunk_size)
+    """Resume the journal's (or the given) drive, or create a new one and its journal."""
+    journal = UploadJournal.load(path)
+    if options.resume_uuid:
+        uuid = options.resume_uuid.strip().lower()
+        if not UUID_RE.match(uuid):
+            raise UsageError(f"the drive to resume must be a drive UUID, got "
+                             f"{options.resume_uuid!r}")
+        _check_drive(conn, uuid, size, "the drive to resume")
+        if journal is not None and journal.uuid == uuid and not journal.image.differences(
+                identity):
+            return Session(uuid, journal, True)
+        fresh = UploadJournal(path, uuid, conn.endpoint.api, identity, size, options.chunk_size)
+        fresh.save()
+        return Session(uuid, fresh, True)
+    if journal is not None:
+        return _resume_journal(conn, identity, size, journal)
+    uuid = _create_drive(conn, name, size, options.media)
+    fresh = UploadJournal(path, uuid, conn.endpoint.api, identity, size, options.chunk_size)
     fresh.save()
-    return Session(uuid, fresh, True)
+    return Session(uuid, fresh, False)
 
 
 def _resume_journal(
-    conn: Connection, image: ImageInput, options: ChunkedOptions, identity: ImageIdentity,
-    journal: UploadJournal,
+    conn: Connection, identity: ImageIdentity, size: int, journal: UploadJournal
 ) -> Session:
     where = f"journal {journal.path}"
     changed = journal.image.differences(identity)
-    if changed or journal.raw_size != image.size:
+    if changed or journal.raw_size != size:
         what = ", ".join(changed) or "raw size"
         raise ResumeRefused(
-            f"{image.path} changed since the interrupted upload to drive {journal.uuid} "
-            f"({what} differ); delete {journal.path} to start a new upload, or pass --resume "
-            f"{journal.uuid} to continue into that drive anyway")
+            f"{identity.path} changed since the interrupted upload to drive {journal.uuid} "
+            f"({what} differ); delete {journal.path} to start a new upload, or "
+            f"{resume_hint(journal.uuid)} to continue into that drive anyway")
     if journal.api != conn.endpoint.api:
         raise ResumeRefused(f"{where} belongs to {journal.api}, not {conn.endpoint.api}; "
-                            "delete it or pass another journal path")
+                            "delete it or give another journal path")
     try:
-        _check_drive(conn, journal.uuid, image.size, where, options, ours=True)
+        _check_drive(conn, journal.uuid, size, where, ours=True)
     except ResumeRefused as exc:
         raise ResumeRefused(f"{exc}; delete {journal.path} to start a new upload") from exc
     return Session(journal.uuid, journal, True)
 
 
-def open_session(
-    conn: Connection, image: ImageInput, options: ChunkedOptions, path: str
-) -> Session:
-    """Resume the journal's (or the given) drive, or create a new one and its journal."""
-    identity = ImageIdentity.of(image.path)
-    journal = UploadJournal.load(path)
-    if options.resume_uuid:
-        return _resume_explicit(conn, image, options, identity, journal, path)
-    if journal is not None:
-        return _resume_journal(conn, image, options, identity, journal)
-    uuid = _create_drive(conn, image, options)
-    fresh = UploadJournal(path, uuid, conn.endpoint.api, identity, image.size,
-                          options.chunk_size)
-    fresh.save()
-    return Session(uuid, fresh, False)
-
-
-# --- producing chunks in order -----------------------------------------------------------
+# --- cutting the stream into chunks ------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -332,22 +227,6 @@ class ChunkJob:
 _DONE: Final = object()
 
 
-def _count(stats: StageStats, extents: list[Extent]) -> None:
-    for ext in extents:
-        stats.count(ext.length, ext.data is None)
-
-
-def _check_tiling(extents: list[Extent], offset: int, length: int, path: str) -> None:
-    pos = offset
-    for ext in extents:
-        if ext.offset != pos or (ext.data is not None and len(ext.data) != ext.length):
-            raise SizeMismatch(f"{path}: the reader returned a broken range at {pos}")
-        pos += ext.length
-    if pos != offset + length:
-        raise SizeMismatch(f"{path}: the reader returned {pos - offset} bytes of chunk at "
-                           f"{offset}, expected {length}")
-
-
 def _pieces(stream: Iterator[Extent], plan: ChunkPlan) -> Iterator[tuple[int, Extent]]:
     """``(chunk number, extent)`` with each extent cut at chunk boundaries."""
     last = plan.count - 1
@@ -368,157 +247,70 @@ def _pieces(stream: Iterator[Extent], plan: ChunkPlan) -> Iterator[tuple[int, Ex
 
 
 class ChunkFeeder:
-    """Produces the chunks to send, in order, hashing every chunk on the way.
+    """Pulls the stream in its own thread and queues the chunks to send, in order.
 
-    Runs in its own thread.  ``slots`` bounds the chunks held in memory: one is
-    taken before a chunk is read and given back (:meth:`release`) once the
-    server confirmed it (or, for chunks not sent, once hashed).
+    ``slots`` bounds the chunks held in memory: one is taken before a chunk is
+    collected and given back (:meth:`release`) once the server confirmed it.  Chunks
+    the journal already confirmed are passed by (counted in ``passed_bytes``).  The
+    stream's end marker, or the exception that ended it, is queued last.
     """
 
     def __init__(
-        self, image: ImageInput, plan: ChunkPlan, skip: frozenset[int], slots: int,
-        stats: RunStats, readers: int,
+        self, stream: Iterator[Extent], plan: ChunkPlan, skip: frozenset[int], slots: int
     ) -> None:
-        self.image = image
+        self.stream = stream
         self.plan = plan
         self.skip = skip
-        self.readers = max(1, readers)
         self.out: queue.Queue[object] = queue.Queue()
         self._slots = threading.Semaphore(slots)
         self._stop = threading.Event()
-        self._hash = xxhash.xxh3_128()
-        #: bytes of chunks not to send (confirmed earlier) that were hashed and dropped
+        #: bytes of chunks not to send (confirmed earlier) that were passed by
         self.passed_bytes = 0
-        self.source_stats = stats.add(image.source.name, "source")
-        self.stage_stats: list[StageStats] = []
-        upstream = self.source_stats
-        if image.random_access is None:
-            for stage in image.stages:
-                st = stats.add(stage.name, "stage")
-                st.upstream = upstream
-                self.stage_stats.append(st)
-                upstream = st
-        self.hash_stats = stats.add("xxh3", "stage")
-        if image.random_access is None:
-            self.hash_stats.upstream = upstream
         self._thread = threading.Thread(target=self._run, name="drivepipe-chunks", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop and wait: the stream must not be running in this thread when the runner
+        closes it."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def release(self) -> None:
         self._slots.release()
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-    def _acquire(self, block: bool = True) -> bool:
+    def _acquire(self) -> None:
         while not self._stop.is_set():
-            if self._slots.acquire(timeout=0.1 if block else 0):
-                return True
-            if not block:
-                return False
+            if self._slots.acquire(timeout=0.1):
+                return
         raise Cancelled()
 
     def _run(self) -> None:
         item: object = _DONE
         try:
-            if self.image.random_access is not None:
-                self._feed_random(self.image.random_access)
-            else:
-                self._feed_stream()
+            self._feed()
         except BaseException as exc:  # handed to the sending thread and raised there
             item = exc
         self.out.put(item)
 
-    def _hash_extent(self, ext: Extent) -> None:
-        update = self._hash.update
-        if ext.data is None:
-            for zeros in zero_chunks(ext.length):
-                update(zeros)
-        else:
-            update(ext.data)
-
-    def _emit(self, number: int, extents: list[Extent]) -> None:
-        """Hash a whole chunk, then queue it for sending or drop it."""
-        t0 = time.perf_counter()
-        for ext in extents:
-            self._hash_extent(ext)
-        self.hash_stats.inclusive += time.perf_counter() - t0
-        _count(self.hash_stats, extents)
-        if number in self.skip:
-            self.passed_bytes += self.plan.span(number)[1]
-            self._slots.release()
-            return
-        self._queue(number, extents)
-
-    # random access: reader threads fill chunks out of order, hashed in order here
-
-    def _read_chunk(self, ra: RandomAccess, number: int) -> tuple[list[Extent], float]:
-        t0 = time.perf_counter()
-        offset, length = self.plan.span(number)
-        extents = list(ra.read_range(offset, length))
-        _check_tiling(extents, offset, length, self.image.path)
-        return extents, time.perf_counter() - t0
-
-    def _feed_random(self, ra: RandomAccess) -> None:
-        pending: collections.deque[tuple[int, Future[tuple[list[Extent], float]]]] = (
-            collections.deque())
-        upcoming = iter(range(self.plan.count))
-        next_number = next(upcoming, None)
-        with ThreadPoolExecutor(self.readers, thread_name_prefix="drivepipe-read") as pool:
-            while next_number is not None or pending:
-                if next_number is not None and self._acquire(block=not pending):
-                    pending.append((next_number, pool.submit(self._read_chunk, ra, next_number)))
-                    next_number = next(upcoming, None)
-                    continue
-                number, future = pending.popleft()
-                extents, seconds = future.result()
-                self._count_source(extents, seconds)
-                self._emit(number, extents)
-
-    def _count_source(self, extents: list[Extent], seconds: float) -> None:
-        self.source_stats.inclusive += seconds
-        _count(self.source_stats, extents)
-
-    # stream only: one pass through the decoders, chunk boundaries cut on the way
-
-    def _stream(self) -> Iterator[Extent]:
-        feed: Iterator[Extent] = metered(self.image.source.extents(), self.source_stats)
-        for stage, st in zip(self.image.stages, self.stage_stats, strict=True):
-            feed = metered(stage.process(feed), st)
-        return exact_size(feed, self.plan.size, self.image.path)
-
-    def _feed_stream(self) -> None:
-        stream = self._stream()
-        hashed = metered(self._hashing(stream), self.hash_stats)
+    def _feed(self) -> None:
         current: int | None = None
         extents: list[Extent] = []
-        try:
-            for number, ext in _pieces(hashed, self.plan):
-                if number != current:
-                    self._queue(current, extents)
-                    current, extents = number, []
-                    if number not in self.skip:
-                        self._acquire()
-                if number in self.skip:
-                    self.passed_bytes += ext.length  # fast-forward: hashed, not kept
-                else:
-                    extents.append(ext)
-            self._queue(current, extents)
-        finally:
-            close: Callable[[], None] | None = getattr(hashed, "close", None)
-            if close is not None:
-                close()
-
-    def _hashing(self, stream: Iterator[Extent]) -> Iterator[Extent]:
-        for ext in stream:
-            self._hash_extent(ext)
-            yield ext
+        for number, ext in _pieces(self.stream, self.plan):
+            if self._stop.is_set():
+                raise Cancelled()
+            if number != current:
+                self._queue(current, extents)
+                current, extents = number, []
+                if number not in self.skip:
+                    self._acquire()
+            if number in self.skip:
+                self.passed_bytes += ext.length  # fast-forward: hashed upstream, not kept
+            else:
+                extents.append(ext)
+        self._queue(current, extents)
 
     def _queue(self, number: int | None, extents: list[Extent]) -> None:
         if number is None or number in self.skip:
@@ -568,24 +360,6 @@ class ChunkBody:
         return _SEEK_OK
 
 
-class CappedAnswer:
-    """WRITEFUNCTION target keeping the first 64 KiB of an answer (links and errors are short)."""
-
-    LIMIT: Final = 64 << 10
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._kept = 0
-
-    def write(self, data: bytes) -> None:
-        if self._kept < self.LIMIT:
-            self._parts.append(data[: self.LIMIT - self._kept])
-            self._kept += len(self._parts[-1])
-
-    def body(self) -> bytes:
-        return b"".join(self._parts)
-
-
 @dataclass(eq=False)
 class Slot:
     """One connection: a curl handle and the chunk it is working on."""
@@ -593,10 +367,8 @@ class Slot:
     curl: Any  # pycurl.Curl: pycurl ships no type information
     job: ChunkJob | None = None
     phase: str = ""  # "link" (asking the API) or "send" (POSTing the bytes)
-    answer: CappedAnswer = field(default_factory=CappedAnswer)
-    headers: HeaderCollector = field(default_factory=HeaderCollector)
+    exchange: Exchange | None = None
     body: ChunkBody | None = None
-    url: str = ""
 
 
 class ChunkFailed(TransferError):
@@ -608,17 +380,17 @@ class ChunkSender:
 
     def __init__(
         self, conn: Connection, session: Session, plan: ChunkPlan, feeder: ChunkFeeder,
-        options: ChunkedOptions, stats: StageStats,
+        connections: int, policy: RetryPolicy, stats: StageStats, handle_signals: bool = False,
     ) -> None:
         self.conn = conn
         self.session = session
         self.uuid = session.uuid
         self.plan = plan
         self.feeder = feeder
-        self.options = options
+        self.policy = policy
         self.stats = stats
         self.multi = pycurl.CurlMulti()
-        self.slots = [Slot(pycurl.Curl()) for _ in range(max(1, options.connections))]
+        self.slots = [Slot(pycurl.Curl()) for _ in range(max(1, connections))]
         self._retry: list[ChunkJob] = []  # heap by due time
         self._ready: collections.deque[ChunkJob] = collections.deque()
         self._feeder_done = False
@@ -629,7 +401,7 @@ class ChunkSender:
         self._counts = {"retried": 0, "links_renewed": 0, "answered_416": 0}
         #: Ctrl-C only sets a flag while the loop runs: raised inside a curl
         #: callback, KeyboardInterrupt would be printed by pycurl and lost
-        self.interrupts = Interrupts()
+        self.interrupts = Interrupts(handle_signals)
         self._show()
 
     # the loop
@@ -729,12 +501,13 @@ class ChunkSender:
 
     # the two requests of a chunk
 
-    def _start(self, slot: Slot, url: str) -> None:
-        slot.url = url
-        slot.answer = CappedAnswer()
-        slot.headers = HeaderCollector()
-        slot.curl.setopt(pycurl.WRITEFUNCTION, slot.answer.write)
-        slot.curl.setopt(pycurl.HEADERFUNCTION, slot.headers)
+    def _what(self, phase: str, job: ChunkJob) -> str:
+        chunk = f"chunk {job.number} of drive {self.uuid}"
+        return f"link for {chunk}" if phase == "link" else f"send {chunk}"
+
+    def _start(self, slot: Slot, job: ChunkJob, phase: str, url: str) -> None:
+        slot.job, slot.phase = job, phase
+        slot.exchange = Exchange(slot.curl, url, self._what(phase, job))
         self.multi.add_handle(slot.curl)
 
     def _ask_link(self, slot: Slot, job: ChunkJob) -> None:
@@ -747,8 +520,8 @@ class ChunkSender:
         c.setopt(pycurl.POSTFIELDS, json.dumps(
             {"chunk_number": job.number, "chunk_size": self.plan.chunk_size}))
         c.setopt(pycurl.TIMEOUT_MS, 120_000)
-        slot.job, slot.phase, slot.body = job, "link", None
-        self._start(slot, url)
+        slot.body = None
+        self._start(slot, job, "link", url)
 
     def _send(self, slot: Slot, job: ChunkJob) -> None:
         c = slot.curl
@@ -764,77 +537,63 @@ class ChunkSender:
         c.setopt(pycurl.READFUNCTION, slot.body)
         c.setopt(pycurl.SEEKFUNCTION, slot.body.seek)
         c.setopt(pycurl.UPLOAD_BUFFERSIZE, UPLOAD_BUFFER)
-        slot.job, slot.phase = job, "send"
-        self._start(slot, url)
+        self._start(slot, job, "send", url)
 
     # outcomes
 
     def _completed(self, slot: Slot, error: pycurl.error | None) -> None:
         self.multi.remove_handle(slot.curl)
-        job = slot.job
-        assert job is not None
+        job, exchange, phase = slot.job, slot.exchange, slot.phase
+        assert job is not None and exchange is not None
         if slot.body is not None:
             self.wire_bytes += slot.body.sent
         slot.job = None
-        what = f"chunk {job.number} of drive {self.uuid}"
-        if error is not None:
-            failure = curl_failure(error, slot.url, f"{slot.phase} {what}")
-            if not failure.transient:
-                raise ChunkFailed(self._resume_hint(failure.one_line()))
-            self._retry_later(job, failure.one_line())
+        try:
+            resp = exchange.outcome(slot.curl, error, ok=_CHUNK_OK)
+        except TransferError as exc:
+            self._failed(phase, job, exc)
             return
-        if not slot.headers.complete:
-            # libcurl calls an answer cut inside its headers a success with no body
-            self._retry_later(job, f"{slot.phase} {what}: the answer was cut off")
-            return
-        resp = Response(slot.curl.getinfo(pycurl.RESPONSE_CODE), slot.headers.headers,
-                        slot.answer.body(), slot.url)
-        if slot.phase == "link":
-            self._link_answer(slot, job, resp, what)
-        else:
-            self._send_answer(job, resp, what)
-
-    def _link_answer(self, slot: Slot, job: ChunkJob, resp: Response, what: str) -> None:
         if resp.status == 416:
-            self._counts["answered_416"] += 1
-            self._confirm(job, sent=False)
-        elif 200 <= resp.status < 300:
-            job.link = _parse_link(resp, what)
+            if phase == "link":
+                self._counts["answered_416"] += 1
+            self._confirm(job, sent=phase == "send")
+        elif phase == "link":
+            job.link = _parse_link(resp, exchange.what)
             self._send(slot, job)
-        elif resp.status >= 500 or resp.status in _TRANSIENT_STATUS:
-            self._retry_later(job, http_failure(resp, f"link for {what}").one_line())
         else:
-            raise ChunkFailed(self._resume_hint(
-                http_failure(resp, f"link for {what}").one_line()), )
+            self._confirm(job, sent=True)
 
-    def _send_answer(self, job: ChunkJob, resp: Response, what: str) -> None:
-        if 200 <= resp.status < 300 or resp.status == 416:
-            self._confirm(job, sent=resp.status != 416)
-        elif resp.status >= 500 or resp.status in _TRANSIENT_STATUS:
-            self._retry_later(job, http_failure(resp, f"send {what}").one_line())
-        elif resp.status in _FATAL_LINK_STATUS:
-            raise ChunkFailed(self._resume_hint(http_failure(resp, f"send {what}").one_line()))
+    def _failed(self, phase: str, job: ChunkJob, exc: TransferError) -> None:
+        """Retry, renew the link, or stop - as the one policy classifies ``exc``."""
+        # A link request creates nothing: repeating it is always safe (idempotent).
+        if is_transient(exc):
+            self._retry_later(job, exc)
+        elif (phase == "send" and isinstance(exc, HTTPError) and 400 <= exc.status < 500
+              and exc.status not in _FATAL_LINK_STATUS):
+            self._renew_link(job, exc)
         else:
-            self._renew_link(job, http_failure(resp, f"send {what}").one_line())
+            raise ChunkFailed(self._resume_hint(exc.one_line())) from exc
 
-    def _renew_link(self, job: ChunkJob, reason: str) -> None:
+    def _renew_link(self, job: ChunkJob, exc: TransferError) -> None:
         """The link expired or was used up: ask for a new one at once (bounded)."""
         job.renewals += 1
         self._counts["links_renewed"] += 1
-        if job.renewals > self.options.retries:
-            raise ChunkFailed(self._resume_hint(f"{reason} (link refused {job.renewals} times)"))
+        if job.renewals > self.policy.retries:
+            raise ChunkFailed(self._resume_hint(
+                f"{exc.one_line()} (link refused {job.renewals} times)")) from exc
         job.link = None
         job.not_before = 0.0
         heapq.heappush(self._retry, job)
 
-    def _retry_later(self, job: ChunkJob, reason: str) -> None:
+    def _retry_later(self, job: ChunkJob, exc: TransferError) -> None:
         job.attempts += 1
         self._counts["retried"] += 1
-        if job.attempts > self.options.retries:
-            raise ChunkFailed(self._resume_hint(f"{reason} (gave up after {job.attempts} "
-                                                "attempts)"))
+        wait = self.policy.next_delay(exc, job.attempts)
+        if wait is None:
+            raise ChunkFailed(self._resume_hint(
+                f"{exc.one_line()} (gave up after {job.attempts} attempts)")) from exc
         job.link = None
-        job.not_before = time.monotonic() + backoff(self.options, job.attempts)
+        job.not_before = time.monotonic() + wait
         heapq.heappush(self._retry, job)
 
     def _confirm(self, job: ChunkJob, *, sent: bool) -> None:
@@ -853,7 +612,7 @@ class ChunkSender:
         self.feeder.release()
 
     def _resume_hint(self, message: str) -> str:
-        return f"{message}; rerun the same command to resume drive {self.uuid}"
+        return f"{message}; run the same upload again to resume drive {self.uuid}"
 
     # bookkeeping
 
@@ -896,19 +655,19 @@ def _parse_link(resp: Response, what: str) -> str:
         data = None
     link = data.get("link") if isinstance(data, dict) else None
     if not isinstance(link, str) or not link:
-        raise ChunkFailed(f"link for {what}: the answer holds no link (HTTP {resp.status})")
+        raise ChunkFailed(f"{what}: the answer holds no link (HTTP {resp.status})")
     return link
 
 
-# --- the whole upload --------------------------------------------------------------------
+# --- the sink ----------------------------------------------------------------------------
 
 
-def _wait_uploaded(conn: Connection, session: Session, options: ChunkedOptions) -> None:
+def _wait_uploaded(conn: Connection, session: Session, timeout: float) -> None:
     """Wait until the drive leaves ``uploading``, which it does once every chunk is in."""
-    deadline = time.monotonic() + options.finish_timeout
+    deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
-        status = str(_retrying(lambda: conn.api.drive(session.uuid), options).get("status", ""))
+        status = str(conn.api.drive(session.uuid).get("status", ""))
         if status != "uploading":
             return
         if time.monotonic() > deadline:
@@ -919,65 +678,93 @@ def _wait_uploaded(conn: Connection, session: Session, options: ChunkedOptions) 
     session.journal.confirmed.clear()
     session.journal.save()
     raise TransferError(f"drive {session.uuid} is still 'uploading' after every chunk was "
-                        "confirmed; rerun the same command to send what the server lacks")
+                        "confirmed; run the same upload again to send what the server lacks")
 
 
-def chunked_upload(
-    image: ImageInput, conn: Connection, options: ChunkedOptions, stats: RunStats
-) -> ChunkedResult:
-    """Upload ``image`` chunk by chunk into a new or resumed drive; see the module docstring."""
-    if options.chunk_size <= 0:
-        raise UsageError(f"--chunk-size must be positive, got {options.chunk_size}")
-    if options.connections <= 0:
-        raise UsageError(f"--connections must be at least 1, got {options.connections}")
-    if image.size <= 0:
-        raise ImageError(f"{image.path}: the image is empty; there is nothing to upload")
-    path = options.journal_path or default_journal_path(image.path, conn.endpoint.api)
-    with JournalLock(path):
-        session = open_session(conn, image, options, path)
-        return _transfer(image, conn, options, stats, session)
+@dataclass
+class _Run:
+    """What one ``consume`` holds, for ``abort``."""
+
+    feeder: ChunkFeeder | None = None
+    stats: StageStats = field(default_factory=lambda: StageStats("send", "sink"))
 
 
-def _transfer(
-    image: ImageInput, conn: Connection, options: ChunkedOptions, stats: RunStats,
-    session: Session,
-) -> ChunkedResult:
-    """Send what the session's drive lacks, hash everything, and wait for the drive."""
-    journal = session.journal
-    plan = ChunkPlan(image.size, journal.chunk_size)
-    stats.total = image.size
-    feeder = ChunkFeeder(image, plan, frozenset(journal.confirmed),
-                         options.chunks_in_memory(plan.chunk_size), stats,
-                         readers=min(options.connections, 4))
-    sender = ChunkSender(conn, session, plan, feeder, options, stats.add("send", "sink"))
-    feeder.start()
-    try:
-        sender.run()
-    except KeyboardInterrupt as exc:
-        raise Cancelled(f"interrupted; rerun the same command to resume drive "
-                        f"{session.uuid}") from exc
-    except (ImageError, SizeMismatch) as exc:
-        # The drive keeps its chunks (a resume may follow once the image is fixed);
-        # the user must learn that it exists, since it is not complete.
-        raise type(exc)(f"{exc.one_line()}; drive {session.uuid} stays incomplete "
-                        f"(status uploading); delete it if the image is bad") from exc
-    finally:
-        feeder.stop()
-    _wait_uploaded(conn, session, options)
-    journal.remove()
-    return ChunkedResult(
-        uuid=session.uuid, xxh128=feeder.hexdigest(), size=image.size,
-        sent_bytes=sender.sent_bytes, skipped_chunks=sender.skipped, chunks=plan.count,
-        resumed=session.resumed, wire_bytes=sender.wire_bytes, journal_path=journal.path,
-    )
+class ChunkedUploadSink(Sink[SentDrive]):
+    """Sends the stream in chunks into a new (or resumed) drive; see the module docstring."""
+
+    name = "send"
+
+    def __init__(
+        self, conn: Connection, options: UploadOptions, *, path: str, name: str | None = None,
+    ) -> None:
+        self.conn = conn
+        self.options = options
+        #: the image (its identity keys and guards the journal)
+        self.path = path
+        self.drive_name = name or options.name or os.path.basename(path) or "drivepipe"
+        self._run = _Run()
+
+    @classmethod
+    def for_upload(
+        cls, conn: Connection, options: UploadOptions, image: ImageInput
+    ) -> ChunkedUploadSink:
+        return cls(conn, options, path=image.path)
+
+    def meter(self, stats: StageStats) -> bool:
+        self._run.stats = stats
+        return True
+
+    def consume(self, extents: Iterator[Extent], size: int) -> SentDrive:
+        if size <= 0:
+            raise ImageError(f"{self.path}: the image is empty; there is nothing to upload")
+        options = self.options
+        path = options.journal_path or default_journal_path(self.path, self.conn.endpoint.api)
+        identity = image_identity(self.path, size)
+        with JournalLock(path):
+            session = open_session(self.conn, options, identity, size, self.drive_name, path)
+            return self._transfer(extents, size, session)
+
+    def _transfer(self, extents: Iterator[Extent], size: int, session: Session) -> SentDrive:
+        """Send what the session's drive lacks, and wait for the drive."""
+        journal, options = session.journal, self.options
+        plan = journal.plan
+        feeder = self._run.feeder = ChunkFeeder(
+            extents, plan, frozenset(journal.confirmed), options.chunks_in_memory(plan.chunk_size))
+        sender = ChunkSender(self.conn, session, plan, feeder, options.connections,
+                             options.policy, self._run.stats, options.handle_signals)
+        feeder.start()
+        try:
+            sender.run()
+        except KeyboardInterrupt as exc:
+            raise Cancelled(f"interrupted; run the same upload again to resume drive "
+                            f"{session.uuid}") from exc
+        except (ImageError, SizeMismatch) as exc:
+            # The drive keeps its chunks (a resume may follow once the image is fixed);
+            # the user must learn that it exists, since it is not complete.
+            raise type(exc)(f"{exc.one_line()}; drive {session.uuid} stays incomplete "
+                            f"(status uploading); delete it if the image is bad") from exc
+        finally:
+            feeder.stop()
+        _wait_uploaded(self.conn, session, options.finish_timeout)
+        journal.remove()
+        return SentDrive(
+            uuid=session.uuid, sent_bytes=sender.sent_bytes, wire_bytes=sender.wire_bytes,
+            chunks=plan.count, skipped_chunks=sender.skipped, resumed=session.resumed,
+            journal_path=journal.path,
+        )
+
+    def abort(self) -> None:
+        # The drive and its journal stay: the upload resumes from them.
+        if self._run.feeder is not None:
+            self._run.feeder.stop()
 
 
 __all__ = [
     "ChunkPlan",
-    "ChunkedOptions",
-    "ChunkedResult",
+    "ChunkedUploadSink",
     "ResumeRefused",
-    "chunked_upload",
+    "image_identity",
     "link_url",
     "open_session",
+    "resume_hint",
 ]

@@ -1,4 +1,4 @@
-"""Direct upload sink ("send"): the raw image stream in, one POST, a drive UUID out.
+"""Direct upload target ``drive``: the raw image stream in, one POST, a new drive out.
 
 In: the pipeline's extents (holes explicit) and the exact raw size.  The body
 goes out as ``POST {direct}drives/upload/`` with ``Content-Type:
@@ -8,28 +8,23 @@ body through a read callback that hands it views of the current extent and,
 for holes, views of the one shared zero buffer, so no byte is copied in Python
 and no hole is ever allocated.
 
-Out: the new drive's UUID, parsed from the answer.
+Out: a :class:`~drivepipe.cloudsigma.upload.SentDrive` with the new drive's UUID,
+parsed from the answer.
 
 Refused (the transfer is aborted, so the server never sees a complete body and
 creates no drive): a stream that produces fewer or more bytes than announced -
 the end of the stream is confirmed *before* the last byte is handed to curl -,
 any exception inside the pipeline, and Ctrl-C.  Exceptions raised inside a curl
 callback are stored and re-raised after ``perform()`` instead of surfacing as
-curl error 42.  HTTP error answers become one line with the server's words and
-its ``X-REQUEST-ID``.
-
-:func:`direct_upload` runs a whole upload: the image's decoders, an xxh3-128
-stage, and this sink, with reading/decoding/hashing in a producer thread.
+curl error 42.  The handle is set up by :func:`drivepipe.transport.curl.configure`
+and its outcome translated by :class:`~drivepipe.transport.curl.Exchange`.  The sink
+does not retry (its stream is consumed once); :func:`drivepipe.jobs.upload.upload`
+runs the pipeline again when the server refused the request before taking it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from types import FrameType
 from typing import Final
 from urllib.parse import urljoin
 
@@ -37,28 +32,21 @@ import pycurl
 
 from drivepipe._errors import SizeMismatch, TransferError
 from drivepipe._extent import ZERO_SIZE, ZERO_VIEW, Extent
-from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, Sink
-from drivepipe._stats import RunStats, StageStats
+from drivepipe._stats import StageStats
 from drivepipe.cloudsigma.config import Credentials, Endpoint
-from drivepipe.transport.http import (
-    HeaderCollector,
-    Response,
-    TlsOptions,
-    configure,
-    curl_failure,
-    http_failure,
-    parse_uuid,
+from drivepipe.cloudsigma.connection import Connection
+from drivepipe.cloudsigma.upload import (
+    DEFAULT_BUFFER_SIZE,
+    MAX_BUFFER_SIZE,
+    MIN_BUFFER_SIZE,
+    SentDrive,
+    UploadOptions,
 )
-from drivepipe_plugins.stages.xxh3 import Xxh3Stage
+from drivepipe.transport.curl import Exchange, Interrupts, TlsOptions, configure, parse_uuid
 
-#: libcurl's upload buffer; 512 KiB-2 MiB measured ~1.4x faster than 64 KiB on loopback
-DEFAULT_BUFFER_SIZE: Final = 1 << 20
-#: libcurl refuses upload buffers outside this range (CURLOPT_UPLOAD_BUFFERSIZE)
-MIN_BUFFER_SIZE: Final = 16 << 10
-MAX_BUFFER_SIZE: Final = 2 << 20
-#: an upload answer is a UUID or a short JSON error list; more is not worth keeping
-MAX_ANSWER: Final = 64 << 10
+# libcurl's upload buffer (DEFAULT_BUFFER_SIZE): 512 KiB-2 MiB measured ~1.4x faster than
+# 64 KiB on loopback
 UPLOAD_PATH: Final = "drives/upload/"
 #: seconds of silence tolerated: after the last byte of a large image the direct host
 #: may finalise the drive for a while before it answers (not measured; generous on purpose)
@@ -147,68 +135,8 @@ class BodyReader:
             raise SizeMismatch(f"image produced more than the announced {self.size} bytes")
 
 
-class _Answer:
-    """WRITEFUNCTION target keeping the first MAX_ANSWER bytes of the response body."""
-
-    __slots__ = ("kept", "parts")
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.kept = 0
-
-    def __call__(self, data: bytes) -> None:
-        if self.kept < MAX_ANSWER:
-            self.parts.append(data[: MAX_ANSWER - self.kept])
-            self.kept += len(self.parts[-1])
-
-    def body(self) -> bytes:
-        return b"".join(self.parts)
-
-
-class Interrupts:
-    """Ctrl-C during ``perform()``: a flag the callbacks turn into an abort.
-
-    A KeyboardInterrupt raised inside a pycurl callback would be printed by
-    pycurl as a traceback; so while curl runs, SIGINT only sets ``requested``
-    (in the main thread, see :meth:`catching`), the read callback and this
-    XFERINFOFUNCTION (called at least once a second even when the socket is
-    stuck) abort the transfer, and the caller raises KeyboardInterrupt after.
-    """
-
-    __slots__ = ("requested",)
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, dltotal: int, dlnow: int, ultotal: int, ulnow: int) -> int:
-        return 1 if self.requested else 0
-
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-
-    @contextlib.contextmanager
-    def catching(self) -> Iterator[None]:
-        """Route SIGINT to ``requested`` while the block runs (main thread only)."""
-        previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is not threading.main_thread() or previous is None:
-            yield  # only the main thread gets signals; None: a handler not set from Python
-            return
-        signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
-def check_buffer_size(size: int) -> int:
-    if not MIN_BUFFER_SIZE <= size <= MAX_BUFFER_SIZE:
-        raise ValueError(f"upload buffer must be between {MIN_BUFFER_SIZE} and "
-                         f"{MAX_BUFFER_SIZE} bytes, got {size}")
-    return size
-
-
-class CurlUploadSink(Sink[str]):
-    """Sends the stream as one POST to the direct host; returns the drive UUID."""
+class DirectUploadSink(Sink[SentDrive]):
+    """Sends the stream as one POST to the direct host; returns the new drive."""
 
     name = "send"
 
@@ -219,54 +147,59 @@ class CurlUploadSink(Sink[str]):
         tls: TlsOptions | None = None,
         *,
         buffer_size: int = DEFAULT_BUFFER_SIZE,
+        handle_signals: bool = False,
     ) -> None:
+        if not MIN_BUFFER_SIZE <= buffer_size <= MAX_BUFFER_SIZE:
+            raise ValueError(f"upload buffer must be between {MIN_BUFFER_SIZE} and "
+                             f"{MAX_BUFFER_SIZE} bytes, got {buffer_size}")
         self.endpoint = endpoint
         self.creds = creds
         self.tls = tls or TlsOptions()
-        self.buffer_size = check_buffer_size(buffer_size)
+        self.buffer_size = buffer_size
+        self.handle_signals = handle_signals
         self.url = urljoin(endpoint.direct, UPLOAD_PATH)
         self._curl: pycurl.Curl | None = None
         self._stats: StageStats | None = None
+
+    @classmethod
+    def for_upload(
+        cls, conn: Connection, options: UploadOptions, image: ImageInput
+    ) -> DirectUploadSink:
+        return cls(conn.endpoint, conn.creds, conn.tls, buffer_size=options.buffer_size,
+                   handle_signals=options.handle_signals)
 
     def meter(self, stats: StageStats) -> bool:
         self._stats = stats
         return True
 
-    def consume(self, extents: Iterator[Extent], size: int) -> str:
-        interrupts = Interrupts()
+    def consume(self, extents: Iterator[Extent], size: int) -> SentDrive:
+        interrupts = Interrupts(self.handle_signals)
         body = BodyReader(extents, size, interrupts, self._stats)
         if size == 0:
             body.expect_end()
         c = self._curl = pycurl.Curl()
-        answer = _Answer()
-        headers = HeaderCollector()
-        self._setup(c, size, body, interrupts, answer, headers)
+        self._setup(c, size, body, interrupts)
+        exchange = Exchange(c, self.url, "upload")
         with interrupts.catching():
             try:
                 c.perform()
             except pycurl.error as exc:
                 if interrupts.requested:
                     raise KeyboardInterrupt from None  # Ctrl-C, not the abort it caused
-                raise self._failure(exc, body, headers, answer) from exc
+                if body.error is not None:  # ours first, then the server's or the network's
+                    raise body.error from None
+                raise exchange.failure(exc) from exc
         # A Ctrl-C after the last callback is ignored: the drive exists, its UUID matters.
         if body.error is not None:
             raise body.error
-        resp = Response(c.getinfo(pycurl.RESPONSE_CODE), headers.headers, answer.body(), self.url)
-        if resp.status not in (200, 201, 202):
-            raise http_failure(resp, "upload")
+        resp = exchange.outcome(c, None, ok=(200, 201, 202))
         if body.sent != size:
             raise TransferError(f"upload: server answered HTTP {resp.status} after "
                                 f"{body.sent} of {size} bytes")
-        return parse_uuid(resp.body)
+        return SentDrive(parse_uuid(resp.body), sent_bytes=size, wire_bytes=body.sent)
 
     def _setup(
-        self,
-        c: pycurl.Curl,
-        size: int,
-        body: BodyReader,
-        interrupts: Interrupts,
-        answer: _Answer,
-        headers: HeaderCollector,
+        self, c: pycurl.Curl, size: int, body: BodyReader, interrupts: Interrupts
     ) -> None:
         configure(c, self.url, tls=self.tls, endpoint=self.endpoint, creds=self.creds,
                   headers={"Content-Type": "application/octet-stream"})
@@ -278,24 +211,6 @@ class CurlUploadSink(Sink[str]):
         c.setopt(pycurl.LOW_SPEED_TIME, max(int(self.tls.stall_timeout), ANSWER_WAIT))
         c.setopt(pycurl.NOPROGRESS, 0)
         c.setopt(pycurl.XFERINFOFUNCTION, interrupts)
-        c.setopt(pycurl.WRITEFUNCTION, answer)
-        c.setopt(pycurl.HEADERFUNCTION, headers)
-
-    def _failure(
-        self,
-        exc: pycurl.error,
-        body: BodyReader,
-        headers: HeaderCollector,
-        answer: _Answer,
-    ) -> BaseException:
-        """The exception to raise for a failed perform(): ours first, then the server's."""
-        if body.error is not None:
-            return body.error
-        if headers.status >= 400:
-            # The server refused early (401, 503...) and closed while we were sending.
-            resp = Response(headers.status, headers.headers, answer.body(), self.url)
-            return http_failure(resp, "upload")
-        return curl_failure(exc, self.url, "upload")
 
     def abort(self) -> None:
         # Closing the connection mid-body is the abort: the store keeps nothing.
@@ -307,37 +222,4 @@ class CurlUploadSink(Sink[str]):
             self._curl = None
 
 
-@dataclass(frozen=True)
-class DirectOptions:
-    """Tuning of a direct upload (see ``benchmarks/bench_upload.py`` for the numbers)."""
-
-    buffer_size: int = DEFAULT_BUFFER_SIZE
-    queue_depth: int = 16
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    uuid: str
-    #: xxh3-128 hex digest of the raw bytes sent
-    xxh128: str
-    #: raw bytes sent (the image's size before the store grows it to its minimum)
-    size: int
-
-
-def direct_upload(
-    image: ImageInput,
-    endpoint: Endpoint,
-    creds: Credentials,
-    tls: TlsOptions | None = None,
-    options: DirectOptions | None = None,
-    stats: RunStats | None = None,
-) -> UploadResult:
-    """Upload ``image`` in one POST, hashing it on the way; the image is closed after."""
-    options = options or DirectOptions()
-    hasher = Xxh3Stage()
-    sink = CurlUploadSink(endpoint, creds, tls, buffer_size=options.buffer_size)
-    uuid = run_pipeline(
-        image.source, [*image.stages, hasher], sink, size=image.size, stats=stats,
-        queue_depth=options.queue_depth,
-    )
-    return UploadResult(uuid, hasher.hexdigest(), image.size)
+__all__ = ["BodyReader", "DirectUploadSink", "Interrupts"]

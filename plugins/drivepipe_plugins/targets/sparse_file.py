@@ -31,7 +31,7 @@ from drivepipe._files import (
     publish,
     remove_stale_parts,
 )
-from drivepipe._stage import Sink
+from drivepipe._stage import Sink, TargetOptions
 
 
 class SparseFileWriter(Sink[str]):
@@ -48,6 +48,11 @@ class SparseFileWriter(Sink[str]):
         self._tmp: str | None = None
         self._out: SparseOutput | None = None
         check_target(target, force=force)
+
+    @classmethod
+    def open_target(cls, spec: str, options: TargetOptions) -> SparseFileWriter:
+        """``file:PATH`` (or a plain path): a sparse file published when complete."""
+        return cls(spec, force=options.force, sync=options.sync)
 
     def consume(self, extents: Iterator[Extent], size: int) -> str:
         self._out = self._open(size)
@@ -113,7 +118,7 @@ class SparseFileWriter(Sink[str]):
                 os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
             os.fsync(dirfd)
         except FileExistsError as exc:
-            raise OutputError(f"{self.target}: already exists (use --force to replace it)") \
+            raise OutputError(f"{self.target}: already exists (replace it explicitly)") \
                 from exc
         except OSError as exc:
             raise OutputError(describe_os_error(self.target, exc)) from exc

@@ -19,13 +19,18 @@ from collections.abc import Iterator
 from drivepipe._errors import OutputError
 from drivepipe._extent import Extent, zero_chunks
 from drivepipe._files import WRITE_SLICE, output_error
-from drivepipe._stage import Sink
+from drivepipe._stage import Sink, TargetOptions
 
 
 class StreamWriter(Sink[str]):
     """Writes the stream to ``fd`` in order; returns ``label``."""
 
     name = "write"
+
+    @classmethod
+    def open_target(cls, spec: str, options: TargetOptions) -> StreamWriter:
+        """``-`` or ``stdout:``: the process's standard output."""
+        return cls(1)
 
     def __init__(self, fd: int = 1, label: str = "standard output") -> None:
         self.fd = fd

@@ -1,0 +1,126 @@
+"""``drivepipe copy SRC DST``: any source to any target, one :meth:`Client.copy` call."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from drivepipe._progress import Reporter
+from drivepipe._registry import STDIN as STDOUT
+from drivepipe._stats import RunStats
+from drivepipe.api import Client, drive_ref, new_drive
+from drivepipe.cli._app import app
+from drivepipe.cli._common import (
+    FROM_OPTIONS,
+    DiskOpt,
+    ForceOpt,
+    FormatOpt,
+    ProgressOptions,
+    SpoolDirOpt,
+    grouped_options,
+    optional,
+    positive,
+    positive_size,
+)
+from drivepipe.cli._net import Account, LimitRateOpt, StallOpt, transport
+from drivepipe.cli.cmd_local import read_options
+from drivepipe.jobs.images import LOCAL_READ_SIZE, convert
+
+
+def note(text: str) -> None:
+    typer.echo(f"drivepipe: {text}", err=True)
+
+
+ToEndpointOpt = Annotated[str | None, optional(
+    "--to-endpoint", "URL", "The destination's API base URL, when a new drive is made on "
+    "another service or location (default: the source's endpoint).")]
+ToLocationOpt = Annotated[str | None, optional(
+    "--to-location", "CODE", "The destination's location code (instead of --to-endpoint).")]
+ToUserOpt = Annotated[str | None, optional(
+    "--to-user", "EMAIL", "The destination's account (default: --user); its password comes "
+    "from ~/.netrc for the destination host, CLOUDSIGMA_PASSWORD or the config file.")]
+
+
+def _client(account: Account, limit_rate: int, stall_timeout: float,
+            endpoint: str | None = None, location: str | None = None,
+            user: str | None = None) -> Client:
+    return Client(endpoint or account.endpoint, user=user or account.user,
+                  direct_endpoint=None if endpoint or location else account.direct_endpoint,
+                  location=location if endpoint or location else account.location,
+                  cacert=account.cacert, insecure_http=account.insecure_http,
+                  limit_rate=limit_rate, stall_timeout=stall_timeout, prompt=None)
+
+
+@app.command()
+@grouped_options
+def copy(
+    src: Annotated[str, typer.Argument(
+        metavar="SRC", help="An image (a path, - for standard input, an http(s) URL) or a "
+        "drive (drive:UUID, or a bare UUID).")],
+    dst: Annotated[str, typer.Argument(
+        metavar="DST", help="A new drive (drive: or drive:NAME), a file (sparse), a "
+        "directory, a block device, - (standard output) or NAME:ARG for a target plugin.")],
+    fmt: FormatOpt = "auto",
+    force: ForceOpt = False,
+    expect: Annotated[str | None, optional(
+        "--expect", "DIGEST", "Expected xxh3-128 of a drive source (default: its meta).")] = None,
+    connections: Annotated[int, typer.Option(
+        "--connections", help="Parallel connections of a drive's download (ranges) or a "
+        "chunked upload.")] = 4,
+    chunked: Annotated[bool, typer.Option(
+        "--chunked", help="Make the new drive by a resumable chunked upload.")] = False,
+    size: Annotated[str | None, optional(
+        "--size", "SIZE", "The exact raw size of a raw image on a pipe (SRC -): it streams "
+        "with no spool, and a stream that ends short or runs long fails.")] = None,
+    to_endpoint: ToEndpointOpt = None,
+    to_location: ToLocationOpt = None,
+    to_user: ToUserOpt = None,
+    limit_rate: LimitRateOpt = None,
+    stall_timeout: StallOpt = 120.0,
+    spool_dir: SpoolDirOpt = None,
+    disk: DiskOpt = None,
+    account: Account = FROM_OPTIONS,
+    progress: ProgressOptions = FROM_OPTIONS,
+) -> None:
+    """Copy any source to any target, streaming, verified where a drive is involved.
+
+    An image to a new drive is an upload; a drive to a file, device or - is a
+    download (verified against the drive's meta); a drive to a new drive streams
+    the download into the upload (--to-endpoint for another location or
+    service); an image to a file is a convert.  Prints the new drive's UUID or
+    the output's path.
+    """
+    mode = progress.mode
+    positive(connections, "--connections")
+    read = read_options(fmt, LOCAL_READ_SIZE_TEXT, 2, spool_dir, disk)
+    if size is not None:
+        read.size = positive_size(size, "--size")
+    tls = transport(account.cacert, account.insecure_http, limit_rate, stall_timeout)
+    stats = RunStats(title=f"copy {src}")
+    to_drive, _ = new_drive(dst)
+    with Reporter(stats, mode):
+        if drive_ref(src) is None and not to_drive:
+            # no endpoint is needed (or configured) for an image to a local target
+            done = convert(src, dst, read=read, force=force, stats=stats)
+            if done.output != STDOUT:  # standard output carries the bytes, nothing else
+                typer.echo(done.output)
+            return
+        with _client(account, tls.limit_rate, tls.stall_timeout) as client:
+            other = None
+            if to_endpoint or to_location or to_user:
+                other = _client(account, tls.limit_rate, tls.stall_timeout, to_endpoint,
+                                to_location, to_user)
+            try:
+                result = client.copy(src, dst, to=other, connections=connections,
+                                     chunked=chunked, expect=expect, force=force, read=read,
+                                     stats=stats, notify=note, handle_signals=True)
+            finally:
+                if other is not None:
+                    other.close()
+    shown = result.uuid if result.kind in ("upload", "drive-to-drive") else result.output
+    if shown != STDOUT:
+        typer.echo(shown)
+
+
+LOCAL_READ_SIZE_TEXT = f"{LOCAL_READ_SIZE >> 20}M"
