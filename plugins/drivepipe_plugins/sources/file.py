@@ -81,6 +81,8 @@ class SparseFileReader(ByteSource):
 
     name = "read"
     random = True
+    #: plain preads of a local file: not worth a producer thread (see drivepipe._runner)
+    inline = True
 
     def __init__(
         self,
