@@ -1,23 +1,20 @@
-"""Output files: sparse writes in place, durable publishing, disk space, errors.
+"""Output files, shared by the file and device targets and the download.
 
-Writes into a temporary file beside the target, ``ftruncate``s it to the image
-size, skips holes and all-zero 4 KiB blocks (so the output is sparse even when
-the input's zeros were written data), fsyncs, and only then puts it under the
-target name.  Refuses to replace an existing target unless ``force``; on any
-failure the temporary file is removed and the target is untouched.
+- :class:`SparseOutput`: writes in place at any offset, skipping holes and
+  all-zero 4 KiB blocks, with writeback started behind the cursor and one fsync;
+- :func:`publish`/:func:`check_target`: a finished temporary file goes under its
+  name only when durable, never over an existing file unless forced;
+- :func:`check_free_space`/:func:`free_bytes`, :func:`punch_hole`,
+  :func:`remove_stale_parts`;
+- :func:`output_error`: an ``OSError`` on an output as one line (``DiskFull``
+  for ENOSPC).
 
-The temporary file has no name where the filesystem allows it (``O_TMPFILE``,
-linked under the target name at the end), so a killed convert leaves nothing
-behind; elsewhere it is ``.NAME.XXXX.part``, locked while written, and the next
-run removes the ones whose writer is gone.
-
-:class:`SparseOutput` is the random-access half (``write_at``) that the
-downloader uses for ranges arriving out of order.  It starts the kernel's
+Writeback behind the cursor: :class:`SparseOutput` starts the kernel's
 writeback of what it wrote every :data:`WRITE_BEHIND` bytes
 (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` over the whole file: only dirty
-pages not yet being written are queued, in whatever order they were written),
-so the fsync that makes the output durable finds little left to write instead
-of the whole image.
+pages not yet being written are queued, in whatever order they were written,
+so a download's out-of-order blocks too), so the fsync that makes the output
+durable finds little left to write instead of the whole image.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ from drivepipe._extent import ZERO_BLOCK, Buffer, Extent, split_zeros
 #: took 1-3x longer (and more system time) than the same bytes in 128-256 KiB calls
 WRITE_SLICE = 256 << 10
 #: fallocate(2) modes
-_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02
+_KEEP_SIZE, _PUNCH_HOLE, _ZERO_RANGE = 0x01, 0x02, 0x10
 #: bytes written between two starts of writeback (see the module docstring)
 WRITE_BEHIND = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -69,13 +66,24 @@ def output_error(path: str, exc: OSError) -> OutputError:
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Free ``[offset, offset+length)`` of the file (it reads as zeros); False if refused."""
+    return fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length)
+
+
+def zero_range(fd: int, offset: int, length: int) -> bool:
+    """Make ``[offset, offset+length)`` read as zeros without writing them (a file or a
+    block device); False if refused."""
+    return fallocate(fd, _ZERO_RANGE | _KEEP_SIZE, offset, length)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2) with ``mode``; False where it is refused or missing."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        fallocate = libc.fallocate
-        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        call = libc.fallocate
+        call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     except (OSError, AttributeError):
         return False
-    return int(fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length)) == 0
+    return int(call(fd, mode, offset, length)) == 0
 
 
 def describe_os_error(path: str, exc: OSError) -> str:

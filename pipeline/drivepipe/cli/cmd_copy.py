@@ -8,24 +8,23 @@ import typer
 
 from drivepipe._progress import Reporter
 from drivepipe._registry import STDIN as STDOUT
+from drivepipe._registry import shown
 from drivepipe._stats import RunStats
 from drivepipe.api import Client, drive_ref, new_drive
 from drivepipe.cli._app import app
 from drivepipe.cli._common import (
     FROM_OPTIONS,
-    DiskOpt,
     ForceOpt,
-    FormatOpt,
+    ImageOptions,
     ProgressOptions,
-    SpoolDirOpt,
     grouped_options,
     optional,
     positive,
     positive_size,
 )
-from drivepipe.cli._net import Account, LimitRateOpt, StallOpt, transport
-from drivepipe.cli.cmd_local import read_options
-from drivepipe.jobs.images import LOCAL_READ_SIZE, convert
+from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
+from drivepipe.cli.cmd_local import LOCAL_IMAGE
+from drivepipe.jobs.images import convert
 
 
 def note(text: str) -> None:
@@ -61,7 +60,6 @@ def copy(
     dst: Annotated[str, typer.Argument(
         metavar="DST", help="A new drive (drive: or drive:NAME), a file (sparse), a "
         "directory, a block device, - (standard output) or NAME:ARG for a target plugin.")],
-    fmt: FormatOpt = "auto",
     force: ForceOpt = False,
     expect: Annotated[str | None, optional(
         "--expect", "DIGEST", "Expected xxh3-128 of a drive source (default: its meta).")] = None,
@@ -78,8 +76,7 @@ def copy(
     to_user: ToUserOpt = None,
     limit_rate: LimitRateOpt = None,
     stall_timeout: StallOpt = 120.0,
-    spool_dir: SpoolDirOpt = None,
-    disk: DiskOpt = None,
+    image: ImageOptions = LOCAL_IMAGE,
     account: Account = FROM_OPTIONS,
     progress: ProgressOptions = FROM_OPTIONS,
 ) -> None:
@@ -93,16 +90,17 @@ def copy(
     """
     mode = progress.mode
     positive(connections, "--connections")
-    read = read_options(fmt, LOCAL_READ_SIZE_TEXT, 2, spool_dir, disk)
+    read = image.read()
     if size is not None:
         read.size = positive_size(size, "--size")
-    tls = transport(account.cacert, account.insecure_http, limit_rate, stall_timeout)
-    stats = RunStats(title=f"copy {src}")
+    tls = account.tls(limit_rate, stall_timeout)
+    stats = RunStats(title=f"copy {shown(src)}")
     to_drive, _ = new_drive(dst)
     with Reporter(stats, mode):
         if drive_ref(src) is None and not to_drive:
             # no endpoint is needed (or configured) for an image to a local target
-            done = convert(src, dst, read=read, force=force, stats=stats)
+            done = convert(src, dst, read=read, force=force, queue_depth=image.queue_depth,
+                           stats=stats)
             if done.output != STDOUT:  # standard output carries the bytes, nothing else
                 typer.echo(done.output)
             return
@@ -118,9 +116,7 @@ def copy(
             finally:
                 if other is not None:
                     other.close()
-    shown = result.uuid if result.kind in ("upload", "drive-to-drive") else result.output
-    if shown != STDOUT:
-        typer.echo(shown)
+    printed = result.uuid if result.kind in ("upload", "drive-to-drive") else result.output
+    if printed != STDOUT:
+        typer.echo(printed)
 
-
-LOCAL_READ_SIZE_TEXT = f"{LOCAL_READ_SIZE >> 20}M"
