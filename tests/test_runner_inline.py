@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +88,27 @@ def test_a_failing_source_aborts_the_sink_either_way(inline: bool) -> None:
         Pipeline(source, [], sink, size=source.size).run()
     assert sink.aborted
     assert source.closed == 1
+
+
+def test_file_reader_is_inline_only_when_mostly_dense(tmp_path: Path) -> None:
+    from drivepipe_plugins.sources.file import SparseFileReader  # noqa: PLC0415
+
+    dense = tmp_path / "dense.raw"
+    dense.write_bytes(b"\x01" * (1 << 20))
+    sparse = tmp_path / "sparse.raw"
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 20)
+        f.write(b"\x01" * (1 << 20))
+    readers = [SparseFileReader(str(dense)), SparseFileReader(str(sparse))]
+    try:
+        assert readers[0].inline is True
+        # a filesystem without holes allocates everything: then it is dense, read inline
+        assert readers[1].inline is (os.stat(sparse).st_blocks * 512 >= (64 << 20) * 0.9)
+        for reader in readers:
+            pipe = Pipeline(reader, [], Collect(), size=reader.size)
+            assert pipe.overlap is not reader.inline
+            data = pipe.run()  # holes are left out by Collect: the data bytes only
+            assert data == b"\x01" * (1 << 20)
+    finally:
+        for reader in readers:
+            reader.close()
