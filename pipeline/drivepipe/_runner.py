@@ -8,7 +8,8 @@ is aborted, and the error surfaces in the calling thread.
 
 A thread only pays when the producer side has work to overlap.  When it would
 run nothing but *inline* parts - a source or stage whose ``inline`` attribute
-is true, as for plain ``pread``s of a local file - the handoff costs more than
+is true, as for plain ``pread``s of a mostly dense local file (a sparse one
+keeps the thread: its holes are hashed while its data is read) - the handoff costs more than
 it saves (the GIL passed back and forth for every extent, and a queue of
 multi-MiB buffers that malloc keeps returning to the kernel): measured on 1 GiB
 of warm raw file, the read + hash of ``checksum`` took 0.31-0.80 s with the
