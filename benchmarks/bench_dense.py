@@ -301,7 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--download-connections", type=int, default=4,
                    help="drivepipe download connections in the uncapped runs (4)")
     p.add_argument("--rate", default="50M", help="per-connection cap of the capped areas (50M)")
-    p.add_argument("--capped-size", default="512M", help="image size of the capped areas")
+    p.add_argument("--capped-size", default="1G", help="image size of the capped areas (1G)")
     p.add_argument("--connections", default="1,2,4,8", help="connection counts, capped areas")
     p.add_argument("--capped-repeat", type=int, default=2, help="rounds of the capped areas")
     p.add_argument("--chunk-size", default="16M", help="chunk size, capped chunked upload")

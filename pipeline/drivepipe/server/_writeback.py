@@ -6,8 +6,11 @@ and that final fsync stalls for seconds; worse, the dirty-page throttle hits
 mid-upload.  :class:`WriteBehind` asks the kernel (``sync_file_range``) to
 start writing each 32 MiB window as soon as it is complete, and for files
 larger than a quarter of RAM also waits for older windows and drops them from
-the page cache, so a 100 GiB upload does not evict everything else.  Advice
-only: where ``sync_file_range`` is missing nothing happens and fsync does it all.
+the page cache, so a 100 GiB upload does not evict everything else.  A
+chunk (``ChunkWriter``) does the same in 4 MiB windows, so the ``fdatasync``
+that must end each chunk before it is acknowledged waits for at most the last
+window.  Advice only: where ``sync_file_range`` is missing nothing happens and
+fsync does it all.
 """
 
 from __future__ import annotations
@@ -43,18 +46,23 @@ def _ram() -> int:
 
 
 class WriteBehind:
-    """Call :meth:`advance` with the write position after each sequential write."""
+    """Call :meth:`advance` with the write position after each sequential write.
 
-    __slots__ = ("_drop", "_fd", "_previous", "_started")
+    ``start``: where the writes begin (a chunk's offset); ``window``: how much is
+    written before its writeback is started.
+    """
 
-    def __init__(self, fd: int, size: int) -> None:
+    __slots__ = ("_drop", "_fd", "_previous", "_started", "_window")
+
+    def __init__(self, fd: int, size: int, *, start: int = 0, window: int = WINDOW) -> None:
         self._fd = fd
-        self._previous = 0
-        self._started = 0
+        self._previous = start
+        self._started = start
+        self._window = window
         self._drop = size > _ram() // 4
 
     def advance(self, pos: int) -> None:
-        if _sync_file_range is None or pos - self._started < WINDOW:
+        if _sync_file_range is None or pos - self._started < self._window:
             return
         _sync_file_range(self._fd, self._started, pos - self._started, _SYNC_FILE_RANGE_WRITE)
         if self._drop and self._previous < self._started:

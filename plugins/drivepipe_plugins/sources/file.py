@@ -27,6 +27,8 @@ from drivepipe._extent import Extent, split_zeros
 from drivepipe._stage import ByteSource
 
 _DEFAULT_DROP_DIVISOR = 4
+#: files with at least this share of their size allocated read in the caller's thread
+_INLINE_DENSITY = 0.9
 
 
 def _default_drop_threshold() -> int:
@@ -81,6 +83,9 @@ class SparseFileReader(ByteSource):
 
     name = "read"
     random = True
+    #: plain preads of a mostly dense file: not worth a producer thread (drivepipe._runner);
+    #: a sparse one keeps it, its holes are hashed (or sent) while the data is read
+    inline = True
 
     def __init__(
         self,
@@ -129,6 +134,8 @@ class SparseFileReader(ByteSource):
         # What would fill the page cache is the data read, not the holes: an
         # 8 GiB image with 800 MiB of data keeps its cache (st_blocks: one fstat).
         cached = self.size if self.is_block else min(self.size, st.st_blocks * 512)
+        # measured on 8 GiB with 10% data: checksum 0.78 s threaded, 1.00 s inline
+        self.inline = cached >= self.size * _INLINE_DENSITY
         self.drop_cache = cached > threshold
         # With no hole information, zero blocks are found by looking at the data.
         self.detect_zeros = (not self.seekable_holes) if detect_zeros is None else detect_zeros
