@@ -32,15 +32,17 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeAlias, cast
+from typing import cast
 
 import zstandard
 from isal import igzip_lib
 
 from drivepipe._errors import CorruptImage, UnsupportedFormat
 from drivepipe._extent import Extent, rechunk, split_zeros
-from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
+from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
 from drivepipe_plugins.formats._parallel import Job, LazyPool, in_order
+from drivepipe_plugins.formats._ranged import MagicFormat, RangedImage
+from drivepipe_plugins.formats._tables import COMPRESSED, DATA, HOLE, Piece, Table, coalesce
 
 QCOW2_MAGIC = b"QFI\xfb"
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
@@ -73,12 +75,6 @@ _ISAL_ERROR = cast(type[Exception], igzip_lib.IsalError)
 #: data bytes counted at open from the L2 tables only when they are this small
 _DATA_SIZE_SCAN_LIMIT = 64 << 20
 
-HOLE, DATA, COMPRESSED = 0, 1, 2
-#: (kind, guest offset, length, host offset, compressed size)
-Piece = tuple[int, int, int, int, int]
-#: an L1 or L2 table: 8 bytes an entry (a 32 MiB L1 table as a tuple of ints would
-#: take ~160 MiB; as an array, 32 MiB)
-Table: TypeAlias = "array[int]"
 
 
 @dataclass(frozen=True)
@@ -241,7 +237,7 @@ class ClusterDecoder:
         return bytes(out)
 
 
-class Qcow2Image(Source):
+class Qcow2Image(RangedImage):
     """Reads a qcow2 file's guest view; a Source and a RandomAccess in one."""
 
     name = "qcow2"
@@ -415,43 +411,11 @@ class Qcow2Image(Source):
     def jobs(self, start: int, end: int) -> Iterator[Piece | list[Piece]]:
         """Holes merged; host-contiguous data merged, then cut into reads of at most
         ``read_size``; compressed clusters batched up to ``read_size`` of output."""
-        pending: Piece | None = None
-        batch: list[Piece] = []
-        limit = self.read_size
-        for piece in self.pieces(start, end):
-            if piece[0] == COMPRESSED:
-                if pending is not None:
-                    yield from _cut(pending, limit)
-                    pending = None
-                batch.append(piece)
-                if len(batch) * self.cluster_size >= limit:
-                    yield batch
-                    batch = []
-                continue
-            if batch:
-                yield batch
-                batch = []
-            if pending is not None and _joins(pending, piece):
-                pending = (piece[0], pending[1], pending[2] + piece[2], pending[3], 0)
-                continue
-            if pending is not None:
-                yield from _cut(pending, limit)
-            pending = piece
-        if batch:
-            yield batch
-        if pending is not None:
-            yield from _cut(pending, limit)
+        return coalesce(self.pieces(start, end), self.cluster_size, self.read_size)
 
     # -- execution -------------------------------------------------------------------
 
-    def extents(self) -> Iterator[Extent]:
-        return self.read_range(0, self.size)
-
-    def read_range(self, offset: int, length: int) -> Iterator[Extent]:
-        """The raw image's extents covering ``[offset, offset+length)``, in order."""
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return iter(())
+    def extents_between(self, offset: int, end: int) -> Iterator[Extent]:
         return in_order(self._work(offset, end), self._pool)
 
     def _work(self, offset: int, end: int) -> Iterator[Job]:
@@ -599,29 +563,10 @@ def _is_hole_entry(entry: int) -> bool:
     return bool(entry & L2_ZERO) or not entry & L2_OFFSET_MASK
 
 
-def _joins(prev: Piece, piece: Piece) -> bool:
-    """True if ``piece`` extends ``prev``: holes after holes, host-contiguous data."""
-    if prev[0] != piece[0]:
-        return False
-    return prev[0] == HOLE or prev[3] + prev[2] == piece[3]
-
-
-def _cut(piece: Piece, limit: int) -> Iterator[Piece]:
-    """A data piece in reads of at most ``limit`` bytes; holes stay whole."""
-    kind, guest, length, host, _ = piece
-    if kind == HOLE or length <= limit:
-        yield piece
-        return
-    for pos in range(0, length, limit):
-        yield (kind, guest + pos, min(limit, length - pos), host + pos, 0)
-
-
-class Qcow2Format(ImageFormat):
+class Qcow2Format(MagicFormat, ImageFormat):
     name = "qcow2"
+    magic = QCOW2_MAGIC
     detect_order = 10
-
-    def detect(self, head: bytes, source: ByteSource) -> bool:
-        return head[:4] == QCOW2_MAGIC
 
     def open(self, source: ByteSource, options: OpenOptions) -> ImageInput:
         image = Qcow2Image(source, options)
