@@ -80,6 +80,12 @@ ResumeOpt = Annotated[
         "--resume", metavar="UUID", help="Resume the chunked upload into this drive UUID.",
                              show_default=False)
 ]
+SizeOpt = Annotated[
+    str | None, typer.Option(
+        "--size", metavar="SIZE", help="Exact raw size of a raw image on standard input "
+        "(upload - --size N): it streams as is, and a stream that ends short or runs long "
+        "leaves no drive.", show_default=False)
+]
 JournalOpt = Annotated[
     str | None, typer.Option(
         "--journal", metavar="PATH", help="Journal file of a chunked upload (default: "
@@ -115,6 +121,7 @@ def upload(
     threads: ThreadsOpt = 2,
     spool_dir: SpoolDirOpt = None,
     disk: DiskOpt = None,
+    size: SizeOpt = None,
     buffer: BufferOpt = "1M",
     chunked: ChunkedOpt = False,
     connections: ConnectionsOpt = 4,
@@ -140,7 +147,8 @@ def upload(
         connections=positive(connections, "--connections"), resume_uuid=resume,
         journal_path=journal)
     read = ReadOptions(format=fmt, read_size=positive_size(read_size, "--read-size"),
-                       threads=positive(threads, "--threads"), spool_dir=spool_dir, disk=disk)
+                       threads=positive(threads, "--threads"), spool_dir=spool_dir, disk=disk,
+                       size=None if size is None else parse_size(size))
     if journal and not options.is_chunked:
         raise UsageError("--journal belongs to a chunked upload: add --chunked")
     options.check()
