@@ -155,6 +155,16 @@ def is_url(path: str) -> bool:
     return bool(sep) and scheme.lower() in ("http", "https")
 
 
+def shown(path: str) -> str:
+    """How an image path is shown (titles, names): a URL without its query string,
+    where signed links carry their signature."""
+    if not is_url(path):
+        return path
+    from drivepipe.transport.curl import safe_url  # noqa: PLC0415 - pycurl only for URLs
+
+    return safe_url(path)
+
+
 def open_stdin(options: OpenOptions, chain: list[str] | None = None) -> ByteSource:
     """Standard input as a byte source: read in place when it is a file or a device
     (``< disk.img``); a pipe of a known size (``options.size``) streams as is when it

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import xxhash
+from test_download_nginx import clean_env, drivepipe_argv
 
 from drivepipe._errors import SizeMismatch
 from drivepipe._registry import open_image
@@ -169,3 +170,45 @@ def test_a_regular_file_on_stdin_must_have_the_size(tmp_path: Path) -> None:
         os.dup2(saved, 0)
         os.close(saved)
         os.close(fd)
+
+
+def _upload_has_size_option() -> bool:
+    from typer.main import get_command  # noqa: PLC0415
+
+    from drivepipe.cli import load_commands  # noqa: PLC0415
+
+    upload_cmd = get_command(load_commands("upload")).commands["upload"]  # type: ignore[attr-defined]
+    return any("--size" in p.opts for p in upload_cmd.params)
+
+
+@pytest.mark.skipif(not _upload_has_size_option(), reason="upload has no --size option yet")
+@pytest.mark.parametrize("delta", [0, -1000, 1000])
+def test_the_cli_uploads_a_pipe_of_an_announced_size(
+    drive_store: Any, tmp_path: Path, delta: int,
+) -> None:
+    """``cat disk.raw | drivepipe upload - --size N`` as a shell runs it."""
+    announced = 3 * MiB + 17
+    src = tmp_path / "disk.raw"
+    data = disk_bytes(4, announced + delta)
+    src.write_bytes(data)
+    env = clean_env(CLOUDSIGMA_USERNAME=drive_store.username,
+                    CLOUDSIGMA_PASSWORD=drive_store.password)
+    with open(src, "rb") as f:
+        cat = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
+        proc = subprocess.run(
+            drivepipe_argv("upload", "-", "--size", str(announced), "--endpoint",
+                           drive_store.base_url, "--progress", "none", "--no-meta"),
+            stdin=cat.stdout, capture_output=True, text=True, env=env, timeout=60,
+            check=False)
+        assert cat.stdout is not None
+        cat.stdout.close()
+        cat.wait(10)
+    if delta == 0:
+        assert proc.returncode == 0, proc.stderr
+        uuid = proc.stdout.strip()
+        with open(drive_store.store.raw_path(uuid), "rb") as f:
+            assert f.read(announced) == data
+        return
+    assert proc.returncode == SizeMismatch.exit_code, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert drive_store.store.list() == []

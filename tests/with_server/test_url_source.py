@@ -597,18 +597,11 @@ def test_credentials_go_only_to_the_endpoints_origin(nginx: Nginx, images: Image
 
 
 def test_a_drive_url_over_tls_with_the_account_and_503s(
-    make_drive_store: Any, put_drive: Any, tmp_path: Path,
+    tls_drive_store: Any, put_drive: Any,
 ) -> None:
     """A drive's own download URL on a TLS store: a private CA must be named, the
     account goes along (its origin is the endpoint's), 503 bursts are waited out."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    cert.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_pem))
-    srv = make_drive_store(tls_cert=str(chain), tls_key=str(key))
+    srv, ca_pem = tls_drive_store.server, tls_drive_store.ca_pem
     data = bytearray(random.Random(13).randbytes(3 * MiB))
     data[MiB : 2 * MiB] = bytes(MiB)
     uuid = put_drive(srv, bytes(data))
@@ -638,6 +631,12 @@ def test_a_url_with_a_password_is_refused_without_echoing_it(
                        nginx.url("/files/x").replace("http://", "http://me:pw-in-url@"))
     assert code == UsageError.exit_code
     assert "pw-in-url" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "https:///x", "http//host/x"])
+def test_what_is_not_an_http_url_is_refused(url: str) -> None:
+    with pytest.raises(UsageError, match="not an http"):
+        UrlSource(url)
 
 
 def test_a_missing_file_is_one_line(nginx: Nginx, capfd: pytest.CaptureFixture[str]) -> None:

@@ -8,6 +8,7 @@ import typer
 
 from drivepipe._progress import Reporter
 from drivepipe._registry import STDIN as STDOUT
+from drivepipe._registry import shown
 from drivepipe._stats import RunStats
 from drivepipe.api import Client, drive_ref, new_drive
 from drivepipe.cli._app import app
@@ -97,7 +98,7 @@ def copy(
     if size is not None:
         read.size = positive_size(size, "--size")
     tls = transport(account.cacert, account.insecure_http, limit_rate, stall_timeout)
-    stats = RunStats(title=f"copy {src}")
+    stats = RunStats(title=f"copy {shown(src)}")
     to_drive, _ = new_drive(dst)
     with Reporter(stats, mode):
         if drive_ref(src) is None and not to_drive:
@@ -118,9 +119,9 @@ def copy(
             finally:
                 if other is not None:
                     other.close()
-    shown = result.uuid if result.kind in ("upload", "drive-to-drive") else result.output
-    if shown != STDOUT:
-        typer.echo(shown)
+    printed = result.uuid if result.kind in ("upload", "drive-to-drive") else result.output
+    if printed != STDOUT:
+        typer.echo(printed)
 
 
 LOCAL_READ_SIZE_TEXT = f"{LOCAL_READ_SIZE >> 20}M"

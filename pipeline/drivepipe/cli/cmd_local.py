@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from drivepipe._progress import Reporter
+from drivepipe._registry import shown
 from drivepipe._sizes import format_size
 from drivepipe._stats import RunStats
 from drivepipe.cli._app import app
@@ -62,7 +63,7 @@ def convert(
     mode = progress_mode(progress, quiet, verbose)
     positive(queue_depth, "--queue-depth")
     read = read_options(fmt, read_size, threads, spool_dir, disk)
-    stats = RunStats(title=f"convert {src}")
+    stats = RunStats(title=f"convert {shown(src)}")
     with Reporter(stats, mode):
         images.convert(src, dst, read=read, force=force, queue_depth=queue_depth, stats=stats)
 
@@ -86,7 +87,7 @@ def checksum_one(
     disk: str | None = None,
 ) -> str:
     """The xxh3-128 hex digest of ``path``'s raw content."""
-    stats = RunStats(title=f"checksum {path}")
+    stats = RunStats(title=f"checksum {shown(path)}")
     read = read_options(fmt, read_size, threads, spool_dir, disk)
     with Reporter(stats, progress):
         return images.checksum(path, read=read, queue_depth=queue_depth, stats=stats)

@@ -17,7 +17,7 @@ from drivepipe._errors import UsageError
 from drivepipe._extent import split_zeros
 from drivepipe._files import check_free_space, check_target
 from drivepipe._names import raw_name_for
-from drivepipe._registry import STDIN, open_image, open_target
+from drivepipe._registry import STDIN, open_image, open_target, shown
 from drivepipe._registry import stage as plugin_stage
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, OpenOptions, TargetOptions
@@ -103,7 +103,7 @@ class ConvertResult:
 def output_for(src: str, dst: str) -> str:
     """``DST``, or ``DST/NAME.raw`` when ``dst`` is a directory (or ends with ``/``)."""
     if dst != STDIN and (dst.endswith(os.sep) or os.path.isdir(dst)):
-        return os.path.join(dst, raw_name_for(src))
+        return os.path.join(dst, raw_name_for(shown(src)))
     return dst
 
 
@@ -125,7 +125,7 @@ def convert(
     if queue_depth <= 0:
         raise UsageError("the queue depth must be 1 or more")
     dst = output_for(src, dst)
-    stats = stats if stats is not None else RunStats(title=f"convert {src}")
+    stats = stats if stats is not None else RunStats(title=f"convert {shown(src)}")
     # The target first: if it refuses (an existing file), no image is opened for nothing.
     sink, kind = open_target(dst, TargetOptions(force=force))
     try:
@@ -157,7 +157,7 @@ def checksum(
     """The xxh3-128 (hex, as ``xxh128sum`` prints it) of image ``src``'s raw disk."""
     if queue_depth <= 0:
         raise UsageError("the queue depth must be 1 or more")
-    stats = stats if stats is not None else RunStats(title=f"checksum {src}")
+    stats = stats if stats is not None else RunStats(title=f"checksum {shown(src)}")
     image = open_input(src, read, stats)
     hasher: Any = plugin_stage("xxh3")()
     discard, _ = open_target("discard:", TargetOptions())

@@ -1,6 +1,6 @@
 """An http(s) URL as a byte source: ranges for random reads, streams that resume.
 
-In: a URL, the transport policy (:class:`~drivepipe.transport.http.TlsOptions`)
+In: a URL, the transport policy (:class:`~drivepipe.transport.curl.TlsOptions`)
 and optionally an endpoint with its credentials.  The first request is a
 ``GET`` with ``Range: bytes=0-0`` following redirects; it teaches the final
 URL (often a signed one), the size, the ETag / Last-Modified and whether
@@ -31,7 +31,7 @@ ranged request answered with the whole file - means the file changed on the
 server: that is an error, never a mix of two versions.  An expired signed link
 (401/403/404/410 after a redirect) is renewed by probing the original URL again.
 
-Credentials (Basic) are attached by :func:`drivepipe.transport.http.configure`,
+Credentials (Basic) are attached by :func:`drivepipe.transport.curl.configure`,
 only to URLs on the endpoint's origin, never over plain http to a remote host,
 and never after a redirect to another origin (libcurl does not re-send them
 while following, and the requests that follow go to the final URL without
@@ -460,11 +460,15 @@ class UrlSource(ByteSource):
                     f"(asked for bytes {pos}-{(end or 0) - 1} of {self.size}, got "
                     f"{headers.get('content-range', 'no Content-Range')}); start again")
             return True
-        if ranged:
+        if ranged and self.strong_etag:
             # If-Range said "only if unchanged": a whole new body means it changed
             raise SourceChanged(f"{self.label}: the file changed on the server while it was "
                                 "being read (a ranged request got the whole file back); "
                                 "start again")
+        if ranged:
+            raise TransferError(f"{self.label}: the server stopped answering ranges (it "
+                                "sent the whole file for a part of it); a file can only be "
+                                "read from it front to back now")
         length = headers.get("content-length", "")
         if self.size_known and length.isdigit() and int(length) != self.size:
             raise SourceChanged(f"{self.label}: the file changed on the server while it was "
