@@ -50,7 +50,7 @@ from drivepipe.cli._net import (
 from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE
 from drivepipe.cloudsigma.upload import MAX_BUFFER_SIZE, MIN_BUFFER_SIZE, UploadOptions
 from drivepipe.jobs.images import ReadOptions
-from drivepipe.jobs.upload import MetaNotStored
+from drivepipe.jobs.upload import MetaNotStored, shown
 from drivepipe.jobs.upload import upload as upload_image
 
 NameOpt = Annotated[
@@ -156,7 +156,7 @@ def upload(
                     connections if options.is_chunked else 1)
     conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http, tls)
     try:
-        stats = RunStats(title=f"upload {image}")
+        stats = RunStats(title=f"upload {shown(image)}")
         with Reporter(stats, mode):
             result = upload_image(image, connection=conn, options=options, read=read,
                                   stats=stats, notify=note, handle_signals=True)

@@ -105,7 +105,7 @@ def upload(
     if handle_signals:
         options = replace(options, handle_signals=True)
     read = _reading(read or ReadOptions(), connection, notify)
-    label = (safe_url(image) if is_url(image) else image) if isinstance(image, str) else image.path
+    label = shown(image) if isinstance(image, str) else image.path
     try:
         options.check()
         if isinstance(image, str):
@@ -131,6 +131,11 @@ def upload(
     stats.result = {"uuid": result.uuid, "xxh128": result.xxh128, "size": result.size}
     store_meta(connection, result, options)
     return result
+
+
+def shown(image: str) -> str:
+    """How ``image`` is named in titles and drive names: a URL without its query."""
+    return safe_url(image) if is_url(image) else image
 
 
 def _reading(read: ReadOptions, conn: Connection, notify: Notify | None) -> ReadOptions:
@@ -240,6 +245,7 @@ __all__ = [
     "UploadResult",
     "check_access",
     "drive_target",
+    "shown",
     "store_meta",
     "upload",
     "upload_stream",
