@@ -6,6 +6,8 @@ Imported by name (``from store_servers import ...``): pytest puts ``tests/`` on
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,38 @@ def cli_upload(server: RunningServer, capfd: pytest.CaptureFixture[str],
     code = main(["upload", "--endpoint", server.base_url, "--progress", "none", *args])
     out, err = capfd.readouterr()
     return code, out, err
+
+
+class Trigger:
+    """Runs ``action`` in a thread as soon as ``condition`` holds (within 30 s)."""
+
+    def __init__(self, condition: Callable[[], bool], action: Callable[[], None],
+                 what: str = "") -> None:
+        self.what = what
+        self.fired = False
+        self._thread = threading.Thread(target=self._watch, args=(condition, action),
+                                        daemon=True)
+        self._thread.start()
+
+    def _watch(self, condition: Callable[[], bool], action: Callable[[], None]) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if condition():
+                action()
+                self.fired = True
+                return
+            time.sleep(0.005)
+
+    def join(self) -> bool:
+        """Wait for the watcher; True if the action ran."""
+        self._thread.join()
+        return self.fired
+
+
+def when_upload_arrives(server: RunningServer, action: Callable[[], None],
+                        what: str = "") -> Trigger:
+    """Hold the next direct upload 1 s before its body is read (the sender blocks
+    meanwhile) and run ``action`` in a thread as soon as the request arrived."""
+    server.faults.delay(1.0, match="/drives/upload")
+    # the delay is taken (and gone from the list) when the request has arrived
+    return Trigger(lambda: not server.faults.snapshot(), action, what)

@@ -210,18 +210,24 @@ def test_config_readable_by_others_warns(
 # --- plain http to a non-loopback host ---------------------------------------------------------
 
 
+#: where a password may go over plain http without --insecure-http (https, loopback)
+PASSWORD_OK_URLS = ["https://zrh.cloudsigma.com/api/2.0/", "http://127.0.0.1:8765/api/2.0/",
+                    "http://127.0.0.2/api/2.0/", "http://localhost/api/2.0/",
+                    "http://[::1]:80/api/2.0/"]
+#: plain http elsewhere, including names and addresses that only look like loopback
+PASSWORD_REFUSED_URLS = [
+    "http://zrh.cloudsigma.com/api/2.0/",
+    "http://example.invalid/api/2.0/",
+    "http://192.0.2.7/api/2.0/",
+    "http://127.evil.example/api/2.0/",
+    "http://127.0.0.1.nip.example/api/2.0/",
+    "http://[::ffff:8.8.8.8]/api/2.0/",
+]
+
+
 @pytest.mark.parametrize(("url", "insecure", "allowed"), [
-    ("https://zrh.cloudsigma.com/api/2.0/", False, True),
-    ("http://127.0.0.1:8765/api/2.0/", False, True),
-    ("http://127.0.0.2/api/2.0/", False, True),
-    ("http://localhost/api/2.0/", False, True),
-    ("http://[::1]:80/api/2.0/", False, True),
-    ("http://zrh.cloudsigma.com/api/2.0/", False, False),
-    ("http://example.invalid/api/2.0/", False, False),
-    ("http://192.0.2.7/api/2.0/", False, False),
-    ("http://127.evil.example/api/2.0/", False, False),
-    ("http://127.0.0.1.nip.example/api/2.0/", False, False),
-    ("http://[::ffff:8.8.8.8]/api/2.0/", False, False),
+    *[(url, False, True) for url in PASSWORD_OK_URLS],
+    *[(url, False, False) for url in PASSWORD_REFUSED_URLS],
     ("http://example.invalid/api/2.0/", True, True),
 ])
 def test_plain_http_policy(url: str, insecure: bool, allowed: bool) -> None:

@@ -20,14 +20,13 @@ table before it is asserted (``conftest.py`` prints the table).
 from __future__ import annotations
 
 import random
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from rel_support import Cli, CuttingProxy, FaultTable, MiB, drive_holds, make_image, one_error_line
+from store_servers import Trigger, when_upload_arrives
 
 from drivepipe.server import RunningServer
 
@@ -70,32 +69,6 @@ class UploadCheck:
         lost = sum(not drive_holds(self.store, uuid, self.image) for uuid in new)
         how = "failed in one line" + (", complete orphan drive kept" if new else "")
         return clean and not lost, how, lost
-
-
-class Trigger:
-    """Runs ``action`` in a thread as soon as ``condition`` holds (within 30 s)."""
-
-    def __init__(self, condition: Callable[[], bool], action: Callable[[], None],
-                 what: str = "") -> None:
-        self.what = what
-        self.fired = False
-        self._thread = threading.Thread(target=self._watch, args=(condition, action),
-                                        daemon=True)
-        self._thread.start()
-
-    def _watch(self, condition: Callable[[], bool], action: Callable[[], None]) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if condition():
-                action()
-                self.fired = True
-                return
-            time.sleep(0.005)
-
-    def join(self) -> bool:
-        """Wait for the watcher; True if the action ran."""
-        self._thread.join()
-        return self.fired
 
 
 def chunks_received(store: RunningServer) -> int:
@@ -168,10 +141,7 @@ def test_direct_upload_store_restarted_mid_transfer(
     image = make_image(tmp_path / "disk.raw", 16 * MiB, 6)
     # The store sits on the request (headers in, body flowing into the socket buffers)
     # long enough for the restart to cut it.
-    store.faults.delay(1.0, match="/drives/upload")
-    # the delay is taken (and gone from the list) when the request has arrived
-    restarter = Trigger(lambda: not store.faults.snapshot(), store.restart,
-                        "the store was restarted mid-transfer")
+    restarter = when_upload_arrives(store, store.restart, "the store was restarted mid-transfer")
     code, _, _ = _upload_fault("store restarted mid-transfer", store, cli, image, fault_table,
                                complete=False, during=restarter)
     assert code != 0, "the restart cut the upload"

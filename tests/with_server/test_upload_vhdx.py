@@ -10,8 +10,6 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import xxhash
 from fixtures.vhdx_writer import Vhdx, header
 from sparse_files import write_sparse
 from store_servers import cli_upload as upload
+from store_servers import when_upload_arrives
 
 MiB = 1 << 20
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None,
@@ -77,24 +76,16 @@ def test_vhdx_rewritten_while_uploaded_creates_no_drive(
     rng = random.Random(22)
     blocks: dict[int, bytes | int] = {i: rng.randbytes(MiB) for i in range(24)}
     path = Vhdx(size=24 * MiB, blocks=blocks).write(tmp_path / "live.vhdx")
-    # the store holds the request 1 s before reading its body; the sender blocks meanwhile
-    drive_store.faults.delay(1.0, match="/drives/upload")
-    rewritten = threading.Event()
-
-    def rewrite_when_the_request_arrived() -> None:
-        deadline = time.monotonic() + 30
-        while drive_store.faults.snapshot() and time.monotonic() < deadline:
-            time.sleep(0.005)
+    def rewrite() -> None:
         # what a hypervisor does first: a new header with a new file write GUID
         with open(path, "r+b") as f:
             f.seek(64 << 10)
             f.write(header(12, file_write=uuid.UUID(int=7)))
-        rewritten.set()
 
-    threading.Thread(target=rewrite_when_the_request_arrived, daemon=True).start()
+    rewritten = when_upload_arrives(drive_store, rewrite)
     code, out, err = upload(drive_store, capfd, monkeypatch, tmp_path, "--read-size", "1M",
                             "--queue-depth", "1", str(path))
-    assert rewritten.wait(30)
+    assert rewritten.join(), "the image was rewritten mid-upload"
     assert code == 3 and out == "", err
     assert err.count("\n") == 1 and "changed while it was read" in err
     assert drive_store.store.list() == []

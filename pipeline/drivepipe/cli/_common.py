@@ -1,8 +1,9 @@
 """Options and helpers shared by the commands.
 
 Options that go together are declared once, as the fields of a frozen dataclass (an
-option group: :class:`ProgressOptions` here, :class:`~drivepipe.cli._net.Account`),
-and a command decorated with :func:`grouped_options` takes the group as one parameter
+option group: :class:`ProgressOptions` and :class:`ImageOptions` here,
+:class:`~drivepipe.cli._net.Account`), and a command decorated with
+:func:`grouped_options` takes the group as one parameter
 (``progress: ProgressOptions = FROM_OPTIONS``).
 """
 
@@ -12,15 +13,16 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Annotated, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
 
 import typer
 
 from drivepipe._errors import UsageError
 from drivepipe._progress import MODES, resolve_mode
 from drivepipe._sizes import parse_size
-from drivepipe._stage import ImageInput
-from drivepipe._stats import RunStats
+
+if TYPE_CHECKING:
+    from drivepipe.jobs.images import ReadOptions
 
 
 def optional(flag: str, metavar: str, help: str) -> Any:
@@ -108,7 +110,9 @@ def grouped_options(command: Callable[..., R]) -> Callable[..., R]:
 
     A parameter annotated with a dataclass is an option group: typer sees its fields
     (``Annotated`` option types with their defaults) instead, in that place of ``--help``,
-    and ``command`` is called with the dataclass those options make.
+    and ``command`` is called with the dataclass those options make.  Its default is
+    :data:`FROM_OPTIONS`, or an instance of the group whose values are the defaults
+    (``image: ImageOptions = LOCAL_IMAGE``).
     """
     signature = inspect.signature(command, eval_str=True)
     groups: dict[str, tuple[type[Any], list[str]]] = {}
@@ -120,10 +124,13 @@ def grouped_options(command: Callable[..., R]) -> Callable[..., R]:
             continue
         hints = inspect.get_annotations(group, eval_str=True)
         fields = dataclasses.fields(group)
+        # a group instance as the default gives the command its own defaults
+        defaults = param.default if isinstance(param.default, group) else None
         groups[param.name] = (group, [f.name for f in fields])
-        params += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                     default=f.default, annotation=hints[f.name])
-                   for f in fields]
+        params += [inspect.Parameter(
+            f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
+            default=f.default if defaults is None else getattr(defaults, f.name))
+            for f in fields]
     if not groups:
         raise TypeError(f"{command.__name__} takes no option group")
 
@@ -152,24 +159,27 @@ class ProgressOptions:
         return progress_mode(self.progress, self.quiet, self.verbose)
 
 
-def open_input(
-    path: str,
-    fmt: str,
-    read_size: str,
-    stats: RunStats | None = None,
-    threads: int = 2,
-    spool_dir: str | None = None,
-    disk: str | None = None,
-) -> ImageInput:
-    """Open an image with the CLI's options (checked with their flags' names)."""
-    from drivepipe.jobs.images import ReadOptions  # noqa: PLC0415 - jobs import the CLI's
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+    """How a command reads its image: ``--format``, ``--read-size``, ``--queue-depth``,
+    ``--threads``, ``--spool-dir``, ``--disk``."""
 
-    positive(threads, "--threads")
-    read = ReadOptions(format=fmt, read_size=positive_size(read_size, "--read-size"),
-                       threads=threads, spool_dir=spool_dir, disk=disk)
-    from drivepipe.jobs.images import open_input as open_image_input  # noqa: PLC0415
+    fmt: FormatOpt = "auto"
+    read_size: ReadSizeOpt = "4M"
+    queue_depth: QueueOpt = 16
+    threads: ThreadsOpt = 2
+    spool_dir: SpoolDirOpt = None
+    disk: DiskOpt = None
 
-    return open_image_input(path, read, stats)
+    def read(self) -> ReadOptions:
+        """The library's read options, each value checked with its flag's name
+        (``--queue-depth`` too: the caller passes :attr:`queue_depth` on)."""
+        from drivepipe.jobs.images import ReadOptions  # noqa: PLC0415 - loaded on first use
+
+        positive(self.queue_depth, "--queue-depth")
+        positive(self.threads, "--threads")
+        return ReadOptions(format=self.fmt, read_size=positive_size(self.read_size, "--read-size"),
+                           threads=self.threads, spool_dir=self.spool_dir, disk=self.disk)
 
 
 def progress_mode(progress: str, quiet: bool, verbose: bool) -> str:

@@ -67,6 +67,13 @@ class Account:
         """True when any of the options was given on the command line."""
         return any(astuple(self))
 
+    def tls(self, limit_rate: str | None = None, stall_timeout: float = 120.0,
+            connections: int = 1) -> TlsOptions:
+        """The transport policy of this account's options and ``--limit-rate`` /
+        ``--stall-timeout`` (see :func:`transport`)."""
+        return transport(self.cacert, self.insecure_http, limit_rate, stall_timeout,
+                         connections)
+
     def connect(self, tls: TlsOptions | None = None) -> Connection:
         """Resolve endpoint and credentials (env, config files, a prompt) and connect."""
         return connect(self.endpoint, self.direct_endpoint, self.location, self.user,

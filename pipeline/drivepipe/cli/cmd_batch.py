@@ -36,7 +36,7 @@ from drivepipe.cli._common import (
     grouped_options,
     optional,
 )
-from drivepipe.cli._net import Account, LimitRateOpt, StallOpt, transport
+from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
 from drivepipe.jobs import BatchReport, Executor, LocalExecutor, Settings, load_plan, run_batch
 from drivepipe.jobs.transfer import Access
 
@@ -119,7 +119,7 @@ def batch(
     if connections is not None and connections < 1:
         raise UsageError("--connections must be at least 1")
     # the checks of --limit-rate and --stall-timeout the single transfers make
-    rate = transport(account.cacert, account.insecure_http, limit_rate, stall_timeout).limit_rate
+    rate = account.tls(limit_rate, stall_timeout).limit_rate
     settings = Settings(
         **asdict(account), chunk_size=parse_size(chunk_size),
         read_size=parse_size(read_size), threads=threads, spool_dir=spool_dir,

@@ -16,7 +16,6 @@ or ``mtime_ns`` of the output file), for ``failed`` the ``error`` line, and
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import tempfile
@@ -25,6 +24,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from drivepipe._errors import OutputError, UsageError
+from drivepipe._locks import lock_exclusive
 
 VERSION: Final = 1
 STATE_SUFFIX: Final = ".state.json"
@@ -51,18 +51,9 @@ class StateFile:
         self.records: dict[str, dict[str, Any]] = self._load()
 
     def __enter__(self) -> StateFile:
-        lock = self.path + ".lock"
-        try:
-            self._fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise OutputError(f"cannot create {lock}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._fd)
-            self._fd = -1
-            raise UsageError(f"another drivepipe batch is running with {self.path}; wait "
-                             "for it, or give another state file") from exc
+        self._fd = lock_exclusive(self.path + ".lock", UsageError(
+            f"another drivepipe batch is running with {self.path}; wait for it, or give "
+            "another state file"))
         self.records = self._load()  # what the batch before this one left
         return self
 

@@ -40,7 +40,7 @@ import sys
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeAlias, cast
+from typing import cast
 
 from isal import isal_zlib
 
@@ -50,6 +50,7 @@ from drivepipe._registry import open_file
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
 from drivepipe_plugins.formats._parallel import Job, LazyPool, in_order
 from drivepipe_plugins.formats._ranged import RangedImage
+from drivepipe_plugins.formats._tables import COMPRESSED, DATA, HOLE, Piece, Table, coalesce
 
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
@@ -83,11 +84,6 @@ _DATA_SIZE_SCAN_LIMIT = 64 << 20
 
 _ISAL_ERROR = cast(type[Exception], isal_zlib.error)
 
-HOLE, DATA, COMPRESSED = 0, 1, 2
-#: (kind, offset, length, host offset, guest offset of the grain) in image offsets
-Piece = tuple[int, int, int, int, int]
-Table: TypeAlias = "array[int]"
-#: a job: an extent ready now, or work for the pool that returns extents
 
 
 # -- headers -----------------------------------------------------------------------
@@ -417,43 +413,13 @@ class SparseExtent:
     def jobs(self, lo: int, hi: int) -> Iterator[Job]:
         """Holes merged, host-contiguous data merged and cut at ``read_size``,
         compressed grains batched up to ``read_size`` of output."""
-        pending: Piece | None = None
-        batch: list[Piece] = []
-        limit = self.read_size
-        for piece in self.pieces(lo, hi):
-            if piece[0] == COMPRESSED:
-                if pending is not None:
-                    yield from self._flush(pending)
-                    pending = None
-                batch.append(piece)
-                if len(batch) * self.grain >= limit:
-                    yield self._inflate_job(batch)
-                    batch = []
-                continue
-            if batch:
-                yield self._inflate_job(batch)
-                batch = []
-            if pending is not None and pending[0] == piece[0] and (
-                piece[0] == HOLE or pending[3] + pending[2] == piece[3]
-            ):
-                pending = (piece[0], pending[1], pending[2] + piece[2], pending[3], 0)
-                continue
-            if pending is not None:
-                yield from self._flush(pending)
-            pending = piece
-        if batch:
-            yield self._inflate_job(batch)
-        if pending is not None:
-            yield from self._flush(pending)
-
-    def _flush(self, piece: Piece) -> Iterator[Job]:
-        kind, offset, length, host, _ = piece
-        if kind == HOLE:
-            yield Extent.hole(offset, length)
-            return
-        for pos in range(0, length, self.read_size):
-            n = min(self.read_size, length - pos)
-            yield _bind(self._read_data, offset + pos, host + pos, n)
+        for work in coalesce(self.pieces(lo, hi), self.grain, self.read_size):
+            if isinstance(work, list):
+                yield self._inflate_job(work)
+            elif work[0] == HOLE:
+                yield Extent.hole(work[1], work[2])
+            else:
+                yield _bind(self._read_data, work[1], work[3], work[2])
 
     def _read_data(self, offset: int, host: int, length: int) -> list[Extent]:
         # A grain cut short by the end of the file reads as zeros there, as in qemu.
