@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import cast
 
 from drivepipe._errors import DrivepipeError, ImageError, TransferError, UsageError
-from drivepipe._registry import STDIN, is_url, stage, target
+from drivepipe._registry import STDIN, shown, stage, target
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, Source, Stage
 from drivepipe._stats import RunStats
@@ -44,7 +44,6 @@ from drivepipe.cloudsigma.connection import Connection
 from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE, default_drive_name
 from drivepipe.cloudsigma.upload import DriveTarget, SentDrive, UploadOptions
 from drivepipe.jobs.images import ReadOptions, open_input
-from drivepipe.transport.curl import safe_url
 
 Notify = Callable[[str], None]
 #: extents queued before a chunked upload's sink, which holds its own chunks in memory
@@ -131,11 +130,6 @@ def upload(
     stats.result = {"uuid": result.uuid, "xxh128": result.xxh128, "size": result.size}
     store_meta(connection, result, options)
     return result
-
-
-def shown(image: str) -> str:
-    """How ``image`` is named in titles and drive names: a URL without its query."""
-    return safe_url(image) if is_url(image) else image
 
 
 def _reading(read: ReadOptions, conn: Connection, notify: Notify | None) -> ReadOptions:
@@ -245,7 +239,6 @@ __all__ = [
     "UploadResult",
     "check_access",
     "drive_target",
-    "shown",
     "store_meta",
     "upload",
     "upload_stream",
