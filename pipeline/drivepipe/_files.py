@@ -1,18 +1,13 @@
-"""Output files: sparse writes in place, durable publishing, disk space, errors.
+"""Output files, shared by the file and device targets and the download.
 
-Writes into a temporary file beside the target, ``ftruncate``s it to the image
-size, skips holes and all-zero 4 KiB blocks (so the output is sparse even when
-the input's zeros were written data), fsyncs, and only then puts it under the
-target name.  Refuses to replace an existing target unless ``force``; on any
-failure the temporary file is removed and the target is untouched.
-
-The temporary file has no name where the filesystem allows it (``O_TMPFILE``,
-linked under the target name at the end), so a killed convert leaves nothing
-behind; elsewhere it is ``.NAME.XXXX.part``, locked while written, and the next
-run removes the ones whose writer is gone.
-
-:class:`SparseOutput` is the random-access half (``write_at``) that the
-downloader uses for ranges arriving out of order.
+- :class:`SparseOutput`: writes in place at any offset, skipping holes and
+  all-zero 4 KiB blocks, with writeback started behind the cursor and one fsync;
+- :func:`publish`/:func:`check_target`: a finished temporary file goes under its
+  name only when durable, never over an existing file unless forced;
+- :func:`check_free_space`/:func:`free_bytes`, :func:`punch_hole`,
+  :func:`remove_stale_parts`;
+- :func:`output_error`: an ``OSError`` on an output as one line (``DiskFull``
+  for ENOSPC).
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import xxhash
 from store_servers import MakeStore, use_account
+from test_download_nginx import Nginx
+from test_download_nginx import nginx as download_nginx  # noqa: F401 - a fixture, by this name
 
 from drivepipe.cli import main
 from drivepipe.server import RunningServer
@@ -44,16 +46,19 @@ def drive_bytes(server: RunningServer, uuid: str, size: int) -> bytes:
 
 
 @pytest.fixture
-def two_stores(make_drive_store: MakeStore) -> tuple[RunningServer, RunningServer]:
-    return make_drive_store(), make_drive_store()
+def two_stores(make_drive_store: MakeStore, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[RunningServer, RunningServer]:
+    """Two stores with one account (two locations), the account in the environment."""
+    here, there = make_drive_store(), make_drive_store()
+    use_account(monkeypatch, tmp_path / "home", here)
+    return here, there
 
 
 def test_image_to_drive_to_drive_to_file_across_two_stores(
     two_stores: tuple[RunningServer, RunningServer], tmp_path: Path,
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     here, there = two_stores
-    use_account(monkeypatch, tmp_path / "home", here)
     raw = tmp_path / "disk.raw"
     content = image(raw)
     qcow2 = tmp_path / "disk.qcow2"
@@ -79,12 +84,11 @@ def test_image_to_drive_to_drive_to_file_across_two_stores(
 
 def test_drive_to_drive_refuses_a_source_that_does_not_match_its_meta(
     two_stores: tuple[RunningServer, RunningServer], tmp_path: Path,
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     here, there = two_stores
-    use_account(monkeypatch, tmp_path / "home", here)
+    image(tmp_path / "disk.raw")
     raw = tmp_path / "disk.raw"
-    image(raw)
     code, uuid, err = run(capfd, "--endpoint", here.base_url, str(raw), "drive:")
     assert code == 0, err
     with open(here.store.raw_path(uuid), "r+b") as f:  # the stored bytes rot
@@ -152,3 +156,24 @@ def test_a_sized_pipe_streams_and_a_wrong_size_leaves_nothing(tmp_path: Path,
         assert child.returncode == 4, child.stderr
         assert len(child.stderr.decode().strip().splitlines()) == 1
         assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/nginx"), reason="needs nginx")
+def test_a_url_to_a_file_and_to_a_drive(download_nginx: Nginx, drive_store: RunningServer,  # noqa: F811
+                                        tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a qcow2 at a URL is read through ranges: its raw disk lands in a file, or in a drive
+    raw = tmp_path / "disk.raw"
+    content = image(raw)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw),
+                    str(download_nginx.www / "copy.qcow2")], check=True)
+    url = download_nginx.url("/files/copy.qcow2")
+    out = tmp_path / "from-url.raw"
+    code, printed, err = run(capfd, url, str(out))
+    assert code == 0, err
+    assert printed == str(out) and out.read_bytes() == content
+    use_account(monkeypatch, tmp_path / "home", drive_store)
+    code, uuid, err = run(capfd, "--endpoint", drive_store.base_url, url, "drive:")
+    assert code == 0, err
+    assert drive_bytes(drive_store, uuid, len(content)) == content
+    assert drive_store.store.get(uuid).name == "copy.qcow2"

@@ -14,19 +14,17 @@ from drivepipe.api import Client, drive_ref, new_drive
 from drivepipe.cli._app import app
 from drivepipe.cli._common import (
     FROM_OPTIONS,
-    DiskOpt,
     ForceOpt,
-    FormatOpt,
+    ImageOptions,
     ProgressOptions,
-    SpoolDirOpt,
     grouped_options,
     optional,
     positive,
     positive_size,
 )
 from drivepipe.cli._net import Account, LimitRateOpt, StallOpt, transport
-from drivepipe.cli.cmd_local import read_options
-from drivepipe.jobs.images import LOCAL_READ_SIZE, convert
+from drivepipe.cli.cmd_local import LOCAL_IMAGE
+from drivepipe.jobs.images import convert
 
 
 def note(text: str) -> None:
@@ -62,7 +60,6 @@ def copy(
     dst: Annotated[str, typer.Argument(
         metavar="DST", help="A new drive (drive: or drive:NAME), a file (sparse), a "
         "directory, a block device, - (standard output) or NAME:ARG for a target plugin.")],
-    fmt: FormatOpt = "auto",
     force: ForceOpt = False,
     expect: Annotated[str | None, optional(
         "--expect", "DIGEST", "Expected xxh3-128 of a drive source (default: its meta).")] = None,
@@ -79,8 +76,7 @@ def copy(
     to_user: ToUserOpt = None,
     limit_rate: LimitRateOpt = None,
     stall_timeout: StallOpt = 120.0,
-    spool_dir: SpoolDirOpt = None,
-    disk: DiskOpt = None,
+    image: ImageOptions = LOCAL_IMAGE,
     account: Account = FROM_OPTIONS,
     progress: ProgressOptions = FROM_OPTIONS,
 ) -> None:
@@ -94,7 +90,7 @@ def copy(
     """
     mode = progress.mode
     positive(connections, "--connections")
-    read = read_options(fmt, LOCAL_READ_SIZE_TEXT, 2, spool_dir, disk)
+    read = image.read()
     if size is not None:
         read.size = positive_size(size, "--size")
     tls = transport(account.cacert, account.insecure_http, limit_rate, stall_timeout)
@@ -103,7 +99,8 @@ def copy(
     with Reporter(stats, mode):
         if drive_ref(src) is None and not to_drive:
             # no endpoint is needed (or configured) for an image to a local target
-            done = convert(src, dst, read=read, force=force, stats=stats)
+            done = convert(src, dst, read=read, force=force, queue_depth=image.queue_depth,
+                           stats=stats)
             if done.output != STDOUT:  # standard output carries the bytes, nothing else
                 typer.echo(done.output)
             return
@@ -123,5 +120,3 @@ def copy(
     if printed != STDOUT:
         typer.echo(printed)
 
-
-LOCAL_READ_SIZE_TEXT = f"{LOCAL_READ_SIZE >> 20}M"

@@ -15,19 +15,14 @@ from drivepipe._stats import RunStats
 from drivepipe.cli._app import app
 from drivepipe.cli._checklist import check_lists, hash_each
 from drivepipe.cli._common import (
+    FROM_OPTIONS,
     DiskOpt,
     ForceOpt,
     FormatOpt,
-    ProgressOpt,
-    QueueOpt,
-    QuietOpt,
-    ReadSizeOpt,
+    ImageOptions,
+    ProgressOptions,
     SpoolDirOpt,
-    ThreadsOpt,
-    VerboseOpt,
-    positive,
-    positive_size,
-    progress_mode,
+    grouped_options,
 )
 from drivepipe.jobs import images
 
@@ -36,7 +31,12 @@ LOCAL_READ_SIZE = "2M"
 LOCAL_QUEUE_DEPTH = images.LOCAL_QUEUE_DEPTH
 
 
+#: the local commands read in 2 MiB pieces with 8 in flight (see drivepipe.jobs.images)
+LOCAL_IMAGE = ImageOptions(read_size=LOCAL_READ_SIZE, queue_depth=LOCAL_QUEUE_DEPTH)
+
+
 @app.command()
+@grouped_options
 def convert(
     src: Annotated[str, typer.Argument(
         metavar="SRC", help="Input image (any supported format); - reads standard input.")],
@@ -45,83 +45,49 @@ def convert(
         "standard output, in order (holes as zeros on a pipe).  A directory (existing, or "
         "written with a trailing /) gets SRC's file name with its format extensions "
         "replaced by .raw inside it: disk.qcow2.gz -> DIR/disk.raw.")],
-    fmt: FormatOpt = "auto",
     force: ForceOpt = False,
-    progress: ProgressOpt = "auto",
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    read_size: ReadSizeOpt = LOCAL_READ_SIZE,
-    queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
-    threads: ThreadsOpt = 2,
-    spool_dir: SpoolDirOpt = None,
-    disk: DiskOpt = None,
+    image: ImageOptions = LOCAL_IMAGE,
+    progress: ProgressOptions = FROM_OPTIONS,
 ) -> None:
     """Convert an image to a sparse raw file (temp file, fsync, rename on success).
 
     DST may also be a block device (every byte written), or NAME:ARG for an installed
     target plugin."""
-    mode = progress_mode(progress, quiet, verbose)
-    positive(queue_depth, "--queue-depth")
-    read = read_options(fmt, read_size, threads, spool_dir, disk)
+    mode = progress.mode
+    read = image.read()
     stats = RunStats(title=f"convert {shown(src)}")
     with Reporter(stats, mode):
-        images.convert(src, dst, read=read, force=force, queue_depth=queue_depth, stats=stats)
+        images.convert(src, dst, read=read, force=force, queue_depth=image.queue_depth,
+                       stats=stats)
 
 
-def read_options(fmt: str, read_size: str, threads: int, spool_dir: str | None,
-                 disk: str | None) -> images.ReadOptions:
-    """The read options from the CLI's, each checked with its flag's name."""
-    positive(threads, "--threads")
-    return images.ReadOptions(format=fmt, read_size=positive_size(read_size, "--read-size"),
-                              threads=threads, spool_dir=spool_dir, disk=disk)
-
-
-def checksum_one(
-    path: str,
-    fmt: str,
-    read_size: str,
-    progress: str,
-    queue_depth: int = LOCAL_QUEUE_DEPTH,
-    threads: int = 2,
-    spool_dir: str | None = None,
-    disk: str | None = None,
-) -> str:
+def checksum_one(path: str, image: ImageOptions, mode: str) -> str:
     """The xxh3-128 hex digest of ``path``'s raw content."""
     stats = RunStats(title=f"checksum {shown(path)}")
-    read = read_options(fmt, read_size, threads, spool_dir, disk)
-    with Reporter(stats, progress):
-        return images.checksum(path, read=read, queue_depth=queue_depth, stats=stats)
+    read = image.read()
+    with Reporter(stats, mode):
+        return images.checksum(path, read=read, queue_depth=image.queue_depth, stats=stats)
 
 
 @app.command()
+@grouped_options
 def checksum(
     srcs: Annotated[list[str], typer.Argument(
         metavar="PATH", help="Images to hash (raw content); with -c, lists to check.")],
     check: Annotated[bool, typer.Option(
         "--check", "-c", help="Each PATH is a list of HASH  NAME lines (xxh128sum's format, "
         "- for stdin): hash each NAME and print NAME: OK or NAME: FAILED.")] = False,
-    fmt: FormatOpt = "auto",
-    progress: ProgressOpt = "auto",
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    read_size: ReadSizeOpt = LOCAL_READ_SIZE,
-    queue_depth: QueueOpt = LOCAL_QUEUE_DEPTH,
-    threads: ThreadsOpt = 2,
-    spool_dir: SpoolDirOpt = None,
-    disk: DiskOpt = None,
+    image: ImageOptions = LOCAL_IMAGE,
+    progress: ProgressOptions = FROM_OPTIONS,
 ) -> None:
     """Print the xxh3-128 of each image's raw content, in xxh128sum's line format.
 
     A file that cannot be hashed gets one error line on stderr and the others are still
     hashed; the exit code is then that of the first failure (7 if -c found a mismatch).
     """
-    mode = progress_mode(progress, quiet, verbose)
-    positive(queue_depth, "--queue-depth")
-    positive(threads, "--threads")
-    positive_size(read_size, "--read-size")
-    digest = functools.partial(checksum_one, fmt=fmt, read_size=read_size, progress=mode,
-                               queue_depth=queue_depth, threads=threads,
-                               spool_dir=spool_dir, disk=disk)
+    mode = progress.mode
+    image.read()  # a bad option is refused once, before any file
+    digest = functools.partial(checksum_one, image=image, mode=mode)
     code = check_lists(srcs, digest) if check else hash_each(srcs, digest)
     if code:
         raise typer.Exit(code)
