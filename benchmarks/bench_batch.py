@@ -39,15 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import (
-    drivepipe_command,
-    fmt_ratio,
-    fmt_size,
-    make_dense_image,
-    markdown_table,
-    parse_size,
-    run_measured,
-)
+import _util as util
 from bench_upload import running_store, throwaway_account
 
 
@@ -115,8 +107,8 @@ def endpoint(base_url: str, rate: int) -> Iterator[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=16)
-    p.add_argument("--size", type=parse_size, default=parse_size("256M"))
-    p.add_argument("--rate-per-connection", type=parse_size, default=parse_size("16M"),
+    p.add_argument("--size", type=util.parse_size, default=util.parse_size("256M"))
+    p.add_argument("--rate-per-connection", type=util.parse_size, default=util.parse_size("16M"),
                    help="bytes/s each connection may send (0: no cap)")
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--dir", type=Path, default=None)
@@ -137,12 +129,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
     password, netrc = throwaway_account(workdir)
-    images = [make_dense_image(workdir / f"disk{n}.raw", args.size, seed=n)
+    images = [util.make_dense_image(workdir / f"disk{n}.raw", args.size, seed=n)
               for n in range(args.count)]
     plan = workdir / "plan.jsonl"
     plan.write_text("".join(json.dumps({"op": "upload", "image": str(p), "name": p.stem})
                             + "\n" for p in images))
-    dp = drivepipe_command()
+    dp = util.drivepipe_command()
     with running_store(workdir / "store", password, netrc) as store, \
             endpoint(store.base_url, args.rate_per_connection) as url:
         loop = " ".join(f"{dp} upload --progress none --endpoint {url} {p} >/dev/null;"
@@ -162,15 +154,15 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                     shutil.rmtree(state)
                 else:
                     state.unlink()
-            seconds[name] = run_measured(argv).wall
+            seconds[name] = util.run_measured(argv).wall
     total = args.count * args.size
     base = seconds["shell loop of uploads"]
-    rows = [[name, f"{s:.1f}", f"{total / s / 1e6:.0f}", fmt_ratio(s, base)]
+    rows = [[name, f"{s:.1f}", f"{total / s / 1e6:.0f}", util.fmt_ratio(s, base)]
             for name, s in seconds.items()]
-    cap = (f"{fmt_size(args.rate_per_connection)}/s per connection"
+    cap = (f"{util.fmt_size(args.rate_per_connection)}/s per connection"
            if args.rate_per_connection else "no cap")
-    print(f"{args.count} images of {fmt_size(args.size)} (dense), store on 127.0.0.1, {cap}")
-    print(markdown_table(["run", "seconds", "MB/s", "vs shell loop"], rows))
+    print(f"{args.count} images of {util.fmt_size(args.size)} (dense), store on 127.0.0.1, {cap}")
+    print(util.markdown_table(["run", "seconds", "MB/s", "vs shell loop"], rows))
 
 
 if __name__ == "__main__":

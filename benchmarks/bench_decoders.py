@@ -39,22 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import (
-    MiB,
-    Timing,
-    drivepipe_command,
-    fmt_ratio,
-    fmt_size,
-    markdown_table,
-    parse_size,
-    remove,
-    settle,
-    time_command,
-    tool,
-    warm_cache,
-)
+import _util as util
 
-BLOCK = 1 * MiB
+BLOCK = 1 * util.MiB
 
 
 def mixed_pool(seed: int, blocks: int = 32) -> list[bytes]:
@@ -90,8 +77,8 @@ def make_image(path: Path, size: int, data_fraction: float, seed: int = 0) -> Pa
 class Row:
     image: str
     raw_size: int
-    ours: Timing
-    theirs: Timing | None
+    ours: util.Timing
+    theirs: util.Timing | None
     theirs_label: str
 
     def cells(self) -> list[object]:
@@ -103,8 +90,8 @@ class Row:
             f"{mbps:.0f}",
             self.theirs_label,
             f"{theirs:.2f}" if self.theirs else "-",
-            fmt_ratio(self.ours.best, theirs) if self.theirs else "-",
-            fmt_size(self.ours.peak_rss),
+            util.fmt_ratio(self.ours.best, theirs) if self.theirs else "-",
+            util.fmt_size(self.ours.peak_rss),
         ]
 
 
@@ -113,8 +100,8 @@ HEADERS = ["image", "drivepipe s", "raw MB/s", "reference", "reference s", "rati
 
 def fresh(out: Path) -> Callable[[], None]:
     def before() -> None:
-        remove(out)
-        settle()
+        util.remove(out)
+        util.settle()
 
     return before
 
@@ -124,8 +111,8 @@ def shell(cmd: str) -> list[str]:
 
 
 def bench_qcow2(raw: Path, work: Path, repeat: int) -> list[Row]:
-    qemu = tool("qemu-img")
-    dp = drivepipe_command()
+    qemu = util.tool("qemu-img")
+    dp = util.drivepipe_command()
     size = raw.stat().st_size
     out = work / "out.raw"
     rows = []
@@ -133,22 +120,23 @@ def bench_qcow2(raw: Path, work: Path, repeat: int) -> list[Row]:
                          ("qcow2 zstd", ["-c", "-o", "compression_type=zstd"])]:
         image = work / (label.replace(" ", "-") + ".qcow2")
         subprocess.run([qemu, "convert", "-O", "qcow2", *extra, str(raw), str(image)], check=True)
-        warm_cache(image)
-        ours = time_command([dp, "convert", "--progress", "none", str(image), str(out)],
-                            repeat=repeat, before=fresh(out))
-        theirs = time_command([qemu, "convert", "-O", "raw", str(image), str(out)],
-                              repeat=repeat, before=fresh(out))
+        util.warm_cache(image)
+        ours = util.time_command([dp, "convert", "--progress", "none", str(image), str(out)],
+                                 repeat=repeat, before=fresh(out))
+        theirs = util.time_command([qemu, "convert", "-O", "raw", str(image), str(out)],
+                                   repeat=repeat, before=fresh(out))
         rows.append(Row(f"{label} convert", size, ours, theirs, "qemu-img convert -O raw"))
         # drivepipe convert fsyncs before renaming into place; qemu-img does not
-        synced = time_command(
+        synced = util.time_command(
             shell(f"{qemu} convert -O raw {image} {out} && sync {out}"),
             repeat=repeat, before=fresh(out),
         )
         rows.append(Row(f"{label} convert", size, ours, synced, "qemu-img ... && sync"))
-        hashed = time_command([dp, "checksum", "--progress", "none", str(image)], repeat=repeat)
+        hashed = util.time_command([dp, "checksum", "--progress", "none", str(image)],
+                                   repeat=repeat)
         rows.append(Row(f"{label} checksum", size, hashed, None, ""))
-        remove(image)
-    remove(out)
+        util.remove(image)
+    util.remove(out)
     return rows
 
 
@@ -162,12 +150,12 @@ STREAMS: list[tuple[str, list[str], str]] = [
 
 
 def bench_streams(raw: Path, work: Path, stream_size: int, repeat: int) -> list[Row]:
-    dp = drivepipe_command()
+    dp = util.drivepipe_command()
     part = work / "stream.raw"
     with open(raw, "rb") as src, open(part, "wb") as dst:
         left = stream_size
         while left > 0:
-            chunk = src.read(min(left, 8 * MiB))
+            chunk = src.read(min(left, 8 * util.MiB))
             dst.write(chunk)
             left -= len(chunk)
     size = part.stat().st_size
@@ -179,18 +167,19 @@ def bench_streams(raw: Path, work: Path, stream_size: int, repeat: int) -> list[
         image = work / f"stream.{label}"
         with open(part, "rb") as src, open(image, "wb") as dst:
             subprocess.run(compressor, stdin=src, stdout=dst, check=True)
-        warm_cache(image)
-        ours = time_command([dp, "convert", "--progress", "none", str(image), str(out)],
-                            repeat=repeat, before=fresh(out))
+        util.warm_cache(image)
+        ours = util.time_command([dp, "convert", "--progress", "none", str(image), str(out)],
+                                 repeat=repeat, before=fresh(out))
         cmd = decompress.format(src=image, dst=out) + f" && sync {out}"
-        theirs = time_command(shell(cmd), repeat=repeat, before=fresh(out),
-                              label=decompress)
+        theirs = util.time_command(shell(cmd), repeat=repeat, before=fresh(out),
+                                   label=decompress)
         rows.append(Row(f"{label} convert", size, ours, theirs, decompress.split()[0] + " to file"))
-        hashed = time_command([dp, "checksum", "--progress", "none", str(image)], repeat=repeat)
+        hashed = util.time_command([dp, "checksum", "--progress", "none", str(image)],
+                                   repeat=repeat)
         rows.append(Row(f"{label} checksum", size, hashed, None, ""))
-        remove(image)
-    remove(part)
-    remove(out)
+        util.remove(image)
+    util.remove(part)
+    util.remove(out)
     return rows
 
 
@@ -204,8 +193,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the directory afterwards")
     parser.add_argument("--only", choices=["qcow2", "streams"], help="run one half only")
     args = parser.parse_args()
-    size = parse_size(args.size)
-    stream_size = min(parse_size(args.stream_size), size)
+    size = util.parse_size(args.size)
+    stream_size = min(util.parse_size(args.stream_size), size)
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench-decoders-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -215,9 +204,9 @@ def main() -> None:
             rows += bench_qcow2(raw, work, args.repeat)
         if args.only in (None, "streams"):
             rows += bench_streams(raw, work, stream_size, args.repeat)
-        print(f"raw image: {fmt_size(size)}, {args.data_fraction:.0%} data; "
-              f"streams: {fmt_size(stream_size)}; best of {args.repeat}\n")
-        print(markdown_table(HEADERS, [r.cells() for r in rows]))
+        print(f"raw image: {util.fmt_size(size)}, {args.data_fraction:.0%} data; "
+              f"streams: {util.fmt_size(stream_size)}; best of {args.repeat}\n")
+        print(util.markdown_table(HEADERS, [r.cells() for r in rows]))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -30,31 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import (
-    Timing,
-    allocated,
-    capture,
-    drivepipe_command,
-    fmt_ratio,
-    fmt_size,
-    make_dense_image,
-    make_sparse_image,
-    markdown_table,
-    parse_size,
-    remove,
-    settle,
-    time_command,
-    tool,
-    warm_cache,
-)
+import _util as util
 
 
 @dataclass
 class Comparison:
     image: str
     task: str
-    ours: Timing
-    theirs: Timing
+    ours: util.Timing
+    theirs: util.Timing
 
     def row(self) -> list[object]:
         return [
@@ -62,11 +46,11 @@ class Comparison:
             self.task,
             f"{self.ours.best:.2f}",
             f"{self.theirs.best:.2f}",
-            fmt_ratio(self.ours.best, self.theirs.best),
+            util.fmt_ratio(self.ours.best, self.theirs.best),
             f"{self.ours.best_cpu:.2f}",
             f"{self.theirs.best_cpu:.2f}",
-            fmt_size(self.ours.peak_rss),
-            fmt_size(self.theirs.peak_rss),
+            util.fmt_size(self.ours.peak_rss),
+            util.fmt_size(self.theirs.peak_rss),
         ]
 
 
@@ -77,40 +61,41 @@ HEADERS = [
 
 
 def bench_checksum(name: str, image: Path, repeat: int) -> Comparison:
-    dp = drivepipe_command()
+    dp = util.drivepipe_command()
     ours_argv = [dp, "checksum", "--progress", "none", str(image)]
-    theirs_argv = [tool("xxh128sum"), str(image)]
-    if capture(ours_argv) != capture(theirs_argv):
+    theirs_argv = [util.tool("xxh128sum"), str(image)]
+    if util.capture(ours_argv) != util.capture(theirs_argv):
         sys.exit(f"checksum of {image} differs from xxh128sum")
-    ours = time_command(ours_argv, repeat=repeat)
-    theirs = time_command(theirs_argv, repeat=repeat)
+    ours = util.time_command(ours_argv, repeat=repeat)
+    theirs = util.time_command(theirs_argv, repeat=repeat)
     return Comparison(name, "checksum vs xxh128sum", ours, theirs)
 
 
 def bench_convert(name: str, image: Path, out: Path, repeat: int) -> list[Comparison]:
-    dp = drivepipe_command()
-    cp = tool("cp")
+    dp = util.drivepipe_command()
+    cp = util.tool("cp")
 
     def clear() -> None:
-        remove(out)
-        settle()
+        util.remove(out)
+        util.settle()
 
-    ours = time_command(
+    ours = util.time_command(
         [dp, "convert", "--progress", "none", str(image), str(out)], repeat=repeat, before=clear
     )
-    ours_alloc = allocated(out)
-    cp_plain = time_command(
+    ours_alloc = util.allocated(out)
+    cp_plain = util.time_command(
         [cp, "--sparse=always", str(image), str(out)], repeat=repeat, before=clear
     )
-    cp_alloc = allocated(out)
-    cp_sync = time_command(
+    cp_alloc = util.allocated(out)
+    cp_sync = util.time_command(
         ["sh", "-c", 'cp --sparse=always "$1" "$2" && sync "$2"', "sh", str(image), str(out)],
         repeat=repeat,
         before=clear,
     )
-    remove(out)
+    util.remove(out)
     print(
-        f"{name}: output allocated: drivepipe {fmt_size(ours_alloc)}, cp {fmt_size(cp_alloc)}",
+        f"{name}: output allocated: drivepipe {util.fmt_size(ours_alloc)}, "
+        f"cp {util.fmt_size(cp_alloc)}",
         file=sys.stderr,
     )
     return [
@@ -139,23 +124,24 @@ def main(argv: list[str] | None = None) -> None:
     try:
         empty = workdir / "empty.raw"
         empty.touch()
-        startup = time_command(
-            [drivepipe_command(), "checksum", "--progress", "none", str(empty)],
+        startup = util.time_command(
+            [util.drivepipe_command(), "checksum", "--progress", "none", str(empty)],
             repeat=args.repeat,
         )
         images: list[tuple[str, Path]] = []
         if args.only in (None, "sparse"):
-            size = parse_size(args.sparse_size)
-            path = make_sparse_image(
+            size = util.parse_size(args.sparse_size)
+            path = util.make_sparse_image(
                 workdir / "sparse.raw", size, data_fraction=args.data_fraction
             )
-            images.append((f"sparse {fmt_size(size)} ({fmt_size(allocated(path))} data)", path))
+            data = util.fmt_size(util.allocated(path))
+            images.append((f"sparse {util.fmt_size(size)} ({data} data)", path))
         if args.only in (None, "dense"):
-            size = parse_size(args.dense_size)
-            path = make_dense_image(workdir / "dense.raw", size)
-            images.append((f"dense {fmt_size(size)}", path))
+            size = util.parse_size(args.dense_size)
+            path = util.make_dense_image(workdir / "dense.raw", size)
+            images.append((f"dense {util.fmt_size(size)}", path))
         for name, path in images:
-            warm_cache(path)
+            util.warm_cache(path)
             print(f"timing {name} ...", file=sys.stderr)
             results.append(bench_checksum(name, path, args.repeat))
             results.extend(bench_convert(name, path, workdir / "out.raw", args.repeat))
@@ -164,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"best of {args.repeat}, warm page cache; ratio = drivepipe / reference "
           "(below 1.00x: drivepipe faster)\n")
-    print(markdown_table(HEADERS, [r.row() for r in results]))
+    print(util.markdown_table(HEADERS, [r.row() for r in results]))
     print(f"\ndrivepipe start-up (checksum of an empty file, included in every drivepipe "
           f"time above): {startup.best:.2f} s wall, {startup.best_cpu:.2f} s cpu")
 

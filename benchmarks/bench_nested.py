@@ -28,18 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import (
-    Timing,
-    drivepipe_command,
-    fmt_ratio,
-    fmt_size,
-    markdown_table,
-    parse_size,
-    remove,
-    run_measured,
-    settle,
-    tool,
-)
+import _util as util
 from bench_decoders import make_image
 from bench_upload import curl_argv, running_store, throwaway_account
 
@@ -57,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dir", default="/var/tmp")
     args = parser.parse_args(argv)
-    size = parse_size(args.size)
+    size = util.parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="bench-nested-", dir=args.dir))
     try:
         run(work, size, args.repeat)
@@ -66,11 +55,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(work: Path, size: int, repeat: int) -> None:
-    qemu = tool("qemu-img")
+    qemu = util.tool("qemu-img")
     raw = make_image(work / "disk.raw", size, 0.5)
     qcow = work / "disk.qcow2"
     subprocess.run([qemu, "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
-    remove(raw)
+    util.remove(raw)
     packed = {
         "qcow2.xz (xz -T2)": (work / "disk.qcow2.xz", ["xz", "-T2", "-k", "-c"], "unxz -T2 -c"),
         "qcow2.gz (gzip)": (work / "disk.qcow2.gz", ["gzip", "-c"], "gunzip -c"),
@@ -78,12 +67,12 @@ def run(work: Path, size: int, repeat: int) -> None:
     for path, cmd, _ in packed.values():
         with open(path, "wb") as out:
             subprocess.run([*cmd, str(qcow)], stdout=out, check=True)
-    remove(qcow)
+    util.remove(qcow)
     password, netrc = throwaway_account(work)
     rows = []
     with running_store(work / "store", password, netrc) as store:
         for label, (path, _, unpack) in packed.items():
-            ours, theirs = Timing("drivepipe"), Timing("three steps")
+            ours, theirs = util.Timing("drivepipe"), util.Timing("three steps")
             tmp_q, tmp_raw = work / "tmp.qcow2", work / "tmp.raw"
             # the three steps must all succeed (an exit status that hid a failed curl
             # would time a shorter job); the temporary files go between runs, untimed
@@ -91,22 +80,23 @@ def run(work: Path, size: int, repeat: int) -> None:
                 f"{unpack} {path} > {tmp_q} && {qemu} convert -O raw {tmp_q} {tmp_raw} && "
                 + shlex.join(curl_argv(store, tmp_raw)) + " > /dev/null"
             )
-            one_step = [drivepipe_command(), "upload", str(path), "--endpoint", store.base_url,
+            one_step = [util.drivepipe_command(), "upload", str(path), "--endpoint", store.base_url,
                         "--progress", "none", "--spool-dir", str(work)]
             for _ in range(repeat):  # alternately, so both see the same machine
                 for timing, cmd in ((ours, one_step), (theirs, two_step)):
                     store.delete_drives()
-                    remove(tmp_q)
-                    remove(tmp_raw)
-                    settle()
-                    usage = run_measured(cmd)
+                    util.remove(tmp_q)
+                    util.remove(tmp_raw)
+                    util.settle()
+                    usage = util.run_measured(cmd)
                     timing.seconds.append(usage.wall)
                     timing.peak_rss = max(timing.peak_rss, usage.peak_rss)
             spooled = "no" if "xz" in label else "yes"
             rows.append([label, f"{ours.best:.2f}", f"{theirs.best:.2f}",
-                         fmt_ratio(ours.best, theirs.best), fmt_size(ours.peak_rss), spooled])
-    print(f"\n### One-step upload of a compressed qcow2 ({fmt_size(size)} disk, half data)\n")
-    print(markdown_table(HEADERS, rows))
+                         util.fmt_ratio(ours.best, theirs.best),
+                         util.fmt_size(ours.peak_rss), spooled])
+    print(f"\n### One-step upload of a compressed qcow2 ({util.fmt_size(size)} disk, half data)\n")
+    print(util.markdown_table(HEADERS, rows))
 
 
 if __name__ == "__main__":

@@ -30,16 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import (
-    drivepipe_command,
-    fmt_size,
-    markdown_table,
-    parse_size,
-    remove,
-    time_command,
-    tool,
-    warm_cache,
-)
+import _util as util
 from bench_decoders import HEADERS, Row, fresh, make_image, shell
 
 IMAGES = [
@@ -50,8 +41,8 @@ IMAGES = [
 
 
 def bench(raw: Path, work: Path, repeat: int) -> list[Row]:
-    qemu = tool("qemu-img")
-    dp = drivepipe_command()
+    qemu = util.tool("qemu-img")
+    dp = util.drivepipe_command()
     size = raw.stat().st_size
     out = work / "out.raw"
     ref = work / "ref.raw"
@@ -60,26 +51,27 @@ def bench(raw: Path, work: Path, repeat: int) -> list[Row]:
         image = work / (label.replace(" ", "-") + "." + fmt)
         subprocess.run([qemu, "convert", "-f", "raw", "-O", fmt, "-o", opts, str(raw),
                         str(image)], check=True)
-        warm_cache(image)
-        ours = time_command([dp, "convert", "--progress", "none", str(image), str(out)],
-                            repeat=repeat, before=fresh(out))
+        util.warm_cache(image)
+        ours = util.time_command([dp, "convert", "--progress", "none", str(image), str(out)],
+                                 repeat=repeat, before=fresh(out))
         subprocess.run([qemu, "convert", "-f", qfmt, "-O", "raw", str(image), str(ref)],
                        check=True)
         if not filecmp.cmp(out, ref, shallow=False):
             raise SystemExit(f"{label}: drivepipe's output differs from qemu-img's")
-        remove(ref)
-        synced = time_command(
+        util.remove(ref)
+        synced = util.time_command(
             shell(f"{qemu} convert -f {qfmt} -O raw {image} {out} && sync {out}"),
             repeat=repeat, before=fresh(out),
         )
         rows.append(Row(f"{label} convert", size, ours, synced, "qemu-img ... && sync"))
-        bare = time_command([qemu, "convert", "-f", qfmt, "-O", "raw", str(image), str(out)],
-                            repeat=repeat, before=fresh(out))
+        bare = util.time_command([qemu, "convert", "-f", qfmt, "-O", "raw", str(image), str(out)],
+                                 repeat=repeat, before=fresh(out))
         rows.append(Row(f"{label} convert", size, ours, bare, "qemu-img convert -O raw"))
-        hashed = time_command([dp, "checksum", "--progress", "none", str(image)], repeat=repeat)
+        hashed = util.time_command([dp, "checksum", "--progress", "none", str(image)],
+                                   repeat=repeat)
         rows.append(Row(f"{label} checksum", size, hashed, None, ""))
-        remove(image)
-    remove(out)
+        util.remove(image)
+    util.remove(out)
     return rows
 
 
@@ -91,15 +83,15 @@ def main() -> None:
     parser.add_argument("--dir", help="where to put the images (default: under /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the directory afterwards")
     args = parser.parse_args()
-    size = parse_size(args.size)
+    size = util.parse_size(args.size)
     work = Path(args.dir or tempfile.mkdtemp(prefix="bench-vhd-vdi-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         raw = make_image(work / "image.raw", size, args.data_fraction)
         rows = bench(raw, work, args.repeat)
-        print(f"raw image: {fmt_size(size)}, {args.data_fraction:.0%} data; "
+        print(f"raw image: {util.fmt_size(size)}, {args.data_fraction:.0%} data; "
               f"best of {args.repeat}\n")
-        print(markdown_table(HEADERS, [r.cells() for r in rows]))
+        print(util.markdown_table(HEADERS, [r.cells() for r in rows]))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

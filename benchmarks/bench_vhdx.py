@@ -22,19 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import (
-    capture,
-    drivepipe_command,
-    fmt_ratio,
-    fmt_size,
-    markdown_table,
-    parse_size,
-    remove,
-    settle,
-    time_command,
-    tool,
-    warm_cache,
-)
+import _util as util
 from bench_decoders import make_image
 
 
@@ -47,8 +35,8 @@ def main() -> None:
     parser.add_argument("--dir", help="where to put the images (default: under /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the directory afterwards")
     args = parser.parse_args()
-    qemu, dp = tool("qemu-img"), drivepipe_command()
-    size = parse_size(args.size)
+    qemu, dp = util.tool("qemu-img"), util.drivepipe_command()
+    size = util.parse_size(args.size)
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(dir="/var/tmp",
                                                                  prefix="bench-vhdx-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -58,34 +46,37 @@ def main() -> None:
         subprocess.run([qemu, "convert", "-O", "vhdx", "-o",
                         f"subformat=dynamic,block_size={args.block_size}", str(raw), str(image)],
                        check=True)
-        digest = capture(["xxh128sum", str(raw)]).split()[0] if shutil.which("xxh128sum") else ""
-        remove(raw)
-        warm_cache(image)
+        digest = (util.capture(["xxh128sum", str(raw)]).split()[0]
+                  if shutil.which("xxh128sum") else "")
+        util.remove(raw)
+        util.warm_cache(image)
         out = work / "out.raw"
 
         def fresh() -> None:
-            remove(out)
-            settle()
+            util.remove(out)
+            util.settle()
 
-        ours = time_command([dp, "convert", "--progress", "none", str(image), str(out)],
-                            repeat=args.repeat, before=fresh)
-        theirs = time_command(["sh", "-c", f"{qemu} convert -O raw {image} {out} && sync {out}"],
+        ours = util.time_command([dp, "convert", "--progress", "none", str(image), str(out)],
+                                 repeat=args.repeat, before=fresh)
+        theirs = util.time_command(
+            ["sh", "-c", f"{qemu} convert -O raw {image} {out} && sync {out}"],
                               repeat=args.repeat, before=fresh)
-        hashed = time_command([dp, "checksum", "--progress", "none", str(image)],
-                              repeat=args.repeat)
+        hashed = util.time_command([dp, "checksum", "--progress", "none", str(image)],
+                                   repeat=args.repeat)
         if digest:
-            assert capture([dp, "checksum", "--progress", "none", str(image)]).split()[0] == digest
+            got = util.capture([dp, "checksum", "--progress", "none", str(image)]).split()[0]
+            assert got == digest
         rows = [
             ["vhdx convert", f"{ours.best:.2f}", f"{size / ours.best / 1e6:.0f}",
              "qemu-img convert -O raw && sync", f"{theirs.best:.2f}",
-             fmt_ratio(ours.best, theirs.best), fmt_size(ours.peak_rss)],
+             util.fmt_ratio(ours.best, theirs.best), util.fmt_size(ours.peak_rss)],
             ["vhdx checksum", f"{hashed.best:.2f}", f"{size / hashed.best / 1e6:.0f}", "", "-",
-             "-", fmt_size(hashed.peak_rss)],
+             "-", util.fmt_size(hashed.peak_rss)],
         ]
-        print(f"dynamic VHDX, {fmt_size(size)} virtual, {args.data_fraction:.0%} data, "
+        print(f"dynamic VHDX, {util.fmt_size(size)} virtual, {args.data_fraction:.0%} data, "
               f"block size {args.block_size}, best of {args.repeat}\n")
-        print(markdown_table(["image", "drivepipe s", "raw MB/s", "reference", "reference s",
-                              "ratio", "RSS"], rows))
+        print(util.markdown_table(["image", "drivepipe s", "raw MB/s", "reference", "reference s",
+                                   "ratio", "RSS"], rows))
         print(f"\nratio {ours.best / theirs.best:.2f}x")
     finally:
         if not args.keep:

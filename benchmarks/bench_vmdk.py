@@ -24,22 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _util import (
-    drivepipe_command,
-    markdown_table,
-    parse_size,
-    remove,
-    time_command,
-    tool,
-    warm_cache,
-)
+import _util as util
 from bench_decoders import HEADERS, Row, fresh, make_image, shell
 from bench_upload import curl_argv, running_store, throwaway_account
 
 
 def bench(raw: Path, work: Path, repeat: int, threads: int, upload: bool = False) -> list[Row]:
-    qemu = tool("qemu-img")
-    dp = drivepipe_command()
+    qemu = util.tool("qemu-img")
+    dp = util.drivepipe_command()
     size = raw.stat().st_size
     out = work / "out.raw"
     rows = []
@@ -47,14 +39,14 @@ def bench(raw: Path, work: Path, repeat: int, threads: int, upload: bool = False
         image = work / f"{sub}.vmdk"
         subprocess.run([qemu, "convert", "-O", "vmdk", "-o", f"subformat={sub}", str(raw),
                         str(image)], check=True)
-        warm_cache(image)
-        ours = time_command(
+        util.warm_cache(image)
+        ours = util.time_command(
             [dp, "convert", "--progress", "none", "--threads", str(threads), str(image),
              str(out)],
             repeat=repeat, before=fresh(out),
         )
-        theirs = time_command(shell(f"{qemu} convert -O raw {image} {out} && sync {out}"),
-                              repeat=repeat, before=fresh(out))
+        theirs = util.time_command(shell(f"{qemu} convert -O raw {image} {out} && sync {out}"),
+                                   repeat=repeat, before=fresh(out))
         rows.append(Row(f"vmdk {sub} convert", size, ours, theirs, "qemu-img ... && sync"))
         if upload:
             rows.append(bench_upload(image, work, repeat, threads, sub, size))
@@ -69,21 +61,22 @@ def bench_upload(image: Path, work: Path, repeat: int, threads: int, sub: str,
     with running_store(work / "store", password, netrc) as store:
         def clean() -> None:
             store.delete_drives()
-            remove(work / "tmp.raw")
+            util.remove(work / "tmp.raw")
 
-        ours = time_command([drivepipe_command(), "upload", "--progress", "none", "--threads",
+        ours = util.time_command(
+            [util.drivepipe_command(), "upload", "--progress", "none", "--threads",
                              str(threads), "--endpoint", store.base_url, str(image)],
                             repeat=repeat, before=clean)
         tmp = work / "tmp.raw"
-        two = shell(f"{tool('qemu-img')} convert -O raw {image} {tmp} && "
+        two = shell(f"{util.tool('qemu-img')} convert -O raw {image} {tmp} && "
                     + shlex.join(curl_argv(store, tmp)) + " > /dev/null")
-        theirs = time_command(two, repeat=repeat, before=clean)
+        theirs = util.time_command(two, repeat=repeat, before=clean)
     return Row(f"vmdk {sub} upload", size, ours, theirs, "qemu-img to raw + curl")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=parse_size, default=parse_size("2G"))
+    parser.add_argument("--size", type=util.parse_size, default=util.parse_size("2G"))
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None)
@@ -95,7 +88,7 @@ def main() -> None:
     try:
         raw = make_image(work / "half.raw", args.size, 0.5)
         rows = bench(raw, work, args.repeat, args.threads, args.upload)
-        print(markdown_table(HEADERS, [r.cells() for r in rows]))
+        print(util.markdown_table(HEADERS, [r.cells() for r in rows]))
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -45,17 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _util import (  # noqa: E402 - the sibling module, found through the path set above
-    fmt_ratio,
-    fmt_size,
-    markdown_table,
-    parse_size,
-    remove,
-    settle,
-    time_command,
-    tool,
-    warm_cache,
-)
+import _util as util  # noqa: E402 - the sibling module, found through the path set above
 
 RESULTS = HERE / "RESULTS.md"
 MiB = 1 << 20
@@ -211,7 +201,7 @@ def onestep(args: argparse.Namespace, workdir: Path) -> AreaResult:
     work = workdir / "onestep"
     work.mkdir(parents=True, exist_ok=True)
     result = AreaResult("onestep", ["(in run.py)"])
-    raw = compressible_image(work / "disk.raw", parse_size(args.qcow2))
+    raw = compressible_image(work / "disk.raw", util.parse_size(args.qcow2))
     inputs = make_onestep_inputs(raw, work)
     password, netrc = bench_upload.throwaway_account(work)
     rows = []
@@ -223,9 +213,9 @@ def onestep(args: argparse.Namespace, workdir: Path) -> AreaResult:
                "reference RSS"]
     result.tables = [Table(headers, rows)]
     result.output = ("one-step upload vs convert to raw then curl --upload-file, local store, "
-                     f"best of {args.repeat}\n\n" + markdown_table(headers, rows) + "\n")
+                     f"best of {args.repeat}\n\n" + util.markdown_table(headers, rows) + "\n")
     for path in (raw, *(image for _, image, _ in inputs)):
-        remove(path)
+        util.remove(path)
     return result
 
 
@@ -248,15 +238,15 @@ def compressible_image(path: Path, size: int, seed: int = 3) -> Path:
 def make_onestep_inputs(raw: Path, work: Path) -> list[tuple[str, Path, str]]:
     """(label, image, shell command writing it as raw to $2) for qcow2 zlib and gzip."""
     qcow2 = work / "disk.qcow2"
-    subprocess.run([tool("qemu-img"), "convert", "-c", "-O", "qcow2", str(raw), str(qcow2)],
+    subprocess.run([util.tool("qemu-img"), "convert", "-c", "-O", "qcow2", str(raw), str(qcow2)],
                    check=True)
     gz = work / "disk.raw.gz"
     with open(raw, "rb") as src, open(gz, "wb") as dst:
-        subprocess.run([tool("pigz"), "-6"], stdin=src, stdout=dst, check=True)
+        subprocess.run([util.tool("pigz"), "-6"], stdin=src, stdout=dst, check=True)
     return [
-        (f"qcow2 zlib ({fmt_size(raw.stat().st_size)} raw)", qcow2,
+        (f"qcow2 zlib ({util.fmt_size(raw.stat().st_size)} raw)", qcow2,
          'qemu-img convert -O raw "$1" "$2"'),
-        (f"gzip ({fmt_size(raw.stat().st_size)} raw)", gz, 'gunzip -c "$1" > "$2"'),
+        (f"gzip ({util.fmt_size(raw.stat().st_size)} raw)", gz, 'gunzip -c "$1" > "$2"'),
     ]
 
 
@@ -265,22 +255,22 @@ def onestep_row(
 ) -> list[str]:
     import bench_upload  # noqa: PLC0415
 
-    warm_cache(image)
+    util.warm_cache(image)
     ours = bench_upload.timed(store, bench_upload.drivepipe_argv(store, image), repeat)
     curl = " ".join(f"'{a}'" for a in bench_upload.curl_argv(store, tmp))
     two_steps = ["sh", "-c", f'{to_raw} && {curl} > /dev/null', "sh", str(image), str(tmp)]
 
     def clean() -> None:
         store.delete_drives()  # type: ignore[attr-defined]  # bench_upload.Store
-        remove(tmp)
-        settle()
+        util.remove(tmp)
+        util.settle()
 
-    theirs = time_command(two_steps, repeat=repeat, before=clean)
-    remove(tmp)
+    theirs = util.time_command(two_steps, repeat=repeat, before=clean)
+    util.remove(tmp)
     reference = to_raw.split(maxsplit=1)[0] + " to raw + curl --upload-file"
     return [f"upload {label} in one step", reference, f"{ours.best:.2f}", f"{theirs.best:.2f}",
-            fmt_ratio(ours.best, theirs.best), fmt_size(ours.peak_rss),
-            fmt_size(theirs.peak_rss)]
+            util.fmt_ratio(ours.best, theirs.best), util.fmt_size(ours.peak_rss),
+            util.fmt_size(theirs.peak_rss)]
 
 
 # ---------------------------------------------------------------- the machine
@@ -299,7 +289,7 @@ def meminfo_total() -> str:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                return fmt_size(int(line.split()[1]) * 1024)
+                return util.fmt_size(int(line.split()[1]) * 1024)
     except OSError:
         pass
     return "unknown"
@@ -393,8 +383,8 @@ def report(results: list[AreaResult], args: argparse.Namespace, workdir: Path,
         "Ratio = drivepipe time / reference time: below 1.00x drivepipe is faster. "
         "Peak RSS is the resident memory high-water mark of each process "
         f"(GNU time). Best of {args.repeat} runs, warm page cache.", "",
-        "## Summary", "", markdown_table(SUMMARY_HEADERS, rows), "",
-        "## Machine", "", markdown_table(["machine", ""], machine(workdir)), "",
+        "## Summary", "", util.markdown_table(SUMMARY_HEADERS, rows), "",
+        "## Machine", "", util.markdown_table(["machine", ""], machine(workdir)), "",
     ]
     for result in results:
         parts += [f"## {result.area}", ""]

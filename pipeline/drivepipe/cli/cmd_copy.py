@@ -22,7 +22,7 @@ from drivepipe.cli._common import (
     positive,
     positive_size,
 )
-from drivepipe.cli._net import Account, LimitRateOpt, StallOpt, transport
+from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
 from drivepipe.cli.cmd_local import LOCAL_IMAGE
 from drivepipe.jobs.images import convert
 
@@ -93,7 +93,7 @@ def copy(
     read = image.read()
     if size is not None:
         read.size = positive_size(size, "--size")
-    tls = transport(account.cacert, account.insecure_http, limit_rate, stall_timeout)
+    tls = account.tls(limit_rate, stall_timeout)
     stats = RunStats(title=f"copy {shown(src)}")
     to_drive, _ = new_drive(dst)
     with Reporter(stats, mode):
