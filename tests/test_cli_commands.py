@@ -32,7 +32,8 @@ def test_running_a_local_command_does_not_import_the_network_side() -> None:
         "from drivepipe.cli import main\n"
         "main(['checksum', '--help'])\n"
         "heavy = [m for m in ('drivepipe.server', 'drivepipe_plugins.targets.drive_chunked',"
-        " 'drivepipe_plugins.sources.receiver', 'drivepipe._bench') if m in sys.modules]\n"
+        " 'drivepipe_plugins.sources.download', 'drivepipe_plugins.sources.url',"
+        " 'drivepipe._bench') if m in sys.modules]\n"
         "print(heavy, file=sys.stderr)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

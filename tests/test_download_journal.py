@@ -31,7 +31,8 @@ from drivepipe.resume.download_journal import (
     remove_journal,
     source_key,
 )
-from drivepipe_plugins.sources.download import PIECE, _Range
+from drivepipe.transport.curl import TlsOptions
+from drivepipe_plugins.sources.download import PIECE, RangeReceiver, ReceiveOptions, _Range
 from drivepipe_plugins.stages.verify import VerifyStage
 from drivepipe_plugins.targets.resumable_file import ResumableFileWriter
 
@@ -257,3 +258,17 @@ def test_range_pieces_are_aligned_fresh_buffers_and_continue_after_a_retry() -> 
     assert [p.offset for p in pieces] == [start, PIECE, 2 * PIECE, 3 * PIECE]
     assert b"".join(bytes(p.data or b"") for p in pieces) == data[start:]
     assert len({id(p.data) for p in pieces}) == len(pieces)
+
+
+def test_many_connections_get_smaller_ranges_not_a_bigger_window() -> None:
+    receiver = RangeReceiver("http://h/x", tls=TlsOptions(),
+                             options=ReceiveOptions(connections=64, range_size=8 * MiB))
+    receiver.size, receiver.ranges = 1 << 30, True
+    receiver._grow_window()
+    window = sum(r.end - r.pos for r in receiver.window)
+    assert len(receiver.window) == 66 and window <= 160 * MiB
+    few = RangeReceiver("http://h/x", tls=TlsOptions(),
+                        options=ReceiveOptions(connections=8, range_size=8 * MiB))
+    few.size, few.ranges = 1 << 30, True
+    few._grow_window()
+    assert [r.end - r.pos for r in few.window] == [8 * MiB] * 10

@@ -26,7 +26,7 @@ from drivepipe._extent import ZERO_BLOCK, Buffer, Extent, split_zeros
 #: took 1-3x longer (and more system time) than the same bytes in 128-256 KiB calls
 WRITE_SLICE = 256 << 10
 #: fallocate(2) modes
-_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02
+_KEEP_SIZE, _PUNCH_HOLE, _ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 def output_error(path: str, exc: OSError) -> OutputError:
@@ -37,13 +37,24 @@ def output_error(path: str, exc: OSError) -> OutputError:
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Free ``[offset, offset+length)`` of the file (it reads as zeros); False if refused."""
+    return fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length)
+
+
+def zero_range(fd: int, offset: int, length: int) -> bool:
+    """Make ``[offset, offset+length)`` read as zeros without writing them (a file or a
+    block device); False if refused."""
+    return fallocate(fd, _ZERO_RANGE | _KEEP_SIZE, offset, length)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2) with ``mode``; False where it is refused or missing."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        fallocate = libc.fallocate
-        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        call = libc.fallocate
+        call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     except (OSError, AttributeError):
         return False
-    return int(fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, offset, length)) == 0
+    return int(call(fd, mode, offset, length)) == 0
 
 
 def describe_os_error(path: str, exc: OSError) -> str:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import xxhash
 
 from drivepipe._errors import UsageError
-from drivepipe._extent import Extent, is_zero, zero_chunks
+from drivepipe._extent import Buffer, Extent, is_zero, zero_chunks
 from drivepipe._registry import open_file
 
 #: ``xxh128:HEX`` (also ``xxh3-128:``/``xxh3_128:``), or the bare digest ``xxh128sum`` prints
@@ -73,7 +74,12 @@ class FileDigest:
     nonzero_tail_at: int | None
 
 
-def _hash_extent(h: xxhash.xxh3_128, ext: Extent) -> None:
+class Hasher(Protocol):
+    def update(self, data: Buffer, /) -> None: ...
+
+
+def hash_extent(h: Hasher, ext: Extent) -> None:
+    """Feed ``ext``'s bytes to ``h`` (any xxhash object); a hole from the shared zero buffer."""
     if ext.data is None:
         for zeros in zero_chunks(ext.length):
             h.update(zeros)
@@ -108,7 +114,7 @@ class FileDigester:
         if ext.offset != self.pos:
             raise ValueError(f"extent at {ext.offset}, expected {self.pos}")
         for before, piece in _split_at((ext,), self.cut):
-            _hash_extent(self._hash, piece)
+            hash_extent(self._hash, piece)
             if not before and self._nonzero is None and piece.data is not None \
                     and not is_zero(piece.data):
                 self._nonzero = _first_nonzero(piece)

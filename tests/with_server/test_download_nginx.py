@@ -418,6 +418,23 @@ def test_damaged_block_on_disk_is_refetched_from_there_on_resume(nginx: Nginx, w
     assert nginx.bytes_sent(mark, "damaged.raw") == 1 + 3 * MiB
 
 
+def test_resume_from_a_server_ignoring_ranges_drops_the_kept_bytes(nginx: Nginx,
+                                                                   workdir: Path) -> None:
+    src = make_image(nginx, "whole2.raw", 8 * MiB, seed=22, pieces=16)
+    args = [nginx.url("/noranges/whole2.raw"), "--block-size", "1M"]
+    assert run(workdir, *args, "--expect", "xxh128:" + "4" * 32).returncode == 7
+    with open(workdir / "whole2.raw.part", "r+b") as f:  # block 5 goes bad: 0-4 are kept
+        f.seek(5 * MiB + 3)
+        f.write(b"\x55")
+    mark = len(nginx.log_lines())
+    proc = run(workdir, *args, "--expect", f"xxh128:{digest(src)}")
+    assert proc.returncode == 0, proc.stderr
+    assert "5.0 MiB of 8.0 MiB kept" in proc.stderr
+    # one whole answer (the server knows no ranges), its first 5 MiB dropped as they came
+    assert (workdir / "whole2.raw").read_bytes() == src.read_bytes()
+    assert [ln.split()[1] for ln in nginx.log_lines()[mark:]].count("200") == 2  # probe too
+
+
 def test_garbage_in_a_zero_block_is_overwritten_on_resume(nginx: Nginx, workdir: Path) -> None:
     size = 4 * MiB
     src = write_sparse(nginx.www / "zeros.raw", size, [(0, b"head"), (3 * MiB, b"tail")])
@@ -484,8 +501,11 @@ def test_sigkill_then_rerun_fetches_only_what_was_missing(
     assert all(any(lo <= a and b <= hi for lo, hi in on_disk) for a, b in covered)
 
 
-def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Path) -> None:
-    # 4 s at the /slow/ rate: room for the SIGINT to land mid-download on a loaded box
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Path,
+                                                      signum: int) -> None:
+    # 4 s at the /slow/ rate: room for the signal to land mid-download on a loaded box
+    # (the command asks the library for handlers: SIGTERM stops it like Ctrl-C)
     size = 64 * MiB
     src = make_image(nginx, "interrupted.raw", size, seed=13, pieces=20)
     args = [nginx.url("/slow/interrupted.raw"), "--expect", f"xxh128:{digest(src)}",
@@ -500,7 +520,7 @@ def test_ctrl_c_keeps_the_journal_and_rerun_completes(nginx: Nginx, workdir: Pat
     while time.monotonic() < deadline and proc.poll() is None and not (
             part.exists() and part.stat().st_blocks > 0):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert err == "drivepipe: error: interrupted\n" and out == ""

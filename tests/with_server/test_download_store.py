@@ -15,18 +15,24 @@ import http.client
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import pytest
 import xxhash
 from tmpfs import needs_root, resize, small_tmpfs
 
+from drivepipe._remote import Auth
 from drivepipe.cli import main
+from drivepipe.cloudsigma.config import Credentials, resolve_endpoint
+from drivepipe.jobs.download import DownloadOptions
+from drivepipe.jobs.download import download as library_download
 from drivepipe.server import RunningServer
 
 MiB = 1 << 20
@@ -73,13 +79,33 @@ def set_meta(store: RunningServer, uuid: str, data: bytes) -> None:
                              "drivepipe_size": str(len(data))})
 
 
+def sparse_drive(store: RunningServer, put_drive: PutDrive, tmp_path: Path, size: int,
+                 seed: int, pieces: int = 10) -> tuple[str, Path]:
+    """A drive of a random sparse image with the meta our upload stores; and the image."""
+    src = sparse_image(tmp_path / "src.raw", size, seed, pieces)
+    uuid = put_drive(store, src)
+    set_meta(store, uuid, src.read_bytes())
+    return uuid, src
+
+
+def kill_after_blocks(proc: subprocess.Popen[bytes], journal: Path, blocks: int) -> int:
+    """SIGKILL ``proc`` once its journal lists ``blocks`` blocks; the blocks it kept."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if len(json.loads(journal.read_text())["blocks"]) >= blocks:
+                break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    return len(json.loads(journal.read_text())["blocks"])
+
+
 def test_uuid_round_trip_verified_against_meta(
     drive_store: RunningServer, put_drive: PutDrive, cli_env: Path,
     capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:
-    src = sparse_image(tmp_path / "src.raw", 40 * MiB, seed=1)
-    uuid = put_drive(drive_store, src)
-    set_meta(drive_store, uuid, src.read_bytes())
+    uuid, src = sparse_drive(drive_store, put_drive, tmp_path, 40 * MiB, 1)
     assert download(drive_store, uuid, "--range-size", "8M", "--block-size", "1M") == 0
     out, err = capsys.readouterr()
     assert out == f"{uuid}\n"
@@ -96,11 +122,16 @@ def test_drive_grown_to_minimum_verifies_prefix_and_zero_tail(
     data = random.Random(2).randbytes(300_000)
     uuid = put_drive(drive_store, data)
     set_meta(drive_store, uuid, data)
-    assert drive_store.store.get(uuid).size > len(data)  # grown to the store's minimum
+    size = drive_store.store.get(uuid).size
+    assert size > len(data)  # grown to the store's minimum
     assert download(drive_store, uuid, "-o", "small.img") == 0
     got = (cli_env / "small.img").read_bytes()
     assert got[: len(data)] == data and not any(got[len(data):])
-    assert capsys.readouterr().out == "small.img\n"
+    out, err = capsys.readouterr()
+    assert out == "small.img\n"
+    # and it says what was verified
+    assert f"the first {len(data)} bytes verified against the drive's meta" in err
+    assert f"the other {size - len(data)} bytes" in err and "are zeros" in err
 
 
 def test_nonzero_byte_after_the_uploaded_size_is_caught(
@@ -141,9 +172,7 @@ def test_transient_faults_are_retried(
     drive_store: RunningServer, put_drive: PutDrive, cli_env: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    src = sparse_image(tmp_path / "src.raw", 24 * MiB, seed=5, pieces=20)
-    uuid = put_drive(drive_store, src)
-    set_meta(drive_store, uuid, src.read_bytes())
+    uuid, src = sparse_drive(drive_store, put_drive, tmp_path, 24 * MiB, 5, 20)
     faults = drive_store.faults
     faults.fail_next(3, status=503, match="/direct/")
     faults.drop_download_after(3 * MiB + 5, count=2, match="/direct/")
@@ -185,9 +214,7 @@ def test_sigkill_then_rerun_fetches_only_the_rest(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     size, block = 24 * MiB, 512 << 10
-    src = sparse_image(tmp_path / "src.raw", size, seed=8, pieces=30)
-    uuid = put_drive(drive_store, src)
-    set_meta(drive_store, uuid, src.read_bytes())
+    uuid, src = sparse_drive(drive_store, put_drive, tmp_path, size, 8, 30)
     drive_store.faults.delay(0.15, count=0, match="/direct/")  # slow enough to kill midway
     args = ["download", uuid, "--endpoint", drive_store.base_url, "--progress", "none",
             "--range-size", "1M", "--block-size", "512K", "--connections", "2"]
@@ -197,15 +224,7 @@ def test_sigkill_then_rerun_fetches_only_the_rest(
         cwd=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = cli_env / f"{uuid}.part.journal"
     want = random.Random().randint(2, 24)  # at most half: the end stays far enough away
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if len(json.loads(journal.read_text())["blocks"]) >= want:
-                break
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    kept = len(json.loads(journal.read_text())["blocks"])
+    kept = kill_after_blocks(proc, journal, want)
     assert 0 < kept < size // block
     drive_store.faults.clear()
     assert main([*args[:4], "--progress", "json", *args[6:]]) == 0
@@ -220,18 +239,10 @@ def test_sigkill_then_rerun_fetches_only_the_rest(
 
 
 def test_download_over_tls_with_a_private_ca(
-    make_drive_store: Callable[..., RunningServer], put_drive: PutDrive,
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tls_drive_store: Any, put_drive: PutDrive, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    chain, key, ca_pem = tmp_path / "chain.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    cert.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_pem))
-    store = make_drive_store(tls_cert=str(chain), tls_key=str(key))
-    assert store.base_url.startswith("https://")
+    store = tls_drive_store.server
     for k, v in store.env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
@@ -240,7 +251,7 @@ def test_download_over_tls_with_a_private_ca(
     set_meta(store, uuid, data)
     assert download(store, uuid) == 6
     assert "not trusted" in capsys.readouterr().err
-    assert download(store, uuid, "--cacert", str(ca_pem), "--connections", "2",
+    assert download(store, uuid, "--cacert", str(tls_drive_store.ca_pem), "--connections", "2",
                     "--range-size", "1M", "--block-size", "1M") == 0
     assert (tmp_path / uuid).read_bytes()[: len(data)] == data
 
@@ -267,20 +278,6 @@ def test_wrong_password_is_one_line(
     err = capsys.readouterr().err
     assert "authentication refused" in err and "wrong-password" not in err
     assert list(cli_env.iterdir()) == []
-
-
-def test_grown_drive_says_what_was_verified(
-    drive_store: RunningServer, put_drive: PutDrive, cli_env: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    data = random.Random(3).randbytes(300_000)
-    uuid = put_drive(drive_store, data)
-    set_meta(drive_store, uuid, data)
-    size = drive_store.store.get(uuid).size
-    assert download(drive_store, uuid, "-o", "g.img") == 0
-    err = capsys.readouterr().err
-    assert f"the first {len(data)} bytes verified against the drive's meta" in err
-    assert f"the other {size - len(data)} bytes" in err and "are zeros" in err
 
 
 def test_the_drives_own_api_url_is_verified_against_its_meta(
@@ -331,15 +328,7 @@ def test_a_fresh_signed_link_resumes_the_same_part(
          "download", first, *args, "--progress", "none", "--checkpoint-interval", "0.1"],
         cwd=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = cli_env / "s.img.part.journal"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            if len(json.loads(journal.read_text())["blocks"]) >= 3:
-                break
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    kept = len(json.loads(journal.read_text())["blocks"])
+    kept = kill_after_blocks(proc, journal, 3)
     assert 0 < kept < size // block
     drive_store.faults.clear()
     time.sleep(1.1)  # the next link expires a second later: its query differs
@@ -380,3 +369,34 @@ def test_a_full_disk_keeps_the_journaled_blocks_and_the_rerun_goes_on(
         assert stages["write"]["kept"] == len(kept) * MiB
         assert stages["receive"]["received"] == len(data) - len(kept) * MiB
         assert out.read_bytes() == data
+
+
+def test_the_library_call_prints_nothing_and_leaves_signals_alone(
+    drive_store: RunningServer, put_drive: PutDrive, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = random.Random(11).randbytes(2 * MiB)
+    uuid = put_drive(drive_store, data)
+    set_meta(drive_store, uuid, data)
+    auth = Auth(resolve_endpoint(drive_store.base_url, None, None),
+                Credentials(drive_store.username, drive_store.password))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen: list[object] = []
+
+    def spy(signum: int, frame: object) -> None:
+        seen.append(signum)
+
+    with contextlib.ExitStack() as restore:
+        for sig in handlers:  # a handler installed now would replace this one
+            previous = signal.signal(sig, spy)
+            restore.callback(signal.signal, sig, previous)
+        notes: list[str] = []
+        got = library_download(uuid, str(tmp_path / "lib.img"), auth=auth,
+                               options=DownloadOptions(range_size=MiB), notify=notes.append)
+        assert all(signal.getsignal(sig) is spy for sig in handlers)
+    assert capsys.readouterr() == ("", "")
+    assert got.output == str(tmp_path / "lib.img") and got.kind == "file"
+    assert got.size == len(data) and got.xxh128 == xxhash.xxh3_128_hexdigest(data)
+    assert got.expected is not None and got.expected.origin == "the drive's meta"
+    assert (got.kept, got.received, got.uuid) == (0, len(data), uuid)
+    assert (tmp_path / "lib.img").read_bytes() == data and notes == []

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 from test_download_store import set_meta
+from tmpfs import loop_device
 
 from drivepipe.cli import main
 from drivepipe.server import RunningServer
 
 MiB = 1 << 20
-LOSETUP = shutil.which("losetup")
 
 
 def cli(*args: str) -> list[str]:
@@ -87,26 +87,16 @@ def test_stdout_closed_early_is_one_line(
 
 
 @contextlib.contextmanager
-def loop_device(size: int, fill: int) -> Iterator[str]:
-    """A loop device over a sparse-backed file of ``size`` bytes, every byte ``fill``."""
-    if LOSETUP is None:
-        pytest.skip("needs losetup")
+def used_loop_device(size: int, fill: int) -> Iterator[str]:
+    """A loop device of ``size`` bytes that held other data: every byte ``fill``."""
     with tempfile.TemporaryDirectory() as tmp:
-        backing = os.path.join(tmp, "backing.img")
+        backing = Path(tmp) / "backing.img"
         with open(backing, "wb") as f:
-            f.truncate(size)
             chunk = bytes([fill]) * MiB
             for _ in range(size // MiB):
                 f.write(chunk)
-        made = subprocess.run([LOSETUP, "--find", "--show", backing], capture_output=True,
-                              text=True, check=False)
-        if made.returncode != 0 or not made.stdout.strip():
-            pytest.skip(f"losetup is not permitted here: {made.stderr.strip()}")
-        device = made.stdout.strip()
-        try:
+        with loop_device(backing) as device:
             yield device
-        finally:
-            subprocess.run([LOSETUP, "--detach", device], check=False)
 
 
 def test_download_to_a_used_loop_device_leaves_exactly_the_drive(
@@ -119,7 +109,7 @@ def test_download_to_a_used_loop_device_leaves_exactly_the_drive(
     size = drive_store.store.get(uuid).size
     for key, value in env_for(drive_store, tmp_path).items():
         monkeypatch.setenv(key, value)
-    with loop_device(size + 2 * MiB, 0xAA) as device:
+    with used_loop_device(size + 2 * MiB, 0xAA) as device:
         assert main(["download", uuid, "-o", device, "--endpoint", drive_store.base_url,
                      "--progress", "none", "--range-size", "2M"]) == 0
         assert capsys.readouterr().out == f"{device}\n"
@@ -142,7 +132,7 @@ def test_a_mounted_device_is_refused(
         monkeypatch.setenv(key, value)
     point = tmp_path / "mnt"
     point.mkdir()
-    with loop_device(16 * MiB, 0) as device:
+    with used_loop_device(16 * MiB, 0) as device:
         subprocess.run([mkfs, "-q", "-F", device], check=True, capture_output=True)
         if subprocess.run([mount, device, str(point)], capture_output=True,
                           check=False).returncode:
@@ -171,7 +161,7 @@ def test_convert_to_a_used_loop_device_zeroes_the_holes(tmp_path: Path) -> None:
             if any(data[at : at + MiB]):
                 f.seek(at)
                 f.write(data[at : at + MiB])
-    with loop_device(size + MiB, 0xAA) as device:
+    with used_loop_device(size + MiB, 0xAA) as device:
         assert main(["convert", str(src), device, "--progress", "none"]) == 0
         with open(device, "rb") as f:
             on_device = f.read()

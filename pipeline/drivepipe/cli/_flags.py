@@ -33,6 +33,7 @@ FLAG_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
      "--engine dask needs --scheduler tcp://HOST:8786"),
     (re.compile(r"^the Dask engine needs Dask"), "--engine dask needs Dask"),
     (re.compile(r"or serve another root directory"), "or serve another --root"),
+    (re.compile(r"give an expected digest"), "pass --expect"),
 )
 
 

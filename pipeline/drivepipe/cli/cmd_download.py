@@ -25,24 +25,13 @@ from drivepipe._stats import RunStats
 from drivepipe._verify import parse_expect
 from drivepipe.cli._app import app
 from drivepipe.cli._common import (
+    FROM_OPTIONS,
     ForceOpt,
-    ProgressOpt,
-    QuietOpt,
-    VerboseOpt,
+    ProgressOptions,
+    grouped_options,
     positive_size,
-    progress_mode,
 )
-from drivepipe.cli._net import (
-    CacertOpt,
-    DirectOpt,
-    EndpointOpt,
-    InsecureHttpOpt,
-    LimitRateOpt,
-    LocationOpt,
-    StallOpt,
-    UserOpt,
-    transport,
-)
+from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
 from drivepipe.cloudsigma.config import Endpoint, resolve_credentials, resolve_endpoint
 from drivepipe.jobs.download import (
     MAX_CONNECTIONS,
@@ -53,7 +42,7 @@ from drivepipe.jobs.download import (
 from drivepipe.jobs.download import (
     download as run_download,
 )
-from drivepipe.transport.http import UUID_RE
+from drivepipe.transport.curl import UUID_RE
 
 OutputOpt = Annotated[
     str | None, typer.Option(
@@ -68,7 +57,8 @@ ConnectionsOpt = Annotated[
 RangeSizeOpt = Annotated[
     str, typer.Option(
         "--range-size", metavar="SIZE", help="Bytes asked for per ranged request (e.g. 8M); "
-                      "memory is about connections + 2 of them.")
+                      "memory is about connections + 2 of them, at most about 160M (many "
+                      "connections get smaller ranges).")
 ]
 BlockSizeOpt = Annotated[
     str, typer.Option(
@@ -120,18 +110,17 @@ def download_options(
         checkpoint_interval=checkpoint, expect=expect or None, force=force)
 
 
-def account(source: str, endpoint: str | None, direct_endpoint: str | None,
-            location: str | None, user: str | None) -> Auth:
+def auth_for(source: str, account: Account) -> Auth:
     """The endpoint (none needed for an anonymous URL) and, where it is needed, the account."""
     if UUID_RE.match(source):
-        ep = resolve_endpoint(endpoint, direct_endpoint, location)
-        return Auth(ep, resolve_credentials(ep, user))
-    found = _optional_endpoint(endpoint, direct_endpoint, location)
+        ep = resolve_endpoint(account.endpoint, account.direct_endpoint, account.location)
+        return Auth(ep, resolve_credentials(ep, account.user))
+    found = _optional_endpoint(account.endpoint, account.direct_endpoint, account.location)
     if found is None:
         return Auth()
     if not owns(source, Auth(found)):
         return Auth(found)
-    return Auth(found, resolve_credentials(found, user))
+    return Auth(found, resolve_credentials(found, account.user))
 
 
 def _optional_endpoint(
@@ -163,6 +152,7 @@ def render(result: DownloadResult) -> None:
 
 
 @app.command()
+@grouped_options
 def download(
     source: Annotated[str, typer.Argument(help="Drive UUID, or an http(s) URL.")],
     output: OutputOpt = None,
@@ -172,18 +162,11 @@ def download(
     range_size: RangeSizeOpt = "8M",
     block_size: BlockSizeOpt = "4M",
     retries: RetriesOpt = 8,
-    progress: ProgressOpt = "auto",
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    progress: ProgressOptions = FROM_OPTIONS,
     checkpoint_interval: CheckpointOpt = 1.0,
     retry_delay: BackoffOpt = 0.5,
     hash_early: HashEarlyOpt = True,
-    endpoint: EndpointOpt = None,
-    direct_endpoint: DirectOpt = None,
-    location: LocationOpt = None,
-    user: UserOpt = None,
-    cacert: CacertOpt = None,
-    insecure_http: InsecureHttpOpt = False,
+    account: Account = FROM_OPTIONS,
     limit_rate: LimitRateOpt = None,
     stall_timeout: StallOpt = 120.0,
 ) -> None:
@@ -196,11 +179,11 @@ def download(
     /dev/sdX writes a block device; -o - streams to standard output.  A checksum
     mismatch exits 7 and keeps NAME.part.
     """
-    mode = progress_mode(progress, quiet, verbose)
+    mode = progress.mode
     options = download_options(connections, range_size, block_size, retries,
                                checkpoint_interval, retry_delay, expect, force)
-    tls = transport(cacert, insecure_http, limit_rate, stall_timeout, connections)
-    auth = account(source, endpoint, direct_endpoint, location, user)
+    tls = account.tls(limit_rate, stall_timeout, connections)
+    auth = auth_for(source, account)
     stats = RunStats(title="download")
     with Reporter(stats, mode):
         result = run_download(source, output, auth=auth, tls=tls, options=options,

@@ -51,8 +51,9 @@ from drivepipe._sizes import format_size
 from drivepipe._stage import Sink, Source, Stage
 from drivepipe._stats import RunStats
 from drivepipe._verify import Expectation, FileDigest, expectation_from_meta, parse_expect
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.resume.download_journal import source_key
-from drivepipe.transport.http import UUID_RE, ApiClient, TlsOptions
+from drivepipe.transport.curl import UUID_RE, TlsOptions
 
 #: ``{api}drives/UUID/download/`` (or the direct host's): a drive's own download URL
 DRIVE_URL_RE = re.compile(

@@ -9,7 +9,8 @@ then fetches ``[start, size)`` from that final URL over N connections (one
 pycurl multi, ranges of ``range_size`` bytes, each with ``If-Range`` when the
 ETag is strong) and yields the bytes **in order**: ranges that finish early wait
 in a bounded window (at most ``connections + window_extra`` ranges in flight or
-waiting, so memory stays about that many times ``range_size``), and the range at
+waiting, so memory stays about that many times ``range_size``, and never much
+more than ``window_bytes``: many connections get smaller ranges), and the range at
 the head of the window is yielded as it arrives, in pieces of up to 1 MiB (each
 a fresh buffer, never reused: consumers may keep them).
 
@@ -47,7 +48,7 @@ from drivepipe._errors import DrivepipeError, NetworkError, SourceChanged, Trans
 from drivepipe._extent import Extent
 from drivepipe._remote import Auth, ProbeResult
 from drivepipe._stage import Source
-from drivepipe.transport.http import (
+from drivepipe.transport.curl import (
     HeaderCollector,
     Response,
     TlsOptions,
@@ -86,6 +87,8 @@ class ReceiveOptions:
     relinks: int = 5
     #: ranges that may wait, finished or in flight, beyond one per connection
     window_extra: int = 2
+    #: the window's bytes at most: with many connections the ranges get smaller instead
+    window_bytes: int = 160 << 20
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(retries=self.retries, base=self.backoff_base, cap=self.backoff_cap)
@@ -384,8 +387,10 @@ class RangeReceiver(Source):
     def _grow_window(self) -> bool:
         """Add ranges up to the window's size; False when nothing is left to yield."""
         room = max(1, self.opts.connections) + max(0, self.opts.window_extra)
+        share = self.opts.window_bytes // room // PIECE * PIECE  # whole pieces
+        step = min(self.opts.range_size, max(PIECE, share))
         while self.ranges and len(self.window) < room and self.next_start < self.size:
-            end = min(self.next_start + self.opts.range_size, self.size)
+            end = min(self.next_start + step, self.size)
             self.window.append(_Range(self.next_start, end))
             self.next_start = end
         return bool(self.window)
@@ -451,8 +456,8 @@ class RangeReceiver(Source):
         if t.failure is not None:
             raise t.failure
         status = t.headers.status
-        if code == 0 and t.accepted and t.range.received:
-            return
+        if t.accepted and t.range.received:
+            return  # every byte asked for is here, whatever ended the connection after
         if (t.checked and not t.accepted) or (code == 0 and status not in (200, 206)):
             self._http_error(t)
             return

@@ -17,7 +17,6 @@ device half-written: there is nothing to roll back, and the error says so.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -27,15 +26,13 @@ from collections.abc import Iterator
 
 from drivepipe._errors import OutputError
 from drivepipe._extent import Extent, zero_chunks
-from drivepipe._files import WRITE_SLICE, output_error
+from drivepipe._files import WRITE_SLICE, output_error, zero_range
 from drivepipe._stage import Sink, TargetOptions
 
 #: ioctl(BLKZEROOUT, uint64_t[2] {start, length}) = _IO(0x12, 127)
 BLKZEROOUT = 0x127F
 #: ioctl(BLKGETSIZE64, uint64_t *) = _IOR(0x12, 114, size_t)
 BLKGETSIZE64 = 0x80081272
-_FALLOC_FL_ZERO_RANGE = 0x10
-_FALLOC_FL_KEEP_SIZE = 0x01
 
 
 def is_block_device(path: str) -> bool:
@@ -175,15 +172,7 @@ class DeviceWriter(Sink[str]):
             fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("=QQ", offset, length))
             return True
         except OSError:
-            pass
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fallocate = libc.fallocate
-            fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        except (OSError, AttributeError):
-            return False
-        mode = _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE
-        return int(fallocate(self.fd, mode, offset, length)) == 0
+            return zero_range(self.fd, offset, length)
 
     def _write_zeros(self, offset: int, length: int) -> None:
         for chunk in zero_chunks(length):

@@ -40,6 +40,7 @@ from drivepipe._registry import open_file
 from drivepipe._sizes import format_size
 from drivepipe._stage import Sink
 from drivepipe._stats import StageStats
+from drivepipe._verify import hash_extent
 from drivepipe.resume.download_journal import (
     JOURNAL_SUFFIX,
     DownloadJournal,
@@ -54,20 +55,13 @@ PART_SUFFIX = ".part"
 @cache
 def _zero_digest(length: int) -> str:
     """The journal digest of ``length`` zero bytes (a hole block costs no hashing)."""
-    h = xxhash.xxh3_64()
-    for zeros in zero_chunks(length):
-        h.update(zeros)
-    return h.hexdigest()
+    return _block_digest([Extent.hole(0, length)])
 
 
 def _block_digest(extents: list[Extent]) -> str:
     h = xxhash.xxh3_64()
     for ext in extents:
-        if ext.data is None:
-            for zeros in zero_chunks(ext.length):
-                h.update(zeros)
-        else:
-            h.update(ext.data)
+        hash_extent(h, ext)
     return h.hexdigest()
 
 
@@ -88,8 +82,7 @@ class _BlockHasher:
         self._hash.update(data)
 
     def _flush_zeros(self) -> None:
-        for zeros in zero_chunks(self._zeros):
-            self._hash.update(zeros)
+        hash_extent(self._hash, Extent.hole(0, self._zeros))
         self._zeros = 0
 
     def digest(self, length: int) -> str:
@@ -136,7 +129,6 @@ class ResumableFileWriter(Sink[str]):
         self._hasher = _BlockHasher()
         self._dirty = False
         self._last_save = time.monotonic()
-        self._save_seconds = 0.0
 
     # -- before the stream --
 
@@ -272,19 +264,20 @@ class ResumableFileWriter(Sink[str]):
                 self._maybe_checkpoint()
 
     def _maybe_checkpoint(self) -> None:
-        # A huge journal (a drive of many blocks) is saved less often: at most ~5% of
-        # the time goes to saving it.
-        interval = max(self.checkpoint_interval, 20 * self._save_seconds)
+        # A huge journal (a drive of many blocks) is saved less often: a second more per
+        # 50 000 blocks (about 1.5 MB of JSON), so writing it stays a few percent of the
+        # time.  By size, not by the measured save: that is mostly fsync, which a busy
+        # disk makes slow for any journal.
+        assert self.journal is not None
+        interval = max(self.checkpoint_interval, len(self.journal.blocks) / 50_000)
         if time.monotonic() - self._last_save >= interval:
             self.checkpoint()
 
     def checkpoint(self) -> None:
         """Save the journal if blocks finished since the last save."""
-        started = time.monotonic()
         if self._dirty and self.journal is not None:
             self.journal.save(self.journal_path)
             self._dirty = False
-            self._save_seconds = time.monotonic() - started
         self._last_save = time.monotonic()
 
     def _disk_full(self) -> DiskFull:
