@@ -65,8 +65,8 @@ from _util import (
     warm_cache,
 )
 
+from drivepipe.cloudsigma.api import ApiClient
 from drivepipe.cloudsigma.config import Credentials, Endpoint
-from drivepipe.transport.http import ApiClient
 
 USER = "bench@localhost"
 

@@ -44,6 +44,10 @@ def test_names_and_uuids() -> None:
     assert default_drive_name("/srv/images/disk.qcow2") == "disk.qcow2"
     assert default_drive_name("disk.img") == "disk.img"
     assert default_drive_name("-") == "stdin"
+    # a URL: the last part of its path, never the query of a signed link
+    assert default_drive_name("https://h.example/img/web%20disk.qcow2?sig=s3cret") == \
+        "web disk.qcow2"
+    assert default_drive_name("https://h.example/") == "drivepipe"
     assert check_uuid(UUID.upper()) == UUID
     with pytest.raises(UsageError, match="not a drive UUID"):
         check_uuid("3e511b71")

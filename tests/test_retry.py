@@ -159,3 +159,12 @@ def test_call_retry_if_and_on_retry() -> None:
     result = policy.call(fn, retry_if=lambda e: isinstance(e, HTTPError) and e.status == 403,
                          sleep=lambda _s: None, on_retry=lambda _e, s: seen.append(s))
     assert result == "ok" and len(seen) == 1
+
+
+def test_an_http_answer_carries_its_retry_after_into_the_policy() -> None:
+    from drivepipe.transport.curl import Response, http_failure  # noqa: PLC0415
+
+    err = http_failure(Response(503, {"retry-after": "2"}, b"", "https://h.example/x"), "x")
+    assert err.retry_after == 2.0 and err.transient
+    wait = RetryPolicy(base=0.01, cap=0.01).next_delay(err, 1)
+    assert wait is not None and wait >= 2.0

@@ -35,7 +35,7 @@ from rel_support import Cli, MiB, Recorder, make_image, one_error_line, reply
 from drivepipe._errors import ConfigError
 from drivepipe.cloudsigma.config import is_loopback
 from drivepipe.server import RunningServer
-from drivepipe.transport.http import TlsOptions, check_auth_transport
+from drivepipe.transport.curl import TlsOptions, check_auth_transport
 
 pytestmark = pytest.mark.timeout(60)
 #: the installed console script, as a user runs it

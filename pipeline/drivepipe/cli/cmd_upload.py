@@ -18,38 +18,22 @@ import typer
 
 from drivepipe._errors import UsageError
 from drivepipe._progress import Reporter
+from drivepipe._registry import shown
 from drivepipe._sizes import format_size, parse_size
 from drivepipe._stats import RunStats
 from drivepipe.cli._app import app
 from drivepipe.cli._common import (
-    DiskOpt,
-    FormatOpt,
-    ProgressOpt,
-    QueueOpt,
-    QuietOpt,
-    ReadSizeOpt,
-    SpoolDirOpt,
-    ThreadsOpt,
-    VerboseOpt,
+    FROM_OPTIONS,
+    ImageOptions,
+    ProgressOptions,
+    grouped_options,
+    optional,
     positive,
     positive_size,
-    progress_mode,
 )
-from drivepipe.cli._net import (
-    CacertOpt,
-    DirectOpt,
-    EndpointOpt,
-    InsecureHttpOpt,
-    LimitRateOpt,
-    LocationOpt,
-    StallOpt,
-    UserOpt,
-    connect,
-    transport,
-)
+from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
 from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE
 from drivepipe.cloudsigma.upload import MAX_BUFFER_SIZE, MIN_BUFFER_SIZE, UploadOptions
-from drivepipe.jobs.images import ReadOptions
 from drivepipe.jobs.upload import MetaNotStored
 from drivepipe.jobs.upload import upload as upload_image
 
@@ -80,6 +64,9 @@ ResumeOpt = Annotated[
         "--resume", metavar="UUID", help="Resume the chunked upload into this drive UUID.",
                              show_default=False)
 ]
+SizeOpt = Annotated[str | None, optional(
+    "--size", "SIZE", "Exact raw size of a raw image on standard input (upload - --size N): "
+    "it streams as is, and a stream that ends short or runs long leaves no drive.")]
 JournalOpt = Annotated[
     str | None, typer.Option(
         "--journal", metavar="PATH", help="Journal file of a chunked upload (default: "
@@ -101,60 +88,47 @@ def buffer_size(text: str) -> int:
 
 
 @app.command()
+@grouped_options
 def upload(
     image: Annotated[str, typer.Argument(help="Image to upload (raw, or any format drivepipe "
                                          "decodes).")],
-    fmt: FormatOpt = "auto",
     name: NameOpt = None,
     no_meta: NoMetaOpt = False,
-    progress: ProgressOpt = "auto",
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-    read_size: ReadSizeOpt = "4M",
-    queue_depth: QueueOpt = 16,
-    threads: ThreadsOpt = 2,
-    spool_dir: SpoolDirOpt = None,
-    disk: DiskOpt = None,
+    size: SizeOpt = None,
     buffer: BufferOpt = "1M",
     chunked: ChunkedOpt = False,
     connections: ConnectionsOpt = 4,
     chunk_size: ChunkSizeOpt = "32M",
     resume: ResumeOpt = None,
     journal: JournalOpt = None,
-    endpoint: EndpointOpt = None,
-    direct_endpoint: DirectOpt = None,
-    location: LocationOpt = None,
-    user: UserOpt = None,
-    cacert: CacertOpt = None,
-    insecure_http: InsecureHttpOpt = False,
     limit_rate: LimitRateOpt = None,
     stall_timeout: StallOpt = 120.0,
+    reading: ImageOptions = FROM_OPTIONS,
+    account: Account = FROM_OPTIONS,
+    progress: ProgressOptions = FROM_OPTIONS,
 ) -> None:
     """Upload an image as a new drive; prints the drive's UUID and nothing else."""
     # Every option is checked before a password prompt or a long counting pass.
-    mode = progress_mode(progress, quiet, verbose)
+    mode = progress.mode
+    read = reading.read()
+    if size is not None:
+        read.size = positive_size(size, "--size")
     options = UploadOptions(
         chunked=chunked, name=name, meta=not no_meta, buffer_size=buffer_size(buffer),
-        queue_depth=positive(queue_depth, "--queue-depth"),
-        chunk_size=positive_size(chunk_size, "--chunk-size"),
+        queue_depth=reading.queue_depth, chunk_size=positive_size(chunk_size, "--chunk-size"),
         connections=positive(connections, "--connections"), resume_uuid=resume,
         journal_path=journal)
-    read = ReadOptions(format=fmt, read_size=positive_size(read_size, "--read-size"),
-                       threads=positive(threads, "--threads"), spool_dir=spool_dir, disk=disk)
     if journal and not options.is_chunked:
         raise UsageError("--journal belongs to a chunked upload: add --chunked")
     options.check()
-    tls = transport(cacert, insecure_http, limit_rate, stall_timeout,
-                    connections if options.is_chunked else 1)
-    conn = connect(endpoint, direct_endpoint, location, user, cacert, insecure_http, tls)
-    try:
-        stats = RunStats(title=f"upload {image}")
-        with Reporter(stats, mode):
-            result = upload_image(image, connection=conn, options=options, read=read,
-                                  stats=stats, notify=note, handle_signals=True)
-    except MetaNotStored as exc:
-        typer.echo(exc.result.uuid)  # the drive exists: its UUID matters
-        raise
-    finally:
-        conn.close()
+    tls = account.tls(limit_rate, stall_timeout, connections if options.is_chunked else 1)
+    with account.connection(tls) as conn:
+        stats = RunStats(title=f"upload {shown(image)}")
+        try:
+            with Reporter(stats, mode):
+                result = upload_image(image, connection=conn, options=options, read=read,
+                                      stats=stats, notify=note, handle_signals=True)
+        except MetaNotStored as exc:
+            typer.echo(exc.result.uuid)  # the drive exists: its UUID matters
+            raise
     typer.echo(result.uuid)

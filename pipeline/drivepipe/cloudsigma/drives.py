@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from drivepipe._errors import HTTPError, TransferError, UsageError
 from drivepipe.cloudsigma.api import ApiClient
@@ -40,9 +41,12 @@ class DriveTimeout(TransferError):
 
 
 def default_drive_name(image_path: str) -> str:
-    """A new drive's name: the image's file name (``/srv/disk.qcow2`` -> ``disk.qcow2``)."""
+    """A new drive's name: the image's file name (``/srv/disk.qcow2`` -> ``disk.qcow2``);
+    of a URL, the last part of its path (never its query: signed links carry secrets)."""
     if image_path == "-":
         return "stdin"
+    if "://" in image_path:
+        image_path = unquote(urlsplit(image_path).path)
     return os.path.basename(image_path.rstrip("/")) or "drivepipe"
 
 

@@ -15,16 +15,15 @@ or ``mtime_ns`` of the output file), for ``failed`` the ``error`` line, and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import threading
 from types import TracebackType
 from typing import Any, Final
 
 from drivepipe._errors import OutputError, UsageError
 from drivepipe._locks import lock_exclusive
+from drivepipe.resume.atomic import replace_file
 
 VERSION: Final = 1
 STATE_SUFFIX: Final = ".state.json"
@@ -89,21 +88,10 @@ class StateFile:
             self._save()
 
     def _save(self) -> None:
-        folder = os.path.dirname(os.path.abspath(self.path))
         text = json.dumps({"version": VERSION, "items": self.records}, indent=1,
                           sort_keys=True)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".state-", dir=folder)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            replace_file(self.path, text, prefix=".state-")
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot write the batch state: "
                               f"{exc.strerror or exc}") from exc

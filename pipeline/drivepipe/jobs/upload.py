@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import cast
 
 from drivepipe._errors import DrivepipeError, ImageError, TransferError, UsageError
-from drivepipe._registry import STDIN, stage, target
+from drivepipe._registry import STDIN, shown, stage, target
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, Source, Stage
 from drivepipe._stats import RunStats
@@ -103,8 +103,8 @@ def upload(
     options = options or UploadOptions()
     if handle_signals:
         options = replace(options, handle_signals=True)
-    read = read or ReadOptions()
-    label = image if isinstance(image, str) else image.path
+    read = _reading(read or ReadOptions(), connection, notify)
+    label = shown(image) if isinstance(image, str) else image.path
     try:
         options.check()
         if isinstance(image, str):
@@ -130,6 +130,14 @@ def upload(
     stats.result = {"uuid": result.uuid, "xxh128": result.xxh128, "size": result.size}
     store_meta(connection, result, options)
     return result
+
+
+def _reading(read: ReadOptions, conn: Connection, notify: Notify | None) -> ReadOptions:
+    """``read`` with what an image at a URL is fetched with, where not given: the
+    connection's transport, and its account (sent only to the endpoint's own hosts)."""
+    return replace(
+        read, tls=read.tls or conn.tls, endpoint=read.endpoint or conn.endpoint,
+        creds=read.creds or conn.creds, notify=read.notify or notify)
 
 
 def upload_stream(

@@ -21,7 +21,6 @@ says what changed.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ from typing import Any
 import xxhash
 
 from drivepipe._errors import ImageError, OutputError, UsageError
+from drivepipe._locks import lock_exclusive
 from drivepipe.resume.atomic import replace_file
 
 VERSION = 1
@@ -212,16 +212,11 @@ class JournalLock:
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise OutputError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._fd)
-            raise JournalError(f"another drivepipe upload is using {self.path[:-5]}; wait "
-                               "for it, or give another journal path to upload separately"
-                               ) from exc
+            raise OutputError(f"cannot create {directory}: {exc.strerror or exc}") from exc
+        self._fd = lock_exclusive(self.path, JournalError(
+            f"another drivepipe upload is using {self.path[:-5]}; wait for it, or give "
+            "another journal path to upload separately"))
         return self
 
     def __exit__(self, *exc: object) -> None:

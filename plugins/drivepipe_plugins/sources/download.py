@@ -26,7 +26,7 @@ point are dropped as they arrive).
 What is refused: a server that gives no size; a source whose size or ETag
 changes under us (:class:`~drivepipe.SourceChanged`: the caller restarts
 cleanly); error answers (one line with the server's words).  Credentials are
-attached only by :func:`drivepipe.transport.http.configure` (endpoint origin
+attached only by :func:`drivepipe.transport.curl.configure` (endpoint origin
 only, never after a cross-host redirect) and never to the ranges fetched from a
 redirect target.
 """
