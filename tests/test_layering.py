@@ -81,3 +81,41 @@ def test_every_builtin_plugin_is_declared_as_an_entry_point() -> None:
         for module in sorted((PLUGINS / kind).glob("[!_]*.py")):
             name = f"drivepipe_plugins.{kind}.{module.stem}"
             assert name in declared, f"{name} declares no entry point"
+
+
+def library_files() -> list[Path]:
+    """Engine modules outside the CLI and the server (which logs), and every plugin."""
+    engine = [p for p in engine_files()
+              if not {"cli", "server"} & set(p.relative_to(ENGINE).parts)]
+    plugins = sorted(p for p in PLUGINS.rglob("*.py") if "__pycache__" not in p.parts)
+    return engine + plugins
+
+
+def writes_to_the_terminal(path: Path) -> list[int]:
+    """Lines that print, echo, or write to sys.stdout/sys.stderr."""
+    found: list[int] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if (isinstance(func, ast.Name) and func.id == "print") or (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Attribute) \
+                    and isinstance(func.value.value, ast.Name) and func.value.value.id == "sys" \
+                    and func.value.attr in ("stdout", "stderr")):
+                found.append(node.lineno)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) \
+                else [node.module or ""]
+            if any(n == "typer" or n.startswith(("typer.", "rich")) for n in names):
+                found.append(node.lineno)
+    return sorted(found)
+
+
+def test_the_terminal_check_sees_a_print(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys\nprint('x')\nsys.stderr.write('y')\nimport rich.console\n")
+    assert writes_to_the_terminal(probe) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_library_never_prints(path: Path) -> None:
+    # the CLI renders; the library reports through stats, notify callbacks and errors
+    assert not writes_to_the_terminal(path), f"{path.relative_to(ROOT)} writes to the terminal"

@@ -18,7 +18,10 @@ from rich.console import Console
 
 from drivepipe._errors import UsageError
 from drivepipe._extent import Extent
-from drivepipe._progress import (
+from drivepipe._runner import run_pipeline
+from drivepipe._stage import Stage
+from drivepipe._stats import RunStats
+from drivepipe.cli._progress import (
     BOTTLENECK_MARK,
     MODES,
     Reporter,
@@ -28,9 +31,6 @@ from drivepipe._progress import (
     resolve_mode,
     stage_table,
 )
-from drivepipe._runner import run_pipeline
-from drivepipe._stage import Stage
-from drivepipe._stats import RunStats
 from drivepipe_plugins.sources.file import SparseFileReader
 from drivepipe_plugins.stages.xxh3 import Xxh3Stage
 from drivepipe_plugins.targets.discard import DiscardSink

@@ -186,6 +186,7 @@ class Client:
         read: ReadOptions | None = None,
         stats: RunStats | None = None,
         notify: Notify | None = None,
+        handle_signals: bool = False,
     ) -> UploadResult:
         """Upload the raw disk of ``image`` (a path, ``-`` or a URL) into a new drive.
 
@@ -201,7 +202,7 @@ class Client:
             read = replace(read, notify=notify)
         with self.connection(connections if opts.is_chunked else 1) as conn:
             return upload(image, connection=conn, options=opts, read=read, stats=stats,
-                          notify=notify)
+                          notify=notify, handle_signals=handle_signals)
 
     def download(
         self,
@@ -257,7 +258,8 @@ class Client:
         target = to or self
         if uuid is None and to_drive:
             sent = target.upload(src, name=name, chunked=chunked, connections=connections,
-                                 read=read, stats=stats, notify=notify)
+                                 read=read, stats=stats, notify=notify,
+                                 handle_signals=handle_signals)
             return CopyResult("upload", sent.size, sent.xxh128, uuid=sent.uuid)
         if uuid is None:
             done = convert(src, dst, read=read, force=force, stats=stats)

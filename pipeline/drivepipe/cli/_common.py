@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
 import typer
 
 from drivepipe._errors import UsageError
-from drivepipe._progress import MODES, resolve_mode
 from drivepipe._sizes import parse_size
+from drivepipe.cli._progress import MODES, resolve_mode
 
 if TYPE_CHECKING:
     from drivepipe.jobs.images import ReadOptions

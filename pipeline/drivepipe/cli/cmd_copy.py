@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from drivepipe._progress import Reporter
 from drivepipe._registry import STDIN as STDOUT
 from drivepipe._registry import shown
 from drivepipe._stats import RunStats
@@ -23,6 +22,7 @@ from drivepipe.cli._common import (
     positive_size,
 )
 from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
+from drivepipe.cli._progress import Reporter
 from drivepipe.cli.cmd_local import LOCAL_IMAGE
 from drivepipe.jobs.images import convert
 

@@ -18,7 +18,6 @@ from typing import Annotated
 import typer
 
 from drivepipe._errors import ConfigError, UsageError
-from drivepipe._progress import Reporter
 from drivepipe._remote import Auth
 from drivepipe._sizes import parse_size
 from drivepipe._stats import RunStats
@@ -32,6 +31,7 @@ from drivepipe.cli._common import (
     positive_size,
 )
 from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
+from drivepipe.cli._progress import Reporter
 from drivepipe.cloudsigma.config import Endpoint, resolve_credentials, resolve_endpoint
 from drivepipe.jobs.download import (
     MAX_CONNECTIONS,

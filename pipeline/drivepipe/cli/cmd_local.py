@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from drivepipe._progress import Reporter
 from drivepipe._registry import shown
 from drivepipe._sizes import format_size
 from drivepipe._stats import RunStats
@@ -24,6 +23,7 @@ from drivepipe.cli._common import (
     SpoolDirOpt,
     grouped_options,
 )
+from drivepipe.cli._progress import Reporter
 from drivepipe.jobs import images
 
 #: the library's defaults (see drivepipe.jobs.images), as the options show them

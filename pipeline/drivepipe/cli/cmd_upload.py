@@ -17,7 +17,6 @@ from typing import Annotated
 import typer
 
 from drivepipe._errors import UsageError
-from drivepipe._progress import Reporter
 from drivepipe._registry import shown
 from drivepipe._sizes import format_size, parse_size
 from drivepipe._stats import RunStats
@@ -32,6 +31,7 @@ from drivepipe.cli._common import (
     positive_size,
 )
 from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
+from drivepipe.cli._progress import Reporter
 from drivepipe.cloudsigma.drives import META_DIGEST, META_SIZE
 from drivepipe.cloudsigma.upload import MAX_BUFFER_SIZE, MIN_BUFFER_SIZE, UploadOptions
 from drivepipe.jobs.upload import MetaNotStored
