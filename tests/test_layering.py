@@ -91,16 +91,21 @@ def library_files() -> list[Path]:
     return engine + plugins
 
 
+def is_terminal_write(func: ast.expr) -> bool:
+    """``print(...)`` or ``sys.stdout.X(...)`` / ``sys.stderr.X(...)``."""
+    if isinstance(func, ast.Name):
+        return func.id == "print"
+    owner = func.value if isinstance(func, ast.Attribute) else None
+    return isinstance(owner, ast.Attribute) and isinstance(owner.value, ast.Name) \
+        and owner.value.id == "sys" and owner.attr in ("stdout", "stderr")
+
+
 def writes_to_the_terminal(path: Path) -> list[int]:
     """Lines that print, echo, or write to sys.stdout/sys.stderr."""
     found: list[int] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Call):
-            func = node.func
-            if (isinstance(func, ast.Name) and func.id == "print") or (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Attribute) \
-                    and isinstance(func.value.value, ast.Name) and func.value.value.id == "sys" \
-                    and func.value.attr in ("stdout", "stderr")):
-                found.append(node.lineno)
+        if isinstance(node, ast.Call) and is_terminal_write(node.func):
+            found.append(node.lineno)
         elif isinstance(node, ast.Import | ast.ImportFrom):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) \
                 else [node.module or ""]
