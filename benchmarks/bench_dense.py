@@ -255,7 +255,8 @@ def bench_capped_download(args: argparse.Namespace, image: Path, workdir: Path, 
         for n in counts:  # interleaved: each round runs every count once
             clean()
             argv = [drivepipe_command(), "download", url, "-o", str(out), "--expect", digest,
-                    "--progress", "none", "--connections", str(n)]
+                    "--progress", "none", "--connections", str(n),
+                    "--range-size", args.range_size]
             seconds[n].append(run_measured(argv).wall)
     clean()
     return capped_table(f"Download from nginx, limit_rate {args.rate} per connection, "
@@ -305,6 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", default="1,2,4,8", help="connection counts, capped areas")
     p.add_argument("--capped-repeat", type=int, default=2, help="rounds of the capped areas")
     p.add_argument("--chunk-size", default="16M", help="chunk size, capped chunked upload")
+    p.add_argument("--range-size", default="8M", help="range size, capped download (8M)")
     args = p.parse_args(argv)
     args.only = set(args.only.split(","))
     if args.only - set(AREAS):
@@ -329,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)
         if "checksum" in args.only:
             pairs += bench_checksum(args, image)
-        pairs += bench_upload(args, image, workdir)
+        if args.only & {"upload-nginx", "upload-store"}:
+            pairs += bench_upload(args, image, workdir)
         if "download" in args.only:
             digest = digest_of(image)
             with file_server(workdir, workdir, args.rate) as base:

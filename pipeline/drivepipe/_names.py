@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from drivepipe._remote import ProbeResult
+if TYPE_CHECKING:  # only for a type: a local convert does not load the network side
+    from drivepipe._remote import ProbeResult
 
 _NAME_MAX = 200
 

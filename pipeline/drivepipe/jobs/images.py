@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivepipe._errors import UsageError
 from drivepipe._extent import split_zeros
@@ -22,8 +22,10 @@ from drivepipe._registry import stage as plugin_stage
 from drivepipe._runner import run_pipeline
 from drivepipe._stage import ImageInput, OpenOptions, TargetOptions
 from drivepipe._stats import RunStats
-from drivepipe.cloudsigma.config import Credentials, Endpoint
-from drivepipe.transport.curl import TlsOptions
+
+if TYPE_CHECKING:  # types of fields only: a local job does not load the network side
+    from drivepipe.cloudsigma.config import Credentials, Endpoint
+    from drivepipe.transport.curl import TlsOptions
 
 #: Measured on a warm 1 GiB file (benchmarks/bench_local.py): 2 MiB reads with 8 in
 #: flight beat 4 MiB x 16; the smaller set of buffers stays in cache.

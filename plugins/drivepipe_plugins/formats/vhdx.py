@@ -40,8 +40,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-import crc32c
-
 from drivepipe._errors import CorruptImage, ImageError, UnsupportedFormat
 from drivepipe._extent import Extent, split_zeros
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions
@@ -116,6 +114,8 @@ _FIX_LOG = (
 def checksum_ok(block: bytes, crc_offset: int = 4) -> bool:
     """CRC-32C of ``block`` with its 4-byte checksum field zeroed equals that field."""
     stored = int.from_bytes(block[crc_offset : crc_offset + 4], "little")
+    import crc32c  # noqa: PLC0415 - loaded when a VHDX is read, not at every start
+
     crc = crc32c.crc32c(block[:crc_offset])
     crc = crc32c.crc32c(b"\0\0\0\0", crc)
     return crc32c.crc32c(block[crc_offset + 4 :], crc) == stored
