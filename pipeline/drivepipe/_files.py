@@ -40,7 +40,8 @@ WRITE_BEHIND = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range() -> Any:
+def load_sync_file_range() -> Any:
+    """libc's ``sync_file_range(fd, offset, nbytes, flags)``, or None where it is missing."""
     with contextlib.suppress(OSError, AttributeError):
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
         fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -49,7 +50,7 @@ def _load_sync_file_range() -> Any:
     return None
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = load_sync_file_range()
 
 
 def start_writeback(fd: int) -> None:

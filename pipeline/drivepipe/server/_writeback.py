@@ -16,9 +16,10 @@ fsync does it all.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-from typing import Any, Final
+from typing import Final
+
+from drivepipe._files import load_sync_file_range
 
 WINDOW: Final = 32 << 20
 _SYNC_FILE_RANGE_WAIT_BEFORE: Final = 1
@@ -26,16 +27,7 @@ _SYNC_FILE_RANGE_WRITE: Final = 2
 _SYNC_FILE_RANGE_WAIT_AFTER: Final = 4
 
 
-def _load() -> Any:
-    with contextlib.suppress(OSError, AttributeError):
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        return fn
-    return None
-
-
-_sync_file_range = _load()
+_sync_file_range = load_sync_file_range()
 
 
 def _ram() -> int:
