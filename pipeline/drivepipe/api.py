@@ -44,6 +44,7 @@ from drivepipe.cloudsigma.drives import Drive, delete_drive, get_drive, list_dri
 from drivepipe.cloudsigma.upload import UploadOptions
 from drivepipe.jobs.download import DownloadOptions, DownloadResult, download, open_remote
 from drivepipe.jobs.images import (
+    LOCAL_QUEUE_DEPTH,
     ConvertResult,
     ImageInfo,
     ReadOptions,
@@ -245,55 +246,11 @@ class Client:
         notify: Notify | None = None,
         handle_signals: bool = False,
     ) -> CopyResult:
-        """Any source to any target, streaming, with the guarantees of each side.
-
-        ``src``: an image (a path, ``-``, an http(s) URL) or a drive (``drive:UUID`` or a
-        bare UUID) of this client.  ``dst``: a new drive (``drive:`` or ``drive:NAME``)
-        of ``to`` (default: this client; another one copies between accounts or
-        locations), or any output of :func:`convert` (a file, a directory, a block
-        device, ``-``, ``NAME:ARG``).  A drive's bytes are verified against its meta on
-        the way (a drive-to-drive copy that does not verify leaves no drive)."""
-        uuid = drive_ref(src)
-        to_drive, name = new_drive(dst)
-        target = to or self
-        if uuid is None and to_drive:
-            sent = target.upload(src, name=name, chunked=chunked, connections=connections,
-                                 read=read, stats=stats, notify=notify,
-                                 handle_signals=handle_signals)
-            return CopyResult("upload", sent.size, sent.xxh128, uuid=sent.uuid)
-        if uuid is None:
-            done = convert(src, dst, read=read, force=force, stats=stats)
-            return CopyResult("convert", done.size, None, output=done.output)
-        if not to_drive:
-            got = self.download(uuid, dst, connections=connections, expect=expect,
-                                force=force, stats=stats, notify=notify,
-                                handle_signals=handle_signals)
-            return CopyResult("download", got.size, got.xxh128, uuid=uuid, output=got.output)
-        return self._drive_to_drive(uuid, target, name, connections, chunked, expect, stats,
-                                    notify)
-
-    def _drive_to_drive(
-        self, uuid: str, target: Client, name: str | None, connections: int, chunked: bool,
-        expect: str | None, stats: RunStats | None, notify: Notify | None,
-    ) -> CopyResult:
-        """Download from here and upload there at once: the ranges come in order over
-        ``connections``, are verified as they flow, and are sent as one direct upload
-        (or chunks); a mismatch fails before the upload ends, so no drive is left."""
-        if name is None:
-            name = self.drive(uuid).name
-        remote = open_remote(uuid, auth=Auth(self.api.endpoint, self.creds),
-                             tls=self.tls.shared(connections),
-                             options=DownloadOptions(connections=connections, expect=expect))
-        try:
-            with target.connection(connections if chunked else 1) as conn:
-                sent = upload_stream(
-                    cast(Source, remote.receiver), remote.stages, remote.size, connection=conn,
-                    options=UploadOptions(chunked=chunked, connections=connections),
-                    stats=stats, notify=notify, name=name, label=f"drive {uuid}")
-        except BaseException:
-            remote.receiver.close()
-            raise
-        return CopyResult("drive-to-drive", sent.size, sent.xxh128, uuid=sent.uuid)
+        """:func:`copy` with this client as the source's (and, unless ``to``, the new
+        drive's) client."""
+        return copy(src, dst, client=self, to=to, connections=connections, chunked=chunked,
+                    expect=expect, force=force, read=read, stats=stats, notify=notify,
+                    handle_signals=handle_signals)
 
     # -- drives --
 
@@ -306,6 +263,82 @@ class Client:
 
     def delete(self, uuid: str) -> None:
         delete_drive(self.api, uuid)
+
+
+def needs_client(src: str, dst: str) -> bool:
+    """Whether a copy from ``src`` to ``dst`` involves a drive (and so an endpoint)."""
+    return drive_ref(src) is not None or new_drive(dst)[0]
+
+
+def copy(
+    src: str,
+    dst: str,
+    *,
+    client: Client | None = None,
+    to: Client | None = None,
+    connections: int = 4,
+    chunked: bool = False,
+    expect: str | None = None,
+    force: bool = False,
+    read: ReadOptions | None = None,
+    queue_depth: int = LOCAL_QUEUE_DEPTH,
+    stats: RunStats | None = None,
+    notify: Notify | None = None,
+    handle_signals: bool = False,
+) -> CopyResult:
+    """Any source to any target, streaming, with the guarantees of each side.
+
+    ``src``: an image (a path, ``-``, an http(s) URL) or a drive (``drive:UUID`` or a
+    bare UUID) of ``client``.  ``dst``: a new drive (``drive:`` or ``drive:NAME``) of
+    ``to`` (default: ``client``; another one copies between accounts or locations), or
+    any output of :func:`convert` (a file, a directory, a block device, ``-``,
+    ``NAME:ARG``): an image to such an output needs no client at all.  A drive's bytes
+    are verified against its meta on the way (a drive-to-drive copy that does not
+    verify leaves no drive)."""
+    uuid = drive_ref(src)
+    to_drive, name = new_drive(dst)
+    if uuid is None and not to_drive:
+        done = convert(src, dst, read=read, force=force, queue_depth=queue_depth, stats=stats)
+        return CopyResult("convert", done.size, None, output=done.output)
+    if client is None:
+        raise ConfigError(f"copying {src} to {dst} involves a drive: it needs a client (an "
+                          "endpoint and an account)")
+    target = to or client
+    if uuid is None:
+        sent = target.upload(src, name=name, chunked=chunked, connections=connections,
+                             read=read, stats=stats, notify=notify,
+                             handle_signals=handle_signals)
+        return CopyResult("upload", sent.size, sent.xxh128, uuid=sent.uuid)
+    if not to_drive:
+        got = client.download(uuid, dst, connections=connections, expect=expect, force=force,
+                              stats=stats, notify=notify, handle_signals=handle_signals)
+        return CopyResult("download", got.size, got.xxh128, uuid=uuid, output=got.output)
+    return _drive_to_drive(client, uuid, target, name, connections, chunked, expect, stats,
+                           notify)
+
+
+def _drive_to_drive(
+    client: Client, uuid: str, target: Client, name: str | None, connections: int,
+    chunked: bool, expect: str | None, stats: RunStats | None, notify: Notify | None,
+) -> CopyResult:
+    """Download from ``client`` and upload to ``target`` at once: the ranges come in order
+    over ``connections``, are verified as they flow, and are sent as one direct upload
+    (or chunks); a mismatch fails before the upload ends, so no drive is left."""
+    if name is None:
+        name = client.drive(uuid).name
+    remote = open_remote(uuid, auth=Auth(client.api.endpoint, client.creds),
+                         tls=client.tls.shared(connections),
+                         options=DownloadOptions(connections=connections, expect=expect))
+    try:
+        with target.connection(connections if chunked else 1) as conn:
+            sent = upload_stream(
+                cast(Source, remote.receiver), remote.stages, remote.size, connection=conn,
+                options=UploadOptions(chunked=chunked, connections=connections),
+                stats=stats, notify=notify, name=name, label=f"drive {uuid}")
+    except BaseException:
+        remote.receiver.close()
+        raise
+    return CopyResult("drive-to-drive", sent.size, sent.xxh128, uuid=sent.uuid)
 
 
 __all__ = [
@@ -321,6 +354,8 @@ __all__ = [
     "UploadResult",
     "checksum",
     "convert",
+    "copy",
     "inspect",
+    "needs_client",
     "open_input",
 ]

@@ -30,6 +30,9 @@ def optional(flag: str, metavar: str, help: str) -> Any:
     return typer.Option(flag, metavar=metavar, help=help, show_default=False)
 
 
+SizeOpt = Annotated[str | None, optional(
+    "--size", "SIZE", "Exact raw size of a raw image on standard input (- --size N): it "
+    "streams as is, and a stream that ends short or runs long fails and leaves nothing.")]
 FormatOpt = Annotated[
     str,
     typer.Option(

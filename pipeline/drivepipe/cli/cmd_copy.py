@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 import typer
@@ -9,13 +10,15 @@ import typer
 from drivepipe._registry import STDIN as STDOUT
 from drivepipe._registry import shown
 from drivepipe._stats import RunStats
-from drivepipe.api import Client, drive_ref, new_drive
+from drivepipe.api import Client, needs_client
+from drivepipe.api import copy as copy_any
 from drivepipe.cli._app import app
 from drivepipe.cli._common import (
     FROM_OPTIONS,
     ForceOpt,
     ImageOptions,
     ProgressOptions,
+    SizeOpt,
     grouped_options,
     optional,
     positive,
@@ -24,7 +27,6 @@ from drivepipe.cli._common import (
 from drivepipe.cli._net import Account, LimitRateOpt, StallOpt
 from drivepipe.cli._progress import Reporter
 from drivepipe.cli.cmd_local import LOCAL_IMAGE
-from drivepipe.jobs.images import convert
 
 
 def note(text: str) -> None:
@@ -68,9 +70,7 @@ def copy(
         "chunked upload.")] = 4,
     chunked: Annotated[bool, typer.Option(
         "--chunked", help="Make the new drive by a resumable chunked upload.")] = False,
-    size: Annotated[str | None, optional(
-        "--size", "SIZE", "The exact raw size of a raw image on a pipe (SRC -): it streams "
-        "with no spool, and a stream that ends short or runs long fails.")] = None,
+    size: SizeOpt = None,
     to_endpoint: ToEndpointOpt = None,
     to_location: ToLocationOpt = None,
     to_user: ToUserOpt = None,
@@ -95,27 +95,18 @@ def copy(
         read.size = positive_size(size, "--size")
     tls = account.tls(limit_rate, stall_timeout)
     stats = RunStats(title=f"copy {shown(src)}")
-    to_drive, _ = new_drive(dst)
-    with Reporter(stats, mode):
-        if drive_ref(src) is None and not to_drive:
-            # no endpoint is needed (or configured) for an image to a local target
-            done = convert(src, dst, read=read, force=force, queue_depth=image.queue_depth,
-                           stats=stats)
-            if done.output != STDOUT:  # standard output carries the bytes, nothing else
-                typer.echo(done.output)
-            return
-        with _client(account, tls.limit_rate, tls.stall_timeout) as client:
-            other = None
+    with Reporter(stats, mode), contextlib.ExitStack() as held:
+        client = other = None
+        if needs_client(src, dst):  # an image to a local target needs no endpoint
+            client = held.enter_context(_client(account, tls.limit_rate, tls.stall_timeout))
             if to_endpoint or to_location or to_user:
-                other = _client(account, tls.limit_rate, tls.stall_timeout, to_endpoint,
-                                to_location, to_user)
-            try:
-                result = client.copy(src, dst, to=other, connections=connections,
-                                     chunked=chunked, expect=expect, force=force, read=read,
-                                     stats=stats, notify=note, handle_signals=True)
-            finally:
-                if other is not None:
-                    other.close()
+                other = held.enter_context(_client(account, tls.limit_rate,
+                                                   tls.stall_timeout, to_endpoint,
+                                                   to_location, to_user))
+        result = copy_any(src, dst, client=client, to=other, connections=connections,
+                          chunked=chunked, expect=expect, force=force, read=read,
+                          queue_depth=image.queue_depth, stats=stats, notify=note,
+                          handle_signals=True)
     printed = result.uuid if result.kind in ("upload", "drive-to-drive") else result.output
     if printed != STDOUT:
         typer.echo(printed)

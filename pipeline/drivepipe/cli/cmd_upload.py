@@ -25,8 +25,8 @@ from drivepipe.cli._common import (
     FROM_OPTIONS,
     ImageOptions,
     ProgressOptions,
+    SizeOpt,
     grouped_options,
-    optional,
     positive,
     positive_size,
 )
@@ -64,9 +64,6 @@ ResumeOpt = Annotated[
         "--resume", metavar="UUID", help="Resume the chunked upload into this drive UUID.",
                              show_default=False)
 ]
-SizeOpt = Annotated[str | None, optional(
-    "--size", "SIZE", "Exact raw size of a raw image on standard input (upload - --size N): "
-    "it streams as is, and a stream that ends short or runs long leaves no drive.")]
 JournalOpt = Annotated[
     str | None, typer.Option(
         "--journal", metavar="PATH", help="Journal file of a chunked upload (default: "
