@@ -460,13 +460,16 @@ def wait_for_progress(journal: Path, proc: subprocess.Popen[str], blocks: int) -
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.05)
+    # reap the child and close its pipes here, not in a later test's garbage collection
+    proc.kill()
+    proc.communicate()
     raise AssertionError(f"no progress in {journal} (exit {proc.poll()})")
 
 
 def test_sigkill_then_rerun_fetches_only_what_was_missing(
     nginx: Nginx, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    size = 32 * MiB
+    size = 64 * MiB  # several waves of ranges: the kill lands mid-download on a quiet box too
     src = make_image(nginx, "killed.raw", size, seed=8, pieces=40)
     want = digest(src)
     args = [nginx.url("/slow/killed.raw"), "--expect", f"xxh128:{want}", "--range-size", "4M",
