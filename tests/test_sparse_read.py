@@ -1,11 +1,13 @@
 """The sparse reader: holes from SEEK_DATA/SEEK_HOLE are never read, content is exact.
 
 "Never read" is checked by recording every ``os.pread``/``os.preadv`` the
-reader makes while it streams a real sparse file on the test filesystem.
+reader makes, and every window of the file it maps, while it streams a real
+sparse file on the test filesystem.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from drivepipe._errors import ImageError
 from drivepipe._extent import ZERO_BLOCK, Extent, is_zero
 from drivepipe._registry import open_image
 from drivepipe._stage import OpenOptions
+from drivepipe_plugins.sources import file as file_source
 from drivepipe_plugins.sources.file import SparseFileReader, data_ranges
 
 MiB = 1 << 20
@@ -51,7 +54,19 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 
     monkeypatch.setattr(os, "pread", pread)
     monkeypatch.setattr(os, "preadv", preadv)
+    record_windows(monkeypatch, seen)
     return seen
+
+
+def record_windows(monkeypatch: pytest.MonkeyPatch, seen: list[tuple[int, int]]) -> None:
+    """Count each mapped window as a read of its bytes (mapping is how the data is read)."""
+    real_map = file_source.map_window
+
+    def map_window(fd: int, offset: int, length: int) -> mmap.mmap:
+        seen.append((offset, length))
+        return real_map(fd, offset, length)
+
+    monkeypatch.setattr(file_source, "map_window", map_window)
 
 
 def written_blocks(layout: list[tuple[int, bytes]]) -> list[tuple[int, int]]:
@@ -85,6 +100,7 @@ def fs_supports_holes(path: Path) -> bool:
     size=st.integers(1, 6 * MiB),
     pieces=st.integers(0, 6),
     read_size=st.sampled_from([4096, 64 << 10, 1 * MiB, 4 * MiB]),
+    mmap_reads=st.booleans(),
 )
 def test_stream_is_exact_and_holes_are_never_read(
     tmp_path_factory: pytest.TempPathFactory,
@@ -92,6 +108,7 @@ def test_stream_is_exact_and_holes_are_never_read(
     size: int,
     pieces: int,
     read_size: int,
+    mmap_reads: bool,
 ) -> None:
     rng = random.Random(seed)
     layout = random_layout(rng, size, pieces, min(size, 256 << 10))
@@ -106,7 +123,8 @@ def test_stream_is_exact_and_holes_are_never_read(
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "pread", pread)
-        reader = SparseFileReader(str(path), read_size=read_size)
+        record_windows(mp, seen)
+        reader = SparseFileReader(str(path), read_size=read_size, mmap_reads=mmap_reads)
         try:
             assert reader.seekable_holes
             extents = list(reader.extents())
@@ -320,3 +338,37 @@ def test_only_the_data_counts_towards_dropping_the_page_cache(tmp_path: Path) ->
             assert reader.drop_cache is drops
         finally:
             reader.close()
+
+
+def test_a_regular_file_is_read_through_mapped_windows_and_pread_is_the_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "dense.raw"
+    path.write_bytes(os.urandom(3 * MiB + 5))
+    expected = path.read_bytes()
+
+    def kinds(**kw: bool) -> set[type]:
+        reader = SparseFileReader(str(path), read_size=1 * MiB, **kw)
+        try:
+            extents = list(reader.extents())
+        finally:
+            reader.close()
+        assert content(extents) == expected  # every view still valid after the stream ended
+        return {type(e.data) for e in extents if e.data is not None}
+
+    assert kinds() == {memoryview}
+    assert kinds(mmap_reads=False) == {bytes}
+
+    def refuse(fd: int, offset: int, length: int) -> mmap.mmap:
+        raise OSError(19, "No such device")  # what a filesystem without mmap answers
+
+    monkeypatch.setattr(file_source, "map_window", refuse)
+    assert kinds() == {bytes}
+
+
+def test_a_block_device_is_not_mapped(loop_device: tuple[str, Path]) -> None:
+    reader = SparseFileReader(loop_device[0])
+    try:
+        assert not reader.mmap_reads
+    finally:
+        reader.close()

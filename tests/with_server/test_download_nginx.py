@@ -18,6 +18,7 @@ import http.server
 import io
 import itertools
 import json
+import mmap
 import os
 import random
 import shutil
@@ -37,6 +38,7 @@ from sparse_files import allocated, write_sparse
 
 from drivepipe._verify import digest_file
 from drivepipe.cli import main
+from drivepipe_plugins.sources import file as file_source
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="needs nginx")
@@ -212,7 +214,8 @@ class ReadCounter:
     """Every read (``os.pread``/``preadv``/``read``/``readv``) of a descriptor open on one
     of ``paths``, as ``(offset, bytes)``; ``offset`` is -1 for reads at the file position.
 
-    It sees what drivepipe's file source does (``os.pread``); the control in
+    It sees what drivepipe's file source does (``os.pread``, and the windows it maps:
+    mapping a window is how it reads a regular file); the control in
     :func:`test_a_fresh_download_reads_nothing_back` shows that it counts a pass over
     the file (what the old prefix hasher and ``--hash-after`` did).
     """
@@ -223,18 +226,29 @@ class ReadCounter:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> ReadCounter:
         for name in ("pread", "preadv", "read", "readv"):
             monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
+        real_map = file_source.map_window
+
+        def map_window(fd: int, offset: int, length: int) -> mmap.mmap:
+            if self._watched(fd):
+                self.reads.append((offset, length))
+            return real_map(fd, offset, length)
+
+        monkeypatch.setattr(file_source, "map_window", map_window)
         return self
+
+    def _watched(self, fd: int) -> bool:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
+        except OSError:
+            return False
+        return path in self.paths
 
     def _wrap(self, name: str, real: Callable[..., object]) -> Callable[..., object]:
         positioned = name in ("pread", "preadv")
 
         def counted(fd: int, *args: object) -> object:
             result = real(fd, *args)
-            try:
-                path = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
-            except OSError:
-                return result
-            if path in self.paths:
+            if self._watched(fd):
                 n = len(result) if isinstance(result, bytes) else int(result)  # type: ignore[arg-type]
                 offset = args[-1] if positioned else -1
                 self.reads.append((int(offset), n))  # type: ignore[call-overload]
