@@ -14,9 +14,9 @@ import os
 import stat
 from collections.abc import Callable
 from functools import cache
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from drivepipe._entry_points import EntryPoint, declared
 from drivepipe._errors import ImageError, SizeMismatch, UnsupportedFormat, UsageError
 from drivepipe._stage import (
     HEAD_SIZE,
@@ -51,9 +51,7 @@ FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
 def _declared() -> dict[str, list[EntryPoint]]:
     """drivepipe's four entry-point groups from one scan of the installed packages (each
     scan reads every package's metadata: one, not four, at every start)."""
-    every = entry_points()
-    groups = (FORMATS_GROUP, STAGES_GROUP, SOURCES_GROUP, TARGETS_GROUP)
-    return {group: list(every.select(group=group)) for group in groups}
+    return declared((FORMATS_GROUP, STAGES_GROUP, SOURCES_GROUP, TARGETS_GROUP))
 
 
 def _group(name: str) -> list[EntryPoint]:
