@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -236,6 +235,8 @@ def _allocated(source: ByteSource) -> int:
 
 
 def spool_dir(options: OpenOptions) -> str:
+    import tempfile  # noqa: PLC0415 - only where a spool is made
+
     return options.spool_dir or tempfile.gettempdir()
 
 
@@ -254,6 +255,8 @@ def spool(layer: DecodedLayer, label: str, options: OpenOptions) -> ByteSource:
 def _spool(
     stream: Source, stages: list[Stage], hint: int | None, label: str, options: OpenOptions
 ) -> ByteSource:
+    import tempfile  # noqa: PLC0415 - see spool_dir
+
     where = spool_dir(options)
     try:
         fd, path = tempfile.mkstemp(prefix=".drivepipe-spool-", suffix=".raw", dir=where)

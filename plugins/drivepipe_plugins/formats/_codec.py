@@ -23,13 +23,15 @@ import bisect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from drivepipe._errors import CorruptImage
 from drivepipe._extent import ZERO_VIEW, Buffer, Extent, split_zeros
 from drivepipe._stage import ByteSource, DecodedLayer, OpenOptions, Source, Stage
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 #: input handed to one decompressor call; small so that the copy a decompressor
 #: makes of the bytes after a stream's end (``unused_data``) stays cheap even
@@ -355,6 +357,8 @@ class IndexedSource(ByteSource):
         self._pending: dict[int, Future[Buffer]] = {}
         # one block ahead: with the two kept, at most four blocks are alive at once
         self._ahead = 1
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - see _parallel
+
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=name)
 
     def _block(self, index: int) -> Buffer:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from drivepipe._extent import Extent
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 Job: TypeAlias = Extent | Callable[[], list[Extent]]
 
@@ -34,6 +36,10 @@ class LazyPool:
     def get(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
+                # concurrent.futures (and the logging it imports) when a pool is needed:
+                # 18 ms of a start that reads no compressed image
+                from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self.prefix)
             return self._pool
 
@@ -57,7 +63,7 @@ def in_order(jobs: Iterator[Job], pool: LazyPool, limit: int | None = None) -> I
             yield from _ready(inflight.popleft())
     finally:
         for item in inflight:
-            if isinstance(item, Future):
+            if not isinstance(item, Extent):
                 item.cancel()
 
 

@@ -27,21 +27,21 @@ compression, a read that is not a file (an OVA from a pipe), digest mismatches.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
-import tarfile
 import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivepipe._errors import CorruptImage, DrivepipeError, UnsupportedFormat
 from drivepipe._extent import Extent
 from drivepipe._registry import open_source
 from drivepipe._stage import ByteSource, ImageFormat, ImageInput, OpenOptions, Source
 from drivepipe_plugins.formats.vmdk import VmdkFormat
+
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
 
 #: the .ovf is read whole, the manifest too: both are small
 _MAX_OVF = 16 << 20
@@ -175,6 +175,8 @@ class HashingSource(ByteSource):
                 view, self._cursor = view[skip:], self._cursor + skip
                 continue
             if self._hash is None:
+                import hashlib  # noqa: PLC0415 - see list_members
+
                 self._hash = hashlib.new(seg.algo)
             n = min(len(view), seg.end - self._cursor)
             self._hash.update(view[:n])
@@ -259,6 +261,8 @@ class Member:
 
 def list_members(source: ByteSource) -> dict[str, Member]:
     """Regular members by name (the last of equal names wins, as tar does)."""
+    import tarfile  # noqa: PLC0415 - tarfile, hashlib and the XML parser load when an OVA is read
+
     members: dict[str, Member] = {}
     try:
         with tarfile.open(fileobj=_Reader(source), mode="r:") as tar:
@@ -342,6 +346,8 @@ def parse_ovf(data: bytes, label: str) -> Ovf:
     """References/File and DiskSection/Disk, namespaces ignored."""
     if b"<!DOCTYPE" in data[:4096] or b"<!ENTITY" in data:
         raise CorruptImage(f"{label}: OVF descriptor declares entities; refused")
+    import xml.etree.ElementTree as ET  # noqa: PLC0415 - see list_members
+
     try:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
@@ -412,6 +418,8 @@ def read_appliance(source: ByteSource) -> Appliance:
     if mfs and mfs[0].size <= _MAX_MANIFEST:
         manifest = parse_manifest(source.pread_exact(mfs[0].offset, mfs[0].size, "manifest"))
     entry = manifest.get(ovf_member.name)
+    import hashlib  # noqa: PLC0415 - see list_members
+
     if entry is not None and hashlib.new(entry[0], ovf_data).hexdigest() != entry[1].lower():
         raise CorruptImage(
             f"{label}: OVA manifest digest of {ovf_member.name} does not match: the appliance "
