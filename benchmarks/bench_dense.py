@@ -227,7 +227,8 @@ def bench_qcow2(args: argparse.Namespace, workdir: Path) -> list[Pair]:
 
 
 def bench_checksum(args: argparse.Namespace, image: Path) -> list[Pair]:
-    ours = [drivepipe_command(), "checksum", "--progress", "none", str(image)]
+    # as a script would call it (stderr is not a terminal here: no live view either way)
+    ours = [drivepipe_command(), "checksum", str(image)]
     theirs = [tool("xxh128sum"), str(image)]
     if capture(ours).split()[0] != capture(theirs).split()[0]:
         sys.exit("drivepipe checksum differs from xxh128sum")

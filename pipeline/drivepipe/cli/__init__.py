@@ -4,7 +4,8 @@ Each group of commands lives in its own ``cmd_*`` module and registers on
 :data:`app` when imported.  To start fast, ``main`` imports only the module
 of the command being run (:data:`COMMAND_MODULES`; a test keeps that table
 equal to what the modules register); ``drivepipe.cli.app`` and ``--help``
-load them all.
+load them all.  ``checksum`` of plain paths runs without typer at all
+(:mod:`drivepipe.cli._fast`).
 Every :class:`~drivepipe.DrivepipeError` ends as one line on stderr and its
 exit code; anything else is a bug and keeps its traceback.
 """
@@ -18,13 +19,14 @@ import pkgutil
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import TextIO
-
-import typer
-from typer.models import CommandInfo
+from typing import TYPE_CHECKING, TextIO
 
 from drivepipe._errors import Cancelled, DrivepipeError
-from drivepipe.cli import _app
+from drivepipe.cli import _fast
+
+if TYPE_CHECKING:
+    import typer
+    from typer.models import CommandInfo
 
 #: command name -> the module that registers it
 COMMAND_MODULES: dict[str, str] = {
@@ -45,6 +47,8 @@ COMMAND_MODULES: dict[str, str] = {
 
 def load_commands(command: str | None = None) -> typer.Typer:
     """Register ``command``'s module, or every ``cmd_*`` module; returns the app."""
+    from drivepipe.cli import _app  # noqa: PLC0415 - typer, when a command needs it
+
     if command in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{COMMAND_MODULES[command]}")
         return _app.app
@@ -72,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script exits with it)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        code = _fast.run(args)
+        if code is not None:
+            return code
         # Standalone mode: typer handles usage errors and --help itself (SystemExit).
         load_commands(args[0] if args else None)(args=args, prog_name="drivepipe")
     except SystemExit as exc:

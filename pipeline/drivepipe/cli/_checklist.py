@@ -4,18 +4,40 @@
 (lists parsed by :mod:`drivepipe._sums`).  A file that fails gets one error line
 on stderr and the others go on; errors about the whole command (usage,
 configuration, Ctrl-C) still end it at once.  Both return the exit code of the
-first failure, 0 if none.
+first failure, 0 if none.  No typer here: ``checksum`` of plain paths runs
+without it (:mod:`drivepipe.cli._fast`), with these same functions.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-
-import typer
+from typing import TYPE_CHECKING
 
 from drivepipe._errors import Cancelled, ConfigError, DrivepipeError, UsageError
+from drivepipe._registry import shown
+from drivepipe._stats import RunStats
 from drivepipe._sums import format_line, parse_lines
+from drivepipe.cli._progress import Reporter
+
+if TYPE_CHECKING:
+    from drivepipe.jobs.images import ReadOptions
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """One line on stdout (or stderr), flushed at once: as ``typer.echo`` writes it."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def checksum_one(path: str, read: ReadOptions, queue_depth: int, mode: str) -> str:
+    """The xxh3-128 hex digest of ``path``'s raw content, with the progress ``mode``."""
+    from drivepipe.jobs import images  # noqa: PLC0415 - the engine, when a file is hashed
+
+    stats = RunStats(title=f"checksum {shown(path)}")
+    with Reporter(stats, mode):
+        return images.checksum(path, read=read, queue_depth=queue_depth, stats=stats)
 
 
 def _failed(exc: DrivepipeError) -> int:
@@ -24,7 +46,7 @@ def _failed(exc: DrivepipeError) -> int:
         raise exc
     from drivepipe.cli._flags import with_flags  # noqa: PLC0415 - only when failing
 
-    typer.echo(f"drivepipe: error: {with_flags(exc.one_line())}", err=True)
+    _echo(f"drivepipe: error: {with_flags(exc.one_line())}", err=True)
     return exc.exit_code
 
 
@@ -32,7 +54,7 @@ def hash_each(paths: Iterable[str], digest: Callable[[str], str]) -> int:
     code = 0
     for path in paths:
         try:
-            typer.echo(format_line(digest(path), path))
+            _echo(format_line(digest(path), path))
         except DrivepipeError as exc:
             failure = _failed(exc)
             code = code or failure
@@ -46,13 +68,13 @@ def check_lists(lists: Iterable[str], digest: Callable[[str], str]) -> int:
         try:
             lines = _read_list(listing)
         except OSError as exc:
-            typer.echo(f"drivepipe: error: {listing}: cannot read: {exc.strerror or exc}",
+            _echo(f"drivepipe: error: {listing}: cannot read: {exc.strerror or exc}",
                        err=True)
             code = code or 3
             continue
         entries = list(parse_lines(lines))
         if not any(entries):
-            typer.echo(f"drivepipe: error: {listing}: no properly formatted checksum lines",
+            _echo(f"drivepipe: error: {listing}: no properly formatted checksum lines",
                        err=True)
             code = code or 1
             continue
@@ -63,16 +85,16 @@ def check_lists(lists: Iterable[str], digest: Callable[[str], str]) -> int:
             except DrivepipeError as exc:
                 failure = _failed(exc)
                 code = code or failure
-                typer.echo(f"{entry.name}: FAILED open or read")
+                _echo(f"{entry.name}: FAILED open or read")
                 continue
-            typer.echo(f"{entry.name}: {'OK' if ok else 'FAILED'}")
+            _echo(f"{entry.name}: {'OK' if ok else 'FAILED'}")
             if not ok:
                 mismatched += 1
                 code = code or 7
     if malformed:
-        typer.echo(f"drivepipe: warning: {malformed} line(s) improperly formatted", err=True)
+        _echo(f"drivepipe: warning: {malformed} line(s) improperly formatted", err=True)
     if mismatched:
-        typer.echo(f"drivepipe: warning: {mismatched} computed checksum(s) did NOT match",
+        _echo(f"drivepipe: warning: {mismatched} computed checksum(s) did NOT match",
                    err=True)
     return code
 

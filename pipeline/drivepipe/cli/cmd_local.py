@@ -12,7 +12,7 @@ from drivepipe._registry import shown
 from drivepipe._sizes import format_size
 from drivepipe._stats import RunStats
 from drivepipe.cli._app import app
-from drivepipe.cli._checklist import check_lists, hash_each
+from drivepipe.cli._checklist import check_lists, checksum_one, hash_each
 from drivepipe.cli._common import (
     FROM_OPTIONS,
     DiskOpt,
@@ -61,14 +61,6 @@ def convert(
                        stats=stats)
 
 
-def checksum_one(path: str, image: ImageOptions, mode: str) -> str:
-    """The xxh3-128 hex digest of ``path``'s raw content."""
-    stats = RunStats(title=f"checksum {shown(path)}")
-    read = image.read()
-    with Reporter(stats, mode):
-        return images.checksum(path, read=read, queue_depth=image.queue_depth, stats=stats)
-
-
 @app.command()
 @grouped_options
 def checksum(
@@ -85,9 +77,9 @@ def checksum(
     A file that cannot be hashed gets one error line on stderr and the others are still
     hashed; the exit code is then that of the first failure (7 if -c found a mismatch).
     """
-    mode = progress.mode
-    image.read()  # a bad option is refused once, before any file
-    digest = functools.partial(checksum_one, image=image, mode=mode)
+    # a bad option is refused once, before any file
+    digest = functools.partial(checksum_one, read=image.read(), queue_depth=image.queue_depth,
+                               mode=progress.mode)
     code = check_lists(srcs, digest) if check else hash_each(srcs, digest)
     if code:
         raise typer.Exit(code)
