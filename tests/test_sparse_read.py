@@ -372,3 +372,16 @@ def test_a_block_device_is_not_mapped(loop_device: tuple[str, Path]) -> None:
         assert not reader.mmap_reads
     finally:
         reader.close()
+
+
+def test_read_options_choose_mmap_or_pread(tmp_path: Path) -> None:
+    from drivepipe.jobs.images import ReadOptions, open_input
+
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(1 * MiB))
+    for mmap_reads in (True, False):
+        image = open_input(str(path), ReadOptions(mmap=mmap_reads))
+        try:
+            assert image.source.mmap_reads is mmap_reads  # type: ignore[attr-defined]
+        finally:
+            image.close()

@@ -169,7 +169,8 @@ def open_file(path: str, options: OpenOptions | None = None) -> ByteSource:
     """The ``file`` byte source of ``path`` (a regular file or a block device)."""
     opts = options or OpenOptions()
     cls = byte_source("file")
-    return cls(path, read_size=opts.read_size, drop_cache_above=opts.drop_cache_above)
+    return cls(path, read_size=opts.read_size, drop_cache_above=opts.drop_cache_above,
+               mmap_reads=opts.mmap_reads)
 
 
 def is_url(path: str) -> bool:
@@ -204,7 +205,8 @@ def open_stdin(options: OpenOptions, chain: list[str] | None = None) -> ByteSour
         raise ImageError(f"standard input: {exc.strerror}") from exc
     if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
         source: ByteSource = byte_source("file")(
-            STDIN_LABEL, fd=fd, read_size=options.read_size, label=STDIN_LABEL)
+            STDIN_LABEL, fd=fd, read_size=options.read_size, label=STDIN_LABEL,
+            mmap_reads=options.mmap_reads)
         if options.size is not None and source.size != options.size:
             got = source.size
             source.close()

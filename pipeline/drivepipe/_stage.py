@@ -215,6 +215,8 @@ class OpenOptions:
 
     read_size: int = 4 << 20
     threads: int = 2
+    #: read regular files through read-only mmap windows (False: pread; see the file source)
+    mmap_reads: bool = True
     #: called during work that happens before streaming (counting passes)
     on_phase: PhaseCallback | None = None
     #: drop pages behind the read cursor for files larger than this (None: auto)

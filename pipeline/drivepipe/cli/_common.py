@@ -63,6 +63,12 @@ ReadSizeOpt = Annotated[
     str, typer.Option(
         "--read-size", metavar="SIZE", help="Size of each disk read (e.g. 1M, 4M, 16M).")
 ]
+MmapOpt = Annotated[
+    bool, typer.Option(
+        "--mmap/--no-mmap", help="Read regular files through mmap windows (fewer copies); "
+        "--no-mmap reads them with pread, for a file another process may truncate while "
+        "it is read.")
+]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace the output file if it already exists.")
 ]
@@ -173,6 +179,7 @@ class ImageOptions:
     threads: ThreadsOpt = 2
     spool_dir: SpoolDirOpt = None
     disk: DiskOpt = None
+    mmap: MmapOpt = True
 
     def read(self) -> ReadOptions:
         """The library's read options, each value checked with its flag's name
@@ -182,7 +189,8 @@ class ImageOptions:
         positive(self.queue_depth, "--queue-depth")
         positive(self.threads, "--threads")
         return ReadOptions(format=self.fmt, read_size=positive_size(self.read_size, "--read-size"),
-                           threads=self.threads, spool_dir=self.spool_dir, disk=self.disk)
+                           threads=self.threads, spool_dir=self.spool_dir, disk=self.disk,
+                           mmap=self.mmap)
 
 
 def progress_mode(progress: str, quiet: bool, verbose: bool) -> str:

@@ -42,6 +42,9 @@ class ReadOptions:
     read_size: int = LOCAL_READ_SIZE
     #: decoder threads for formats that decode in parallel
     threads: int = 2
+    #: read regular files through mmap windows (False: pread, for files another process
+    #: may truncate while they are read: a mapped window cut short is SIGBUS)
+    mmap: bool = True
     #: where a decoded layer that an inner format must read out of order is spooled
     spool_dir: str | None = None
     #: the disk of an image that holds several (an OVA): id, file name or 1-based number
@@ -79,7 +82,7 @@ def open_input(src: str, read: ReadOptions | None = None,
             stats.chain.append(name)
 
     options = OpenOptions(
-        read_size=read.read_size, on_phase=on_phase, threads=read.threads,
+        read_size=read.read_size, on_phase=on_phase, threads=read.threads, mmap_reads=read.mmap,
         spool_dir=read.spool_dir, on_layer=on_layer, disk=read.disk, size=read.size,
         tls=read.tls, endpoint=read.endpoint, creds=read.creds, notify=read.notify,
     )

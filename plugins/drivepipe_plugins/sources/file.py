@@ -11,7 +11,8 @@ window is unmapped when the last view of it is dropped, so memory stays bounded
 by the pipeline's queue.  The file's size is checked before each window is
 mapped; a file cut short *between* that check and the read of the window (by
 another process truncating it) ends the process with SIGBUS instead of a line:
-``mmap_reads=False`` (``--no-mmap``) reads with ``pread`` instead.  Block devices
+``mmap_reads=False`` (``--no-mmap``, ``ReadOptions(mmap=False)``) reads with
+``pread`` instead.  Block devices
 and filesystems that refuse ``mmap`` are always read with ``pread``.  When the filesystem cannot
 tell data from holes (no SEEK_DATA, or everything reported as data on a
 filesystem that has no holes), everything is read and all-zero blocks are
