@@ -24,6 +24,7 @@ from drivepipe._errors import ImageError
 from drivepipe._extent import ZERO_BLOCK, Extent, is_zero
 from drivepipe._registry import open_image
 from drivepipe._stage import OpenOptions
+from drivepipe.jobs.images import ReadOptions, open_input
 from drivepipe_plugins.sources import file as file_source
 from drivepipe_plugins.sources.file import SparseFileReader, data_ranges
 
@@ -375,8 +376,6 @@ def test_a_block_device_is_not_mapped(loop_device: tuple[str, Path]) -> None:
 
 
 def test_read_options_choose_mmap_or_pread(tmp_path: Path) -> None:
-    from drivepipe.jobs.images import ReadOptions, open_input
-
     path = tmp_path / "disk.raw"
     path.write_bytes(os.urandom(1 * MiB))
     for mmap_reads in (True, False):

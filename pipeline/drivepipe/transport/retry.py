@@ -19,7 +19,6 @@ Loops that block use :meth:`RetryPolicy.call`; loops that schedule retries thems
 
 from __future__ import annotations
 
-import email.utils
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -83,6 +82,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     if text.isdigit():
         return float(text)
+    import email.utils  # noqa: PLC0415 - 20 ms of imports, only for an HTTP date
+
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
