@@ -62,3 +62,32 @@ def test_anything_to_parse_goes_to_typer(images: list[str]) -> None:
 
 def test_the_fast_path_reads_with_the_commands_defaults() -> None:
     assert _fast.read_options() == (LOCAL_IMAGE.read(), LOCAL_IMAGE.queue_depth)
+
+
+SIGBUS_RUN = """
+import os, sys, xxhash
+from drivepipe import cli
+from drivepipe_plugins.sources.file import SparseFileReader
+cli._sigbus_as_one_line()
+path, how = sys.argv[1:]
+ext = next(SparseFileReader(path).extents())
+os.truncate(path, 0)  # another process cutting the file short under the mapped window
+if how == "copy":
+    bytes(ext.data)  # a copy made holding the interpreter lock (pycurl's, the writer's)
+else:
+    xxhash.xxh3_128(ext.data)  # the hash, which releases it
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("how", ["copy", "hash"])
+def test_a_mapped_input_cut_short_is_one_line_and_exit_3(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "cut.raw"
+    path.write_bytes(os.urandom(4 << 20))
+    proc = subprocess.run([sys.executable, "-c", SIGBUS_RUN, str(path), how],
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 3
+    assert proc.stdout == b""
+    assert proc.stderr.decode().splitlines() == [
+        "drivepipe: error: an input file was cut short while it was read (SIGBUS); "
+        "--no-mmap reads it with pread"]

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
+import os
 import pkgutil
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -122,8 +124,43 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6").mallopt(m_arena_max, arenas)
 
 
+#: what a SIGBUS says: the only one drivepipe expects is a mapped input cut short
+SIGBUS_LINE = (b"drivepipe: error: an input file was cut short while it was read "
+               b"(SIGBUS); --no-mmap reads it with pread\n")
+#: the ctypes callback libc calls on SIGBUS, kept alive here (libc holds only its address)
+_SIGBUS_HANDLERS: list[object] = []
+
+
+def _sigbus_as_one_line() -> None:
+    """Turn SIGBUS into one line on stderr and exit code 3 (an input error).
+
+    Regular files are read through mmap windows (drivepipe_plugins.sources.file);
+    another process truncating the file under a window makes the next access to it
+    a SIGBUS, which would otherwise end the process with the shell's "Bus error".
+    Python cannot handle a synchronous fault itself (its handler returns to the
+    faulting instruction), so a C-level handler, a ctypes callback, writes the line
+    and leaves with ``os._exit``: nothing after the fault runs, no output is
+    published (the temporary file is left as after a kill).  The command line only:
+    a library must not install signal handlers.  Best effort.
+    """
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+
+    def on_sigbus(signum: int) -> None:
+        os.write(2, SIGBUS_LINE)
+        os._exit(3)
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.signal.argtypes = (ctypes.c_int, handler_type)
+        libc.signal.restype = ctypes.c_void_p
+        handler = handler_type(on_sigbus)
+        _SIGBUS_HANDLERS.append(handler)
+        libc.signal(signal.SIGBUS, handler)
+
+
 def console_main() -> None:
     _limit_malloc_arenas()
+    _sigbus_as_one_line()
     warnings.showwarning = _show_warning
     sys.exit(main())
 

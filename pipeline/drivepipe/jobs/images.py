@@ -43,7 +43,8 @@ class ReadOptions:
     #: decoder threads for formats that decode in parallel
     threads: int = 2
     #: read regular files through mmap windows (False: pread, for files another process
-    #: may truncate while they are read: a mapped window cut short is SIGBUS)
+    #: may truncate while they are read: a mapped window cut short is a SIGBUS, which
+    #: kills a library caller's process; the CLI turns it into one line)
     mmap: bool = True
     #: where a decoded layer that an inner format must read out of order is spooled
     spool_dir: str | None = None

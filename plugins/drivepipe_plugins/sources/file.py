@@ -10,7 +10,8 @@ read + xxh3 0.55 s mapped, 0.78 s with preads; ``xxh128sum`` 0.77 s).  Each
 window is unmapped when the last view of it is dropped, so memory stays bounded
 by the pipeline's queue.  The file's size is checked before each window is
 mapped; a file cut short *between* that check and the read of the window (by
-another process truncating it) ends the process with SIGBUS instead of a line:
+another process truncating it) is a SIGBUS, which the command line turns into one
+line and exit code 3 (``drivepipe.cli``) but a library caller cannot catch:
 ``mmap_reads=False`` (``--no-mmap``, ``ReadOptions(mmap=False)``) reads with
 ``pread`` instead.  Block devices
 and filesystems that refuse ``mmap`` are always read with ``pread``.  When the filesystem cannot
