@@ -20,6 +20,7 @@ they import this module as a sibling.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import resource
@@ -224,9 +225,27 @@ def tool(name: str) -> str:
 
 
 def drivepipe_command() -> str:
-    """The ``drivepipe`` script beside this Python (the venv's), else the one on PATH."""
+    """The ``drivepipe`` script beside this Python (the venv's), else the one on PATH.
+
+    Its modules are byte-compiled first, as ``pip install`` leaves them: an editable
+    install under ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every module
+    at every start (measured: 0.15 s of a 0.4 s checksum start), which is not what an
+    installed drivepipe pays.
+    """
+    _byte_compile_drivepipe()
     beside = Path(sys.executable).with_name("drivepipe")
     return str(beside) if beside.exists() else tool("drivepipe")
+
+
+@functools.cache
+def _byte_compile_drivepipe() -> None:
+    import compileall  # noqa: PLC0415 - once per run
+    import importlib.util  # noqa: PLC0415
+
+    for name in ("drivepipe", "drivepipe_plugins"):
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            compileall.compile_dir(location, quiet=1)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
