@@ -20,7 +20,15 @@ printed is the median of the per-pair ratios (drivepipe / reference: below
   ``drivepipe download --connections N`` for each N of ``--connections``;
 - ``capped-chunked``: ``drivepipe upload --chunked --connections N`` to a local
   store whose every connection receives at most ``--rate`` (ServerConfig
-  ``rate_limit``).
+  ``rate_limit``);
+- ``shaped-chunked``: the same uploads shaped by the kernel instead: the client
+  runs in a network namespace the benchmark creates (a veth pair with
+  loopback addresses, nothing leaves the machine), whose egress gives every
+  TCP flow its own token bucket of ``--rate`` (256 htb classes, rate = ceil,
+  picked by a u32 hash of the source port's low byte; the namespace's
+  ephemeral ports narrowed to 256, one per class), so a flow is capped by the
+  kernel as a WAN flow is, queueing and all; the store is uncapped.  Needs
+  root, ``ip`` and ``tc``; otherwise skipped with one line.
 
 The capped areas print seconds per N and the speed-up over 1 connection.
 
@@ -75,7 +83,7 @@ from bench_upload import (
 )
 
 AREAS = ("upload-nginx", "upload-store", "download", "qcow2", "checksum", "capped-download",
-         "capped-chunked")
+         "capped-chunked", "shaped-chunked")
 
 FILES_CONF = """
 worker_processes 1;
@@ -256,12 +264,14 @@ def bench_capped_download(args: argparse.Namespace, image: Path, workdir: Path, 
         for n in counts:  # interleaved: each round runs every count once
             clean()
             argv = [drivepipe_command(), "download", url, "-o", str(out), "--expect", digest,
-                    "--progress", "none", "--connections", str(n),
-                    "--range-size", args.range_size]
+                    "--progress", "none", "--connections", str(n)]
+            if args.range_size:
+                argv += ["--range-size", args.range_size]
             seconds[n].append(run_measured(argv).wall)
     clean()
+    ranges = f"--range-size {args.range_size}" if args.range_size else "automatic ranges"
     return capped_table(f"Download from nginx, limit_rate {args.rate} per connection, "
-                        f"{fmt_size(image.stat().st_size)} dense", seconds,
+                        f"{ranges}, {fmt_size(image.stat().st_size)} dense", seconds,
                         image.stat().st_size)
 
 
@@ -290,6 +300,106 @@ def bench_capped_chunked(args: argparse.Namespace, image: Path, workdir: Path) -
                         seconds, image.stat().st_size)
 
 
+#: the namespace's ephemeral ports: 256 of them, one per shaping class (the low byte)
+SHAPED_PORTS = (40192, 40447)
+#: loopback addresses on the veth pair (route_localnet on its two ends): the account goes
+#: over plain http only to loopback, and nothing can route them off the machine
+SHAPED_HOST, SHAPED_CLIENT = "127.203.0.1", "127.203.0.2"
+
+
+def shaping_commands(dev: str, rate: int) -> str:
+    """``tc -batch`` lines: an htb root whose 256 classes (one per low byte of the TCP
+    source port) each let ``rate`` bytes a second through (rate = ceil: a token bucket
+    per flow: one flow ran at 50.2 MB/s of the 52.4 asked, as under a plain ``tbf`` root or
+    with a ``tbf`` leaf under its class; 4 flows at once at 50.2 MB/s each)."""
+    lines = [f"qdisc add dev {dev} root handle 1: htb default 1",
+             f"class add dev {dev} parent 1: classid 1:1 htb rate 10gbit quantum 60000",
+             f"filter add dev {dev} parent 1: prio 1 handle 2: protocol ip u32 divisor 256",
+             f"filter add dev {dev} parent 1: prio 1 protocol ip u32 ht 800:: "
+             "match ip protocol 6 0xff hashkey mask 0x00ff0000 at 20 link 2:"]
+    for low in range(256):
+        cls = f"{0x100 + low:x}"
+        lines += [f"class add dev {dev} parent 1: classid 1:{cls} htb rate {rate * 8}bit "
+                  f"ceil {rate * 8}bit burst 256kb cburst 256kb quantum 60000",
+                  f"filter add dev {dev} parent 1: prio 1 protocol ip u32 ht 2:{low:x}: "
+                  f"match u32 0 0 flowid 1:{cls}"]
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def shaped_namespace(workdir: Path, rate: int) -> Iterator[str | None]:
+    """A network namespace whose every TCP flow out is capped at ``rate``; its name, or
+    None (after one line saying why) where it cannot be made."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        print("shaped-chunked: skipped (needs root, ip and tc)", file=sys.stderr)
+        yield None
+        return
+    name, host_dev, ns_dev = f"dpbench{os.getpid()}", f"dpb{os.getpid()}a", f"dpb{os.getpid()}b"
+    batch = workdir / "shaping.tc"
+    batch.write_text(shaping_commands(ns_dev, rate))
+    steps = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", host_dev, "type", "veth", "peer", "name", ns_dev],
+        ["ip", "link", "set", ns_dev, "netns", name],
+        ["ip", "addr", "add", f"{SHAPED_HOST}/30", "dev", host_dev],
+        ["ip", "link", "set", host_dev, "up"],
+        ["sysctl", "-q", "-w", f"net.ipv4.conf.{host_dev}.route_localnet=1"],
+        ["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+         f"net.ipv4.conf.{ns_dev}.route_localnet=1"],
+        ["ip", "-n", name, "addr", "add", f"{SHAPED_CLIENT}/30", "dev", ns_dev],
+        ["ip", "-n", name, "link", "set", ns_dev, "up"],
+        ["ip", "-n", name, "link", "set", "lo", "up"],
+        ["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+         f"net.ipv4.ip_local_port_range={SHAPED_PORTS[0]} {SHAPED_PORTS[1]}"],
+        ["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"],
+        ["tc", "-n", name, "-batch", str(batch)],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"shaped-chunked: skipped ({' '.join(step[:4])}: "
+                      f"{done.stderr.strip().splitlines()[-1:] or done.returncode})",
+                      file=sys.stderr)
+                yield None
+                return
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", host_dev], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def bench_shaped_chunked(args: argparse.Namespace, image: Path, workdir: Path) -> str | None:
+    from drivepipe.server import serve_in_thread  # noqa: PLC0415 - only this area needs it
+
+    rate = parse_size(args.rate)
+    with shaped_namespace(workdir, rate) as namespace:
+        if namespace is None:
+            return None
+        password, _ = throwaway_account(workdir)
+        cache = workdir / "cache"
+        os.environ["XDG_CACHE_HOME"] = str(cache)
+        counts = [int(n) for n in args.connections.split(",")]
+        seconds: dict[int, list[float]] = {n: [] for n in counts}
+        with serve_in_thread(str(workdir / "shaped-store"), username=USER, password=password,
+                             min_size=1 << 20, host=SHAPED_HOST) as srv:
+            store = Store("shaped store", srv.base_url, password, workdir / "unused")
+            for _ in range(args.capped_repeat):
+                for n in counts:
+                    store.delete_drives()
+                    shutil.rmtree(cache, ignore_errors=True)
+                    settle()
+                    argv = ["ip", "netns", "exec", namespace, *drivepipe_argv(
+                        store, image, "--chunked", "--connections", str(n),
+                        "--chunk-size", args.chunk_size)]
+                    seconds[n].append(run_measured(argv).wall)
+            store.delete_drives()
+    return capped_table(f"Chunked upload from a network namespace, every TCP flow shaped "
+                        f"by the kernel (htb) to {args.rate}/s, chunks of {args.chunk_size}, "
+                        f"{fmt_size(image.stat().st_size)} dense", seconds,
+                        image.stat().st_size)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="1G", help="dense image size (1G; the issue's: 4G)")
@@ -307,7 +417,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", default="1,2,4,8", help="connection counts, capped areas")
     p.add_argument("--capped-repeat", type=int, default=2, help="rounds of the capped areas")
     p.add_argument("--chunk-size", default="16M", help="chunk size, capped chunked upload")
-    p.add_argument("--range-size", default="8M", help="range size, capped download (8M)")
+    p.add_argument("--range-size", default="",
+                   help="range size, capped download (default: drivepipe's own)")
     args = p.parse_args(argv)
     args.only = set(args.only.split(","))
     if args.only - set(AREAS):
@@ -340,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
                 pairs += bench_download(args, image, workdir, base, digest)
         if "qcow2" in args.only:
             pairs += bench_qcow2(args, workdir)
-        if args.only & {"capped-download", "capped-chunked"}:
+        if args.only & {"capped-download", "capped-chunked", "shaped-chunked"}:
             small = workdir / "capped.raw"
             make_dense_image(small, parse_size(args.capped_size), seed=3)
             warm_cache(small)
@@ -350,6 +461,10 @@ def main(argv: list[str] | None = None) -> None:
                                                         digest_of(small)))
             if "capped-chunked" in args.only:
                 capped.append(bench_capped_chunked(args, small, workdir))
+            if "shaped-chunked" in args.only:
+                shaped = bench_shaped_chunked(args, small, workdir)
+                if shaped is not None:
+                    capped.append(shaped)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

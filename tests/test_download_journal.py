@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from drivepipe._errors import VerifyError
+from drivepipe._errors import UsageError, VerifyError
 from drivepipe._extent import Extent
+from drivepipe._remote import ProbeResult
 from drivepipe._verify import (
     Expectation,
     digest_file,
     expectation_from_meta,
     parse_expect,
 )
+from drivepipe.jobs.download import DownloadOptions, _receive_options
 from drivepipe.resume.download_journal import (
     DownloadJournal,
     SourceIdentity,
@@ -32,7 +34,15 @@ from drivepipe.resume.download_journal import (
     source_key,
 )
 from drivepipe.transport.curl import TlsOptions
-from drivepipe_plugins.sources.download import PIECE, RangeReceiver, ReceiveOptions, _Range
+from drivepipe_plugins.sources.download import (
+    AUTO_RANGE_MAX,
+    AUTO_RANGE_MIN,
+    PIECE,
+    RangeReceiver,
+    ReceiveOptions,
+    _Range,
+    range_step,
+)
 from drivepipe_plugins.stages.verify import VerifyStage
 from drivepipe_plugins.targets.resumable_file import ResumableFileWriter
 
@@ -272,3 +282,52 @@ def test_many_connections_get_smaller_ranges_not_a_bigger_window() -> None:
     few.size, few.ranges = 1 << 30, True
     few._grow_window()
     assert [r.end - r.pos for r in few.window] == [8 * MiB] * 10
+
+
+def test_the_automatic_range_size_splits_the_bytes_over_the_connections() -> None:
+    def step(remaining: int, connections: int) -> int:
+        return range_step(remaining, ReceiveOptions(connections=connections))
+
+    # a small file: every connection gets a share, none below the floor
+    assert step(64 * MiB, 4) == 16 * MiB
+    assert step(16 * MiB, 8) == AUTO_RANGE_MIN == 4 * MiB
+    assert step(1, 1) == AUTO_RANGE_MIN
+    # shares are whole pieces (the receiver's buffers are aligned to them)
+    assert step(64 * MiB + 1, 4) == 17 * MiB
+    # a big file: the cap, then the window's share of 160 MiB over connections + 2
+    assert step(100 << 30, 1) == 53 * MiB  # 160 MiB / 3, whole pieces: below the cap
+    assert step(100 << 30, 2) == 40 * MiB
+    assert step(1 << 30, 4) == 26 * MiB
+    assert step(1 << 30, 8) == 16 * MiB
+    assert step(100 << 30, 64) == 2 * MiB  # many connections: smaller ranges, same window
+    assert range_step(1 << 30, ReceiveOptions(connections=1, window_bytes=1 << 30)) \
+        == AUTO_RANGE_MAX == 64 * MiB
+    # given: kept, within the window's share
+    assert range_step(1 << 30, ReceiveOptions(connections=4, range_size=3 * MiB)) == 3 * MiB
+    assert range_step(1 << 30, ReceiveOptions(connections=4, range_size=1 << 30)) == 26 * MiB
+    assert range_step(1 << 30, ReceiveOptions(connections=200, range_size=1 << 30)) == PIECE
+
+
+def test_a_resumed_download_splits_only_what_is_left() -> None:
+    size = 1 << 30
+    probed = ProbeResult("http://h/x", "http://h/x", False, size, True, '"e"', None, None)
+    receiver = RangeReceiver("http://h/x", tls=TlsOptions(), probed=probed,
+                             start=size - 32 * MiB, options=ReceiveOptions(connections=4))
+    receiver._plan()
+    receiver._grow_window()
+    assert [(r.pos, r.end - r.pos) for r in receiver.window] == [
+        (size - 32 * MiB + k * 8 * MiB, 8 * MiB) for k in range(4)]
+    fresh = RangeReceiver("http://h/x", tls=TlsOptions(), probed=probed,
+                          options=ReceiveOptions(connections=4))
+    fresh._plan()
+    fresh._grow_window()
+    assert [r.end - r.pos for r in fresh.window] == [26 * MiB] * 6
+
+
+def test_the_download_options_leave_the_range_size_to_the_source() -> None:
+    assert DownloadOptions().range_size is None
+    assert _receive_options(DownloadOptions()).range_size is None
+    assert _receive_options(DownloadOptions(range_size=MiB)).range_size == MiB
+    DownloadOptions().check()
+    with pytest.raises(UsageError, match="at least 1 byte"):
+        DownloadOptions(range_size=0).check()

@@ -55,10 +55,11 @@ ConnectionsOpt = Annotated[
     int, typer.Option("--connections", help="Parallel connections (ranged requests).")
 ]
 RangeSizeOpt = Annotated[
-    str, typer.Option(
+    str | None, typer.Option(
         "--range-size", metavar="SIZE", help="Bytes asked for per ranged request (e.g. 8M); "
-                      "memory is about connections + 2 of them, at most about 160M (many "
-                      "connections get smaller ranges).")
+                      "default: the bytes to fetch split over the connections, 4M-64M. "
+                      "Memory is about connections + 2 of them, at most about 160M (many "
+                      "connections get smaller ranges).", show_default=False)
 ]
 BlockSizeOpt = Annotated[
     str, typer.Option(
@@ -88,7 +89,7 @@ HashEarlyOpt = Annotated[
 
 
 def download_options(
-    connections: int, range_size: str, block_size: str, retries: int, checkpoint: float,
+    connections: int, range_size: str | None, block_size: str, retries: int, checkpoint: float,
     retry_delay: float, expect: str | None, force: bool,
 ) -> DownloadOptions:
     """The library's options from the command line, each bad value in one line."""
@@ -105,7 +106,8 @@ def download_options(
         except UsageError as exc:
             raise UsageError(f"--expect: {exc}") from None
     return DownloadOptions(
-        connections=connections, range_size=positive_size(range_size, "--range-size"),
+        connections=connections,
+        range_size=None if range_size is None else positive_size(range_size, "--range-size"),
         block_size=block, retries=retries, retry_delay=retry_delay,
         checkpoint_interval=checkpoint, expect=expect or None, force=force)
 
@@ -159,7 +161,7 @@ def download(
     force: ForceOpt = False,
     expect: ExpectOpt = None,
     connections: ConnectionsOpt = 4,
-    range_size: RangeSizeOpt = "8M",
+    range_size: RangeSizeOpt = None,
     block_size: BlockSizeOpt = "4M",
     retries: RetriesOpt = 8,
     progress: ProgressOptions = FROM_OPTIONS,

@@ -74,8 +74,10 @@ class DownloadOptions:
     """How a download runs; every field has the CLI's default."""
 
     connections: int = 4
-    #: bytes asked for per ranged request; memory is about (connections + 2) of them
-    range_size: int = 8 << 20
+    #: bytes asked for per ranged request; None: the bytes to fetch split over the
+    #: connections, 4-64 MiB (the source's ``range_step``); memory is about
+    #: (connections + 2) of them, at most 160 MiB
+    range_size: int | None = None
     #: resume granularity: each block of the output file is journaled with its digest
     block_size: int = 4 << 20
     #: attempts without progress before a range gives up, and the first wait (seconds)
@@ -93,7 +95,7 @@ class DownloadOptions:
             raise UsageError(f"the connections must be between 1 and {MAX_CONNECTIONS}")
         if self.retries < 0:
             raise UsageError("the retries must be 0 or more")
-        if self.range_size < 1:
+        if self.range_size is not None and self.range_size < 1:
             raise UsageError("the range size must be at least 1 byte")
         if self.block_size < 4096 or self.block_size % 4096:
             raise UsageError(f"the block size must be a multiple of 4K, got {self.block_size}")

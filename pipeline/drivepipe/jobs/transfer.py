@@ -72,9 +72,9 @@ class Settings:
     #: where a compressed image whose inner format needs random reads is decoded first
     spool_dir: str | None = None
     progress_interval: float = 0.5
-    #: download: bytes per ranged request (memory: connections + 2 of them) and per
-    #: journaled block
-    range_size: int = 8 << 20
+    #: download: bytes per ranged request (None: the download's automatic size, see
+    #: ``DownloadOptions``; memory: connections + 2 of them) and per journaled block
+    range_size: int | None = None
     block_size: int = 4 << 20
     #: seconds without a byte moving before a connection is cut (the CLI's --stall-timeout)
     stall_timeout: float = 120.0

@@ -177,15 +177,22 @@ class UploadJournal:
 
     def save(self) -> None:
         """Replace the file atomically with the current state."""
+        self.write_snapshot(self.snapshot())
+
+    def snapshot(self) -> str:
+        """The current state as the file's text (cheap: the confirmed chunks are ranges)."""
+        return json.dumps(self.to_json())
+
+    def write_snapshot(self, text: str) -> None:
+        """Replace the file atomically with ``text`` (a :meth:`snapshot`); may run in
+        another thread than the one that took the snapshot."""
         try:
-            self._write()
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
+                        exist_ok=True)
+            replace_file(self.path, text, prefix=".journal-")
         except OSError as exc:
             raise OutputError(f"cannot write upload journal {self.path}: "
                               f"{exc.strerror or exc}") from exc
-
-    def _write(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-        replace_file(self.path, json.dumps(self.to_json()), prefix=".journal-")
 
     def confirm(self, number: int) -> None:
         self.confirmed.add(number)
