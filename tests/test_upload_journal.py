@@ -23,6 +23,7 @@ from drivepipe.resume.upload_journal import (
     from_ranges,
     to_ranges,
 )
+from drivepipe_plugins.targets.drive_chunked import JournalSaver
 
 API = "http://127.0.0.1:1/api/2.0/"
 
@@ -146,3 +147,30 @@ def test_lock_held_by_a_killed_process_is_released(tmp_path: Path) -> None:
     assert died.returncode == -9 and os.path.exists(path + ".lock")
     with JournalLock(path):
         pass
+
+
+def test_the_saver_writes_every_confirmation_by_the_time_it_closes(
+    image: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "journals" / "journal.json"
+    journal = journal_for(image, path)
+    journal.save()
+    saver = JournalSaver(journal)
+    for number in (0, 1, 2, 5):
+        saver.confirm(number)
+    assert journal.confirmed == {0, 1, 2, 5}, "confirmed at once in memory"
+    assert saver.close() is None
+    loaded = UploadJournal.load(str(path))
+    assert loaded is not None and loaded.confirmed == {0, 1, 2, 5}
+    assert [p.name for p in path.parent.iterdir()] == ["journal.json"], "no temp file left"
+
+
+def test_a_failed_save_stops_the_next_confirmation(image: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    saver = JournalSaver(journal_for(image, blocker / "journal.json"))
+    saver.confirm(0)
+    error = saver.close()
+    assert isinstance(error, OutputError) and "cannot write upload journal" in str(error)
+    with pytest.raises(OutputError, match="cannot write upload journal"):
+        saver.confirm(1)

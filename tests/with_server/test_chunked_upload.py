@@ -242,6 +242,30 @@ def test_chunk_bodies_go_without_credentials(
     assert seen == [None] * result.chunks
 
 
+def test_links_asked_ahead_are_one_per_chunk(
+    drive_store: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next chunks' links are asked for while bodies send: as many link requests as
+    chunks (none wasted), and the bodies still go in order over one connection."""
+    links: list[int] = []
+    original = StoreHandler.chunk_link
+
+    def counting(handler: StoreHandler, uuid: str, number: int, size: int) -> str:
+        links.append(number)
+        return original(handler, uuid, number, size)
+
+    monkeypatch.setattr(StoreHandler, "chunk_link", counting)
+    counter = ChunkCounter(drive_store)
+    image = make_image(tmp_path / "disk.raw", 3 * MiB, seed=18)
+    result, _ = upload(drive_store, image, connections=1)
+    assert sorted(links) == list(range(12)) == counter.numbers
+    links.clear()
+    again = make_image(tmp_path / "again.raw", 3 * MiB, seed=19)
+    result, _ = upload(drive_store, again, connections=4)
+    assert sorted(links) == list(range(12))
+    assert_drive_holds(drive_store, result.uuid, again)
+
+
 def test_round_trip_over_tls_with_a_private_ca(tls_drive_store: Any, tmp_path: Path) -> None:
     srv, ca_pem = tls_drive_store.server, tls_drive_store.ca_pem
     ep = Endpoint(srv.base_url, srv.base_url)
