@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -275,26 +276,36 @@ def bench_capped_download(args: argparse.Namespace, image: Path, workdir: Path, 
                         image.stat().st_size)
 
 
-def bench_capped_chunked(args: argparse.Namespace, image: Path, workdir: Path) -> str:
-    from drivepipe.server import serve_in_thread  # noqa: PLC0415 - only this area needs it
+def chunked_rounds(args: argparse.Namespace, image: Path, workdir: Path, store_root: str,
+                   prefix: tuple[str, ...] = (), **serve: Any) -> dict[int, list[float]]:
+    """Seconds of ``upload --chunked`` per connection count, ``--capped-repeat`` rounds,
+    to a store served from ``store_root`` (``serve``: its rate limit or host); ``prefix``
+    runs the client through another command (``ip netns exec NS``)."""
+    from drivepipe.server import serve_in_thread  # noqa: PLC0415 - only these areas need it
 
     password, _ = throwaway_account(workdir)
     cache = workdir / "cache"
     os.environ["XDG_CACHE_HOME"] = str(cache)
     counts = [int(n) for n in args.connections.split(",")]
     seconds: dict[int, list[float]] = {n: [] for n in counts}
-    with serve_in_thread(str(workdir / "capped-store"), username=USER, password=password,
-                         min_size=1 << 20, rate_limit=parse_size(args.rate)) as srv:
-        store = Store("capped store", srv.base_url, password, workdir / "unused")
+    with serve_in_thread(store_root, username=USER, password=password, min_size=1 << 20,
+                         **serve) as srv:
+        store = Store("chunked store", srv.base_url, password, workdir / "unused")
         for _ in range(args.capped_repeat):
             for n in counts:
                 store.delete_drives()
                 shutil.rmtree(cache, ignore_errors=True)
                 settle()
-                argv = drivepipe_argv(store, image, "--chunked", "--connections", str(n),
-                                      "--chunk-size", args.chunk_size)
+                argv = [*prefix, *drivepipe_argv(store, image, "--chunked", "--connections",
+                                                 str(n), "--chunk-size", args.chunk_size)]
                 seconds[n].append(run_measured(argv).wall)
         store.delete_drives()
+    return seconds
+
+
+def bench_capped_chunked(args: argparse.Namespace, image: Path, workdir: Path) -> str:
+    seconds = chunked_rounds(args, image, workdir, str(workdir / "capped-store"),
+                             rate_limit=parse_size(args.rate))
     return capped_table(f"Chunked upload to the local store, {args.rate}/s per connection, "
                         f"chunks of {args.chunk_size}, {fmt_size(image.stat().st_size)} dense",
                         seconds, image.stat().st_size)
@@ -370,30 +381,11 @@ def shaped_namespace(workdir: Path, rate: int) -> Iterator[str | None]:
 
 
 def bench_shaped_chunked(args: argparse.Namespace, image: Path, workdir: Path) -> str | None:
-    from drivepipe.server import serve_in_thread  # noqa: PLC0415 - only this area needs it
-
-    rate = parse_size(args.rate)
-    with shaped_namespace(workdir, rate) as namespace:
+    with shaped_namespace(workdir, parse_size(args.rate)) as namespace:
         if namespace is None:
             return None
-        password, _ = throwaway_account(workdir)
-        cache = workdir / "cache"
-        os.environ["XDG_CACHE_HOME"] = str(cache)
-        counts = [int(n) for n in args.connections.split(",")]
-        seconds: dict[int, list[float]] = {n: [] for n in counts}
-        with serve_in_thread(str(workdir / "shaped-store"), username=USER, password=password,
-                             min_size=1 << 20, host=SHAPED_HOST) as srv:
-            store = Store("shaped store", srv.base_url, password, workdir / "unused")
-            for _ in range(args.capped_repeat):
-                for n in counts:
-                    store.delete_drives()
-                    shutil.rmtree(cache, ignore_errors=True)
-                    settle()
-                    argv = ["ip", "netns", "exec", namespace, *drivepipe_argv(
-                        store, image, "--chunked", "--connections", str(n),
-                        "--chunk-size", args.chunk_size)]
-                    seconds[n].append(run_measured(argv).wall)
-            store.delete_drives()
+        seconds = chunked_rounds(args, image, workdir, str(workdir / "shaped-store"),
+                                 ("ip", "netns", "exec", namespace), host=SHAPED_HOST)
     return capped_table(f"Chunked upload from a network namespace, every TCP flow shaped "
                         f"by the kernel (htb) to {args.rate}/s, chunks of {args.chunk_size}, "
                         f"{fmt_size(image.stat().st_size)} dense", seconds,
