@@ -69,13 +69,13 @@ def check_lists(lists: Iterable[str], digest: Callable[[str], str]) -> int:
             lines = _read_list(listing)
         except OSError as exc:
             _echo(f"drivepipe: error: {listing}: cannot read: {exc.strerror or exc}",
-                       err=True)
+                  err=True)
             code = code or 3
             continue
         entries = list(parse_lines(lines))
         if not any(entries):
             _echo(f"drivepipe: error: {listing}: no properly formatted checksum lines",
-                       err=True)
+                  err=True)
             code = code or 1
             continue
         malformed += entries.count(None)
@@ -95,7 +95,7 @@ def check_lists(lists: Iterable[str], digest: Callable[[str], str]) -> int:
         _echo(f"drivepipe: warning: {malformed} line(s) improperly formatted", err=True)
     if mismatched:
         _echo(f"drivepipe: warning: {mismatched} computed checksum(s) did NOT match",
-                   err=True)
+              err=True)
     return code
 
 

@@ -13,10 +13,10 @@ mapped; a file cut short *between* that check and the read of the window (by
 another process truncating it) is a SIGBUS, which the command line turns into one
 line and exit code 3 (``drivepipe.cli``) but a library caller cannot catch:
 ``mmap_reads=False`` (``--no-mmap``, ``ReadOptions(mmap=False)``) reads with
-``pread`` instead.  Block devices
-and filesystems that refuse ``mmap`` are always read with ``pread``.  When the filesystem cannot
-tell data from holes (no SEEK_DATA, or everything reported as data on a
-filesystem that has no holes), everything is read and all-zero blocks are
+``pread`` instead.  Block devices and filesystems that refuse ``mmap`` are
+always read with ``pread``.  When the filesystem cannot tell data from holes
+(no SEEK_DATA, or everything reported as data on a filesystem that has no
+holes), everything is read and all-zero blocks are
 turned into holes so the stream downstream stays sparse.  Works on regular files
 and block devices (size from seeking to the end).  Refuses unreadable paths
 and anything that is neither (a pipe, a FIFO, a character device: reading it to
