@@ -27,6 +27,7 @@ import glob
 import os
 from typing import Any
 
+from drivepipe._direct import DirectWrites, open_direct
 from drivepipe._errors import DiskFull, OutputError
 from drivepipe._extent import ZERO_BLOCK, Buffer, Extent, split_zeros
 
@@ -161,15 +162,23 @@ def remove_stale_parts(target: str) -> list[str]:
 
 
 class SparseOutput:
-    """A file being written sparsely at ``path``; zero blocks are never written."""
+    """A file being written sparsely at ``path``; zero blocks are never written.
+
+    ``direct``: data goes to the disk with ``O_DIRECT`` where the file system
+    takes it (:mod:`drivepipe._direct`), for an output that is synced anyway;
+    then it is in the file only after :meth:`flush` (which :meth:`sync` does).
+    """
 
     def __init__(self, path: str, size: int, *, block: int = ZERO_BLOCK, create: bool = True,
-                 fd: int | None = None):
+                 fd: int | None = None, direct: bool = False):
         self.path = path
         self.size = size
         self.block = block
         self.written = 0
+        #: bytes taken by the write methods (holes and zero blocks too)
+        self.taken = 0
         self._behind = 0  # written since writeback was last started
+        self._direct: DirectWrites | None = None
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
             self.fd = os.open(path, flags, 0o644) if fd is None else fd
@@ -177,9 +186,25 @@ class SparseOutput:
                 os.ftruncate(self.fd, size)
         except OSError as exc:
             raise OutputError(describe_os_error(path, exc)) from exc
+        direct_fd = open_direct(self.fd) if direct else None
+        if direct_fd is not None:
+            self._direct = DirectWrites(self.fd, direct_fd)
+
+    @property
+    def direct_bytes(self) -> int:
+        """Bytes written with ``O_DIRECT`` so far."""
+        return 0 if self._direct is None else self._direct.direct_bytes
+
+    @property
+    def landed(self) -> int:
+        """How many of the bytes :attr:`taken` are in the file (direct writes are staged:
+        a journal must not call a block done before its bytes are there)."""
+        found = None if self._direct is None else self._direct.landed()
+        return self.taken if found is None else found
 
     def write_at(self, offset: int, data: Buffer) -> None:
         """Write ``data`` at ``offset``, skipping its all-zero blocks."""
+        self.taken += len(data)
         for piece in split_zeros(Extent(offset, len(data), data), self.block):
             if piece.data is not None:
                 self._pwrite(piece.offset, piece.data)
@@ -187,6 +212,13 @@ class SparseOutput:
     def write_extent(self, ext: Extent) -> None:
         if ext.data is not None:
             self.write_at(ext.offset, ext.data)
+        else:
+            self.taken += ext.length
+
+    def write_dense(self, offset: int, data: Buffer) -> None:
+        """Write all of ``data`` at ``offset``, its zero blocks too (over old contents)."""
+        self.taken += len(data)
+        self._pwrite(offset, data)
 
     def start_writeback(self, offset: int, length: int) -> None:
         """Ask the kernel to start writing ``[offset, offset+length)`` to disk now.
@@ -200,6 +232,13 @@ class SparseOutput:
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def _pwrite(self, offset: int, data: Buffer) -> None:
+        if self._direct is not None:
+            try:
+                self._direct.write(offset, data, self.taken)
+            except OSError as exc:
+                raise output_error(self.path, exc) from exc
+            self.written += len(data)
+            return
         view = memoryview(data)
         try:
             while view:
@@ -214,13 +253,29 @@ class SparseOutput:
             self._behind = 0
             start_writeback(self.fd)
 
+    def flush(self) -> None:
+        """Put every byte handed over into the file (direct writes are staged)."""
+        if self._direct is not None:
+            try:
+                self._direct.flush()
+            except OSError as exc:
+                raise output_error(self.path, exc) from exc
+
     def sync(self) -> None:
+        self.flush()
         try:
             os.fsync(self.fd)
         except OSError as exc:
             raise output_error(self.path, exc) from exc
 
     def close(self) -> None:
+        """Close the file; staged direct writes are written first (errors dropped: an
+        aborted output keeps what it can, a finished one was flushed by :meth:`sync`)."""
+        if self._direct is not None:
+            with contextlib.suppress(OSError):
+                self._direct.flush()
+            self._direct.close()
+            self._direct = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -89,6 +89,9 @@ class TargetOptions:
     force: bool = False
     #: return only when the output is durable (fsync)
     sync: bool = True
+    #: write a synced file's data with O_DIRECT where its file system takes it
+    #: (drivepipe._direct: durable writes without the page cache)
+    direct: bool = True
 
 
 class Sink(ABC, Generic[T]):

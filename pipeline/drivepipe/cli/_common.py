@@ -69,6 +69,12 @@ MmapOpt = Annotated[
         "--no-mmap reads them with pread, for a file another process may truncate while "
         "it is read.")
 ]
+DirectOpt = Annotated[
+    bool, typer.Option(
+        "--direct/--no-direct", help="Write an output file's data with O_DIRECT where its "
+        "file system takes it: to the disk without the page cache, so the final fsync has "
+        "nothing left to write; --no-direct writes through the page cache.")
+]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace the output file if it already exists.")
 ]

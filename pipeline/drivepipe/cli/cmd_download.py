@@ -25,6 +25,7 @@ from drivepipe._verify import parse_expect
 from drivepipe.cli._app import app
 from drivepipe.cli._common import (
     FROM_OPTIONS,
+    DirectOpt,
     ForceOpt,
     ProgressOptions,
     grouped_options,
@@ -90,7 +91,7 @@ HashEarlyOpt = Annotated[
 
 def download_options(
     connections: int, range_size: str | None, block_size: str, retries: int, checkpoint: float,
-    retry_delay: float, expect: str | None, force: bool,
+    retry_delay: float, expect: str | None, force: bool, direct: bool = True,
 ) -> DownloadOptions:
     """The library's options from the command line, each bad value in one line."""
     if not 1 <= connections <= MAX_CONNECTIONS:
@@ -109,7 +110,7 @@ def download_options(
         connections=connections,
         range_size=None if range_size is None else positive_size(range_size, "--range-size"),
         block_size=block, retries=retries, retry_delay=retry_delay,
-        checkpoint_interval=checkpoint, expect=expect or None, force=force)
+        checkpoint_interval=checkpoint, expect=expect or None, force=force, direct=direct)
 
 
 def auth_for(source: str, account: Account) -> Auth:
@@ -159,6 +160,7 @@ def download(
     source: Annotated[str, typer.Argument(help="Drive UUID, or an http(s) URL.")],
     output: OutputOpt = None,
     force: ForceOpt = False,
+    direct: DirectOpt = True,
     expect: ExpectOpt = None,
     connections: ConnectionsOpt = 4,
     range_size: RangeSizeOpt = None,
@@ -183,7 +185,7 @@ def download(
     """
     mode = progress.mode
     options = download_options(connections, range_size, block_size, retries,
-                               checkpoint_interval, retry_delay, expect, force)
+                               checkpoint_interval, retry_delay, expect, force, direct)
     tls = account.tls(limit_rate, stall_timeout, connections)
     auth = auth_for(source, account)
     stats = RunStats(title="download")

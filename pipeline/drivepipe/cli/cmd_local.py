@@ -15,6 +15,7 @@ from drivepipe.cli._app import app
 from drivepipe.cli._checklist import check_lists, checksum_one, hash_each
 from drivepipe.cli._common import (
     FROM_OPTIONS,
+    DirectOpt,
     DiskOpt,
     ForceOpt,
     FormatOpt,
@@ -46,6 +47,7 @@ def convert(
         "written with a trailing /) gets SRC's file name with its format extensions "
         "replaced by .raw inside it: disk.qcow2.gz -> DIR/disk.raw.")],
     force: ForceOpt = False,
+    direct: DirectOpt = True,
     image: ImageOptions = LOCAL_IMAGE,
     progress: ProgressOptions = FROM_OPTIONS,
 ) -> None:
@@ -57,8 +59,8 @@ def convert(
     read = image.read()
     stats = RunStats(title=f"convert {shown(src)}")
     with Reporter(stats, mode):
-        images.convert(src, dst, read=read, force=force, queue_depth=image.queue_depth,
-                       stats=stats)
+        images.convert(src, dst, read=read, force=force, direct=direct,
+                       queue_depth=image.queue_depth, stats=stats)
 
 
 @app.command()

@@ -89,6 +89,8 @@ class DownloadOptions:
     expect: str | None = None
     #: replace an existing output file
     force: bool = False
+    #: write the output file's data with O_DIRECT where its file system takes it
+    direct: bool = True
 
     def check(self) -> None:
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -294,7 +296,8 @@ def _open_output(
     path = output_path(output, opened.probed, opened.remote.uuid)
     writer: Any = _factory(plugin_target("resumable-file"))(
         path, force=options.force, block_size=options.block_size,
-        checkpoint_interval=options.checkpoint_interval, notify=notify)
+        checkpoint_interval=options.checkpoint_interval, notify=notify,
+        direct=options.direct)
     identity = opened.probed.identity(source_key(opened.remote.url))
     offered = writer.open(identity, resumable=bool(identity.etag or identity.last_modified))
     _warn_free_space(writer.part, opened.size - offered, opened.expected, notify)

@@ -119,6 +119,7 @@ def convert(
     *,
     read: ReadOptions | None = None,
     force: bool = False,
+    direct: bool = True,
     queue_depth: int = LOCAL_QUEUE_DEPTH,
     stats: RunStats | None = None,
 ) -> ConvertResult:
@@ -126,14 +127,15 @@ def convert(
 
     ``dst`` is a path (a sparse file, published only when complete and durable), a
     directory (the file is named after ``src``), ``-`` (standard output, in order),
-    or ``NAME:ARG`` for an installed target plugin named ``NAME``.
+    or ``NAME:ARG`` for an installed target plugin named ``NAME``.  ``direct``: a file's
+    data is written with ``O_DIRECT`` where its file system takes it.
     """
     if queue_depth <= 0:
         raise UsageError("the queue depth must be 1 or more")
     dst = output_for(src, dst)
     stats = stats if stats is not None else RunStats(title=f"convert {shown(src)}")
     # The target first: if it refuses (an existing file), no image is opened for nothing.
-    sink, kind = open_target(dst, TargetOptions(force=force))
+    sink, kind = open_target(dst, TargetOptions(force=force, direct=direct))
     try:
         image = open_input(src, read, stats)
     except BaseException:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from functools import cache
 
@@ -35,7 +36,7 @@ import xxhash
 
 from drivepipe._errors import DiskFull, DrivepipeError
 from drivepipe._extent import Extent, zero_chunks
-from drivepipe._files import SparseOutput, check_target, output_error, publish, punch_hole
+from drivepipe._files import SparseOutput, check_target, publish, punch_hole
 from drivepipe._registry import open_file
 from drivepipe._sizes import format_size
 from drivepipe._stage import Sink
@@ -109,6 +110,7 @@ class ResumableFileWriter(Sink[str]):
         block_size: int = 4 << 20,
         checkpoint_interval: float = 1.0,
         notify: Callable[[str], None] | None = None,
+        direct: bool = True,
     ) -> None:
         check_target(target, force=force)
         self.target = target
@@ -117,6 +119,7 @@ class ResumableFileWriter(Sink[str]):
         self.label = self.part
         self.force = force
         self.block_size = block_size
+        self.direct = direct
         self.checkpoint_interval = checkpoint_interval
         self.notify = notify or (lambda text: None)
         self.journal: DownloadJournal | None = None
@@ -127,6 +130,9 @@ class ResumableFileWriter(Sink[str]):
         self._dense = False
         self._stats: StageStats | None = None
         self._hasher = _BlockHasher()
+        #: finished blocks (index, digest, the output's bytes taken by then) not yet
+        #: journaled because their bytes may not be in the file yet
+        self._pending: deque[tuple[int, str, int]] = deque()
         self._dirty = False
         self._last_save = time.monotonic()
 
@@ -155,7 +161,7 @@ class ResumableFileWriter(Sink[str]):
             journal = DownloadJournal(identity, self.block_size)
             self._candidates = 0
         self.journal = journal
-        self.out = SparseOutput(self.part, identity.size)
+        self.out = SparseOutput(self.part, identity.size, direct=self.direct)
         journal.save(self.journal_path)
         return journal.done_bytes()
 
@@ -212,6 +218,8 @@ class ResumableFileWriter(Sink[str]):
         # the kept prefix is read in the producer thread, maybe before meter() is called
         if self._stats is not None:
             self._stats.extra["kept"] = self.kept_end
+            if self.out is not None and self.out.direct_bytes:
+                self._stats.extra["direct"] = self.out.direct_bytes
 
     def consume(self, extents: Iterator[Extent], size: int) -> str:
         assert self.out is not None and self.journal is not None, "open() first"
@@ -238,18 +246,13 @@ class ResumableFileWriter(Sink[str]):
             return
         chunks = [memoryview(ext.data)] if ext.data is not None else zero_chunks(ext.length)
         offset = ext.offset
-        try:
-            for chunk in chunks:
-                left = chunk
-                while left:
-                    n = os.pwrite(self.out.fd, left, offset)
-                    left, offset = left[n:], offset + n
-        except OSError as exc:
-            raise output_error(self.part, exc) from exc
+        for chunk in chunks:
+            self.out.write_dense(offset, chunk)
+            offset += len(chunk)
 
     def _journal(self, ext: Extent) -> None:
-        journal = self.journal
-        assert journal is not None
+        journal, out = self.journal, self.out
+        assert journal is not None and out is not None
         data = memoryview(ext.data) if ext.data is not None else None
         pos, end, bs = ext.offset, ext.end, self.block_size
         while pos < end:
@@ -259,9 +262,21 @@ class ResumableFileWriter(Sink[str]):
             pos += n
             if pos == block_end:
                 index = (block_end - 1) // bs
-                journal.blocks[index] = self._hasher.digest(block_end - index * bs)
-                self._dirty = True
+                self._pending.append(
+                    (index, self._hasher.digest(block_end - index * bs), out.taken))
+                self._promote()
                 self._maybe_checkpoint()
+
+    def _promote(self) -> None:
+        """Journal the finished blocks whose bytes are in the file now (a direct write
+        may still be staged: a block is journaled only once a kill cannot lose it)."""
+        if not self._pending or self.out is None or self.journal is None:
+            return
+        landed = self.out.landed
+        while self._pending and self._pending[0][2] <= landed:
+            index, digest, _ = self._pending.popleft()
+            self.journal.blocks[index] = digest
+            self._dirty = True
 
     def _maybe_checkpoint(self) -> None:
         # A huge journal (a drive of many blocks) is saved less often: a second more per
@@ -275,6 +290,7 @@ class ResumableFileWriter(Sink[str]):
 
     def checkpoint(self) -> None:
         """Save the journal if blocks finished since the last save."""
+        self._promote()
         if self._dirty and self.journal is not None:
             self.journal.save(self.journal_path)
             self._dirty = False
@@ -285,6 +301,9 @@ class ResumableFileWriter(Sink[str]):
         what is kept for the rerun."""
         journal, out = self.journal, self.out
         assert journal is not None and out is not None
+        with contextlib.suppress(DrivepipeError):  # writes still staged fail the same way
+            out.flush()
+        self._promote()
         done = _prefix_blocks(journal)
         start = min(done * self.block_size, journal.identity.size)
         punch_hole(out.fd, start, journal.identity.size - start)
@@ -306,6 +325,9 @@ class ResumableFileWriter(Sink[str]):
         """Keep the ``.part`` and save the journal: the same command resumes."""
         self._report_kept()
         with contextlib.suppress(DrivepipeError):  # keep the original error
+            if self.out is not None:
+                self.out.flush()  # staged bytes into the file, so their blocks are kept
+        with contextlib.suppress(DrivepipeError):
             self.checkpoint()
         self.close()
 

@@ -32,6 +32,7 @@ from drivepipe._files import (
     remove_stale_parts,
 )
 from drivepipe._stage import Sink, TargetOptions
+from drivepipe._stats import StageStats
 
 
 class SparseFileWriter(Sink[str]):
@@ -41,18 +42,26 @@ class SparseFileWriter(Sink[str]):
     #: bytes of stream after which writeback of what was written is started (0: never)
     writeback_window = 32 << 20
 
-    def __init__(self, target: str, *, force: bool = False, sync: bool = True) -> None:
+    def __init__(self, target: str, *, force: bool = False, sync: bool = True,
+                 direct: bool = True) -> None:
         self.target = target
         self.force = force
         self.sync = sync
+        #: write with O_DIRECT (only when synced: unsynced bytes may as well stay cached)
+        self.direct = direct and sync
         self._tmp: str | None = None
         self._out: SparseOutput | None = None
+        self._stats: StageStats | None = None
         check_target(target, force=force)
 
     @classmethod
     def open_target(cls, spec: str, options: TargetOptions) -> SparseFileWriter:
         """``file:PATH`` (or a plain path): a sparse file published when complete."""
-        return cls(spec, force=options.force, sync=options.sync)
+        return cls(spec, force=options.force, sync=options.sync, direct=options.direct)
+
+    def meter(self, stats: StageStats) -> bool:
+        self._stats = stats  # for the bytes written with O_DIRECT
+        return False
 
     def consume(self, extents: Iterator[Extent], size: int) -> str:
         self._out = self._open(size)
@@ -65,6 +74,8 @@ class SparseFileWriter(Sink[str]):
                 flushed = ext.end
         if self.sync:
             self._out.sync()
+        if self._stats is not None and self._out.direct_bytes:
+            self._stats.extra["direct"] = self._out.direct_bytes
         if self._tmp is None:
             self._link_unnamed(self._out.fd)
             self._out.close()
@@ -86,7 +97,7 @@ class SparseFileWriter(Sink[str]):
                     raise OutputError(describe_os_error(self.target, exc)) from exc
             else:
                 os.fchmod(fd, mode)
-                return SparseOutput(self.target, size, fd=fd)
+                return SparseOutput(self.target, size, fd=fd, direct=self.direct)
         remove_stale_parts(self.target)
         base = os.path.basename(self.target)
         try:
@@ -96,7 +107,7 @@ class SparseFileWriter(Sink[str]):
             fcntl.flock(fd, fcntl.LOCK_EX)  # held while written: not stale to others
         except OSError as exc:
             raise OutputError(describe_os_error(self.target, exc)) from exc
-        return SparseOutput(self._tmp, size, fd=fd)
+        return SparseOutput(self._tmp, size, fd=fd, direct=self.direct)
 
     def _link_unnamed(self, fd: int) -> None:
         """Give the finished unnamed file the target's name (never replacing without force)."""
