@@ -170,5 +170,5 @@ def test_convert_says_what_went_around_the_page_cache(
         return int({s["name"]: s for s in summary["stages"]}["write"].get("direct", 0))
 
     direct_output(tmp_path / "probe", 0).close()  # skips where O_DIRECT is refused
-    assert written_directly() == 6 * MiB
-    assert written_directly("--no-direct") == 0
+    assert written_directly("--direct") == 6 * MiB
+    assert written_directly() == 0  # convert's default: through the page cache

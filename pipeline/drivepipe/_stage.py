@@ -91,7 +91,7 @@ class TargetOptions:
     sync: bool = True
     #: write a synced file's data with O_DIRECT where its file system takes it
     #: (drivepipe._direct: durable writes without the page cache)
-    direct: bool = True
+    direct: bool = False
 
 
 class Sink(ABC, Generic[T]):

@@ -400,3 +400,30 @@ def test_the_library_call_prints_nothing_and_leaves_signals_alone(
     assert got.expected is not None and got.expected.origin == "the drive's meta"
     assert (got.kept, got.received, got.uuid) == (0, len(data), uuid)
     assert (tmp_path / "lib.img").read_bytes() == data and notes == []
+
+
+def test_the_output_is_written_around_the_page_cache_unless_told_not_to(
+    drive_store: RunningServer, put_drive: PutDrive, cli_env: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = random.Random(21).randbytes(40 * MiB)
+    uuid = put_drive(drive_store, data)
+    set_meta(drive_store, uuid, data)
+
+    def direct_bytes(*flags: str) -> int:
+        (cli_env / uuid).unlink(missing_ok=True)
+        assert download(drive_store, uuid, "--progress", "json", *flags) == 0
+        assert (cli_env / uuid).read_bytes() == data
+        summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        return int({s["name"]: s for s in summary["stages"]}["write"].get("direct", 0))
+
+    probe = os.open(cli_env, os.O_TMPFILE | os.O_RDWR)
+    try:
+        os.close(os.open(f"/proc/self/fd/{probe}", os.O_WRONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("this file system refuses O_DIRECT")
+    finally:
+        os.close(probe)
+    # all of it: the 16 MiB runs directly, the unaligned nothing (40 MiB is aligned)
+    assert direct_bytes() == len(data)
+    assert direct_bytes("--no-direct") == 0

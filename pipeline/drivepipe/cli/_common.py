@@ -72,8 +72,9 @@ MmapOpt = Annotated[
 DirectOpt = Annotated[
     bool, typer.Option(
         "--direct/--no-direct", help="Write an output file's data with O_DIRECT where its "
-        "file system takes it: to the disk without the page cache, so the final fsync has "
-        "nothing left to write; --no-direct writes through the page cache.")
+        "file system takes it: to the disk without the page cache.  It pays for long runs "
+        "of data (a dense download), not for scattered short ones, which merge in the "
+        "page cache.")
 ]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace the output file if it already exists.")

@@ -47,7 +47,7 @@ def convert(
         "written with a trailing /) gets SRC's file name with its format extensions "
         "replaced by .raw inside it: disk.qcow2.gz -> DIR/disk.raw.")],
     force: ForceOpt = False,
-    direct: DirectOpt = True,
+    direct: DirectOpt = False,
     image: ImageOptions = LOCAL_IMAGE,
     progress: ProgressOptions = FROM_OPTIONS,
 ) -> None:

@@ -119,7 +119,7 @@ def convert(
     *,
     read: ReadOptions | None = None,
     force: bool = False,
-    direct: bool = True,
+    direct: bool = False,
     queue_depth: int = LOCAL_QUEUE_DEPTH,
     stats: RunStats | None = None,
 ) -> ConvertResult:
@@ -128,7 +128,8 @@ def convert(
     ``dst`` is a path (a sparse file, published only when complete and durable), a
     directory (the file is named after ``src``), ``-`` (standard output, in order),
     or ``NAME:ARG`` for an installed target plugin named ``NAME``.  ``direct``: a file's
-    data is written with ``O_DIRECT`` where its file system takes it.
+    data is written with ``O_DIRECT`` where its file system takes it (it pays for
+    long runs of data, not for scattered ones: :mod:`drivepipe._direct`).
     """
     if queue_depth <= 0:
         raise UsageError("the queue depth must be 1 or more")

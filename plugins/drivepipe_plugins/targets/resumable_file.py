@@ -229,8 +229,8 @@ class ResumableFileWriter(Sink[str]):
                     continue  # the checked kept prefix: on disk already
                 self._write(ext)
                 self._journal(ext)
-            self._report_kept()
             self.out.sync()
+            self._report_kept()  # after the sync: every direct write is counted
         except DiskFull as exc:
             raise self._disk_full() from exc
         self.out.close()
@@ -289,7 +289,10 @@ class ResumableFileWriter(Sink[str]):
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Save the journal if blocks finished since the last save."""
+        """Save the journal if blocks finished since the last save (their staged bytes are
+        written first: a checkpoint journals every block finished before it)."""
+        if self._pending and self.out is not None:
+            self.out.flush()
         self._promote()
         if self._dirty and self.journal is not None:
             self.journal.save(self.journal_path)

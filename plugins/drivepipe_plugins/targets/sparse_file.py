@@ -43,7 +43,7 @@ class SparseFileWriter(Sink[str]):
     writeback_window = 32 << 20
 
     def __init__(self, target: str, *, force: bool = False, sync: bool = True,
-                 direct: bool = True) -> None:
+                 direct: bool = False) -> None:
         self.target = target
         self.force = force
         self.sync = sync
