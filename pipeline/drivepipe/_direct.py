@@ -41,9 +41,12 @@ waits for that cache to reach stable storage.  Measured on the benchmark VM:
 4 GiB of direct writes took 2.5-3.6 s and then ``fsync`` 5.9-6.3 s.  So every
 :data:`FLUSH_BEHIND` bytes a second thread calls ``fdatasync`` behind the
 cursor while writing goes on: the cache drains during the transfer, not after
-it.  A 4 GiB download, 3 runs each: 14.3-15.3 s without, 12.3-13.0 s with a
-flush every GiB (12.1-13.6 s every 256 MiB, which slowed a convert whose reads
-are fast: each flush holds the virtual disk's writes).
+it.  A 4 GiB download, 3 runs each: 14.3-15.3 s without, 12.1-13.6 s with a
+flush every 256 MiB (12.3-13.0 s every GiB; a flush holds the virtual disk's
+writes, which slowed a direct convert whose reads are fast).  On a slow link
+the bytes are few and the flush comes every :data:`FLUSH_EVERY` seconds
+instead: a 1 GiB download over 4 capped connections took 5.7 s to a pipe,
+7.3 s to a file flushed only at the end.
 
 Errors of a background write or flush (a full disk, an I/O error) are raised by
 the next :meth:`DirectWrites.write` or by :meth:`DirectWrites.flush`, which waits
@@ -59,19 +62,23 @@ import mmap
 import os
 import queue
 import threading
+import time
 
 from drivepipe._extent import Buffer
 
 #: offsets, lengths and memory of direct writes are multiples of this (a page: never
 #: less than a logical block of any disk Linux supports)
 ALIGN = 4096
-#: bytes per direct write at most: measured, 16 MiB writes keep the disk as busy as
-#: 64 MiB ones
+#: bytes per direct write at most (larger writes were faster still on the benchmark
+#: VM, 64 MiB ones about 1.3x, but memory is bounded: see BUFFERS)
 BUFFER_SIZE = 16 << 20
 #: staging buffers: one being written while the other fills (memory: 32 MiB)
 BUFFERS = 2
-#: direct bytes between two ``fdatasync`` calls behind the cursor
+#: direct bytes between two ``fdatasync`` calls behind the cursor, at most...
 FLUSH_BEHIND = 256 << 20
+#: ...and seconds: a slow transfer (a capped link) leaves the disk's cache nearly
+#: empty at the end, whatever its size
+FLUSH_EVERY = 0.5
 #: copies into a staging buffer from this size on release the GIL
 _GIL_FREE_COPY = 64 << 10
 #: largest single buffered pwrite (see drivepipe._files.WRITE_SLICE)
@@ -151,6 +158,7 @@ class DirectWrites:
         self._marks: list[tuple[int, int]] = []  # of the writes in the run collected
         self._landed = 0  # the mark of the last write in the file
         self._unflushed = 0  # direct bytes since the last flush was asked for
+        self._asked = time.monotonic()  # when it was asked for
         self._flush_asked = threading.Event()
         self._flusher: threading.Thread | None = None
         self._stopping = False
@@ -294,8 +302,11 @@ class DirectWrites:
         while done < len(view):
             done += os.pwrite(self.fd, view[done:][:_SLICE], offset + done)
             marks = self._land(marks, done)
-        if self.flush_behind and self._unflushed >= self.flush_behind:
+        now = time.monotonic()
+        if self.flush_behind and self._unflushed and (
+                self._unflushed >= self.flush_behind or now - self._asked >= FLUSH_EVERY):
             self._unflushed = 0
+            self._asked = now
             self._ask_flush()
 
     def _land(self, marks: list[tuple[int, int]], done: int) -> list[tuple[int, int]]:
