@@ -146,12 +146,17 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    data = random.Random(6).randbytes(35 * MiB)
-    out.write_dense(0, data)
+    rng = random.Random(6)
+    model = bytearray(40 * MiB)
+    # the refusal comes in the writer thread while later writes (overlapping the
+    # earlier ones) are being staged: they must still land in the order made
+    for offset, data in [(0, rng.randbytes(35 * MiB)), *random_writes(rng, 40 * MiB, 60)]:
+        model[offset : offset + len(data)] = data
+        out.write_dense(offset, data)
     out.sync()
     assert out.direct_bytes == 0
     out.close()
-    assert (tmp_path / "out.raw").read_bytes()[: len(data)] == data
+    assert (tmp_path / "out.raw").read_bytes() == model
 
 
 def test_convert_says_what_went_around_the_page_cache(

@@ -173,8 +173,10 @@ class DirectWrites:
         writes are in the file."""
         self._raise()
         view = memoryview(data).cast("B")
-        if self.direct_fd is None:
-            self._work.join()  # what the thread still holds lands first
+        if self.direct_fd is None:  # refused (maybe by the thread, just now)
+            if self._fill:
+                self._submit()
+            self._work.join()  # what was collected or handed over lands first
             self._buffered(offset, view)
             return
         if self._fill and offset != self._start + self._fill:
