@@ -177,7 +177,7 @@ class DirectWrites:
             if self._fill:
                 self._submit()
             self._work.join()  # what was collected or handed over lands first
-            self._buffered(offset, view)
+            self._write_run(view, offset, [])  # all of it through the page cache
             return
         if self._fill and offset != self._start + self._fill:
             self._submit()
@@ -252,11 +252,6 @@ class DirectWrites:
         if self._error is not None:
             raise self._error
 
-    def _buffered(self, offset: int, view: memoryview) -> None:
-        while view:
-            n = os.pwrite(self.fd, view[:_SLICE], offset)
-            view, offset = view[n:], offset + n
-
     # -- the writing thread --
 
     def _run(self) -> None:
@@ -280,8 +275,9 @@ class DirectWrites:
 
     def _write_run(self, view: memoryview, offset: int, marks: list[tuple[int, int]]) -> None:
         """Write a run (a staging buffer starts on an aligned offset): its aligned bytes
-        directly, the rest through the page cache; each write whose bytes are all in
-        the file moves :attr:`_landed` on, also when a later one fails."""
+        directly, the rest (all of a head's bytes, all of it once O_DIRECT is refused)
+        through the page cache; each write whose bytes are all in the file moves
+        :attr:`_landed` on, also when a later one fails."""
         aligned = len(view) - len(view) % ALIGN if isinstance(view.obj, mmap.mmap) else 0
         done = 0
         while self.direct_fd is not None and done < aligned:

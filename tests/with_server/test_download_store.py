@@ -71,6 +71,13 @@ def sparse_image(path: Path, size: int, seed: int, pieces: int = 10) -> Path:
     return path
 
 
+def put_with_meta(store: RunningServer, put_drive: PutDrive, data: bytes) -> str:
+    """A drive holding ``data`` with the meta ``drivepipe upload`` stores; its UUID."""
+    uuid = put_drive(store, data)
+    set_meta(store, uuid, data)
+    return uuid
+
+
 def set_meta(store: RunningServer, uuid: str, data: bytes) -> None:
     """What ``drivepipe upload`` stores after sending ``data``."""
     rec = store.store.get(uuid)
@@ -120,8 +127,7 @@ def test_drive_grown_to_minimum_verifies_prefix_and_zero_tail(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     data = random.Random(2).randbytes(300_000)
-    uuid = put_drive(drive_store, data)
-    set_meta(drive_store, uuid, data)
+    uuid = put_with_meta(drive_store, put_drive, data)
     size = drive_store.store.get(uuid).size
     assert size > len(data)  # grown to the store's minimum
     assert download(drive_store, uuid, "-o", "small.img") == 0
@@ -197,8 +203,7 @@ def test_expired_signed_link_is_renewed(
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     data = random.Random(7).randbytes(4 * MiB)
-    uuid = put_drive(store, data)
-    set_meta(store, uuid, data)
+    uuid = put_with_meta(store, put_drive, data)
     # every signed-link request waits 0.45 s before its link is checked: a fresh link
     # survives the probe and one range (0.9 s), and is dead by the fourth range (2.25 s)
     store.faults.delay(0.45, count=0, match="/direct/")
@@ -247,8 +252,7 @@ def test_download_over_tls_with_a_private_ca(
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
     data = random.Random(9).randbytes(3 * MiB)
-    uuid = put_drive(store, data)
-    set_meta(store, uuid, data)
+    uuid = put_with_meta(store, put_drive, data)
     assert download(store, uuid) == 6
     assert "not trusted" in capsys.readouterr().err
     assert download(store, uuid, "--cacert", str(tls_drive_store.ca_pem), "--connections", "2",
@@ -350,8 +354,7 @@ def test_a_full_disk_keeps_the_journaled_blocks_and_the_rerun_goes_on(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     data = random.Random(10).randbytes(12 * MiB)
-    uuid = put_drive(drive_store, data)
-    set_meta(drive_store, uuid, data)
+    uuid = put_with_meta(drive_store, put_drive, data)
     with small_tmpfs(tmp_path / "small", "5m") as small:
         out = small / "d.raw"
         args = ["-o", str(out), "--block-size", "1M", "--range-size", "2M"]
@@ -376,8 +379,7 @@ def test_the_library_call_prints_nothing_and_leaves_signals_alone(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     data = random.Random(11).randbytes(2 * MiB)
-    uuid = put_drive(drive_store, data)
-    set_meta(drive_store, uuid, data)
+    uuid = put_with_meta(drive_store, put_drive, data)
     auth = Auth(resolve_endpoint(drive_store.base_url, None, None),
                 Credentials(drive_store.username, drive_store.password))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -407,8 +409,7 @@ def test_the_output_is_written_around_the_page_cache_unless_told_not_to(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     data = random.Random(21).randbytes(40 * MiB)
-    uuid = put_drive(drive_store, data)
-    set_meta(drive_store, uuid, data)
+    uuid = put_with_meta(drive_store, put_drive, data)
 
     def direct_bytes(*flags: str) -> int:
         (cli_env / uuid).unlink(missing_ok=True)

@@ -65,7 +65,8 @@ class SparseFileWriter(Sink[str]):
 
     def consume(self, extents: Iterator[Extent], size: int) -> str:
         self._out = self._open(size)
-        window = self.writeback_window if self.sync else 0
+        # direct writes leave nothing in the page cache to start writing back
+        window = self.writeback_window if self.sync and not self.direct else 0
         flushed = 0
         for ext in extents:
             self._out.write_extent(ext)
