@@ -104,6 +104,27 @@ def test_landed_counts_only_bytes_in_the_file(tmp_path: Path) -> None:
     out.close()
 
 
+@pytest.mark.parametrize("offset", [0, 100])
+def test_a_write_partly_staged_has_not_landed(tmp_path: Path, offset: int) -> None:
+    """A write split over a staging buffer and the next (or a buffered head and a
+    buffer) lands when its last part does: the journal must never count a block
+    whose tail is still in memory."""
+    path = tmp_path / "out.raw"
+    out = direct_output(path, 64 << 10, buffer_size=8192, buffers=2)
+    data = random.Random(offset).randbytes(12_000)
+    out.write_dense(offset, data)  # 8 KiB (or a head) handed over, the rest staged
+    assert out._direct is not None
+    out._direct._work.join()  # what was handed over is in the file
+    landed = out.landed
+    content = path.read_bytes()
+    assert landed < out.taken, "the staged part is not in the file yet"
+    assert content[offset : offset + landed] == data[:landed]
+    out.flush()
+    assert out.landed == out.taken == len(data)
+    out.close()
+    assert path.read_bytes()[offset : offset + len(data)] == data
+
+
 def test_close_writes_what_is_staged(tmp_path: Path) -> None:
     path = tmp_path / "out.raw"
     data = random.Random(5).randbytes(5 * MiB + 123)

@@ -184,7 +184,9 @@ class DirectWrites:
         if not self._fill:
             head = min(len(view), -offset % ALIGN)
             if head:  # up to the next aligned offset: through the page cache, in turn
-                self._hand_over((bytes(view[:head]), offset, head, [(head, mark)]))
+                # (its mark only if it is the whole write: the rest may stay staged)
+                marks = [(head, mark)] if head == len(view) else []
+                self._hand_over((bytes(view[:head]), offset, head, marks))
                 offset, view = offset + head, view[head:]
             self._start = offset
         while view:
@@ -198,7 +200,8 @@ class DirectWrites:
             _copy(self._stage, self._fill, view[:n])
             self._fill += n
             view = view[n:]
-            self._marks.append((self._fill, mark))
+            if not view:  # the write's last byte: once these land, all of it has
+                self._marks.append((self._fill, mark))
             if self._fill == self.buffer_size:
                 self._submit()
 
