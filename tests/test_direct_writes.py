@@ -125,6 +125,25 @@ def test_a_write_partly_staged_has_not_landed(tmp_path: Path, offset: int) -> No
     assert path.read_bytes()[offset : offset + len(data)] == data
 
 
+def test_an_extent_with_a_hole_inside_lands_piece_by_piece(tmp_path: Path) -> None:
+    """Sparse writing splits an extent at its zero blocks: its first piece in the file
+    says nothing of a later piece still staged."""
+    path = tmp_path / "out.raw"
+    out = direct_output(path, 64 << 10, buffer_size=8192, buffers=2)
+    rng = random.Random(8)
+    data = rng.randbytes(4096) + bytes(4096) + rng.randbytes(12288)
+    out.write_extent(Extent(0, len(data), data))
+    assert out._direct is not None
+    out._direct._work.join()
+    landed = out.landed
+    assert 0 < landed < out.taken
+    assert path.read_bytes()[:landed] == data[:landed]
+    out.flush()
+    assert out.landed == len(data)
+    out.close()
+    assert path.read_bytes()[: len(data)] == data
+
+
 def test_close_writes_what_is_staged(tmp_path: Path) -> None:
     path = tmp_path / "out.raw"
     data = random.Random(5).randbytes(5 * MiB + 123)

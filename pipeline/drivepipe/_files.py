@@ -204,10 +204,11 @@ class SparseOutput:
 
     def write_at(self, offset: int, data: Buffer) -> None:
         """Write ``data`` at ``offset``, skipping its all-zero blocks."""
+        start = self.taken
         self.taken += len(data)
         for piece in split_zeros(Extent(offset, len(data), data), self.block):
-            if piece.data is not None:
-                self._pwrite(piece.offset, piece.data)
+            if piece.data is not None:  # landed: the bytes taken up to this piece's end
+                self._pwrite(piece.offset, piece.data, start + piece.end - offset)
 
     def write_extent(self, ext: Extent) -> None:
         if ext.data is not None:
@@ -218,7 +219,7 @@ class SparseOutput:
     def write_dense(self, offset: int, data: Buffer) -> None:
         """Write all of ``data`` at ``offset``, its zero blocks too (over old contents)."""
         self.taken += len(data)
-        self._pwrite(offset, data)
+        self._pwrite(offset, data, self.taken)
 
     def start_writeback(self, offset: int, length: int) -> None:
         """Ask the kernel to start writing ``[offset, offset+length)`` to disk now.
@@ -231,10 +232,12 @@ class SparseOutput:
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
-    def _pwrite(self, offset: int, data: Buffer) -> None:
+    def _pwrite(self, offset: int, data: Buffer, mark: int) -> None:
+        """Write ``data``; ``mark``: :attr:`taken` as it may count once these bytes are in
+        the file (:attr:`landed`)."""
         if self._direct is not None:
             try:
-                self._direct.write(offset, data, self.taken)
+                self._direct.write(offset, data, mark)
             except OSError as exc:
                 raise output_error(self.path, exc) from exc
             self.written += len(data)
