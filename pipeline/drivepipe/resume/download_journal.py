@@ -126,7 +126,16 @@ class DownloadJournal:
 
     def save(self, path: str) -> None:
         """Replace the journal at ``path`` atomically and durably (:func:`replace_file`)."""
-        text = json.dumps(self.as_dict(), separators=(",", ":"))
+        self.write_snapshot(path, self.snapshot())
+
+    def snapshot(self) -> str:
+        """The journal's text as it is now (for :meth:`write_snapshot`, maybe in another
+        thread)."""
+        return json.dumps(self.as_dict(), separators=(",", ":"))
+
+    @staticmethod
+    def write_snapshot(path: str, text: str) -> None:
+        """Replace the journal at ``path`` with ``text`` (a :meth:`snapshot`)."""
         try:
             replace_file(path, text, prefix=f".{os.path.basename(path)}.", mode=0o644)
         except OSError as exc:

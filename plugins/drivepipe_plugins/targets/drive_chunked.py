@@ -68,6 +68,7 @@ from drivepipe._stage import ImageInput, Sink
 from drivepipe._stats import StageStats
 from drivepipe.cloudsigma.connection import Connection
 from drivepipe.cloudsigma.upload import SentDrive, UploadOptions
+from drivepipe.resume.saver import BackgroundSaver
 from drivepipe.resume.upload_journal import (
     ChunkPlan,
     ImageIdentity,
@@ -323,56 +324,26 @@ class ChunkFeeder:
 
 
 class JournalSaver:
-    """Saves the journal in a thread of its own, the newest state only.
+    """The upload journal's confirmations, saved by a :class:`BackgroundSaver`.
 
-    A save is two fsyncs (the file and its directory, 20-70 ms on a busy disk); made in
-    the sending loop, each confirmation held every connection's next chunk back.  The
-    loop now takes the snapshot (a few ranges of numbers) and goes on.  What a crash
-    can lose is the last confirmations, never a chunk the server lacks: the next run
-    asks for those chunks' links, and the server's 416 answers pass them by unsent.
+    Made in the sending loop, each save (two fsyncs) held every connection's next chunk
+    back; the loop now takes the snapshot (a few ranges of numbers) and goes on.  What a
+    crash can lose is the last confirmations, never a chunk the server lacks: the next
+    run asks for those chunks' links, and the server's 416 answers pass them by unsent.
     """
 
     def __init__(self, journal: UploadJournal) -> None:
         self.journal = journal
-        self._cond = threading.Condition()
-        self._pending: str | None = None
-        self._closed = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="drivepipe-journal",
-                                        daemon=True)
-        self._thread.start()
+        self._saver = BackgroundSaver(journal.write_snapshot)
 
     def confirm(self, number: int) -> None:
         """Record ``number`` as confirmed; saved soon (raises an earlier save's error)."""
-        if self._error is not None:
-            raise self._error
         self.journal.confirmed.add(number)
-        text = self.journal.snapshot()
-        with self._cond:
-            self._pending = text
-            self._cond.notify()
+        self._saver.submit(self.journal.snapshot())
 
     def close(self) -> BaseException | None:
         """Write what is pending and stop; the error that stopped a save, if any."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-        return self._error
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and not self._closed:
-                    self._cond.wait()
-                text, self._pending = self._pending, None
-            if text is None:
-                return
-            try:
-                self.journal.write_snapshot(text)
-            except BaseException as exc:  # raised by the loop's next confirm, or by close
-                self._error = exc
-                return
+        return self._saver.close()
 
 
 # --- sending chunks over a curl multi handle ---------------------------------------------

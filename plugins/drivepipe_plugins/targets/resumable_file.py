@@ -3,9 +3,10 @@
 In: the stream in order, from byte 0.  The bytes go to ``NAME.part`` (sparse:
 holes and all-zero 4 KiB blocks are not written) and every finished block of
 ``block_size`` bytes is recorded with its xxh3-64 in the journal
-``NAME.part.journal`` (saved atomically every ``checkpoint_interval`` seconds,
-and whenever the run stops).  Since the stream is written in order, the journal
-is a prefix of whole blocks.
+``NAME.part.journal`` once its bytes are in the file (saved atomically every
+``checkpoint_interval`` seconds by a thread of its own, behind the stream, and
+in the writing thread whenever the run stops).  Since the stream is written in
+order, the journal is a prefix of whole blocks.
 
 Resuming: :meth:`ResumableFileWriter.open` keeps a journal of the same source
 (identity and block size; a source without validators is never resumed);
@@ -49,6 +50,7 @@ from drivepipe.resume.download_journal import (
     load_journal,
     remove_journal,
 )
+from drivepipe.resume.saver import BackgroundSaver
 
 PART_SUFFIX = ".part"
 
@@ -135,6 +137,8 @@ class ResumableFileWriter(Sink[str]):
         self._pending: deque[tuple[int, str, int]] = deque()
         self._dirty = False
         self._last_save = time.monotonic()
+        #: saves the periodic checkpoints behind the stream (made on the first one)
+        self._saver: BackgroundSaver | None = None
 
     # -- before the stream --
 
@@ -233,6 +237,7 @@ class ResumableFileWriter(Sink[str]):
             self._report_kept()  # after the sync: every direct write is counted
         except DiskFull as exc:
             raise self._disk_full() from exc
+        self._stop_saver()  # no save behind the removal of the journal
         self.out.close()
         publish(self.part, self.target, force=self.force)
         remove_journal(self.journal_path)
@@ -283,14 +288,35 @@ class ResumableFileWriter(Sink[str]):
         # 50 000 blocks (about 1.5 MB of JSON), so writing it stays a few percent of the
         # time.  By size, not by the measured save: that is mostly fsync, which a busy
         # disk makes slow for any journal.
-        assert self.journal is not None
-        interval = max(self.checkpoint_interval, len(self.journal.blocks) / 50_000)
-        if time.monotonic() - self._last_save >= interval:
-            self.checkpoint()
+        #
+        # The save itself runs behind the stream (BackgroundSaver): here only the snapshot
+        # is taken, of the blocks that have landed; blocks still staged wait for a later
+        # checkpoint rather than hold the writer until their bytes are in the file.
+        journal = self.journal
+        assert journal is not None
+        interval = max(self.checkpoint_interval, len(journal.blocks) / 50_000)
+        if time.monotonic() - self._last_save < interval:
+            return
+        self._last_save = time.monotonic()
+        if self._dirty:
+            if self._saver is None:
+                path = self.journal_path
+                self._saver = BackgroundSaver(lambda text: journal.write_snapshot(path, text))
+            self._saver.submit(journal.snapshot())
+            self._dirty = False
+
+    def _stop_saver(self) -> None:
+        """Let the saver write its last snapshot and stop; a failed save is not an error
+        here (the journal is saved again, or removed, right after)."""
+        if self._saver is not None:
+            self._saver.close()
+            self._saver = None
 
     def checkpoint(self) -> None:
-        """Save the journal if blocks finished since the last save (their staged bytes are
-        written first: a checkpoint journals every block finished before it)."""
+        """Save the journal now, in this thread, if blocks finished since the last save
+        (their staged bytes are written first: it journals every block finished before
+        it)."""
+        self._stop_saver()
         if self._pending and self.out is not None:
             self.out.flush()
         self._promote()
@@ -304,6 +330,7 @@ class ResumableFileWriter(Sink[str]):
         what is kept for the rerun."""
         journal, out = self.journal, self.out
         assert journal is not None and out is not None
+        self._stop_saver()
         with contextlib.suppress(DrivepipeError):  # writes still staged fail the same way
             out.flush()
         self._promote()
@@ -335,6 +362,7 @@ class ResumableFileWriter(Sink[str]):
         self.close()
 
     def close(self) -> None:
+        self._stop_saver()
         if self.out is not None:
             self.out.close()
 
