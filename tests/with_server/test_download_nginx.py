@@ -38,7 +38,9 @@ from sparse_files import allocated, write_sparse
 
 from drivepipe._verify import digest_file
 from drivepipe.cli import main
+from drivepipe.transport.curl import TlsOptions
 from drivepipe_plugins.sources import file as file_source
+from drivepipe_plugins.sources.download import RangeReceiver, ReceiveOptions
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="needs nginx")
@@ -702,3 +704,28 @@ def test_the_in_order_window_keeps_memory_bounded(nginx: Nginx, workdir: Path) -
     assert digest(workdir / "big.raw") == digest(src)
     assert allocated(workdir / "big.raw") <= allocated(src) + MiB
     src.unlink()
+
+
+def test_connections_are_served_while_the_writer_drains_a_backlog(nginx: Nginx) -> None:
+    """The head range (bytes from 0) comes at 4 MiB/s, the others at once: when the head
+    is done, five finished ranges wait behind it.  While the (slow) writer takes their
+    pieces, the next ranges must already be on the wire: with the connections served
+    only between whole ranges, nothing at all arrived until that backlog was gone."""
+    size, step = 64 * MiB, 4 * MiB
+    data = random.Random(41).randbytes(size)
+    (nginx.www / "backlog.raw").write_bytes(data)
+    counters: dict[str, int] = {}
+    receiver = RangeReceiver(nginx.url("/headslow/backlog.raw"), tls=TlsOptions(),
+                             options=ReceiveOptions(connections=4, range_size=step),
+                             counters=counters)
+    seen: list[tuple[int, int]] = []  # (piece offset, bytes received by then)
+    got = bytearray()
+    for ext in receiver.extents():
+        seen.append((ext.offset, counters["received"]))
+        got += bytes(ext.data or b"")
+        time.sleep(0.01)  # a writer slower than the wire
+    assert bytes(got) == data
+    backlog = [received for offset, received in seen if step <= offset < 6 * step]
+    assert len(backlog) == 20
+    assert backlog[-1] > backlog[0], "no byte arrived while the backlog was written"
+    assert backlog[0] < size

@@ -389,11 +389,15 @@ class RangeReceiver(Source):
                 head = self.window[0]
                 while head.pieces:
                     yield head.pieces.popleft()
+                    # A yield waits while the writer is busy, and a range that became
+                    # the head may hold tens of pieces: the connections are served
+                    # between the pieces, or every one of them stalls meanwhile (a
+                    # paced server does not make the pause up).
+                    self._serve(wait=False)
                 if head.received and head.buf is None:
                     self.window.popleft()
                     continue
-                self._start_transfers()
-                self._pump()
+                self._serve(wait=True)
         finally:
             self._close()
 
@@ -453,7 +457,14 @@ class RangeReceiver(Source):
         self.active[t.handle] = t
         r.busy = True
 
-    def _pump(self) -> None:
+    def _serve(self, *, wait: bool) -> None:
+        """Start what may start, then move every transfer on (``wait``: until one has
+        something to do, at most 0.2 s)."""
+        self._grow_window()
+        self._start_transfers()
+        self._pump(wait=wait)
+
+    def _pump(self, *, wait: bool = True) -> None:
         assert self.multi is not None
         while True:
             ret, _ = self.multi.perform()
@@ -468,6 +479,8 @@ class RangeReceiver(Source):
                     self._finish(transfer, code, message)
             if not queued:
                 break
+        if not wait:
+            return
         if self.active:
             self.multi.select(0.2)
         else:
