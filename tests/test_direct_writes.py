@@ -101,6 +101,12 @@ def test_landed_counts_only_bytes_in_the_file(tmp_path: Path) -> None:
     assert out.landed == 0
     out.flush()
     assert out.landed == 3 * MiB
+    out.write_dense(3 * MiB, random.Random(5).randbytes(MiB + 100))
+    assert out.landed == 3 * MiB
+    out.push()  # a slow stream's staged run goes to the file without a wait for it
+    assert out._direct is not None
+    out._direct._work.join()
+    assert out.landed == out.taken == 4 * MiB + 100
     out.close()
 
 

@@ -211,6 +211,13 @@ class DirectWrites:
             return None
         return self._landed
 
+    def push(self) -> None:
+        """Hand the run being collected to the writing thread now, without waiting for
+        it (a slow stream's bytes do not sit in memory until a buffer fills)."""
+        self._raise()
+        if self._fill:
+            self._submit()
+
     def flush(self) -> None:
         """Write what is collected and wait for every write: then the data is in the file
         (an ``fsync`` still makes it durable)."""

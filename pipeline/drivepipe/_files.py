@@ -256,6 +256,15 @@ class SparseOutput:
             self._behind = 0
             start_writeback(self.fd)
 
+    def push(self) -> None:
+        """Start writing the staged bytes without waiting for them (:attr:`landed` tells
+        when they are in the file)."""
+        if self._direct is not None:
+            try:
+                self._direct.push()
+            except OSError as exc:
+                raise output_error(self.path, exc) from exc
+
     def flush(self) -> None:
         """Put every byte handed over into the file (direct writes are staged)."""
         if self._direct is not None:

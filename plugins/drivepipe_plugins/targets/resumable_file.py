@@ -139,6 +139,7 @@ class ResumableFileWriter(Sink[str]):
         self._last_save = time.monotonic()
         #: saves the periodic checkpoints behind the stream (made on the first one)
         self._saver: BackgroundSaver | None = None
+        self._save_due = False  # a checkpoint is due: save at the next landed block
 
     # -- before the stream --
 
@@ -289,16 +290,20 @@ class ResumableFileWriter(Sink[str]):
         # time.  By size, not by the measured save: that is mostly fsync, which a busy
         # disk makes slow for any journal.
         #
-        # The save itself runs behind the stream (BackgroundSaver): here only the snapshot
-        # is taken, of the blocks that have landed; blocks still staged wait for a later
-        # checkpoint rather than hold the writer until their bytes are in the file.
-        journal = self.journal
-        assert journal is not None
+        # The save itself runs behind the stream (BackgroundSaver), and the writer does not
+        # wait for staged bytes to land: when a checkpoint is due, the staged run is pushed
+        # to the file, and the snapshot is taken at the first block finished once some
+        # have landed (at once when they had).
+        journal, out = self.journal, self.out
+        assert journal is not None and out is not None
         interval = max(self.checkpoint_interval, len(journal.blocks) / 50_000)
-        if time.monotonic() - self._last_save < interval:
-            return
-        self._last_save = time.monotonic()
-        if self._dirty:
+        now = time.monotonic()
+        if now - self._last_save >= interval:
+            self._last_save, self._save_due = now, True
+            if self._pending:
+                out.push()
+        if self._save_due and self._dirty:
+            self._save_due = False
             if self._saver is None:
                 path = self.journal_path
                 self._saver = BackgroundSaver(lambda text: journal.write_snapshot(path, text))
