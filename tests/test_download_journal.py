@@ -276,7 +276,7 @@ def test_many_connections_get_smaller_ranges_not_a_bigger_window() -> None:
     receiver.size, receiver.ranges = 1 << 30, True
     receiver._grow_window()
     window = sum(r.end - r.pos for r in receiver.window)
-    assert len(receiver.window) == 66 and window <= 128 * MiB
+    assert len(receiver.window) == 66 and window <= 112 * MiB
     few = RangeReceiver("http://h/x", tls=TlsOptions(),
                         options=ReceiveOptions(connections=8, range_size=8 * MiB))
     few.size, few.ranges = 1 << 30, True
@@ -294,17 +294,17 @@ def test_the_automatic_range_size_splits_the_bytes_over_the_connections() -> Non
     assert step(1, 1) == AUTO_RANGE_MIN
     # shares are whole pieces (the receiver's buffers are aligned to them)
     assert step(64 * MiB + 1, 4) == 17 * MiB
-    # a big file: the cap, then the window's share of 128 MiB over connections + 2
-    assert step(100 << 30, 1) == 42 * MiB  # 128 MiB / 3, whole pieces: below the cap
-    assert step(100 << 30, 2) == 32 * MiB
-    assert step(1 << 30, 4) == 21 * MiB
-    assert step(1 << 30, 8) == 12 * MiB
+    # a big file: the cap, then the window's share of 112 MiB over connections + 2
+    assert step(100 << 30, 1) == 37 * MiB  # 112 MiB / 3, whole pieces: below the cap
+    assert step(100 << 30, 2) == 28 * MiB
+    assert step(1 << 30, 4) == 18 * MiB
+    assert step(1 << 30, 8) == 11 * MiB
     assert step(100 << 30, 64) == 1 * MiB  # many connections: smaller ranges, same window
     assert range_step(1 << 30, ReceiveOptions(connections=1, window_bytes=1 << 30)) \
         == AUTO_RANGE_MAX == 64 * MiB
     # given: kept, within the window's share
     assert range_step(1 << 30, ReceiveOptions(connections=4, range_size=3 * MiB)) == 3 * MiB
-    assert range_step(1 << 30, ReceiveOptions(connections=4, range_size=1 << 30)) == 21 * MiB
+    assert range_step(1 << 30, ReceiveOptions(connections=4, range_size=1 << 30)) == 18 * MiB
     assert range_step(1 << 30, ReceiveOptions(connections=200, range_size=1 << 30)) == PIECE
 
 
@@ -321,7 +321,7 @@ def test_a_resumed_download_splits_only_what_is_left() -> None:
                           options=ReceiveOptions(connections=4))
     fresh._plan()
     fresh._grow_window()
-    assert [r.end - r.pos for r in fresh.window] == [21 * MiB] * 6
+    assert [r.end - r.pos for r in fresh.window] == [18 * MiB] * 6
 
 
 def test_the_download_options_leave_the_range_size_to_the_source() -> None:

@@ -59,7 +59,7 @@ RangeSizeOpt = Annotated[
     str | None, typer.Option(
         "--range-size", metavar="SIZE", help="Bytes asked for per ranged request (e.g. 8M); "
                       "default: the bytes to fetch split over the connections, 4M-64M. "
-                      "Memory is about connections + 2 of them, at most about 128M (many "
+                      "Memory is about connections + 2 of them, at most about 112M (many "
                       "connections get smaller ranges).", show_default=False)
 ]
 BlockSizeOpt = Annotated[

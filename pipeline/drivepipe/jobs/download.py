@@ -76,7 +76,7 @@ class DownloadOptions:
     connections: int = 4
     #: bytes asked for per ranged request; None: the bytes to fetch split over the
     #: connections, 4-64 MiB (the source's ``range_step``); memory is about
-    #: (connections + 2) of them, at most 128 MiB
+    #: (connections + 2) of them, at most 112 MiB
     range_size: int | None = None
     #: resume granularity: each block of the output file is journaled with its digest
     block_size: int = 4 << 20

@@ -97,7 +97,7 @@ class ReceiveOptions:
     #: ranges that may wait, finished or in flight, beyond one per connection
     window_extra: int = 2
     #: the window's bytes at most: with many connections the ranges get smaller instead
-    window_bytes: int = 128 << 20
+    window_bytes: int = 112 << 20
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(retries=self.retries, base=self.backoff_base, cap=self.backoff_cap)
