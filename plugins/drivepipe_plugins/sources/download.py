@@ -13,7 +13,9 @@ in a bounded window (at most ``connections + window_extra`` ranges in flight or
 waiting, so memory stays about that many times ``range_size``, and never much
 more than ``window_bytes``: many connections get smaller ranges), and the range at
 the head of the window is yielded as it arrives, in pieces of up to 1 MiB (each
-a fresh buffer, never reused: consumers may keep them).
+a fresh buffer, never reused: consumers may keep them).  Between two pieces the
+connections are served (a non-blocking round of the multi handle), so a slow
+consumer taking a backlog of finished ranges does not stall the transfers.
 
 Transient failures (reset, timeout, cut-short body, 5xx, 429) are retried by
 the one retry policy (backoff with jitter, ``Retry-After``), resuming at the
