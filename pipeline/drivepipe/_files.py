@@ -25,6 +25,7 @@ import errno
 import fcntl
 import glob
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from drivepipe._direct import DirectWrites, open_direct
@@ -232,26 +233,30 @@ class SparseOutput:
         with contextlib.suppress(OSError):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
+    @contextlib.contextmanager
+    def _named_errors(self) -> Iterator[None]:
+        """An ``OSError`` inside becomes this file's one-line error (a full disk: DiskFull)."""
+        try:
+            yield
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
+
     def _pwrite(self, offset: int, data: Buffer, mark: int) -> None:
         """Write ``data``; ``mark``: :attr:`taken` as it may count once these bytes are in
         the file (:attr:`landed`)."""
         if self._direct is not None:
-            try:
+            with self._named_errors():
                 self._direct.write(offset, data, mark)
-            except OSError as exc:
-                raise output_error(self.path, exc) from exc
             self.written += len(data)
             return
         view = memoryview(data)
-        try:
+        with self._named_errors():
             while view:
                 n = os.pwrite(self.fd, view[:WRITE_SLICE], offset)
                 view = view[n:]
                 offset += n
                 self.written += n
                 self._behind += n
-        except OSError as exc:
-            raise output_error(self.path, exc) from exc
         if self._behind >= WRITE_BEHIND:
             self._behind = 0
             start_writeback(self.fd)
@@ -260,25 +265,19 @@ class SparseOutput:
         """Start writing the staged bytes without waiting for them (:attr:`landed` tells
         when they are in the file)."""
         if self._direct is not None:
-            try:
+            with self._named_errors():
                 self._direct.push()
-            except OSError as exc:
-                raise output_error(self.path, exc) from exc
 
     def flush(self) -> None:
         """Put every byte handed over into the file (direct writes are staged)."""
         if self._direct is not None:
-            try:
+            with self._named_errors():
                 self._direct.flush()
-            except OSError as exc:
-                raise output_error(self.path, exc) from exc
 
     def sync(self) -> None:
         self.flush()
-        try:
+        with self._named_errors():
             os.fsync(self.fd)
-        except OSError as exc:
-            raise output_error(self.path, exc) from exc
 
     def close(self) -> None:
         """Close the file; staged direct writes are written first (errors dropped: an
